@@ -1,0 +1,114 @@
+"""Our scorer against the seed's way on the same prompts: speed, peak memory, and agreement.
+
+Each way runs in its own process so peak RSS is its own. The seed's way: fp32, one prompt at a
+time, full-vocabulary logits at every position. Ours: auto dtype (bf16 on AVX512-BF16 CPUs),
+batches, logits at the last position only. Usage: python bench/bench_scoring.py [--prompts N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+HISTORY_ITEMS = 10
+CANDIDATES = 20
+
+
+def build_prompts(tokenizer, count: int) -> list[list[int]]:
+    """The same prompts for both ways: bundled sample users with 10 history items and 20 candidates."""
+    from rerank_core.candidates import CandidateConfig, CandidateSampler
+    from rerank_core.data import UserSplit, load_dataset
+    from rerank_core.prompts import build_prompt, encode_rendered
+
+    dataset = load_dataset(None)
+    sampler = CandidateSampler(dataset, CandidateConfig(count=CANDIDATES, seed=0))
+    prompts = []
+    for user in dataset.users:
+        split = dataset.split_user(user, "test")
+        if len(split.history) < HISTORY_ITEMS:
+            continue
+        split = UserSplit(user, "test", split.history[-HISTORY_ITEMS:], split.target)
+        candidates = sampler.for_split(split)
+        prompt = build_prompt(tokenizer, "seed", [dataset.text(i) for i in split.history],
+                              [dataset.text(i) for i in candidates.item_ids])
+        prompts.append(encode_rendered(tokenizer, "seed", prompt.rendered))
+        if len(prompts) == count:
+            break
+    return prompts
+
+
+def run_one(mode: str, count: int, batch_size: int) -> dict:
+    import torch
+
+    from rerank_core.models import load_model
+    from rerank_core.prompts import letters_for
+    from rerank_core.scoring import score_token_ids
+    from rerank_core.verbalizer import resolve_letters
+
+    loaded = load_model(None, dtype="fp32" if mode == "seed" else "auto")
+    tokenizer = loaded.tokenizer
+    prompts = build_prompts(tokenizer, count)
+    letter_ids = [token.token_id for token in resolve_letters(tokenizer, "seed", letters_for(CANDIDATES), "seed")]
+    # One warm-up prompt so both ways are timed without first-call overheads.
+    start = time.perf_counter()
+    if mode == "seed":
+        probabilities = []
+        with torch.inference_mode():
+            loaded.model(input_ids=torch.tensor([prompts[0]]))
+            start = time.perf_counter()
+            for ids in prompts:
+                logits = loaded.model(input_ids=torch.tensor([ids])).logits  # every position, full vocab
+                probabilities.append(torch.softmax(logits[0, -1, letter_ids], dim=-1).tolist())
+    else:
+        score_token_ids(loaded.model, tokenizer, prompts[:1], letter_ids)
+        start = time.perf_counter()
+        scores = score_token_ids(loaded.model, tokenizer, prompts, letter_ids, batch_size=batch_size)
+        probabilities = [list(score.letter_probs) for score in scores]
+    seconds = time.perf_counter() - start
+    return {
+        "mode": mode, "dtype": str(loaded.dtype), "prompts": len(prompts), "seconds": seconds,
+        "tokens": sum(len(ids) for ids in prompts),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "probabilities": probabilities,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--prompts", type=int, default=30, help="prompts per way (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="our batch size (default %(default)s: batching gains nothing on a small CPU)")
+    parser.add_argument("--mode", choices=("seed", "ours"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.mode:
+        print(json.dumps(run_one(args.mode, args.prompts, args.batch_size)))
+        return
+    results = {}
+    for mode in ("seed", "ours"):
+        output = subprocess.run(
+            [sys.executable, __file__, "--mode", mode, "--prompts", str(args.prompts),
+             "--batch-size", str(args.batch_size)], check=True, capture_output=True, text=True).stdout
+        results[mode] = json.loads(output.strip().splitlines()[-1])
+    for mode, result in results.items():
+        print(f"{mode:5s} {result['dtype']:15s} prompts/s {result['prompts'] / result['seconds']:.2f}  "
+              f"prompt tokens/s {result['tokens'] / result['seconds']:.0f}  "
+              f"mean prompt tokens {result['tokens'] / result['prompts']:.0f}  "
+              f"peak RSS {result['peak_rss_mb']:.0f} MB")
+    difference = max(abs(a - b) for seed_row, our_row in zip(results["seed"]["probabilities"],
+                                                            results["ours"]["probabilities"])
+                     for a, b in zip(seed_row, our_row))
+    print(f"max letter probability difference: {difference:.4f}")
+    print(f"peak_rss_ratio_vs_seed: {results['ours']['peak_rss_mb'] / results['seed']['peak_rss_mb']:.2f}")
+    print(f"speedup_vs_seed: {results['seed']['seconds'] / results['ours']['seconds']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

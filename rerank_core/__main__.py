@@ -1,0 +1,7 @@
+"""Entry point for `python -m rerank_core`."""
+
+import sys
+
+from rerank_core.cli import main
+
+sys.exit(main())

@@ -1,0 +1,226 @@
+"""The adapters/ folder: names, manifests, checks against the base model, and atomic publishing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rerank_core.models import LoadedModel
+
+__all__ = [
+    "MANIFEST_FILE",
+    "AdapterError",
+    "AdapterInfo",
+    "adapters_root",
+    "check_adapter",
+    "list_adapters",
+    "new_staging_folder",
+    "publish_adapter",
+    "remove_stale",
+    "validate_adapter_name",
+]
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "rerank_manifest.json"
+_WEIGHTS_FILE = "adapter_model.safetensors"
+_CONFIG_FILE = "adapter_config.json"
+# Hidden names are work in progress (staging) or on their way out (replaced): never listed.
+_STAGING_PREFIX = ".staging-"
+_REPLACED_PREFIX = ".replaced-"
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be used with the loaded model, with the reason and the fix."""
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A published adapter folder and what its manifest says (None for a plain PEFT adapter)."""
+
+    name: str
+    path: str
+    manifest: dict[str, Any] | None
+
+    @property
+    def preset(self) -> str | None:
+        return (self.manifest or {}).get("preset")
+
+    @property
+    def strategy(self) -> str | None:
+        return (self.manifest or {}).get("strategy")
+
+    @property
+    def base_name(self) -> str | None:
+        return ((self.manifest or {}).get("base_model") or {}).get("name")
+
+
+def adapters_root(root: str | os.PathLike[str] | None = None) -> Path:
+    """adapters/ beside the code unless RERANK_ADAPTERS_DIR or the caller names another folder."""
+    if root is not None:
+        return Path(root)
+    override = os.environ.get("RERANK_ADAPTERS_DIR")
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parent.parent / "adapters"
+
+
+def validate_adapter_name(name: str) -> str:
+    """Adapter names are plain folder names: letters, digits, '.', '_' and '-', no path tricks."""
+    if not isinstance(name, str) or not _NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise AdapterError(
+            f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, with no '..', '/' or control characters")
+    return name
+
+
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    manifest_path = folder / MANIFEST_FILE
+    if not manifest_path.is_file():
+        return None
+    try:
+        return json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise AdapterError(f"adapter manifest {manifest_path} cannot be read: {error}") from error
+
+
+def list_adapters(root: str | os.PathLike[str] | None = None) -> list[AdapterInfo]:
+    """Complete adapter folders only: staging and half-replaced folders are never shown."""
+    folder = adapters_root(root)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_dir():
+            continue
+        if not ((path / _CONFIG_FILE).is_file() and (path / _WEIGHTS_FILE).is_file()):
+            continue
+        try:
+            manifest = _read_manifest(path)
+        except AdapterError as error:
+            log.warning("skipping adapter %s: %s", path.name, error)
+            continue
+        found.append(AdapterInfo(path.name, str(path), manifest))
+    return found
+
+
+def check_adapter(loaded: LoadedModel, name: str, root: str | os.PathLike[str] | None = None) -> AdapterInfo:
+    """Refuse an adapter made for another base; a plain PEFT adapter passes with a warning if shapes fit."""
+    validate_adapter_name(name)
+    by_name = {info.name: info for info in list_adapters(root)}
+    if name not in by_name:
+        raise AdapterError(
+            f"no adapter named {name!r} in {adapters_root(root)}; available: {', '.join(by_name) or 'none'}")
+    info = by_name[name]
+    manifest = info.manifest
+    if manifest is None:
+        log.warning("adapter %s has no %s; loading it as a plain PEFT adapter", name, MANIFEST_FILE)
+        _check_shapes(loaded, Path(info.path))
+        return info
+    base = manifest.get("base_model") or {}
+    if base.get("fingerprint") != loaded.fingerprint:
+        raise AdapterError(
+            f"adapter {name!r} was trained on base model {base.get('name')!r} (fingerprint "
+            f"{base.get('fingerprint')}), but the loaded base is {loaded.name!r} (fingerprint "
+            f"{loaded.fingerprint}); load that base model or pick an adapter trained on this one")
+    _check_shapes(loaded, Path(info.path))
+    return info
+
+
+def _check_shapes(loaded: LoadedModel, folder: Path) -> None:
+    """Every LoRA matrix must fit the module it adapts; catches adapters for other sizes and corrupt files."""
+    from safetensors import SafetensorsError, safe_open
+
+    modules = dict(loaded.model.named_modules())
+    try:
+        with safe_open(str(folder / _WEIGHTS_FILE), framework="pt") as weights:
+            for key in weights.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                shape = weights.get_slice(key).get_shape()
+                module_name = key.replace("base_model.model.", "", 1).rsplit(".lora_", 1)[0]
+                module = modules.get(module_name)
+                if module is None or not hasattr(module, "in_features"):
+                    raise AdapterError(
+                        f"adapter {folder.name!r} has weights for module {module_name!r}, which the loaded "
+                        f"base {loaded.name!r} does not have: it was made for another model")
+                if (".lora_A." in key and shape[1] != module.in_features) or \
+                        (".lora_B." in key and shape[0] != module.out_features):
+                    raise AdapterError(
+                        f"adapter {folder.name!r} weight {key} has shape {tuple(shape)}, which does not fit "
+                        f"{module_name} ({module.in_features}→{module.out_features}) of {loaded.name!r}")
+    except (SafetensorsError, OSError) as error:
+        raise AdapterError(
+            f"adapter {folder.name!r} weights {folder / _WEIGHTS_FILE} are unreadable ({error}); "
+            "delete the folder and train it again") from error
+
+
+def new_staging_folder(root: str | os.PathLike[str] | None = None) -> Path:
+    """A hidden folder inside adapters/ to write into; rename makes it visible only when complete."""
+    folder = adapters_root(root)
+    folder.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{os.getpid()}-", dir=folder))
+
+
+def publish_adapter(staging: Path, name: str, root: str | os.PathLike[str] | None = None,
+                    *, overwrite: bool = False) -> Path:
+    """Rename a complete staging folder to adapters/<name>; an overwritten adapter survives any failure."""
+    validate_adapter_name(name)
+    folder = adapters_root(root)
+    target = folder / name
+    staging.chmod(0o755)
+    if not target.exists():
+        os.rename(staging, target)
+        return target
+    if not overwrite:
+        raise AdapterError(f"adapter {name!r} already exists in {folder}; choose another name or allow overwrite")
+    # Two renames: the old folder is set aside first, and restored if the new one cannot move in.
+    aside = Path(tempfile.mkdtemp(prefix=f"{_REPLACED_PREFIX}{name}-", dir=folder))
+    aside.rmdir()
+    os.rename(target, aside)
+    try:
+        os.rename(staging, target)
+    except OSError:
+        os.rename(aside, target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+    return target
+
+
+def remove_stale(root: str | os.PathLike[str] | None = None) -> list[str]:
+    """Delete staging folders whose writing process is gone (a killed run), and restore lost renames."""
+    folder = adapters_root(root)
+    removed: list[str] = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        if path.name.startswith(_STAGING_PREFIX):
+            pid_text = path.name[len(_STAGING_PREFIX):].split("-", 1)[0]
+            if pid_text.isdigit() and _alive(int(pid_text)):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+        elif path.name.startswith(_REPLACED_PREFIX):
+            name = path.name[len(_REPLACED_PREFIX):].rsplit("-", 1)[0]
+            if not (folder / name).exists():
+                os.rename(path, folder / name)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,254 @@
+"""`python -m rerank_core`: the same calls as the app, from a shell or a GPU box."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rerank_core.candidates import CANDIDATE_ORDERS, CANDIDATE_SOURCES, CandidateConfig
+from rerank_core.data import TEXT_FIELDS, Dataset, load_dataset
+from rerank_core.display import visible_text
+from rerank_core.inspector import BASE, Inspector, InspectSettings
+from rerank_core.models import load_model, load_tokenizer
+from rerank_core.prompts import PRESETS, letters_for
+from rerank_core.verbalizer import STRATEGIES, resolve_letters
+
+__all__ = ["add_common_options", "build_inspector", "build_settings", "main"]
+
+log = logging.getLogger("rerank_core")
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    """Options every command shares, so a result seen in the app can be reproduced exactly."""
+    group = parser.add_argument_group("model, data and prompt")
+    group.add_argument("--model", metavar="PATH",
+                       help="local Hugging Face model folder (safetensors); default: embedded SmolLM2-135M-Instruct")
+    group.add_argument("--tokenizer", metavar="PATH",
+                       help="tokenizer folder (tokenizer files or a SentencePiece tokenizer.model) for commands "
+                            "that need no weights; `show` then prints the prompt and audit without scores")
+    group.add_argument("--data", metavar="PATH", help="dataset folder or file; default: the bundled sample_data/")
+    group.add_argument("--data-format", metavar="NAME",
+                       help="force the data format (bundled, csv, ml-100k, ml-1m, ml-latest-small, amazon) "
+                            "instead of detecting it")
+    group.add_argument("--preset", default="seed", choices=sorted(PRESETS),
+                       help="prompt preset (default: %(default)s; *_after put the letter after the item text)")
+    group.add_argument("--strategy", default="as_trained", choices=STRATEGIES,
+                       help="letter→token strategy (default: %(default)s)")
+    group.add_argument("--text-field", default="title", choices=TEXT_FIELDS,
+                       help="which item text stands for an item (default: %(default)s)")
+    group.add_argument("--candidates", type=int, default=20, metavar="N",
+                       help="number of candidates, 1-52 (default: %(default)s)")
+    group.add_argument("--candidate-source", default="random", choices=CANDIDATE_SOURCES,
+                       help="where negatives come from (default: %(default)s)")
+    group.add_argument("--candidate-order", default="shuffled", choices=CANDIDATE_ORDERS,
+                       help="shuffled (seeded) or the retriever's ranking (default: %(default)s)")
+    group.add_argument("--seed", type=int, default=0, help="seed for candidates and sampling (default: %(default)s)")
+    group.add_argument("--max-prompt-tokens", type=int, default=1536, metavar="N",
+                       help="drop oldest history items until the prompt fits (default: %(default)s)")
+    group.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32 (default: %(default)s)")
+    group.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: %(default)s)")
+    group.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default: %(default)s)")
+    group.add_argument("--trust-remote-code", action="store_true",
+                       help="allow model folders to run their own Python code (off by default)")
+    group.add_argument("--adapters-dir", metavar="PATH",
+                       help="adapters folder (default: adapters/ beside the code, or $RERANK_ADAPTERS_DIR)")
+
+
+def build_settings(args: argparse.Namespace, split: str = "test") -> InspectSettings:
+    """InspectSettings from the common options."""
+    candidates = CandidateConfig(source=args.candidate_source, count=args.candidates, seed=args.seed,
+                                 order=args.candidate_order)
+    return InspectSettings(preset=args.preset, strategy=args.strategy, text_field=args.text_field,
+                           split=split, candidates=candidates, max_prompt_tokens=args.max_prompt_tokens,
+                           use_adapter_preset=not getattr(args, "ignore_adapter_preset", False))
+
+
+def load_data(args: argparse.Namespace) -> Dataset:
+    dataset = load_dataset(args.data, args.data_format)
+    if dataset.short_users:
+        log.warning("%d user(s) with fewer than 3 interactions are left out of the split: %s",
+                    len(dataset.short_users), ", ".join(dataset.short_users[:10]))
+    return dataset
+
+
+def build_inspector(args: argparse.Namespace, *, need_model: bool = True) -> Inspector:
+    """An Inspector from the common options; with --tokenizer and no model, one without weights."""
+    dataset = load_data(args)
+    if args.tokenizer and not args.model and not need_model:
+        return Inspector(dataset, tokenizer=load_tokenizer(args.tokenizer), adapters_root=args.adapters_dir)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype,
+                        trust_remote_code=args.trust_remote_code)
+    return Inspector(dataset, loaded, adapters_root=args.adapters_dir, batch_size=args.batch_size)
+
+
+def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    widths = {column: max(len(column), *(len(_cell(row.get(column))) for row in rows)) for column in columns}
+    lines = ["  ".join(column.ljust(widths[column]) for column in columns)]
+    lines += ["  ".join(_cell(row.get(column)).ljust(widths[column]) for column in columns) for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(part) for part in value) or "-"
+    return "-" if value is None else str(value)
+
+
+def command_audit(args: argparse.Namespace) -> int:
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    letters = resolve_letters(tokenizer, args.preset, letters_for(args.candidates), args.strategy)
+    rows = [token.to_json() for token in letters]
+    if args.format == "json":
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+    else:
+        print(_table(rows, ["letter", "token", "token_id", "strategy", "step", "as_trained_id", "flags"]))
+        flagged = sum(1 for row in rows if row["flags"])
+        print(f"\n{flagged} of {len(rows)} letters flagged" if flagged else f"\nall {len(rows)} letters clean")
+    return 0
+
+
+def command_show(args: argparse.Namespace) -> int:
+    inspector = build_inspector(args, need_model=False)
+    settings = build_settings(args, args.split)
+    specials = inspector.tokenizer.all_special_tokens
+    if inspector.loaded is None:
+        prepared = inspector.prepare(args.user, settings)
+        payload = {
+            "user_id": args.user, "split": args.split, "history": list(prepared.split.history),
+            "candidates": list(prepared.candidates.item_ids), "target_index": prepared.candidates.target_index,
+            "rendered_prompt": prepared.prompt.rendered, "prompt_tokens": len(prepared.token_ids),
+            "audit": [token.to_json() for token in prepared.letter_tokens]}
+        if args.format == "json":
+            print(json.dumps(payload, indent=2, ensure_ascii=False))
+        else:
+            print(visible_text(prepared.prompt.rendered, specials))
+            print(_table(payload["audit"], ["letter", "token", "token_id", "step", "as_trained_id", "flags"]))
+        return 0
+    result = inspector.inspect(args.user, settings, args.adapter or BASE)
+    payload = result.to_json(inspector.dataset)
+    if args.format == "json":
+        print(json.dumps(payload, indent=2, ensure_ascii=False, default=str))
+        return 0
+    if result.preset_note:
+        print(f"note: {result.preset_note}")
+    print(f"user {result.user_id} ({args.split}), system {result.system}, preset {result.settings.preset}")
+    print(f"\nhistory ({len(payload['history'])} items, {payload['dropped_history']} dropped to fit):")
+    print(_table(payload["history"], ["position", "item_id", "text", "in_prompt"]))
+    print("\nrendered prompt (special tokens ⟦…⟧, newlines ↵):")
+    print(visible_text(payload["rendered_prompt"], specials))
+    print("\nletter audit:")
+    print(_table(payload["audit"], ["letter", "token", "token_id", "step", "as_trained_id", "flags"]))
+    print("\ncandidates:")
+    print(_table(payload["candidates"], ["letter", "item_id", "text", "truth", "probability", "rank"]))
+    others = ", ".join(f"{row['token']!r} {row['probability']:.3f}" for row in payload["top_other"])
+    print(f"\nletter mass {payload['letter_mass']:.3f}; top other tokens: {others}")
+    print(f"ground truth rank: {payload['rank']}; " + ", ".join(
+        f"{name} {value:.3f}" for name, value in payload["metrics"].items()))
+    return 0
+
+
+def command_eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from rerank_core.compare import compare_systems
+
+    inspector = build_inspector(args)
+    settings = build_settings(args, args.split)
+    users = inspector.dataset.users
+    if args.users:
+        users = users[:args.users]
+    systems = [BASE, *(args.adapter or [])]
+    with tqdm(total=len(users) * len(systems), desc="scoring", unit="user", file=sys.stderr) as bar:
+        per_user, summary = compare_systems(inspector, users, settings, systems,
+                                            progress=lambda done: bar.update(done - bar.n))
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / "per_user.csv"
+    summary_path = out_dir / "summary.json"
+    from rerank_core.fsutil import atomic_write_text
+
+    atomic_write_text(csv_path, per_user.to_csv(index=False))
+    atomic_write_text(summary_path, json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2) if args.format == "json" else _summary_text(summary))
+    print(f"\nwrote {csv_path} and {summary_path}", file=sys.stderr)
+    return 0
+
+
+def _summary_text(summary: dict[str, Any]) -> str:
+    lines = []
+    for system, metrics in summary["systems"].items():
+        lines.append(f"{system} ({metrics['users']} users): " + ", ".join(
+            f"{name} {value:.4f}" for name, value in metrics.items() if name != "users"))
+    for system, differences in summary.get("differences", {}).items():
+        for metric, difference in differences.items():
+            lines.append(f"  {system} - base {metric}: {difference['difference']:+.4f} "
+                         f"(95% CI {difference['low']:+.4f} .. {difference['high']:+.4f}; improved "
+                         f"{difference['improved']}, unchanged {difference['unchanged']}, "
+                         f"worsened {difference['worsened']})")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m rerank_core", description=(
+        "Inspect, evaluate and fine-tune LLM letter rerankers (LlamaRec style). "
+        "Every command takes the model, data and prompt options shown in its --help."))
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    audit = commands.add_parser("audit", help="letter → token ID audit for a tokenizer and preset",
+                                description="Resolve every letter in use and flag suspicious ones. "
+                                            "Needs a tokenizer only.")
+    add_common_options(audit)
+    audit.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+    audit.set_defaults(handler=command_audit)
+
+    show = commands.add_parser("show", help="one user: history, candidates, prompt, audit, probabilities",
+                               description="Everything the app's Inspect tab shows for one user.")
+    add_common_options(show)
+    show.add_argument("--user", required=True, help="user id")
+    show.add_argument("--split", choices=("test", "validation"), default="test", help="which target")
+    show.add_argument("--adapter", help="score with this adapter from the adapters folder instead of the base")
+    show.add_argument("--ignore-adapter-preset", action="store_true",
+                      help="score an adapter with --preset instead of the preset it was trained with")
+    show.add_argument("--format", choices=("text", "json"), default="text", help="output format")
+    show.set_defaults(handler=command_show)
+
+    evaluate = commands.add_parser("eval", help="metrics over many users; base vs adapters with paired CIs",
+                                   description="Score many users, write a per-user CSV and a JSON summary.")
+    add_common_options(evaluate)
+    evaluate.add_argument("--users", type=int, default=200, help="first N users (0 = all; default %(default)s)")
+    evaluate.add_argument("--split", choices=("test", "validation"), default="test", help="which target")
+    evaluate.add_argument("--adapter", action="append", metavar="NAME",
+                          help="also score this adapter (repeatable); differences are paired with the base")
+    evaluate.add_argument("--ignore-adapter-preset", action="store_true",
+                          help="score adapters with --preset instead of the preset each was trained with")
+    evaluate.add_argument("--output-dir", default="eval_out", help="where per_user.csv and summary.json go")
+    evaluate.add_argument("--format", choices=("text", "json"), default="text", help="summary format")
+    evaluate.set_defaults(handler=command_eval)
+
+    for module_name, function_name in (("rerank_core.cli_train", "add_train_command"),
+                                       ("rerank_core.cli_diagnose", "add_diagnose_command")):
+        import importlib
+
+        getattr(importlib.import_module(module_name), function_name)(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except (ValueError, KeyError, OSError, RuntimeError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"error: {message}", file=sys.stderr)
+        return 2

@@ -1,0 +1,139 @@
+"""The dataset: items with texts, time-ordered interactions per user, and the leave-one-out split."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+__all__ = [
+    "TEXT_FIELDS",
+    "DataError",
+    "Dataset",
+    "Item",
+    "UserSplit",
+    "bundled_sample_path",
+    "load_dataset",
+]
+
+TEXT_FIELDS = ("title", "caption", "summary")
+Split = Literal["train", "validation", "test"]
+
+
+class DataError(ValueError):
+    """A data file that cannot be used; the message names the file, line and field."""
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
+                 field: str | None = None) -> None:
+        where = ", ".join(part for part in (
+            file and f"file {file}", line is not None and f"line {line}", field and f"field {field!r}")
+            if part)
+        super().__init__(f"{where}: {message}" if where else message)
+        self.file = file
+        self.line = line
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Item:
+    """One catalogue item; caption and summary are the seed's alternative text modes."""
+
+    item_id: str
+    title: str
+    caption: str = ""
+    summary: str = ""
+
+    def text(self, text_field: str = "title") -> str:
+        if text_field not in TEXT_FIELDS:
+            raise ValueError(f"text field {text_field!r} is not one of {', '.join(TEXT_FIELDS)}")
+        value = getattr(self, text_field)
+        return value or self.title
+
+
+@dataclass(frozen=True)
+class UserSplit:
+    """What a model sees for one user and split: the history before the target, and the target."""
+
+    user_id: str
+    split: str
+    history: tuple[str, ...]
+    target: str
+
+
+@dataclass
+class Dataset:
+    """Items and per-user sequences (oldest first); built by the loaders, validated on creation."""
+
+    name: str
+    items: dict[str, Item]
+    sequences: dict[str, list[str]]
+    source: str = ""
+    short_users: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        missing = sorted({item for seq in self.sequences.values() for item in seq} - set(self.items))
+        if missing:
+            shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+            raise DataError(
+                f"{len(missing)} interacted item id(s) are not in the items table: {shown}",
+                file=self.source or None, field="item_id")
+        # Leave-one-out needs train >= 1, validation and test: at least 3 interactions.
+        self.short_users = sorted(user for user, seq in self.sequences.items() if len(seq) < 3)
+        for user in self.short_users:
+            del self.sequences[user]
+        if not self.sequences:
+            raise DataError("no user has the 3 interactions leave-one-out needs",
+                            file=self.source or None)
+
+    @property
+    def users(self) -> list[str]:
+        return sorted(self.sequences, key=_natural_key)
+
+    def fingerprint(self) -> str:
+        """A short hash of the content, recorded in adapter manifests."""
+        digest = hashlib.sha256()
+        for item_id in sorted(self.items):
+            item = self.items[item_id]
+            digest.update(f"{item_id}\t{item.title}\t{item.caption}\t{item.summary}\n".encode())
+        for user in sorted(self.sequences):
+            digest.update(f"{user}\t{' '.join(self.sequences[user])}\n".encode())
+        return digest.hexdigest()[:16]
+
+    def text(self, item_id: str, text_field: str = "title") -> str:
+        return self.items[item_id].text(text_field)
+
+    def split_user(self, user_id: str, split: str = "test") -> UserSplit:
+        """Leave-one-out: last item is test, second to last validation, the rest training."""
+        if user_id not in self.sequences:
+            hint = " (it has fewer than 3 interactions)" if user_id in self.short_users else ""
+            raise KeyError(f"user {user_id!r} is not in dataset {self.name}{hint}")
+        sequence = self.sequences[user_id]
+        if split == "test":
+            return UserSplit(user_id, split, tuple(sequence[:-1]), sequence[-1])
+        if split == "validation":
+            return UserSplit(user_id, split, tuple(sequence[:-2]), sequence[-2])
+        raise ValueError(f"split {split!r} is not one of test, validation")
+
+    def training_sequence(self, user_id: str) -> list[str]:
+        """The part of a user's sequence training may use (everything before validation)."""
+        return self.sequences[user_id][:-2]
+
+    def touched(self, user_id: str) -> set[str]:
+        """Every item the user ever interacted with: never a negative candidate."""
+        return set(self.sequences[user_id])
+
+
+def _natural_key(text: str) -> tuple[int, int | str]:
+    return (0, int(text)) if text.isdigit() else (1, text)
+
+
+def bundled_sample_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "sample_data"
+
+
+def load_dataset(path: str | Path | None = None, data_format: str | None = None) -> Dataset:
+    """Load a dataset folder or file; the format is detected unless data_format names it."""
+    from rerank_core import loaders
+
+    return loaders.load(bundled_sample_path() if path is None else Path(path), data_format)

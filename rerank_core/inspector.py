@@ -1,0 +1,268 @@
+"""One session over a dataset and a model: every value the app and the CLI show comes from here."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import pandas as pd
+
+from rerank_core.adapters import AdapterInfo, check_adapter, list_adapters
+from rerank_core.candidates import CandidateConfig, CandidateSampler, CandidateSet
+from rerank_core.data import Dataset, UserSplit
+from rerank_core.metrics import METRIC_NAMES, metrics_at, rank_of_truth
+from rerank_core.models import LoadedModel
+from rerank_core.prompts import Prompt, build_prompt, encode_rendered
+from rerank_core.scoring import LetterScores, ScoreCache, score_token_ids
+from rerank_core.verbalizer import LetterToken, resolve_letters
+
+__all__ = ["BASE", "InspectSettings", "Inspector", "UserInspection"]
+
+log = logging.getLogger(__name__)
+
+BASE = "base"
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class InspectSettings:
+    """Everything that decides a prompt and its letter tokens, besides the user and the model."""
+
+    preset: str = "seed"
+    strategy: str = "as_trained"
+    text_field: str = "title"
+    split: str = "test"
+    candidates: CandidateConfig = field(default_factory=CandidateConfig)
+    max_prompt_tokens: int | None = 1536
+    use_adapter_preset: bool = True
+
+
+@dataclass(frozen=True)
+class PreparedUser:
+    """A user's prompt before any forward pass: what the model will read and which tokens are letters."""
+
+    split: UserSplit
+    candidates: CandidateSet
+    candidate_texts: tuple[str, ...]
+    prompt: Prompt
+    token_ids: tuple[int, ...]
+    letter_tokens: tuple[LetterToken, ...]
+
+
+@dataclass(frozen=True)
+class UserInspection:
+    """Everything the Inspect view shows for one user and one system (base or adapter)."""
+
+    system: str
+    settings: InspectSettings
+    prepared: PreparedUser
+    scores: LetterScores
+    rank: int | None
+    metrics: dict[str, float]
+    preset_note: str = ""
+
+    @property
+    def user_id(self) -> str:
+        return self.prepared.split.user_id
+
+    def candidates_frame(self, dataset: Dataset) -> pd.DataFrame:
+        """One row per candidate: letter, text, ground-truth marker, probability and rank."""
+        prepared = self.prepared
+        ranking = self.scores.ranking()
+        rank_of = {index: position + 1 for position, index in enumerate(ranking)}
+        rows = []
+        for index, item_id in enumerate(prepared.candidates.item_ids):
+            rows.append({
+                "letter": prepared.prompt.letters[index],
+                "item_id": item_id,
+                "text": prepared.candidate_texts[index],
+                "truth": index == prepared.candidates.target_index,
+                "probability": self.scores.letter_probs[index],
+                "logit": self.scores.letter_logits[index],
+                "rank": rank_of[index],
+            })
+        return pd.DataFrame(rows)
+
+    def history_frame(self, dataset: Dataset) -> pd.DataFrame:
+        """The history oldest first, with which items the prompt kept."""
+        history = self.prepared.split.history
+        dropped = len(history) - len(self.prepared.prompt.history_texts)
+        return pd.DataFrame([
+            {"position": position + 1, "item_id": item_id,
+             "text": dataset.text(item_id, self.settings.text_field), "in_prompt": position >= dropped}
+            for position, item_id in enumerate(history)])
+
+    def audit_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([token.to_json() for token in self.prepared.letter_tokens])
+
+    def to_json(self, dataset: Dataset) -> dict[str, Any]:
+        """A plain-JSON view, the same fields the app shows."""
+        prepared = self.prepared
+        return {
+            "user_id": self.user_id,
+            "split": prepared.split.split,
+            "system": self.system,
+            "settings": {**asdict(self.settings)},
+            "preset_note": self.preset_note,
+            "history": self.history_frame(dataset).to_dict(orient="records"),
+            "dropped_history": prepared.prompt.dropped_history,
+            "candidates": self.candidates_frame(dataset).to_dict(orient="records"),
+            "target_id": prepared.split.target,
+            "target_index": prepared.candidates.target_index,
+            "rendered_prompt": prepared.prompt.rendered,
+            "prompt_tokens": len(prepared.token_ids),
+            "audit": [token.to_json() for token in prepared.letter_tokens],
+            "letter_mass": self.scores.letter_mass,
+            "top_other": [{"token": token, "token_id": token_id, "probability": probability}
+                          for token, token_id, probability in self.scores.top_other],
+            "rank": self.rank,
+            "metrics": self.metrics,
+        }
+
+
+class Inspector:
+    """A dataset, a tokenizer and optionally a model with adapters; caches samplers, letters and scores."""
+
+    def __init__(self, dataset: Dataset, loaded: LoadedModel | None = None, *, tokenizer: Any = None,
+                 adapters_root: str | None = None, batch_size: int = 8) -> None:
+        if loaded is None and tokenizer is None:
+            raise ValueError("an Inspector needs a loaded model or at least a tokenizer")
+        self.dataset = dataset
+        self.loaded = loaded
+        self.tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer
+        self.adapters_root = adapters_root
+        self.batch_size = batch_size
+        self._samplers: dict[CandidateConfig, CandidateSampler] = {}
+        self._letters: dict[tuple[Any, ...], tuple[LetterToken, ...]] = {}
+        self._adapter_info: dict[str, AdapterInfo] = {}
+        self._model: Any = None if loaded is None else loaded.model
+        self.cache = ScoreCache()
+
+    # -- prompts -----------------------------------------------------------------------------
+
+    def sampler(self, config: CandidateConfig) -> CandidateSampler:
+        if config not in self._samplers:
+            self._samplers[config] = CandidateSampler(self.dataset, config)
+        return self._samplers[config]
+
+    def letter_tokens(self, settings: InspectSettings, count: int) -> tuple[LetterToken, ...]:
+        """Letters resolved once per (preset, strategy, count): they do not depend on the items."""
+        key = (settings.preset, settings.strategy, count)
+        if key not in self._letters:
+            from rerank_core.prompts import letters_for
+
+            self._letters[key] = tuple(resolve_letters(
+                self.tokenizer, settings.preset, letters_for(count), settings.strategy))
+        return self._letters[key]
+
+    def prepare(self, user_id: str, settings: InspectSettings) -> PreparedUser:
+        """History, candidates, the rendered prompt, its token IDs and the letter tokens; no model needed."""
+        split = self.dataset.split_user(user_id, settings.split)
+        candidates = self.sampler(settings.candidates).for_split(split)
+        history_texts = [self.dataset.text(item, settings.text_field) for item in split.history]
+        candidate_texts = tuple(self.dataset.text(item, settings.text_field) for item in candidates.item_ids)
+        prompt = build_prompt(self.tokenizer, settings.preset, history_texts, candidate_texts,
+                              max_prompt_tokens=settings.max_prompt_tokens)
+        token_ids = tuple(encode_rendered(self.tokenizer, settings.preset, prompt.rendered))
+        letters = self.letter_tokens(settings, len(candidate_texts))
+        return PreparedUser(split, candidates, candidate_texts, prompt, token_ids, letters)
+
+    # -- adapters ----------------------------------------------------------------------------
+
+    def adapters(self) -> list[AdapterInfo]:
+        return list_adapters(self.adapters_root)
+
+    def _activate(self, system: str) -> Any:
+        """The model to run for `system`: the base (adapters disabled) or one loaded adapter."""
+        if self.loaded is None:
+            raise ValueError("scoring needs a model; this Inspector was built with a tokenizer only")
+        if system == BASE:
+            return self._model
+        if system not in self._adapter_info:
+            from peft import PeftModel
+
+            info = check_adapter(self.loaded, system, self.adapters_root)
+            if isinstance(self._model, PeftModel):
+                self._model.load_adapter(info.path, adapter_name=system)
+            else:
+                self._model = PeftModel.from_pretrained(self.loaded.model, info.path, adapter_name=system)
+            self._model.eval()
+            self._adapter_info[system] = info
+        self._model.set_adapter(system)
+        return self._model
+
+    def settings_for(self, system: str, settings: InspectSettings) -> tuple[InspectSettings, str]:
+        """An adapter is scored with the preset it was trained with, unless the user overrides it."""
+        if system == BASE or not settings.use_adapter_preset:
+            return settings, ""
+        info = self._adapter_info.get(system) or check_adapter(self.loaded, system, self.adapters_root)
+        trained = info.preset
+        if trained and trained != settings.preset:
+            note = f"adapter {system!r} was trained with preset {trained!r}; scored with it, not {settings.preset!r}"
+            return replace(settings, preset=trained), note
+        return settings, ""
+
+    # -- scoring -----------------------------------------------------------------------------
+
+    def score_prepared(self, system: str, prepared: Sequence[PreparedUser], *,
+                       batch_size: int | None = None) -> list[LetterScores]:
+        """Score prompts built outside `prepare` (diagnostics reorder or edit them), via the same cache."""
+        return self._score(system, prepared, batch_size=batch_size)
+
+    def _score(self, system: str, prepared: Sequence[PreparedUser], *,
+               batch_size: int | None = None) -> list[LetterScores]:
+        keys = [(self.loaded.fingerprint if self.loaded else None, system, item.token_ids,
+                 tuple(token.token_id for token in item.letter_tokens)) for item in prepared]
+        results: list[LetterScores | None] = [self.cache.get(key) for key in keys]
+        missing = [index for index, result in enumerate(results) if result is None]
+        # Group by letter IDs: one batch shares one letter set.
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index in missing:
+            groups.setdefault(keys[index][3], []).append(index)
+        for letter_ids, indices in groups.items():
+            model = self._activate(system)
+            if system == BASE and hasattr(model, "disable_adapter"):
+                with model.disable_adapter():
+                    scored = score_token_ids(model, self.tokenizer, [prepared[i].token_ids for i in indices],
+                                             letter_ids, batch_size=batch_size or self.batch_size)
+            else:
+                scored = score_token_ids(model, self.tokenizer, [prepared[i].token_ids for i in indices],
+                                         letter_ids, batch_size=batch_size or self.batch_size)
+            for index, result in zip(indices, scored):
+                self.cache.put(keys[index], result)
+                results[index] = result
+        return [result for result in results if result is not None]
+
+    def inspect(self, user_id: str, settings: InspectSettings, system: str = BASE) -> UserInspection:
+        """Prepare and score one user with one system."""
+        effective, note = self.settings_for(system, settings)
+        prepared = self.prepare(user_id, effective)
+        (scores,) = self._score(system, [prepared])
+        rank = rank_of_truth(scores.letter_probs, prepared.candidates.target_index)
+        return UserInspection(system, effective, prepared, scores, rank, metrics_at(rank), note)
+
+    def evaluate(self, users: Iterable[str], settings: InspectSettings, system: str = BASE,
+                 progress: ProgressCallback | None = None) -> pd.DataFrame:
+        """Per-user rank, ground-truth probability, letter mass and metrics, in batches."""
+        effective, _ = self.settings_for(system, settings)
+        users = list(users)
+        rows = []
+        chunk_size = max(self.batch_size * 4, 1)
+        for start in range(0, len(users), chunk_size):
+            chunk = users[start:start + chunk_size]
+            prepared = [self.prepare(user, effective) for user in chunk]
+            for user, item, scores in zip(chunk, prepared, self._score(system, prepared)):
+                target_index = item.candidates.target_index
+                rank = rank_of_truth(scores.letter_probs, target_index)
+                rows.append({
+                    "user_id": user, "system": system, "preset": effective.preset,
+                    "rank": rank, "truth_probability":
+                        None if target_index is None else scores.letter_probs[target_index],
+                    "letter_mass": scores.letter_mass, "top1_letter": item.prompt.letters[scores.ranking()[0]],
+                    "prompt_tokens": scores.prompt_tokens, **metrics_at(rank)})
+            if progress is not None:
+                progress(min(start + chunk_size, len(users)), len(users))
+        return pd.DataFrame(rows, columns=["user_id", "system", "preset", "rank", "truth_probability",
+                                           "letter_mass", "top1_letter", "prompt_tokens", *METRIC_NAMES])

@@ -1,0 +1,264 @@
+"""Prompt presets, candidate letters, and the two renderings (inference and training) of one prompt."""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "LETTERS",
+    "PRESETS",
+    "Prompt",
+    "PromptError",
+    "PromptPreset",
+    "build_prompt",
+    "custom_preset",
+    "encode_rendered",
+    "get_preset",
+    "letter_range",
+    "letters_for",
+    "render_inference",
+    "render_training",
+]
+
+LETTERS = string.ascii_uppercase + string.ascii_lowercase
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be built as asked, with the fix in the message."""
+
+
+def letters_for(count: int) -> list[str]:
+    """The candidate labels A-Z then a-z; 52 is the most a single-letter verbalizer can name."""
+    if count < 1:
+        raise PromptError(f"number of candidates must be at least 1, got {count}")
+    if count > len(LETTERS):
+        raise PromptError(
+            f"number of candidates {count} is more than the {len(LETTERS)} letters A-Z, a-z; "
+            f"use at most {len(LETTERS)} candidates")
+    return list(LETTERS[:count])
+
+
+def letter_range(letters: Sequence[str]) -> str:
+    """The seed's answer range: `A-T`, or `A-Z, a-c` past 26 candidates."""
+    last = letters[-1]
+    if len(letters) <= 26:
+        return f"A-{last}"
+    return f"A-Z, a-{last}"
+
+
+SEED_TEMPLATE = (
+    "You are a recommendation ranking assistant.\n\n"
+    "Choose exactly ONE item the user is most likely to interact with next.\n\n"
+    "User history:\n{history}\n\n"
+    "Candidate items:\n{candidates}\n\n"
+    "Answer with only one letter ({letter_range})."
+)
+LLAMAREC_INSTRUCTION = (
+    "Given user history in chronological order, recommend an item from the candidate pool "
+    "with its index letter."
+)
+# alpaca_short, as LlamaRec's Prompter fills it: instruction, then input, then the response header.
+LLAMAREC_TEMPLATE = (
+    "### Instruction:\n" + LLAMAREC_INSTRUCTION + "\n\n"
+    "### Input:\nUser history: {history}; \n Candidate pool: {candidates}\n\n"
+    "### Response:\n"
+)
+
+
+@dataclass(frozen=True)
+class PromptPreset:
+    """How history and candidates become text, and whether the chat template wraps it."""
+
+    name: str
+    description: str
+    template: str
+    history_line: str
+    candidate_line: str
+    separator: str = "\n"
+    chat: bool = True
+    max_history: int | None = None
+    max_title_tokens: int | None = None
+
+    @property
+    def letter_after(self) -> bool:
+        return self.candidate_line.index("{letter}") > self.candidate_line.index("{text}")
+
+
+PRESETS: dict[str, PromptPreset] = {
+    preset.name: preset
+    for preset in (
+        PromptPreset(
+            name="seed",
+            description="The research code's chat prompt: `A. title` lines, rendered with the chat template.",
+            template=SEED_TEMPLATE, history_line="- {text}", candidate_line="{letter}. {text}"),
+        PromptPreset(
+            name="seed_after",
+            description="The seed chat prompt with the letter after the text: `- title (A)`.",
+            template=SEED_TEMPLATE, history_line="- {text}", candidate_line="- {text} ({letter})"),
+        PromptPreset(
+            name="llamarec",
+            description="LlamaRec's alpaca_short text prompt, no chat template: `(A) title` joined by ' \\n '.",
+            template=LLAMAREC_TEMPLATE, history_line="({index}) {text}", candidate_line="({letter}) {text}",
+            separator=" \n ", chat=False, max_history=20, max_title_tokens=32),
+        PromptPreset(
+            name="llamarec_after",
+            description="LlamaRec's text prompt with the letter after the text: `title (A)`.",
+            template=LLAMAREC_TEMPLATE, history_line="({index}) {text}", candidate_line="{text} ({letter})",
+            separator=" \n ", chat=False, max_history=20, max_title_tokens=32),
+    )
+}
+
+
+def custom_preset(
+    template: str,
+    *,
+    chat: bool = True,
+    history_line: str = "- {text}",
+    candidate_line: str = "{letter}. {text}",
+    separator: str = "\n",
+    name: str = "custom",
+) -> PromptPreset:
+    """A user template with {history}, {candidates} and optionally {letter_range} placeholders."""
+    for placeholder in ("{history}", "{candidates}"):
+        if placeholder not in template:
+            raise PromptError(f"prompt template is missing the placeholder {placeholder}")
+    for field_name, line, needed in (("candidate_line", candidate_line, ("{letter}", "{text}")),
+                                     ("history_line", history_line, ("{text}",))):
+        for placeholder in needed:
+            if placeholder not in line:
+                raise PromptError(f"{field_name} {line!r} is missing the placeholder {placeholder}")
+    try:
+        template.format(history="", candidates="", letter_range="")
+    except (KeyError, IndexError, ValueError) as error:
+        raise PromptError(
+            f"prompt template has an unknown placeholder or stray brace ({error}); "
+            "use {history}, {candidates}, {letter_range}, and double braces for literal ones") from error
+    return PromptPreset(name=name, description="User template.", template=template,
+                        history_line=history_line, candidate_line=candidate_line,
+                        separator=separator, chat=chat)
+
+
+def get_preset(name_or_preset: str | PromptPreset) -> PromptPreset:
+    if isinstance(name_or_preset, PromptPreset):
+        return name_or_preset
+    try:
+        return PRESETS[name_or_preset]
+    except KeyError:
+        raise PromptError(
+            f"prompt preset {name_or_preset!r} is not one of {', '.join(PRESETS)}") from None
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One built prompt: the text, its inference rendering, and what was cut to fit."""
+
+    preset: str
+    text: str
+    rendered: str
+    letters: tuple[str, ...]
+    history_texts: tuple[str, ...]
+    dropped_history: int
+    token_count: int
+
+
+def _require_chat_template(tokenizer: Any, preset: PromptPreset) -> None:
+    if preset.chat and not getattr(tokenizer, "chat_template", None):
+        raise PromptError(
+            f"preset {preset.name!r} renders with the chat template, but this tokenizer has none; "
+            "use the 'llamarec' (or 'llamarec_after') text preset, or give the tokenizer a chat template")
+
+
+def render_inference(tokenizer: Any, preset: str | PromptPreset, text: str) -> str:
+    """What the model reads before answering: chat template with generation prompt, or the raw text."""
+    preset = get_preset(preset)
+    if not preset.chat:
+        return text
+    _require_chat_template(tokenizer, preset)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+
+
+def render_training(tokenizer: Any, preset: str | PromptPreset, text: str, answer_letter: str) -> str:
+    """The full training conversation: the chat with the assistant's letter, or text + letter + EOS."""
+    preset = get_preset(preset)
+    if not preset.chat:
+        return text + answer_letter + (tokenizer.eos_token or "")
+    _require_chat_template(tokenizer, preset)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}, {"role": "assistant", "content": answer_letter}],
+        tokenize=False)
+
+
+def encode_rendered(tokenizer: Any, preset: str | PromptPreset, rendered: str) -> list[int]:
+    """Token IDs of a rendering; a chat rendering carries its own special tokens, a text one gets BOS."""
+    preset = get_preset(preset)
+    return list(tokenizer(rendered, add_special_tokens=not preset.chat)["input_ids"])
+
+
+def _cut_title(tokenizer: Any, text: str, max_tokens: int | None) -> str:
+    if max_tokens is None:
+        return text
+    tokens = tokenizer.tokenize(text)
+    if len(tokens) <= max_tokens:
+        return text
+    return tokenizer.convert_tokens_to_string(tokens[:max_tokens]).strip()
+
+
+def _fill(preset: PromptPreset, history: Sequence[str], candidates: Sequence[str],
+          letters: Sequence[str]) -> str:
+    history_block = preset.separator.join(
+        preset.history_line.format(index=index, text=text) for index, text in enumerate(history, 1))
+    candidate_block = preset.separator.join(
+        preset.candidate_line.format(letter=letter, text=text) for letter, text in zip(letters, candidates))
+    return preset.template.format(
+        history=history_block, candidates=candidate_block, letter_range=letter_range(letters))
+
+
+def build_prompt(
+    tokenizer: Any,
+    preset: str | PromptPreset,
+    history_texts: Sequence[str],
+    candidate_texts: Sequence[str],
+    *,
+    max_prompt_tokens: int | None = None,
+) -> Prompt:
+    """Fill the preset and drop the oldest history items until the rendering fits max_prompt_tokens."""
+    preset = get_preset(preset)
+    letters = letters_for(len(candidate_texts))
+    history = [_cut_title(tokenizer, text, preset.max_title_tokens) for text in history_texts]
+    candidates = [_cut_title(tokenizer, text, preset.max_title_tokens) for text in candidate_texts]
+    dropped = 0
+    if preset.max_history is not None and len(history) > preset.max_history:
+        dropped = len(history) - preset.max_history
+        history = history[dropped:]
+
+    def rendering(keep_from: int) -> tuple[str, str, int]:
+        text = _fill(preset, history[keep_from:], candidates, letters)
+        rendered = render_inference(tokenizer, preset, text)
+        return text, rendered, len(encode_rendered(tokenizer, preset, rendered))
+
+    text, rendered, count = rendering(0)
+    if max_prompt_tokens is not None and count > max_prompt_tokens:
+        # Binary search for the fewest oldest items to drop: token count falls as items go.
+        low, high = 1, len(history)
+        best = None
+        while low <= high:
+            middle = (low + high) // 2
+            candidate = rendering(middle)
+            if candidate[2] <= max_prompt_tokens:
+                best, high = (middle, candidate), middle - 1
+            else:
+                low = middle + 1
+        if best is None:
+            raise PromptError(
+                f"the prompt needs {rendering(len(history))[2]} tokens even with no history, more than "
+                f"max_prompt_tokens={max_prompt_tokens}; raise the limit or use fewer candidates")
+        keep_from, (text, rendered, count) = best
+        dropped += keep_from
+        history = history[keep_from:]
+    return Prompt(preset=preset.name, text=text, rendered=rendered, letters=tuple(letters),
+                  history_texts=tuple(history), dropped_history=dropped, token_count=count)
+

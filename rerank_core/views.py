@@ -1,0 +1,607 @@
+"""Every table, figure and HTML block the app shows, built from rerank_core results without Gradio."""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+from pandas.io.formats.style import Styler
+
+from rerank_core.data import Dataset
+from rerank_core.inspector import BASE, UserInspection
+from rerank_core.metrics import METRIC_NAMES
+
+__all__ = [
+    "APP_CSS",
+    "CHART_ORDERS",
+    "CompareView",
+    "DataView",
+    "InspectView",
+    "compare_user_chart",
+    "compare_user_table",
+    "compare_view",
+    "data_view",
+    "empty_figure",
+    "eval_chart",
+    "inspect_view",
+    "letter_chart",
+    "loss_chart",
+    "progress_html",
+    "prompt_html",
+    "result_markdown",
+    "token_html",
+    "training_sample_html",
+]
+
+CHART_ORDERS = ("letter", "probability")
+TRUTH_COLOR = "#e8590c"
+BAR_COLOR = "#4c78a8"
+# One colour per compared system: base first, then up to three adapters.
+SYSTEM_COLORS = ("#868e96", "#1c7ed6", "#2f9e44", "#ae3ec9")
+_TRUTH_ROW = "background-color: #fff3bf; font-weight: 600"
+_FLAGGED_ROW = "background-color: #ffc9c9; font-weight: 600"
+_CHART_HEIGHT = 320
+
+APP_CSS = """
+.ri-prompt { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 12.5px;
+  white-space: pre-wrap; word-break: break-word; line-height: 1.45; margin: 0; padding: 10px;
+  background: var(--block-background-fill); border: 1px solid var(--border-color-primary);
+  border-radius: 6px; max-height: 460px; overflow: auto; }
+.ri-ws { color: #adb5bd; }
+.ri-special { color: #ae3ec9; background: #f3d9fa; border-radius: 3px; padding: 0 2px; }
+.ri-tokens { display: flex; flex-wrap: wrap; gap: 2px; max-height: 460px; overflow: auto;
+  font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 12px; padding: 6px; }
+.ri-tok { display: inline-flex; flex-direction: column; align-items: center; border: 1px solid #dee2e6;
+  border-radius: 3px; padding: 0 3px; background: #f8f9fa; color: #212529; }
+.ri-tok .ri-id { font-size: 9.5px; color: #868e96; }
+.ri-tok.ri-letter { background: #d0ebff; border-color: #4c78a8; }
+.ri-tok.ri-special-tok { background: #f3d9fa; border-color: #ae3ec9; }
+.ri-tok.ri-answer { background: #ffe8cc; border: 2px solid #e8590c; }
+.ri-tok.ri-loss { background: #d3f9d8; border: 2px solid #2f9e44; }
+.ri-legend { font-size: 12px; color: #495057; margin: 2px 0 6px 0; }
+.ri-legend span { padding: 0 4px; border-radius: 3px; margin-right: 6px; }
+.ri-progress { width: 100%; background: #e9ecef; border-radius: 6px; height: 18px; overflow: hidden; }
+.ri-progress > div { height: 100%; background: #1c7ed6; transition: width 0.4s; }
+.ri-progress-text { font-size: 13px; margin-top: 4px; }
+"""
+
+
+# -- small helpers ------------------------------------------------------------------------------
+
+def _visible(text: str) -> str:
+    """HTML for text with every space, tab and newline shown (escaped: item titles come from uploads)."""
+    out = []
+    for char in text:
+        if char == " ":
+            out.append('<span class="ri-ws">·</span>')
+        elif char == "\n":
+            out.append('<span class="ri-ws">↵</span>\n')
+        elif char == "\t":
+            out.append('<span class="ri-ws">⇥</span>')
+        elif char == "\r":
+            out.append('<span class="ri-ws">␍</span>')
+        else:
+            out.append(html.escape(char))
+    return "".join(out)
+
+
+def _special_tokens(tokenizer: Any) -> list[str]:
+    """Special and added tokens (chat markers), longest first so overlapping ones match whole."""
+    tokens = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    tokens.update(str(token) for token in decoder.values())
+    return sorted((token for token in tokens if token), key=len, reverse=True)
+
+
+def _fmt_probability(value: float | None) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def empty_figure(message: str = "") -> go.Figure:
+    """A blank chart with a centred note, so an output never shows a stale figure."""
+    figure = go.Figure()
+    figure.update_layout(height=_CHART_HEIGHT, xaxis_visible=False, yaxis_visible=False,
+                         margin={"l": 10, "r": 10, "t": 10, "b": 10}, template="plotly_white")
+    if message:
+        figure.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
+                              font={"size": 14, "color": "#868e96"})
+    return figure
+
+
+# -- Inspect ------------------------------------------------------------------------------------
+
+def prompt_html(tokenizer: Any, rendered: str) -> str:
+    """The rendered prompt as the tokenizer reads it: whitespace made visible, special tokens marked."""
+    specials = _special_tokens(tokenizer)
+    if not specials:
+        return f'<pre class="ri-prompt">{_visible(rendered)}</pre>'
+    pattern = re.compile("|".join(re.escape(token) for token in specials))
+    parts, position = [], 0
+    for match in pattern.finditer(rendered):
+        parts.append(_visible(rendered[position:match.start()]))
+        parts.append(f'<span class="ri-special">{html.escape(match.group())}</span>')
+        position = match.end()
+    parts.append(_visible(rendered[position:]))
+    return f'<pre class="ri-prompt">{"".join(parts)}</pre>'
+
+
+def _token_texts(tokenizer: Any, text: str | None, token_ids: Sequence[int],
+                 add_special_tokens: bool) -> list[str]:
+    """Each token's own text: character offsets when the tokenizer gives them, else per-token decoding."""
+    if text is not None:
+        try:
+            encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        except (NotImplementedError, TypeError, ValueError):
+            encoded = None
+        if encoded is not None and list(encoded["input_ids"]) == list(token_ids):
+            pieces = [text[start:end] for start, end in encoded["offset_mapping"]]
+            # Offsets are empty for tokens with no characters of their own (e.g. an added BOS).
+            return [piece or tokenizer.convert_ids_to_tokens(token_id)
+                    for piece, token_id in zip(pieces, token_ids)]
+    return [tokenizer.decode([token_id]) for token_id in token_ids]
+
+
+def token_html(tokenizer: Any, token_ids: Sequence[int], *, text: str | None = None,
+               add_special_tokens: bool = False, letter_ids: Sequence[int] = (),
+               loss_mask: Sequence[bool] | None = None, answer_position: int | None = None) -> str:
+    """Each token with its ID; letter tokens, loss-carrying tokens and the answer position highlighted."""
+    pieces = _token_texts(tokenizer, text, token_ids, add_special_tokens)
+    special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    special_ids.update(int(token_id) for token_id in decoder)
+    letters = set(letter_ids)
+    cells = []
+    for position, (token_id, piece) in enumerate(zip(token_ids, pieces)):
+        classes = ["ri-tok"]
+        if loss_mask is not None and loss_mask[position]:
+            classes.append("ri-loss")
+        elif position == answer_position:
+            classes.append("ri-answer")
+        elif token_id in special_ids:
+            classes.append("ri-special-tok")
+        elif token_id in letters:
+            classes.append("ri-letter")
+        title = f"position {position} · id {token_id}"
+        if position == answer_position:
+            title += " · the letter logits are read after this token"
+        cells.append(f'<span class="{" ".join(classes)}" title="{html.escape(title)}">'
+                     f'<span>{_visible(piece) or "∅"}</span><span class="ri-id">{token_id}</span></span>')
+    if loss_mask is not None:
+        legend = ('<span class="ri-tok ri-loss">carries loss</span>'
+                  '<span class="ri-tok ri-special-tok">special token</span> others: context only')
+    else:
+        legend = ('<span class="ri-tok ri-letter">letter token ID</span>'
+                  '<span class="ri-tok ri-special-tok">special token</span>'
+                  '<span class="ri-tok ri-answer">answer position (last token)</span>')
+    return (f'<div class="ri-legend">{len(token_ids)} tokens · {legend}</div>'
+            f'<div class="ri-tokens">{"".join(cells)}</div>')
+
+
+def letter_chart(inspection: UserInspection, dataset: Dataset, order: str = "letter") -> go.Figure:
+    """Letter probabilities as bars, the ground truth in another colour; order by letter or probability."""
+    if order not in CHART_ORDERS:
+        raise ValueError(f"chart order {order!r} is not one of {', '.join(CHART_ORDERS)}")
+    prepared = inspection.prepared
+    letters = list(prepared.prompt.letters)
+    probabilities = list(inspection.scores.letter_probs)
+    truth = prepared.candidates.target_index
+    indices = list(range(len(letters)))
+    if order == "probability":
+        indices = inspection.scores.ranking()
+    colors = [TRUTH_COLOR if index == truth else BAR_COLOR for index in indices]
+    hover = [f"{letters[index]}: {html.escape(prepared.candidate_texts[index])}"
+             + (" (ground truth)" if index == truth else "") for index in indices]
+    figure = go.Figure(go.Bar(
+        x=[letters[index] for index in indices], y=[probabilities[index] for index in indices],
+        marker_color=colors, hovertext=hover, hoverinfo="text+y", name="P(letter)"))
+    uniform = 1.0 / len(letters)
+    figure.add_hline(y=uniform, line_dash="dot", line_color="#868e96",
+                     annotation_text=f"uniform 1/{len(letters)}", annotation_position="top right")
+    title = f"Letter probabilities · {inspection.system}"
+    if truth is not None:
+        title += f" · ground truth {letters[truth]} (orange) ranked {inspection.rank} of {len(letters)}"
+    else:
+        title += " · ground truth not among the candidates"
+    figure.update_layout(
+        title={"text": title, "font": {"size": 14}}, height=_CHART_HEIGHT, template="plotly_white",
+        margin={"l": 50, "r": 20, "t": 40, "b": 40}, yaxis_title="probability over letters",
+        xaxis={"type": "category", "title": "candidate letter" if order == "letter" else "letters by probability"},
+        showlegend=False)
+    return figure
+
+
+def _candidates_table(inspection: UserInspection, dataset: Dataset) -> Styler:
+    frame = inspection.candidates_frame(dataset)
+    table = pd.DataFrame({
+        "letter": frame["letter"], "item": frame["item_id"], "text": frame["text"],
+        "truth": ["★ truth" if flag else "" for flag in frame["truth"]],
+        "probability": frame["probability"].round(4), "rank": frame["rank"]})
+    truth_rows = set(frame.index[frame["truth"]])
+    return table.style.apply(
+        lambda row: [_TRUTH_ROW if row.name in truth_rows else ""] * len(row), axis=1
+    ).format({"probability": "{:.4f}"})
+
+
+def _history_table(inspection: UserInspection, dataset: Dataset) -> tuple[pd.DataFrame, str]:
+    frame = inspection.history_frame(dataset)
+    table = pd.DataFrame({
+        "#": frame["position"], "item": frame["item_id"], "text": frame["text"],
+        "in prompt": ["yes" if kept else "dropped" for kept in frame["in_prompt"]]})
+    dropped = inspection.prepared.prompt.dropped_history
+    note = f"{len(table)} history items, oldest first"
+    if dropped:
+        note += f"; the {dropped} oldest were dropped so the prompt fits (max_prompt_tokens or the preset's limit)"
+    return table, note
+
+
+def _audit_table(inspection: UserInspection) -> tuple[Styler, str]:
+    rows = [token.to_json() for token in inspection.prepared.letter_tokens]
+    table = pd.DataFrame({
+        "letter": [row["letter"] for row in rows],
+        "token": [row["token"] for row in rows],
+        "token_id": [row["token_id"] for row in rows],
+        "step": [row["step"] for row in rows],
+        "as trained": ["–" if row["as_trained_id"] is None else f"{row['as_trained_token']} ({row['as_trained_id']})"
+                       for row in rows],
+        "flags": [", ".join(row["flags"]) or "ok" for row in rows]})
+    flagged = [index for index, row in enumerate(rows) if row["flags"]]
+    flagged_set = set(flagged)
+    styled = table.style.apply(
+        lambda row: [_FLAGGED_ROW if row.name in flagged_set else ""] * len(row), axis=1)
+    strategy = rows[0]["strategy"] if rows else "?"
+    if flagged:
+        note = (f"⚠ {len(flagged)} of {len(rows)} letters flagged under strategy {strategy!r} "
+                f"(rows in red): {', '.join(rows[index]['letter'] for index in flagged[:12])}")
+    else:
+        note = f"all {len(rows)} letters clean under strategy {strategy!r}"
+    return styled, note
+
+
+def _other_tokens_table(inspection: UserInspection) -> pd.DataFrame:
+    return pd.DataFrame([{"token": token, "token_id": token_id, "probability": round(probability, 4)}
+                         for token, token_id, probability in inspection.scores.top_other],
+                        columns=["token", "token_id", "probability"])
+
+
+def _summary_markdown(inspection: UserInspection, dataset: Dataset, model_name: str) -> str:
+    prepared = inspection.prepared
+    truth = prepared.candidates.target_index
+    count = len(prepared.prompt.letters)
+    lines = [f"**User {html.escape(inspection.user_id)}** · {prepared.split.split} target · "
+             f"system **{html.escape(inspection.system)}** on {html.escape(model_name)} · "
+             f"preset `{inspection.settings.preset}` · {len(prepared.token_ids)} prompt tokens"]
+    if truth is None:
+        lines.append(f"Ground truth **{html.escape(dataset.text(prepared.split.target))}** is not among the "
+                     f"{count} candidates (the retriever missed it): every metric is 0.")
+    else:
+        probability = inspection.scores.letter_probs[truth]
+        lines.append(
+            f"Ground truth **{prepared.prompt.letters[truth]}** · "
+            f"{html.escape(prepared.candidate_texts[truth])} · p = {probability:.3f} · "
+            f"**rank {inspection.rank} of {count}**")
+    metrics = inspection.metrics
+    lines.append(" · ".join(f"{name} {metrics[name]:.3f}" for name in ("Recall@1", "Recall@5", "Recall@10",
+                                                                       "NDCG@5", "NDCG@10", "MRR@10")))
+    mass = inspection.scores.letter_mass
+    lines.append(f"Letter mass **{mass:.3f}**: the share of all next-token probability on the {count} letters"
+                 + (" (low: the model does not answer with a letter here)" if mass < 0.5 else ""))
+    if inspection.preset_note:
+        lines.append(f"ℹ {html.escape(inspection.preset_note)}")
+    return "\n\n".join(lines)
+
+
+@dataclass(frozen=True)
+class InspectView:
+    """Everything the Inspect tab shows for one user, in the order the app's outputs list them."""
+
+    summary: str
+    history: pd.DataFrame
+    history_note: str
+    candidates: Styler
+    chart: go.Figure
+    prompt: str
+    tokens: str
+    audit: Styler
+    audit_note: str
+    other_tokens: pd.DataFrame
+
+
+def inspect_view(inspection: UserInspection, dataset: Dataset, tokenizer: Any, *, model_name: str,
+                 order: str = "letter") -> InspectView:
+    """Build every Inspect output from one inspection; no forward pass, no re-tokenization of the prompt."""
+    prepared = inspection.prepared
+    history, history_note = _history_table(inspection, dataset)
+    audit, audit_note = _audit_table(inspection)
+    from rerank_core.prompts import get_preset
+
+    chat = get_preset(inspection.settings.preset).chat
+    return InspectView(
+        summary=_summary_markdown(inspection, dataset, model_name),
+        history=history, history_note=history_note,
+        candidates=_candidates_table(inspection, dataset),
+        chart=letter_chart(inspection, dataset, order),
+        prompt=prompt_html(tokenizer, prepared.prompt.rendered),
+        tokens=token_html(tokenizer, prepared.token_ids, text=prepared.prompt.rendered,
+                          add_special_tokens=not chat,
+                          letter_ids=[token.token_id for token in prepared.letter_tokens],
+                          answer_position=len(prepared.token_ids) - 1),
+        audit=audit, audit_note=audit_note,
+        other_tokens=_other_tokens_table(inspection))
+
+
+# -- Compare ------------------------------------------------------------------------------------
+
+def compare_user_chart(inspections: Sequence[UserInspection]) -> go.Figure:
+    """Grouped bars: each system's letter probabilities for the same user and candidates."""
+    if not inspections:
+        return empty_figure("pick a user")
+    first = inspections[0].prepared
+    letters = list(first.prompt.letters)
+    truth = first.candidates.target_index
+    figure = go.Figure()
+    for color, inspection in zip(SYSTEM_COLORS, inspections):
+        figure.add_bar(x=letters, y=list(inspection.scores.letter_probs), name=inspection.system,
+                       marker_color=color,
+                       hovertext=[html.escape(text) for text in inspection.prepared.candidate_texts])
+    title = f"User {inspections[0].user_id}: letter probabilities per system"
+    if truth is not None:
+        title += f" · ground truth {letters[truth]}"
+        figure.add_vrect(x0=truth - 0.5, x1=truth + 0.5, fillcolor=TRUTH_COLOR, opacity=0.15, line_width=0)
+    figure.update_layout(barmode="group", height=_CHART_HEIGHT + 40, template="plotly_white",
+                         title={"text": title, "font": {"size": 14}},
+                         margin={"l": 50, "r": 20, "t": 40, "b": 40}, xaxis={"type": "category"},
+                         yaxis_title="probability over letters",
+                         legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 1, "xanchor": "right"})
+    return figure
+
+
+def compare_user_table(inspections: Sequence[UserInspection]) -> pd.DataFrame:
+    """Per system: the ground truth's rank and probability, letter mass and the top-3 letters with items."""
+    rows = []
+    for inspection in inspections:
+        prepared = inspection.prepared
+        truth = prepared.candidates.target_index
+        top = inspection.scores.ranking()[:3]
+        rows.append({
+            "system": inspection.system, "preset": inspection.settings.preset,
+            "truth rank": inspection.rank,
+            "p(truth)": None if truth is None else round(inspection.scores.letter_probs[truth], 4),
+            "letter mass": round(inspection.scores.letter_mass, 4),
+            "top-3": " | ".join(f"{prepared.prompt.letters[index]} {prepared.candidate_texts[index]} "
+                                f"({inspection.scores.letter_probs[index]:.2f})" for index in top)})
+    return pd.DataFrame(rows, columns=["system", "preset", "truth rank", "p(truth)", "letter mass", "top-3"])
+
+
+@dataclass(frozen=True)
+class CompareView:
+    """The Compare tab's N-user outputs."""
+
+    metrics: pd.DataFrame
+    differences: pd.DataFrame
+    counts: str
+    scatter: go.Figure
+    movers: pd.DataFrame
+
+
+_MOVER_COLUMNS = ["user_id", "system", "change", "base rank", "rank", "base p(truth)", "p(truth)",
+                  "Δ NDCG@10"]
+
+
+def compare_view(per_user: pd.DataFrame, summary: Mapping[str, Any], *, movers: int = 5) -> CompareView:
+    """Tables and plots from compare_systems' per-user frame and summary (base first)."""
+    systems = list(summary["systems"])
+    metrics = pd.DataFrame([{"system": system, "users": values.get("users"),
+                             **{name: round(values[name], 4) for name in METRIC_NAMES if name in values}}
+                            for system, values in summary["systems"].items()])
+    difference_rows = []
+    count_lines = []
+    for system, differences in summary.get("differences", {}).items():
+        for metric, difference in differences.items():
+            difference_rows.append({
+                "system": system, "metric": metric, "base": round(difference["mean_a"], 4),
+                "adapter": round(difference["mean_b"], 4), "Δ": round(difference["difference"], 4),
+                "95% CI": f"[{difference['low']:+.4f}, {difference['high']:+.4f}]",
+                "significant": "yes" if difference["low"] > 0 or difference["high"] < 0 else "no",
+                "improved": difference["improved"], "unchanged": difference["unchanged"],
+                "worsened": difference["worsened"]})
+        ndcg = differences.get("NDCG@10")
+        if ndcg is not None:
+            count_lines.append(
+                f"**{html.escape(system)}** vs base on NDCG@10 over {ndcg.get('n', '?')} users: "
+                f"improved **{ndcg['improved']}**, unchanged **{ndcg['unchanged']}**, "
+                f"worsened **{ndcg['worsened']}** · Δ {ndcg['difference']:+.4f} "
+                f"(95% CI {ndcg['low']:+.4f} .. {ndcg['high']:+.4f})")
+    counts = "\n\n".join(count_lines) or "Add an adapter to see paired differences to the base."
+    differences_frame = pd.DataFrame(difference_rows, columns=[
+        "system", "metric", "base", "adapter", "Δ", "95% CI", "significant", "improved", "unchanged",
+        "worsened"])
+    base = per_user[per_user["system"] == BASE].set_index("user_id")
+    scatter = go.Figure()
+    mover_rows = []
+    for color, system in zip(SYSTEM_COLORS[1:], [name for name in systems if name != BASE]):
+        other = per_user[per_user["system"] == system].set_index("user_id")
+        joined = base.join(other, lsuffix="_base", rsuffix="", how="inner")
+        scatter.add_scatter(
+            x=joined["truth_probability_base"], y=joined["truth_probability"], mode="markers", name=system,
+            marker={"color": color, "size": 7, "opacity": 0.75}, text=list(joined.index),
+            hovertemplate="user %{text}<br>base %{x:.3f}<br>" + system + " %{y:.3f}<extra></extra>")
+        joined = joined.assign(delta=joined["NDCG@10"] - joined["NDCG@10_base"],
+                               delta_p=joined["truth_probability"] - joined["truth_probability_base"])
+        ordered = joined.sort_values(["delta", "delta_p"], ascending=False)
+        for label, part in (("improved", ordered.head(movers)), ("worsened", ordered.tail(movers)[::-1])):
+            for user_id, row in part.iterrows():
+                if (label == "improved") != (row["delta"] > 0 or (row["delta"] == 0 and row["delta_p"] > 0)):
+                    continue
+                mover_rows.append({
+                    "user_id": user_id, "system": system, "change": label,
+                    "base rank": row["rank_base"], "rank": row["rank"],
+                    "base p(truth)": _round(row["truth_probability_base"]),
+                    "p(truth)": _round(row["truth_probability"]), "Δ NDCG@10": round(row["delta"], 4)})
+    if len(systems) > 1:
+        scatter.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "#adb5bd"},
+                            name="no change", hoverinfo="skip")
+        scatter.update_layout(
+            title={"text": "Ground-truth probability per user: base (x) vs adapter (y)", "font": {"size": 14}},
+            xaxis={"title": "base p(truth)", "range": [0, 1]}, yaxis={"title": "adapter p(truth)", "range": [0, 1]},
+            height=_CHART_HEIGHT + 80, template="plotly_white", margin={"l": 50, "r": 20, "t": 40, "b": 40})
+    else:
+        scatter = empty_figure("add an adapter to compare with the base")
+    return CompareView(metrics=metrics, differences=differences_frame, counts=counts, scatter=scatter,
+                       movers=pd.DataFrame(mover_rows, columns=_MOVER_COLUMNS))
+
+
+def _round(value: Any) -> float | None:
+    return None if value is None or pd.isna(value) else round(float(value), 4)
+
+
+# -- Fine-tune ----------------------------------------------------------------------------------
+
+def progress_html(status: Any) -> str:
+    """A progress bar with step, loss and ETA from a job status (jobs.JobStatus)."""
+    if status is None or status.state == "idle":
+        return '<div class="ri-progress-text">No fine-tune has run yet.</div>'
+    fraction = status.step / status.total_steps if status.total_steps else 0.0
+    if status.state == "done":
+        fraction = 1.0
+    parts = [f"<b>{html.escape(status.name)}</b>: {html.escape(status.state)}"]
+    if status.total_steps:
+        parts.append(f"step {status.step}/{status.total_steps}")
+    if status.losses:
+        parts.append(f"loss {status.losses[-1][1]:.4f}")
+    if status.uniform_loss:
+        parts.append(f"ln N = {status.uniform_loss:.3f}")
+    if status.eta is not None and status.state in ("running", "cancelling"):
+        parts.append(f"ETA {_duration(status.eta)}")
+    if status.elapsed is not None:
+        parts.append(f"elapsed {_duration(status.elapsed)}")
+    text = " · ".join(parts)
+    if status.message:
+        text += f"<br>{html.escape(status.message)}"
+    return (f'<div class="ri-progress"><div style="width: {100 * min(fraction, 1.0):.1f}%"></div></div>'
+            f'<div class="ri-progress-text">{text}</div>')
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+        else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def loss_chart(status: Any) -> go.Figure:
+    """Training loss per step against ln N, the loss of a model that picks letters uniformly."""
+    if status is None or not status.losses:
+        return empty_figure("training loss appears here once steps run")
+    steps, losses = zip(*status.losses)
+    figure = go.Figure(go.Scatter(x=steps, y=losses, mode="lines+markers", name="training loss",
+                                  line={"color": BAR_COLOR}, marker={"size": 4}))
+    if status.uniform_loss:
+        figure.add_hline(y=status.uniform_loss, line_dash="dash", line_color=TRUTH_COLOR,
+                         annotation_text=f"ln N = {status.uniform_loss:.2f} (letters, uniform)",
+                         annotation_position="top right")
+    figure.update_layout(title={"text": "Training loss (answer letter only)", "font": {"size": 14}},
+                         xaxis_title="step", yaxis_title="loss", height=_CHART_HEIGHT, template="plotly_white",
+                         margin={"l": 50, "r": 20, "t": 40, "b": 40}, showlegend=False)
+    return figure
+
+
+def eval_chart(status: Any) -> go.Figure:
+    """Validation NDCG@10 (and Recall@10) at each evaluation of the run."""
+    if status is None or not status.evals:
+        return empty_figure("validation NDCG@10 appears here after the first evaluation")
+    steps = [step for step, _ in status.evals]
+    figure = go.Figure()
+    for metric, color in (("NDCG@10", TRUTH_COLOR), ("Recall@10", BAR_COLOR)):
+        values = [metrics.get(metric) for _, metrics in status.evals]
+        if any(value is not None for value in values):
+            figure.add_scatter(x=steps, y=values, mode="lines+markers", name=f"validation {metric}",
+                               line={"color": color})
+    figure.update_layout(title={"text": "Validation metrics", "font": {"size": 14}}, xaxis_title="step",
+                         yaxis={"title": "metric", "range": [0, 1]}, height=_CHART_HEIGHT,
+                         template="plotly_white", margin={"l": 50, "r": 20, "t": 40, "b": 40},
+                         legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 1, "xanchor": "right"})
+    return figure
+
+
+def result_markdown(status: Any) -> str:
+    """The result card of a finished run: adapter, settings and validation metrics before and after."""
+    if status is None or status.state == "idle":
+        return ""
+    if status.state == "failed":
+        return f"### ✖ Fine-tune {html.escape(status.name)} failed\n\n{html.escape(status.message or '')}"
+    if status.state == "cancelled":
+        return f"### Fine-tune {html.escape(status.name)} cancelled\n\nNothing was published."
+    if status.state != "done":
+        return ""
+    result = status.result or {}
+    lines = [f"### ✔ Adapter `{html.escape(str(result.get('adapter') or status.name))}` is ready",
+             "It is listed in every adapter picker."]
+    before, after = result.get("metrics_before") or {}, result.get("metrics_after") or {}
+    if before or after:
+        lines.append("| validation metric | before | after | Δ |\n|---|---|---|---|")
+        for metric in [name for name in METRIC_NAMES if name in before or name in after]:
+            old, new = before.get(metric), after.get(metric)
+            delta = f"{new - old:+.4f}" if old is not None and new is not None else "–"
+            lines[-1] += f"\n| {metric} | {_fmt_probability(old)} | {_fmt_probability(new)} | {delta} |"
+    settings = result.get("settings") or {}
+    if settings:
+        shown = ", ".join(f"{key}={value}" for key, value in settings.items() if not isinstance(value, dict))
+        lines.append(f"Settings: {html.escape(shown)}")
+    for key in ("train_samples", "steps", "train_seconds", "final_loss"):
+        if key in result:
+            lines.append(f"{key.replace('_', ' ')}: {result[key]}")
+    return "\n\n".join(lines)
+
+
+def training_sample_html(tokenizer: Any, token_ids: Sequence[int], loss_mask: Sequence[bool],
+                         caption: str = "") -> str:
+    """One training sample's tokens with the loss-carrying ones highlighted."""
+    carried = [position for position, flag in enumerate(loss_mask) if flag]
+    answer = " ".join(f"{tokenizer.convert_ids_to_tokens(token_ids[p])!r}({token_ids[p]})" for p in carried)
+    head = f'<div class="ri-legend">{html.escape(caption)} Loss on {len(carried)} token(s): {html.escape(answer)}</div>'
+    return head + token_html(tokenizer, token_ids, loss_mask=loss_mask)
+
+
+# -- Data ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DataView:
+    """The Data tab's statistics for one dataset."""
+
+    summary: str
+    history_lengths: go.Figure
+    popularity: go.Figure
+    top_items: pd.DataFrame
+
+
+def data_view(dataset: Dataset, *, top: int = 15) -> DataView:
+    """Users, items, interactions, history-length histogram and item popularity."""
+    lengths = pd.Series([len(sequence) for sequence in dataset.sequences.values()], dtype="int64")
+    counts = pd.Series([item for sequence in dataset.sequences.values() for item in sequence]).value_counts()
+    interactions = int(lengths.sum())
+    summary = (f"**{html.escape(dataset.name)}** · **{len(dataset.sequences)}** users · "
+               f"**{len(dataset.items)}** items ({len(counts)} with interactions) · "
+               f"**{interactions}** interactions · history length median {lengths.median():.0f}, "
+               f"min {lengths.min()}, max {lengths.max()}")
+    if dataset.short_users:
+        summary += (f"\n\n{len(dataset.short_users)} user(s) with fewer than 3 interactions were left out "
+                    "(leave-one-out needs 3).")
+    histogram = go.Figure(go.Histogram(x=lengths, marker_color=BAR_COLOR, nbinsx=40))
+    histogram.update_layout(title={"text": "Interactions per user", "font": {"size": 14}},
+                            xaxis_title="interactions", yaxis_title="users", height=_CHART_HEIGHT,
+                            template="plotly_white", margin={"l": 50, "r": 20, "t": 40, "b": 40})
+    popularity = go.Figure(go.Scatter(x=list(range(1, len(counts) + 1)), y=counts.to_numpy(), mode="lines",
+                                      line={"color": TRUTH_COLOR}))
+    popularity.update_layout(title={"text": "Item popularity (items by rank)", "font": {"size": 14}},
+                             xaxis_title="item rank", yaxis={"title": "interactions", "type": "log"},
+                             height=_CHART_HEIGHT, template="plotly_white",
+                             margin={"l": 50, "r": 20, "t": 40, "b": 40})
+    top_items = pd.DataFrame([{"item": item_id, "title": dataset.items[item_id].title, "interactions": int(count)}
+                              for item_id, count in counts.head(top).items()],
+                             columns=["item", "title", "interactions"])
+    return DataView(summary=summary, history_lengths=histogram, popularity=popularity, top_items=top_items)
