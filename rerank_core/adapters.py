@@ -137,7 +137,7 @@ def check_adapter(loaded: LoadedModel, name: str, root: str | os.PathLike[str] |
 
 def _check_shapes(loaded: LoadedModel, folder: Path) -> None:
     """Every LoRA matrix must fit the module it adapts; catches adapters for other sizes and corrupt files."""
-    from safetensors import SafetensorsError, safe_open
+    from safetensors import SafetensorError, safe_open
 
     modules = dict(loaded.model.named_modules())
     try:
@@ -155,7 +155,7 @@ def _check_shapes(loaded: LoadedModel, folder: Path) -> None:
                     raise AdapterError(
                         f"adapter {folder.name!r} weight {key} has shape {tuple(shape)}, which does not fit "
                         f"{module_name} ({module.in_features}→{module.out_features}) of {loaded.name!r}")
-    except (SafetensorsError, OSError) as error:
+    except (SafetensorError, OSError) as error:
         raise AdapterError(
             f"adapter {folder.name!r} weights {folder / _WEIGHTS_FILE} are unreadable ({error}); "
             "delete the folder and train it again") from error

@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from rerank_core.candidates import CANDIDATE_ORDERS, CANDIDATE_SOURCES, CandidateConfig
+from rerank_core.cli_diagnose import add_diagnose_command
+from rerank_core.cli_train import add_train_command
 from rerank_core.data import TEXT_FIELDS, Dataset, load_dataset
 from rerank_core.display import visible_text
 from rerank_core.inspector import BASE, Inspector, InspectSettings
+from rerank_core.loaders import FORMATS
 from rerank_core.models import load_model, load_tokenizer
 from rerank_core.prompts import PRESETS, letters_for
 from rerank_core.verbalizer import STRATEGIES, resolve_letters
@@ -32,9 +35,8 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
                        help="tokenizer folder (tokenizer files or a SentencePiece tokenizer.model) for commands "
                             "that need no weights; `show` then prints the prompt and audit without scores")
     group.add_argument("--data", metavar="PATH", help="dataset folder or file; default: the bundled sample_data/")
-    group.add_argument("--data-format", metavar="NAME",
-                       help="force the data format (bundled, csv, ml-100k, ml-1m, ml-latest-small, amazon) "
-                            "instead of detecting it")
+    group.add_argument("--data-format", choices=FORMATS,
+                       help="force the data format instead of detecting it from the file names")
     group.add_argument("--preset", default="seed", choices=sorted(PRESETS),
                        help="prompt preset (default: %(default)s; *_after put the letter after the item text)")
     group.add_argument("--strategy", default="as_trained", choices=STRATEGIES,
@@ -157,7 +159,8 @@ def command_show(args: argparse.Namespace) -> int:
 def command_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from rerank_core.compare import compare_systems
+    from rerank_core.compare import compare_systems, comparison_table
+    from rerank_core.fsutil import atomic_write_text
 
     inspector = build_inspector(args)
     settings = build_settings(args, args.split)
@@ -167,32 +170,15 @@ def command_eval(args: argparse.Namespace) -> int:
     systems = [BASE, *(args.adapter or [])]
     with tqdm(total=len(users) * len(systems), desc="scoring", unit="user", file=sys.stderr) as bar:
         per_user, summary = compare_systems(inspector, users, settings, systems,
-                                            progress=lambda done: bar.update(done - bar.n))
+                                            progress=lambda done, _total: bar.update(done - bar.n))
     out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = out_dir / "per_user.csv"
-    summary_path = out_dir / "summary.json"
-    from rerank_core.fsutil import atomic_write_text
-
+    csv_path, summary_path = out_dir / "per_user.csv", out_dir / "summary.json"
     atomic_write_text(csv_path, per_user.to_csv(index=False))
-    atomic_write_text(summary_path, json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2) if args.format == "json" else _summary_text(summary))
+    records = json.loads(summary.to_json(orient="records"))
+    atomic_write_text(summary_path, json.dumps({"users": len(users), "split": args.split, "rows": records}, indent=2))
+    print(json.dumps(records, indent=2) if args.format == "json" else comparison_table(summary))
     print(f"\nwrote {csv_path} and {summary_path}", file=sys.stderr)
     return 0
-
-
-def _summary_text(summary: dict[str, Any]) -> str:
-    lines = []
-    for system, metrics in summary["systems"].items():
-        lines.append(f"{system} ({metrics['users']} users): " + ", ".join(
-            f"{name} {value:.4f}" for name, value in metrics.items() if name != "users"))
-    for system, differences in summary.get("differences", {}).items():
-        for metric, difference in differences.items():
-            lines.append(f"  {system} - base {metric}: {difference['difference']:+.4f} "
-                         f"(95% CI {difference['low']:+.4f} .. {difference['high']:+.4f}; improved "
-                         f"{difference['improved']}, unchanged {difference['unchanged']}, "
-                         f"worsened {difference['worsened']})")
-    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,11 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--format", choices=("text", "json"), default="text", help="summary format")
     evaluate.set_defaults(handler=command_eval)
 
-    for module_name, function_name in (("rerank_core.cli_train", "add_train_command"),
-                                       ("rerank_core.cli_diagnose", "add_diagnose_command")):
-        import importlib
-
-        getattr(importlib.import_module(module_name), function_name)(commands)
+    add_train_command(commands)
+    add_diagnose_command(commands)
     return parser
 
 
@@ -246,6 +229,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     try:
         return args.handler(args)
     except (ValueError, KeyError, OSError, RuntimeError) as error:

@@ -94,7 +94,7 @@ def _mean_metrics(ranks: Sequence[int | None]) -> dict[str, float]:
 
 
 def kendall_tau_b(first: Sequence[float], second: Sequence[float]) -> float:
-    """Kendall's tau-b of two score vectors over the same items; ties count as neither agreement nor not."""
+    """Kendall's tau-b of two score vectors over the same items; tied pairs count neither for nor against."""
     x, y = np.asarray(first, dtype=np.float64), np.asarray(second, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1:
         raise ValueError(f"tau needs two score vectors of one length, got {x.shape} and {y.shape}")
@@ -113,7 +113,7 @@ class OrderSpec:
     """Which candidate orders a position-bias run scores; the original order always comes first.
 
     Rotations put every item once at every letter, so per-letter averages are exactly balanced;
-    seeded permutations sample orders when N rotations cost too much.
+    seeded permutations (count and seed apply to them only) sample orders when N rotations cost too much.
     """
 
     mode: str = "rotations"
@@ -378,8 +378,13 @@ class PositionBiasSummary:
                 "difference": difference.difference, "low": difference.low, "high": difference.high,
                 "improved": difference.improved, "unchanged": difference.unchanged,
                 "worsened": difference.worsened},
-            "per_user": self.per_user_frame().to_dict(orient="records"),
+            "per_user": _records(self.per_user_frame()),
         }
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows as plain dicts, NaN as None: JSON has no NaN."""
+    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
 
 
 def position_bias_over_users(inspector: Inspector, users: Sequence[str], settings: InspectSettings,
@@ -725,10 +730,11 @@ def template_consistency(tokenizer: Any, preset: str | PromptPreset, *, text: st
                    "position scored at inference is trained to emit that, not a letter. Put that text into "
                    "the generation prompt, or strip it from the assistant turn." if before
                    else ": the letter is tokenized together with other text; choose another preset."))))
-        elif decoded != letter:
+        elif answer[2] != letter:
             problems.append(TemplateProblem("warning", "letter_with_space", (
-                f"the answer letter {letter!r} becomes token {answer[2]!r} (decodes to {decoded!r}, with "
-                "whitespace): the 'seed' strategy's bare-letter token may not be the one training teaches.")))
+                f"the answer letter {letter!r} becomes token {answer[2]!r} (decodes to {decoded!r}): the "
+                "template puts a space or word start before the letter, so the bare-letter token that "
+                "`convert_tokens_to_ids` finds is not the one training teaches.")))
     else:
         centre = alignment.diverge_at
         problems.append(_mismatch_problem(tokenizer, preset, prompt_text, letter, alignment.diverge_at,

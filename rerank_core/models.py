@@ -142,7 +142,9 @@ def load_tokenizer(path: str | os.PathLike[str] | None = None) -> Any:
         if not has_config and (folder / "tokenizer.model").is_file():
             from transformers import LlamaTokenizer
 
-            return LlamaTokenizer(vocab_file=str(folder / "tokenizer.model"))
+            # The constructor ignores vocab_file in transformers 5 (an empty vocabulary); from_pretrained
+            # converts the SentencePiece model. Llama checkpoints shipped this way expect a BOS token.
+            return LlamaTokenizer.from_pretrained(folder, add_bos_token=True)
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as error:
         raise ModelError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +69,8 @@ APP_CSS = """
 .ri-progress { width: 100%; background: #e9ecef; border-radius: 6px; height: 18px; overflow: hidden; }
 .ri-progress > div { height: 100%; background: #1c7ed6; transition: width 0.4s; }
 .ri-progress-text { font-size: 13px; margin-top: 4px; }
+#candidates-table td, #audit-table td, #history-table td { font-size: 12.5px; }
+#inspect-summary p { margin: 2px 0; }
 """
 
 
@@ -220,12 +222,12 @@ def _candidates_table(inspection: UserInspection, dataset: Dataset) -> Styler:
     frame = inspection.candidates_frame(dataset)
     table = pd.DataFrame({
         "letter": frame["letter"], "item": frame["item_id"], "text": frame["text"],
-        "truth": ["★ truth" if flag else "" for flag in frame["truth"]],
-        "probability": frame["probability"].round(4), "rank": frame["rank"]})
+        "truth": ["★" if flag else "" for flag in frame["truth"]],
+        "p": frame["probability"].round(4), "rank": frame["rank"]})
     truth_rows = set(frame.index[frame["truth"]])
     return table.style.apply(
         lambda row: [_TRUTH_ROW if row.name in truth_rows else ""] * len(row), axis=1
-    ).format({"probability": "{:.4f}"})
+    ).format({"p": "{:.4f}"})
 
 
 def _history_table(inspection: UserInspection, dataset: Dataset) -> tuple[pd.DataFrame, str]:
@@ -245,11 +247,11 @@ def _audit_table(inspection: UserInspection) -> tuple[Styler, str]:
     table = pd.DataFrame({
         "letter": [row["letter"] for row in rows],
         "token": [row["token"] for row in rows],
-        "token_id": [row["token_id"] for row in rows],
-        "step": [row["step"] for row in rows],
+        "id": [row["token_id"] for row in rows],
         "as trained": ["–" if row["as_trained_id"] is None else f"{row['as_trained_token']} ({row['as_trained_id']})"
                        for row in rows],
-        "flags": [", ".join(row["flags"]) or "ok" for row in rows]})
+        "flags": [", ".join(row["flags"]) or "ok" for row in rows],
+        "found by": [row["step"] for row in rows]})
     flagged = [index for index, row in enumerate(rows) if row["flags"]]
     flagged_set = set(flagged)
     styled = table.style.apply(
@@ -389,44 +391,39 @@ class CompareView:
     movers: pd.DataFrame
 
 
+_DIFFERENCE_COLUMNS = ["system", "metric", "base", "adapter", "Δ", "95% CI", "significant", "improved",
+                       "unchanged", "worsened"]
 _MOVER_COLUMNS = ["user_id", "system", "change", "base rank", "rank", "base p(truth)", "p(truth)",
                   "Δ NDCG@10"]
 
 
-def compare_view(per_user: pd.DataFrame, summary: Mapping[str, Any], *, movers: int = 5) -> CompareView:
-    """Tables and plots from compare_systems' per-user frame and summary (base first)."""
-    systems = list(summary["systems"])
-    metrics = pd.DataFrame([{"system": system, "users": values.get("users"),
-                             **{name: round(values[name], 4) for name in METRIC_NAMES if name in values}}
-                            for system, values in summary["systems"].items()])
-    difference_rows = []
-    count_lines = []
-    for system, differences in summary.get("differences", {}).items():
-        for metric, difference in differences.items():
-            difference_rows.append({
-                "system": system, "metric": metric, "base": round(difference["mean_a"], 4),
-                "adapter": round(difference["mean_b"], 4), "Δ": round(difference["difference"], 4),
-                "95% CI": f"[{difference['low']:+.4f}, {difference['high']:+.4f}]",
-                "significant": "yes" if difference["low"] > 0 or difference["high"] < 0 else "no",
-                "improved": difference["improved"], "unchanged": difference["unchanged"],
-                "worsened": difference["worsened"]})
-        ndcg = differences.get("NDCG@10")
-        if ndcg is not None:
-            count_lines.append(
-                f"**{html.escape(system)}** vs base on NDCG@10 over {ndcg.get('n', '?')} users: "
-                f"improved **{ndcg['improved']}**, unchanged **{ndcg['unchanged']}**, "
-                f"worsened **{ndcg['worsened']}** · Δ {ndcg['difference']:+.4f} "
-                f"(95% CI {ndcg['low']:+.4f} .. {ndcg['high']:+.4f})")
+def compare_view(per_user: pd.DataFrame, summary: pd.DataFrame, *, movers: int = 5) -> CompareView:
+    """Tables and plots from compare_systems' per-user frame and summary (the base is the reference)."""
+    systems = list(dict.fromkeys(summary["system"]))
+    means = summary.pivot(index="system", columns="metric", values="mean").loc[systems, list(METRIC_NAMES)]
+    described = summary.groupby("system", sort=False)[["preset", "n"]].first().rename(columns={"n": "users"})
+    metrics = pd.concat([described, means.round(4)], axis=1).rename_axis("system").reset_index()
+    paired = summary[summary["system"] != summary["reference"]]
+    differences_frame = pd.DataFrame({
+        "system": paired["system"], "metric": paired["metric"], "base": paired["reference_mean"].round(4),
+        "adapter": paired["mean"].round(4), "Δ": paired["difference"].round(4),
+        "95% CI": [f"[{low:+.4f}, {high:+.4f}]" for low, high in zip(paired["ci_low"], paired["ci_high"])],
+        "significant": ["yes" if low > 0 or high < 0 else "no"
+                        for low, high in zip(paired["ci_low"], paired["ci_high"])],
+        "improved": paired["improved"], "unchanged": paired["unchanged"], "worsened": paired["worsened"]},
+        columns=_DIFFERENCE_COLUMNS)
+    count_lines = [
+        f"**{html.escape(row.system)}** vs base on NDCG@10 over {row.n} users: improved **{row.improved}**, "
+        f"unchanged **{row.unchanged}**, worsened **{row.worsened}** · Δ {row.difference:+.4f} "
+        f"(95% CI {row.ci_low:+.4f} .. {row.ci_high:+.4f})"
+        for row in paired[paired["metric"] == "NDCG@10"].itertuples()]
     counts = "\n\n".join(count_lines) or "Add an adapter to see paired differences to the base."
-    differences_frame = pd.DataFrame(difference_rows, columns=[
-        "system", "metric", "base", "adapter", "Δ", "95% CI", "significant", "improved", "unchanged",
-        "worsened"])
     base = per_user[per_user["system"] == BASE].set_index("user_id")
     scatter = go.Figure()
     mover_rows = []
     for color, system in zip(SYSTEM_COLORS[1:], [name for name in systems if name != BASE]):
         other = per_user[per_user["system"] == system].set_index("user_id")
-        joined = base.join(other, lsuffix="_base", rsuffix="", how="inner")
+        joined = base.merge(other, left_index=True, right_index=True, suffixes=("_base", ""))
         scatter.add_scatter(
             x=joined["truth_probability_base"], y=joined["truth_probability"], mode="markers", name=system,
             marker={"color": color, "size": 7, "opacity": 0.75}, text=list(joined.index),
@@ -469,7 +466,8 @@ def progress_html(status: Any) -> str:
     fraction = status.step / status.total_steps if status.total_steps else 0.0
     if status.state == "done":
         fraction = 1.0
-    parts = [f"<b>{html.escape(status.name)}</b>: {html.escape(status.state)}"]
+    state = status.state if not status.stage or not status.active else f"{status.state} ({status.stage})"
+    parts = [f"<b>{html.escape(status.name)}</b>: {html.escape(state)}"]
     if status.total_steps:
         parts.append(f"step {status.step}/{status.total_steps}")
     if status.losses:
@@ -488,7 +486,7 @@ def progress_html(status: Any) -> str:
 
 
 def _duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
         else f"{seconds // 60}:{seconds % 60:02d}"
 
@@ -530,31 +528,37 @@ def eval_chart(status: Any) -> go.Figure:
 
 def result_markdown(status: Any) -> str:
     """The result card of a finished run: adapter, settings and validation metrics before and after."""
-    if status is None or status.state == "idle":
+    if status is None or status.state in ("idle", "running", "cancelling"):
         return ""
+    name = html.escape(status.name)
     if status.state == "failed":
-        return f"### ✖ Fine-tune {html.escape(status.name)} failed\n\n{html.escape(status.message or '')}"
+        return f"### ✖ Fine-tune `{name}` failed\n\n{html.escape(status.message or '')}"
     if status.state == "cancelled":
-        return f"### Fine-tune {html.escape(status.name)} cancelled\n\nNothing was published."
-    if status.state != "done":
-        return ""
-    result = status.result or {}
-    lines = [f"### ✔ Adapter `{html.escape(str(result.get('adapter') or status.name))}` is ready",
-             "It is listed in every adapter picker."]
-    before, after = result.get("metrics_before") or {}, result.get("metrics_after") or {}
-    if before or after:
-        lines.append("| validation metric | before | after | Δ |\n|---|---|---|---|")
-        for metric in [name for name in METRIC_NAMES if name in before or name in after]:
+        return f"### Fine-tune `{name}` cancelled\n\nNothing was published. {html.escape(status.message or '')}"
+    report = status.result or {}
+    lines = [f"### ✔ Adapter `{name}` is ready", "It is now listed in every adapter picker."]
+    validation = report.get("validation") or {}
+    before, after = validation.get("before") or {}, validation.get("after") or {}
+    shown = [metric for metric in METRIC_NAMES if metric in before or metric in after]
+    if shown:
+        table = ["| validation metric | before | after | Δ |", "|---|---|---|---|"]
+        for metric in shown:
             old, new = before.get(metric), after.get(metric)
             delta = f"{new - old:+.4f}" if old is not None and new is not None else "–"
-            lines[-1] += f"\n| {metric} | {_fmt_probability(old)} | {_fmt_probability(new)} | {delta} |"
-    settings = result.get("settings") or {}
-    if settings:
-        shown = ", ".join(f"{key}={value}" for key, value in settings.items() if not isinstance(value, dict))
-        lines.append(f"Settings: {html.escape(shown)}")
-    for key in ("train_samples", "steps", "train_seconds", "final_loss"):
-        if key in result:
-            lines.append(f"{key.replace('_', ' ')}: {result[key]}")
+            table.append(f"| {metric} | {_fmt_probability(old)} | {_fmt_probability(new)} | {delta} |")
+        lines.append("\n".join(table))
+    facts = [f"{report[key]} {label}" for key, label in (("samples", "training samples"), ("steps", "steps"))
+             if report.get(key) is not None]
+    if report.get("train_time_s"):
+        facts.append(f"trained in {_duration(report['train_time_s'])}")
+    if report.get("final_loss") is not None:
+        facts.append(f"final loss {report['final_loss']:.4f} (ln N = {report.get('uniform_loss', 0):.3f})")
+    if facts:
+        lines.append(" · ".join(facts))
+    if status.config:
+        settings = ", ".join(f"{key}={value}" for key, value in status.config.items()
+                             if not isinstance(value, list | dict))
+        lines.append(f"Settings: {html.escape(settings)}")
     return "\n\n".join(lines)
 
 

@@ -138,7 +138,9 @@ def main(out_dir: Path | None = None) -> None:
     rng = random.Random(SEED)
     items = _make_items(rng)
     rng.shuffle(items)  # ids carry no hint of series order
-    ids = {id(item): f"i{number:04d}" for number, item in enumerate(items, 1)}
+    ids = {item.title: f"i{number:04d}" for number, item in enumerate(items, 1)}
+    if len(ids) != len(items):
+        raise ValueError("two items share a title: a model could not tell them apart")
     by_series: dict[str, list[SampleItem]] = {}
     for item in sorted(items, key=lambda item: item.instalment):
         if item.series is not None:
@@ -148,14 +150,14 @@ def main(out_dir: Path | None = None) -> None:
         writer = csv.writer(stream, lineterminator="\n")
         writer.writerow(["item_id", "title", "caption", "summary"])
         for item in items:
-            writer.writerow([ids[id(item)], item.title, item.caption, item.summary])
+            writer.writerow([ids[item.title], item.title, item.caption, item.summary])
     with (out_dir / "interactions.csv").open("w", encoding="utf-8", newline="") as stream:
         writer = csv.writer(stream, lineterminator="\n")
         writer.writerow(["user_id", "item_id", "timestamp"])
         for number in range(1, USER_COUNT + 1):
             sequence = _user_sequence(rng, items, by_series)
             for item, timestamp in zip(sequence, _timestamps(rng, len(sequence)), strict=True):
-                writer.writerow([f"u{number:04d}", ids[id(item)], timestamp])
+                writer.writerow([f"u{number:04d}", ids[item.title], timestamp])
 
 
 def _check_word_lists() -> None:

@@ -43,7 +43,7 @@ def test_thinking_generation_prompt_is_not_a_prefix(smol_tokenizer, monkeypatch:
     assert smol_tokenizer.convert_ids_to_tokens(alignment.full_ids[position]) == "A"
     assert smol_tokenizer.convert_ids_to_tokens(alignment.prompt_ids[position]) == "<"
     with pytest.raises(TemplateMismatch):
-        alignment.completion_ids
+        _ = alignment.completion_ids
 
     message = alignment.describe(smol_tokenizer)
     assert f"differ at token {position}" in message

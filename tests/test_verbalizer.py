@@ -58,8 +58,7 @@ def test_smollm2_all_strategies_agree_without_flags(smol_tokenizer, preset: str)
         assert [row.token for row in rows] == letters  # GPT-2 BPE: the bare letters
         assert all(row.as_trained_id == row.token_id for row in rows)
     assert ids["seed"][:3] == [smol_tokenizer.convert_tokens_to_ids(letter) for letter in "ABC"]
-    assert {row.step for row in resolved["seed"]} == {"convert_tokens_to_ids('%s')" % letter
-                                                      for letter in letters}
+    assert {row.step for row in resolved["seed"]} == {f"convert_tokens_to_ids('{letter}')" for letter in letters}
 
 
 def test_llama2_llamarec_encode_is_not_the_token_training_emits(llama2_tokenizer) -> None:

@@ -1,0 +1,428 @@
+"""The app's registry: datasets and models by name, one Inspector per pair, cached results, safe uploads."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from rerank_core.adapters import AdapterError, list_adapters
+from rerank_core.candidates import CandidateConfig
+from rerank_core.data import DataError, Dataset, load_dataset
+from rerank_core.inspector import BASE, Inspector, InspectSettings, UserInspection
+from rerank_core.models import LoadedModel, load_model
+
+__all__ = ["AppConfig", "AppContext", "DatasetEntry", "ModelEntry", "SessionError", "make_settings"]
+
+log = logging.getLogger(__name__)
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+# A dropdown with every user of a large dataset would be megabytes of JSON; the rest can be typed.
+MAX_USER_CHOICES = 2000
+MAX_COMPARE_SYSTEMS = 4
+# Users scored per lock hold in a long comparison: Inspect requests get the model between chunks.
+_COMPARE_CHUNK = 8
+
+
+class SessionError(ValueError):
+    """A request the app cannot serve as asked (unknown name, too many systems), with what to pick instead."""
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Where the app reads and writes, and its limits."""
+
+    adapters_root: Path = _REPO_ROOT / "adapters"
+    upload_root: Path = _REPO_ROOT / "uploads"
+    runs_root: Path = _REPO_ROOT / "runs"
+    max_upload_bytes: int = 100 * 1024**2
+    batch_size: int = 8
+    max_compare_users: int = 500
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+@dataclass
+class DatasetEntry:
+    """A dataset the pickers offer; path is what a fine-tune subprocess loads (None: in memory only)."""
+
+    name: str
+    dataset: Dataset
+    path: Path | None = None
+
+
+@dataclass
+class ModelEntry:
+    """A base model the pickers offer; loaded on first use from path, or given already loaded."""
+
+    name: str
+    path: str | None = None
+    loaded: LoadedModel | None = None
+    # Once an Inspector owns the loaded model it may wrap it with LoRA layers: never hand it out twice.
+    handed_out: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def make_settings(*, split: str = "test", source: str = "random", preset: str = "seed",
+                  strategy: str = "as_trained", text_field: str = "title", count: int = 20, seed: int = 0,
+                  use_adapter_preset: bool = True) -> InspectSettings:
+    """InspectSettings from the pickers' values (a float from a slider becomes an int)."""
+    candidates = CandidateConfig(source=source, count=int(count), seed=int(seed))
+    return InspectSettings(preset=preset, strategy=strategy, text_field=text_field, split=split,
+                           candidates=candidates, use_adapter_preset=bool(use_adapter_preset))
+
+
+class _FairLock:
+    """First come, first served, so a long comparison that re-locks per chunk cannot starve Inspect."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+
+    def __enter__(self) -> None:
+        with self._condition:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._condition.wait_for(lambda: self._serving == ticket)
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._condition:
+            self._serving += 1
+            self._condition.notify_all()
+
+
+class _Lru(OrderedDict):
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    def remember(self, key: Any, value: Any) -> Any:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.capacity:
+            self.popitem(last=False)
+        return value
+
+    def recall(self, key: Any) -> Any:
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+
+class AppContext:
+    """Everything one app process serves: registries, inspectors, caches, the fine-tune runner."""
+
+    def __init__(self, config: AppConfig, datasets: Sequence[DatasetEntry], models: Sequence[ModelEntry],
+                 *, jobs: Any = None) -> None:
+        if not datasets or not models:
+            raise SessionError("the app needs at least one dataset and one model")
+        self.config = config
+        self.jobs = jobs
+        self._datasets: dict[str, DatasetEntry] = {entry.name: entry for entry in datasets}
+        self._models: dict[str, ModelEntry] = {entry.name: entry for entry in models}
+        self._inspectors: dict[tuple[str, str], tuple[Inspector, _FairLock]] = {}
+        self._inspections = _Lru(256)
+        self._comparisons = _Lru(16)
+        self._registry_lock = threading.Lock()
+
+    # -- registries --------------------------------------------------------------------------
+
+    @property
+    def dataset_names(self) -> list[str]:
+        return list(self._datasets)
+
+    @property
+    def model_names(self) -> list[str]:
+        return list(self._models)
+
+    def dataset(self, name: str) -> DatasetEntry:
+        try:
+            return self._datasets[name]
+        except KeyError:
+            raise SessionError(f"no dataset named {name!r}; choose one of {', '.join(self._datasets)} "
+                               "or load one in the Data tab") from None
+
+    def model_entry(self, name: str) -> ModelEntry:
+        try:
+            return self._models[name]
+        except KeyError:
+            raise SessionError(f"no model named {name!r}; choose one of {', '.join(self._models)} "
+                               "(start the app with --model PATH to add one)") from None
+
+    def loaded(self, name: str) -> LoadedModel:
+        """The model, loaded on first use."""
+        entry = self.model_entry(name)
+        with entry.lock:
+            if entry.loaded is None:
+                entry.loaded = load_model(entry.path, device=self.config.device, dtype=self.config.dtype)
+            return entry.loaded
+
+    def model_path(self, name: str) -> str:
+        entry = self.model_entry(name)
+        path = entry.path or (entry.loaded.path if entry.loaded is not None else None)
+        if not path or not Path(path).is_dir():
+            raise SessionError(f"model {name!r} has no folder on disk, so a fine-tune subprocess cannot load it")
+        return str(path)
+
+    def users(self, dataset: str) -> list[str]:
+        return self.dataset(dataset).dataset.users
+
+    def user_choices(self, dataset: str) -> list[str]:
+        return self.users(dataset)[:MAX_USER_CHOICES]
+
+    def random_user(self, dataset: str, rng: random.Random | None = None) -> str:
+        return (rng or random).choice(self.users(dataset))
+
+    def adapter_names(self, model: str) -> list[str]:
+        """Published adapters made for this base model (and plain PEFT adapters, which are shape-checked)."""
+        entry = self.model_entry(model)
+        fingerprint = entry.loaded.fingerprint if entry.loaded is not None else None
+        names = []
+        for info in list_adapters(self.config.adapters_root):
+            base = (info.manifest or {}).get("base_model") or {}
+            if fingerprint is None or info.manifest is None or base.get("fingerprint") == fingerprint:
+                names.append(info.name)
+        return names
+
+    # -- inspectors --------------------------------------------------------------------------
+
+    def _inspector(self, dataset: str, model: str) -> tuple[Inspector, _FairLock]:
+        key = (dataset, model)
+        with self._registry_lock:
+            found = self._inspectors.get(key)
+        if found is not None:
+            return found
+        data = self.dataset(dataset).dataset
+        entry = self.model_entry(model)
+        loaded = self.loaded(model)
+        with entry.lock:
+            with self._registry_lock:
+                found = self._inspectors.get(key)
+            if found is not None:
+                return found
+            if entry.handed_out:
+                # An Inspector wraps its model in PEFT in place, so a second dataset gets its own copy.
+                if not entry.path:
+                    raise SessionError(f"model {model!r} was built in memory and already serves another "
+                                       "dataset; start the app with --model PATH to use it with several")
+                loaded = replace(load_model(entry.path, device=self.config.device, dtype=self.config.dtype),
+                                 name=loaded.name)
+            entry.handed_out = True
+            inspector = Inspector(data, loaded, adapters_root=str(self.config.adapters_root),
+                                  batch_size=self.config.batch_size)
+            found = (inspector, _FairLock())
+            with self._registry_lock:
+                self._inspectors[key] = found
+        return found
+
+    @contextmanager
+    def using(self, dataset: str, model: str) -> Iterator[Inspector]:
+        """The Inspector for (dataset, model), held exclusively: it switches adapters on a shared model."""
+        inspector, lock = self._inspector(dataset, model)
+        with lock:
+            yield inspector
+
+    def tokenizer(self, model: str) -> Any:
+        return self.loaded(model).tokenizer
+
+    # -- results -----------------------------------------------------------------------------
+
+    def inspect(self, dataset: str, model: str, system: str, user_id: str,
+                settings: InspectSettings) -> UserInspection:
+        """One user scored by one system; cached, so switching back is instant."""
+        user_id = self._check_user(dataset, user_id)
+        system = self._check_system(model, system)
+        key = ("inspect", dataset, model, system, user_id, settings)
+        found = self._inspections.recall(key)
+        if found is not None:
+            return found
+        with self.using(dataset, model) as inspector:
+            result = inspector.inspect(user_id, settings, system)
+        return self._inspections.remember(key, result)
+
+    def compare_user(self, dataset: str, model: str, adapters: Sequence[str], user_id: str,
+                     settings: InspectSettings) -> list[UserInspection]:
+        """The base and up to three adapters on the same user and candidates."""
+        systems = self._systems(model, adapters)
+        return [self.inspect(dataset, model, system, user_id, settings) for system in systems]
+
+    def compare_users(self, dataset: str, model: str, adapters: Sequence[str], settings: InspectSettings,
+                      count: int, progress: Callable[[int, int], None] | None = None
+                      ) -> tuple[pd.DataFrame, dict[str, Any]]:
+        """Per-user results and the paired summary over the first `count` users; cached per request."""
+        from rerank_core.compare import compare_systems
+
+        systems = self._systems(model, adapters)
+        users = self.users(dataset)[:max(1, min(int(count), self.config.max_compare_users))]
+        key = ("compare", dataset, model, tuple(systems), tuple(users), settings)
+        found = self._comparisons.recall(key)
+        if found is not None:
+            return found
+        total = len(users) * len(systems)
+        done = 0
+        # Score in small chunks, each under the lock, so Inspect requests interleave; the summary
+        # below then reads every score from the Inspector's cache.
+        for system in systems:
+            for start in range(0, len(users), _COMPARE_CHUNK):
+                chunk = users[start:start + _COMPARE_CHUNK]
+                with self.using(dataset, model) as inspector:
+                    inspector.evaluate(chunk, settings, system)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, total)
+        with self.using(dataset, model) as inspector:
+            result = compare_systems(inspector, users, settings, systems)
+        return self._comparisons.remember(key, result)
+
+    def _systems(self, model: str, adapters: Sequence[str]) -> list[str]:
+        chosen = [name for name in dict.fromkeys(adapters or []) if name and name != BASE]
+        if len(chosen) > MAX_COMPARE_SYSTEMS - 1:
+            raise SessionError(f"compare the base with at most {MAX_COMPARE_SYSTEMS - 1} adapters at once; "
+                               f"{len(chosen)} were chosen")
+        return [BASE, *(self._check_system(model, name) for name in chosen)]
+
+    def _check_user(self, dataset: str, user_id: str) -> str:
+        user_id = str(user_id or "").strip()
+        data = self.dataset(dataset).dataset
+        if user_id not in data.sequences:
+            hint = " (it has fewer than 3 interactions)" if user_id in data.short_users else ""
+            raise SessionError(f"user {user_id!r} is not in dataset {dataset}{hint}; pick one from the list "
+                               "or press Random user")
+        return user_id
+
+    def _check_system(self, model: str, system: str | None) -> str:
+        if not system or system == BASE:
+            return BASE
+        available = self.adapter_names(model)
+        if system not in available:
+            raise AdapterError(f"no adapter named {system!r} for model {model}; available: "
+                               f"{', '.join(available) or 'none (train one in the Fine-tune tab)'}")
+        return system
+
+    # -- fine-tune ---------------------------------------------------------------------------
+
+    @staticmethod
+    def train_config(training_preset: str, overrides: dict[str, Any]) -> Any:
+        """The training preset with the form's values; raises ValueError naming a bad setting."""
+        from rerank_core.training import training_config
+
+        cleaned = {key: _plain_number(value) for key, value in overrides.items() if value not in (None, "")}
+        # As on the command line, max_samples 0 means every sample.
+        every_sample = cleaned.get("max_samples") == 0
+        config = training_config(training_preset, **{**cleaned, "max_samples": None if every_sample
+                                                     else cleaned.get("max_samples")})
+        return replace(config, max_samples=None) if every_sample else config
+
+    def start_finetune(self, name: str, dataset: str, model: str, training_preset: str,
+                       overrides: dict[str, Any]) -> Any:
+        """Start `python -m rerank_core train` for this dataset and model; only settings that differ from
+        the preset go on its command line."""
+        from rerank_core.jobs import TrainRequest
+        from rerank_core.training import TRAINING_PRESETS
+
+        if self.jobs is None:
+            raise SessionError("this app was started without a fine-tune runner")
+        config = self.train_config(training_preset, overrides)
+        entry = self.dataset(dataset)
+        if entry.path is None:
+            raise SessionError(f"dataset {dataset!r} exists only in memory; a fine-tune subprocess needs it on disk")
+        preset = TRAINING_PRESETS[training_preset]
+        options = {key: getattr(config, key) for key in overrides if getattr(config, key) != getattr(preset, key)}
+        if "max_samples" in options and options["max_samples"] is None:
+            options["max_samples"] = 0  # the train command's "all samples"
+        request = TrainRequest(name=str(name or "").strip(), model_path=self.model_path(model),
+                               data_path=str(entry.path), training_preset=training_preset, options=options)
+        return self.jobs.start(request)
+
+    def training_preview(self, dataset: str, model: str, training_preset: str,
+                         overrides: dict[str, Any]) -> tuple[Any, list[int], list[bool], str]:
+        """One training sample of these settings: tokenizer, token IDs, loss flags (labels.mask_preview), caption."""
+        from rerank_core.labels import mask_preview
+        from rerank_core.training import build_training_samples, label_samples
+
+        config = self.train_config(training_preset, overrides)
+        data = self.dataset(dataset).dataset
+        tokenizer = self.tokenizer(model)
+        samples, _ = build_training_samples(data, tokenizer, replace(config, max_samples=1))
+        examples, _ = label_samples(tokenizer, samples, config)
+        if not examples:
+            raise SessionError("no training sample fits these settings: raise max prompt tokens, use fewer "
+                               "candidates, or check that users have at least 4 interactions")
+        sample = samples[0]
+        masked = mask_preview(tokenizer, examples[0])
+        caption = (f"User {sample.user_id}, target = training item {sample.position + 1}, answer letter "
+                   f"{sample.answer_letter!r}, preset {config.prompt_preset!r}, {len(masked)} tokens.")
+        return tokenizer, [token.token_id for token in masked], [token.loss for token in masked], caption
+
+    # -- uploads -----------------------------------------------------------------------------
+
+    def add_upload(self, files: Sequence[str | os.PathLike[str]], name: str,
+                   data_format: str | None = None) -> DatasetEntry:
+        """Copy uploaded files into the upload area under safe names, load them, and register the dataset."""
+        if not files:
+            raise DataError("no file was uploaded: add the dataset's files (e.g. items.csv and interactions.csv)")
+        root = self.config.upload_root
+        root.mkdir(parents=True, exist_ok=True)
+        sources = [Path(file) for file in files]
+        for source in sources:
+            size = source.stat().st_size
+            if size > self.config.max_upload_bytes:
+                raise DataError(f"the file is {size / 1024**2:.1f} MiB, over the "
+                                f"{self.config.max_upload_bytes / 1024**2:g} MiB upload limit: upload a subset",
+                                file=_safe_name(source.name, "file"))
+        base = _safe_name(name, "upload")
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+        try:
+            for source in sources:
+                shutil.copyfile(source, staging / _safe_name(source.name, "file"))
+            with self._registry_lock:
+                final = _unique_folder(root, base, taken=set(self._datasets))
+                os.rename(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        try:
+            dataset = load_dataset(final, data_format or None)
+        except (DataError, ValueError) as error:
+            shutil.rmtree(final, ignore_errors=True)
+            # Name the file as the user knows it, not by the server's upload folder.
+            message = str(error).replace(f"{final}{os.sep}", "").replace(str(final), "(upload)")
+            raise DataError(message) from None
+        entry = DatasetEntry(name=final.name, dataset=dataset, path=final)
+        with self._registry_lock:
+            self._datasets[entry.name] = entry
+        return entry
+
+
+def _plain_number(value: Any) -> Any:
+    """Gradio numbers arrive as floats: 300.0 becomes 300 so integer settings stay integers."""
+    return int(value) if isinstance(value, float) and value.is_integer() and abs(value) >= 1 else value
+
+
+def _safe_name(name: str, fallback: str) -> str:
+    """A plain file or folder name: no separators, no leading dot, printable ASCII, at most 64 characters."""
+    cleaned = _SAFE_NAME.sub("_", Path(str(name)).name).strip("._-")[:64]
+    return cleaned or fallback
+
+
+def _unique_folder(root: Path, base: str, taken: set[str]) -> Path:
+    """A new folder name: never an existing folder, never the name of a dataset already registered."""
+    candidate, number = root / base, 2
+    while candidate.exists() or candidate.name in taken:
+        candidate, number = root / f"{base}-{number}", number + 1
+    return candidate

@@ -1,0 +1,371 @@
+"""Fine-tune jobs for the app: one `python -m rerank_core train` subprocess at a time, surviving app restarts."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rerank_core.adapters import adapters_root, list_adapters, remove_stale, validate_adapter_name
+from rerank_core.candidates import CANDIDATE_SOURCES
+from rerank_core.data import TEXT_FIELDS
+from rerank_core.fsutil import atomic_write_text
+from rerank_core.metrics import METRIC_NAMES
+from rerank_core.progress import read_events
+from rerank_core.prompts import PRESETS
+from rerank_core.training import SAMPLE_MODES
+from rerank_core.verbalizer import STRATEGIES
+
+__all__ = ["TRAIN_OPTIONS", "JobBusy", "JobError", "JobRunner", "JobStatus", "TrainRequest"]
+
+log = logging.getLogger(__name__)
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+_JOB_FILE = "job.json"
+_EVENTS_FILE = "events.jsonl"
+_CANCEL_FILE = "cancel"
+_LOG_FILE = "train.log"
+_TERMINAL = ("done", "cancelled", "failed")
+_LOG_TAIL_CHARS = 2000
+
+
+class JobError(ValueError):
+    """A fine-tune request that cannot start, with what to change."""
+
+
+class JobBusy(JobError):
+    """A second Start while a run is going: only one fine-tune runs at a time."""
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """What the Fine-tune form asks for; paths come from the app's registries, never from the client."""
+
+    name: str
+    model_path: str
+    data_path: str
+    training_preset: str = "quick"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def argv(self, events: Path, cancel_file: Path, adapters: Path) -> list[str]:
+        """The command line; every option is type-checked here, so no value can become another flag."""
+        validate_adapter_name(self.name)
+        if self.training_preset not in ("quick", "full"):
+            raise JobError(f"training preset {self.training_preset!r} is not one of quick, full")
+        argv = [sys.executable, "-m", "rerank_core.cli_train", "train", "--name", self.name,
+                "--training-preset", self.training_preset, "--model", self.model_path,
+                "--data", self.data_path, "--adapters-dir", str(adapters),
+                "--events", str(events), "--cancel-file", str(cancel_file), "--no-progress"]
+        for key, value in self.options.items():
+            if value is None or value == "":
+                continue
+            if key not in TRAIN_OPTIONS:
+                raise JobError(f"unknown fine-tune option {key!r}: use one of {', '.join(TRAIN_OPTIONS)}")
+            flag, kind = TRAIN_OPTIONS[key]
+            argv += [flag, _checked(key, kind, value)]
+        return argv
+
+
+# TrainConfig fields the form may set → the train command's flag and the value's type (a tuple: choices).
+# Paths are never accepted: the model, data and adapters folders come from the app's registries.
+TRAIN_OPTIONS: dict[str, tuple[str, Any]] = {
+    "prompt_preset": ("--preset", tuple(PRESETS)),
+    "strategy": ("--strategy", STRATEGIES),
+    "text_field": ("--text-field", TEXT_FIELDS),
+    "candidates": ("--candidates", int),
+    "candidate_source": ("--candidate-source", CANDIDATE_SOURCES),
+    "seed": ("--seed", int),
+    "max_prompt_tokens": ("--max-prompt-tokens", int),
+    "max_samples": ("--max-samples", int),
+    "epochs": ("--epochs", float),
+    "learning_rate": ("--lr", float),
+    "lora_r": ("--lora-r", int),
+    "lora_alpha": ("--lora-alpha", int),
+    "lora_dropout": ("--lora-dropout", float),
+    "batch_size": ("--batch-size", int),
+    "grad_accumulation": ("--grad-accumulation", int),
+    "warmup": ("--warmup", float),
+    "eval_every": ("--eval-every", int),
+    "eval_users": ("--eval-users", int),
+    "sample_mode": ("--sample-mode", SAMPLE_MODES),
+}
+
+
+def _checked(key: str, kind: Any, value: Any) -> str:
+    """A choice from its list, or a non-negative number: nothing that could read as another flag."""
+    if isinstance(kind, tuple):
+        if value not in kind:
+            raise JobError(f"fine-tune option {key} = {value!r} is not one of {', '.join(kind)}")
+        return str(value)
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise JobError(f"fine-tune option {key} = {value!r} is not a number") from None
+    if isinstance(value, bool) or number < 0 or (kind is int and number != float(value)):
+        raise JobError(f"fine-tune option {key} = {value!r} must be a non-negative {kind.__name__}")
+    return str(number)
+
+
+@dataclass
+class JobStatus:
+    """A job as the Fine-tune tab shows it: state, progress, loss and metric curves, result or error."""
+
+    job_id: str = ""
+    name: str = ""
+    state: str = "idle"
+    pid: int | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    step: int = 0
+    total_steps: int = 0
+    epoch: float | None = None
+    elapsed: float | None = None
+    eta: float | None = None
+    uniform_loss: float | None = None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    stage: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] | None = None
+    message: str = ""
+    log_tail: str = ""
+    events: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("running", "cancelling")
+
+    def to_json(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self.__dataclass_fields__} | {"active": self.active}
+
+
+class JobRunner:
+    """Starts, watches and cancels fine-tunes; job folders under runs_root let a restarted app re-attach."""
+
+    def __init__(self, runs_root: str | os.PathLike[str], *, adapters: str | os.PathLike[str] | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
+        self.runs_root = Path(runs_root)
+        self.runs_root.mkdir(parents=True, exist_ok=True)
+        self.adapters = adapters_root(adapters)
+        self._env = dict(env or {})
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._current: Path | None = None
+        self._reattach()
+
+    # -- public ----------------------------------------------------------------------------------
+
+    def start(self, request: TrainRequest) -> JobStatus:
+        """Launch the training subprocess, or raise JobBusy naming the run that is going."""
+        name = validate_adapter_name(request.name)
+        if any(info.name == name for info in list_adapters(self.adapters)):
+            raise JobError(f"adapter {name!r} already exists in {self.adapters}: choose another name")
+        with self._lock, self._file_lock():
+            current = self._status_locked()
+            if current.active:
+                raise JobBusy(f"fine-tune {current.name!r} is still running (step {current.step}/"
+                              f"{current.total_steps}): wait for it to finish or cancel it first")
+            remove_stale(self.adapters)
+            folder = self.runs_root / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+            folder.mkdir(parents=True)
+            argv = request.argv(folder / _EVENTS_FILE, folder / _CANCEL_FILE, self.adapters)
+            env = {**os.environ, **self._env, "PYTHONUNBUFFERED": "1",
+                   "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+            with (folder / _LOG_FILE).open("wb") as log_file:
+                # A new session: the run outlives an app restart and a Ctrl-C in the app's terminal.
+                self._process = subprocess.Popen(argv, cwd=_REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log_file,
+                                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            self._current = folder
+            self._write_job(folder, {"id": folder.name, "name": name, "argv": argv, "pid": self._process.pid,
+                                     "started_at": time.time(), "state": "running", "message": ""})
+            log.info("started fine-tune %s (pid %d) in %s", name, self._process.pid, folder)
+            return self._status_locked()
+
+    def cancel(self) -> JobStatus:
+        """Ask the run to stop at its next step boundary (a cancel file); asked again, send SIGTERM too.
+
+        The file alone is safe at any moment, even while the process is still starting up, when a signal
+        would kill it before its handlers are installed; a second request is for a run that does not react.
+        """
+        with self._lock:
+            status = self._status_locked()
+            if not status.active or self._current is None:
+                raise JobError("no fine-tune is running, so there is nothing to cancel")
+            if status.state == "cancelling":
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(status.pid, signal.SIGTERM)
+                message = "cancel requested again: SIGTERM sent"
+            else:
+                atomic_write_text(self._current / _CANCEL_FILE, "cancel requested from the app\n")
+                message = "cancel requested: stopping at the next step"
+            job = self._read_job(self._current)
+            self._write_job(self._current, {**job, "state": "cancelling", "message": message})
+            return self._status_locked()
+
+    def status(self) -> JobStatus:
+        """The running job, or the most recent one; finished jobs are recorded as such on disk."""
+        with self._lock:
+            return self._status_locked()
+
+    def wait(self, timeout: float, poll: float = 0.2) -> JobStatus:
+        """Block until the current job ends or timeout passes (tests and scripts)."""
+        deadline = time.monotonic() + timeout
+        status = self.status()
+        while status.active and time.monotonic() < deadline:
+            time.sleep(poll)
+            status = self.status()
+        return status
+
+    # -- internals -------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        """Two app processes sharing runs/ must not both start a run."""
+        with (self.runs_root / ".lock").open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _reattach(self) -> None:
+        folders = sorted((path for path in self.runs_root.iterdir() if (path / _JOB_FILE).is_file()),
+                         key=lambda path: path.name)
+        for folder in folders:
+            job = self._read_job(folder)
+            if job.get("state") in ("running", "cancelling"):
+                if _alive(job.get("pid"), folder / _EVENTS_FILE):
+                    self._current = folder
+                    log.info("re-attached to fine-tune %s (pid %s)", job.get("name"), job.get("pid"))
+                else:
+                    self._finish(folder, job, None)
+        if self._current is None and folders:
+            self._current = folders[-1]
+        remove_stale(self.adapters)
+
+    def _status_locked(self) -> JobStatus:
+        folder = self._current
+        if folder is None:
+            return JobStatus()
+        job = self._read_job(folder)
+        events = read_events(folder / _EVENTS_FILE)
+        if job.get("state") in ("running", "cancelling"):
+            returncode = None
+            if self._process is not None and self._process.pid == job.get("pid"):
+                returncode = self._process.poll()
+                running = returncode is None
+            else:
+                running = _alive(job.get("pid"), folder / _EVENTS_FILE)
+            if not running:
+                job = self._finish(folder, job, returncode, events)
+        return _status_from(folder, job, events)
+
+    def _finish(self, folder: Path, job: dict[str, Any], returncode: int | None,
+                events: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Record how a run ended: its last event says so, else it died (crash, SIGKILL, machine restart)."""
+        events = read_events(folder / _EVENTS_FILE) if events is None else events
+        last = next((event for event in reversed(events) if event.get("event") in _TERMINAL), None)
+        if last is not None:
+            state = last["event"]
+            message = str(last.get("error") or last.get("reason") or "")
+        else:
+            state = "failed"
+            how = f"exited with code {returncode}" if returncode is not None else "is gone (killed or restarted)"
+            message = (f"the training process {how} before reporting an end; nothing was published. "
+                       f"Last lines of {folder / _LOG_FILE}:\n{_tail(folder / _LOG_FILE)}")
+        job = {**job, "state": state, "ended_at": time.time(), "message": message, "returncode": returncode}
+        self._write_job(folder, job)
+        if state != "done":
+            remove_stale(self.adapters)
+        if self._process is not None and self._process.pid == job.get("pid"):
+            self._process = None
+        return job
+
+    @staticmethod
+    def _read_job(folder: Path) -> dict[str, Any]:
+        try:
+            return json.loads((folder / _JOB_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            return {"id": folder.name, "name": "?", "state": "failed", "message": f"unreadable job record: {error}"}
+
+    @staticmethod
+    def _write_job(folder: Path, job: dict[str, Any]) -> None:
+        atomic_write_text(folder / _JOB_FILE, json.dumps(job, indent=2))
+
+
+def _alive(pid: Any, events_path: Path) -> bool:
+    """The job's process still runs; its command line must name this job's events file (PID reuse)."""
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    try:
+        text = cmdline.read_bytes().decode("utf-8", "replace")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (not Linux): trust the signal check
+    # A zombie child (exited, not yet reaped by a parent) is not running.
+    if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+        return False
+    # An empty command line is a process still starting up (exec in progress): it is ours.
+    return not text or str(events_path) in text
+
+
+def _tail(path: Path) -> str:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(max(0, path.stat().st_size - _LOG_TAIL_CHARS))
+            return handle.read().decode("utf-8", "replace").strip()
+    except OSError:
+        return "(no log)"
+
+
+def _status_from(folder: Path, job: dict[str, Any], events: list[dict[str, Any]]) -> JobStatus:
+    """Fold the run's events (training.train_adapter's start/stage/step/validation/done...) into one status."""
+    status = JobStatus(job_id=str(job.get("id", folder.name)), name=str(job.get("name", "")),
+                       state=str(job.get("state", "failed")), pid=job.get("pid"),
+                       started_at=job.get("started_at"), ended_at=job.get("ended_at"),
+                       message=str(job.get("message", "")), events=len(events))
+    for event in events:
+        kind = event.get("event")
+        if kind == "start":
+            status.config = event.get("config") or {}
+            status.uniform_loss = event.get("uniform_loss", status.uniform_loss)
+        elif kind == "stage":
+            status.stage = str(event.get("stage") or "")
+            status.total_steps = int(event.get("total_steps") or status.total_steps)
+        elif kind == "step":
+            status.stage = "training"
+            status.step = int(event.get("step") or 0)
+            status.total_steps = int(event.get("total_steps") or status.total_steps)
+            status.epoch = event.get("epoch")
+            status.elapsed = event.get("elapsed")
+            status.eta = event.get("eta")
+            status.uniform_loss = event.get("uniform_loss", status.uniform_loss)
+            if event.get("loss") is not None:
+                status.losses.append((status.step, float(event["loss"])))
+        elif kind in ("validation", "eval"):
+            values = {name: float(event[name]) for name in METRIC_NAMES if isinstance(event.get(name), int | float)}
+            status.evals.append((int(event.get("step") or 0), values))
+        elif kind in _TERMINAL:
+            status.result = {"path": event.get("path"), **(event.get("report") or {})}
+    if status.state == "failed":
+        status.log_tail = _tail(folder / _LOG_FILE)
+    return status

@@ -1,0 +1,71 @@
+"""Tiny models, datasets and adapters on disk for the app, job and browser tests (subprocesses need paths)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+from conftest import build_tiny_llama, make_toy_dataset
+
+from rerank_core.adapters import MANIFEST_FILE
+from rerank_core.app_state import AppConfig, AppContext, DatasetEntry, ModelEntry
+from rerank_core.data import Dataset, load_dataset
+from rerank_core.jobs import JobRunner
+from rerank_core.models import LoadedModel
+
+# A fine-tune that takes seconds on a tiny model: few samples, no validation.
+TINY_TRAINING = {"max_samples": 16, "eval_users": 0, "batch_size": 4, "candidates": 10}
+
+
+def write_csv_dataset(dataset: Dataset, folder: Path) -> Path:
+    """The bundled CSV format (items.csv + interactions.csv), loadable by load_dataset."""
+    folder.mkdir(parents=True, exist_ok=True)
+    items = ["item_id,title,caption,summary"]
+    items += [f"{item.item_id},{item.title},{item.caption},{item.summary}" for item in dataset.items.values()]
+    events = ["user_id,item_id,timestamp"]
+    for user, sequence in dataset.sequences.items():
+        events += [f"{user},{item},{1_600_000_000 + 3600 * step}" for step, item in enumerate(sequence)]
+    (folder / "items.csv").write_text("\n".join(items) + "\n", encoding="utf-8")
+    (folder / "interactions.csv").write_text("\n".join(events) + "\n", encoding="utf-8")
+    return folder
+
+
+def save_tiny_model(tokenizer: Any, folder: Path, *, seed: int = 0) -> Path:
+    """A tiny Llama over the tokenizer, saved as safetensors with its tokenizer: a real model folder."""
+    build_tiny_llama(tokenizer, seed=seed).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_adapter(loaded: LoadedModel, root: Path, name: str, *, preset: str | None = None) -> Path:
+    """A published LoRA adapter with non-zero weights (so it changes scores) and a manifest for this base."""
+    from peft import LoraConfig, get_peft_model
+
+    model = build_tiny_llama(loaded.tokenizer, seed=1)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                  init_lora_weights=False))
+    folder = root / name
+    peft_model.save_pretrained(folder)
+    manifest = {"name": name, "base_model": {"name": loaded.name, "fingerprint": loaded.fingerprint},
+                "preset": preset}
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest), encoding="utf-8")
+    return folder
+
+
+def make_context(tmp: Path, tokenizer: Any) -> AppContext:
+    """An app context over the toy dataset and a tiny model, both on disk, with its own folders."""
+    data_folder = write_csv_dataset(make_toy_dataset(), tmp / "toy")
+    model_folder = save_tiny_model(tokenizer, tmp / "tiny-llama")
+    config = AppConfig(adapters_root=tmp / "adapters", upload_root=tmp / "uploads", runs_root=tmp / "runs",
+                       max_upload_bytes=64 * 1024)
+    jobs = JobRunner(config.runs_root, adapters=config.adapters_root)
+    return AppContext(config, [DatasetEntry("toy", load_dataset(data_folder), data_folder)],
+                      [ModelEntry("tiny-llama", str(model_folder))], jobs=jobs)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -1,0 +1,143 @@
+"""The batched last-position scorer against a plain full forward pass, and its batch-size invariance."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import build_tiny_llama, make_toy_dataset
+
+from rerank_core.prompts import build_prompt, encode_rendered
+from rerank_core.scoring import LetterScores, ScoreCache, score_token_ids
+
+
+def toy_prompts(tokenizer, count: int = 10) -> list[list[int]]:
+    """Real seed prompts of different lengths (histories of 1 to `count` items)."""
+    dataset = make_toy_dataset()
+    titles = [dataset.text(item) for item in sorted(dataset.items)]
+    prompts = []
+    for index in range(count):
+        history = titles[index:index + 1 + index * 2]
+        built = build_prompt(tokenizer, "seed", history, titles[50:54])
+        prompts.append(encode_rendered(tokenizer, "seed", built.rendered))
+    return prompts
+
+
+def reference_last_logits(model, ids: list[int]) -> torch.Tensor:
+    """The seed's way: one prompt, full logits at every position, read the last one."""
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+
+
+@pytest.fixture(scope="module")
+def model_and_prompts(smol_tokenizer):
+    return build_tiny_llama(smol_tokenizer), toy_prompts(smol_tokenizer)
+
+
+def letter_ids(tokenizer) -> list[int]:
+    return [tokenizer.convert_tokens_to_ids(letter) for letter in "ABCD"]
+
+
+def test_last_position_logits_equal_a_full_forward_pass(smol_tokenizer, model_and_prompts) -> None:
+    model, prompts = model_and_prompts
+    assert len({len(ids) for ids in prompts}) == len(prompts)  # mixed lengths: real left padding
+    reference = [reference_last_logits(model, ids) for ids in prompts]
+    # Make one prompt's favourite token a letter, so exclusion from top_other is really exercised.
+    favourite = int(reference[0].argmax())
+    ids = [*letter_ids(smol_tokenizer), favourite, favourite]  # a repeated ID counts once in the mass
+    scores = score_token_ids(model, smol_tokenizer, prompts, ids, batch_size=4, top_other=5)
+    assert len(scores) == len(prompts)
+    for ref, score, prompt in zip(reference, scores, prompts):
+        expected_logits = ref[ids]
+        assert torch.allclose(torch.tensor(score.letter_logits), expected_logits, atol=1e-5)
+        assert torch.allclose(torch.tensor(score.letter_probs), torch.softmax(expected_logits, dim=-1), atol=1e-5)
+        assert math.isclose(sum(score.letter_probs), 1.0, abs_tol=1e-5)
+        full = torch.softmax(ref, dim=-1)
+        assert score.letter_mass == pytest.approx(float(full[sorted(set(ids))].sum()), abs=1e-5)
+        assert 0.0 < score.letter_mass <= 1.0
+        # top_other: the best non-letter tokens with their full-vocabulary probabilities, best first.
+        others = full.clone()
+        others[sorted(set(ids))] = -1
+        values, expected_top = others.topk(5)
+        assert [token_id for _, token_id, _ in score.top_other] == expected_top.tolist()
+        assert not set(ids) & {token_id for _, token_id, _ in score.top_other}
+        assert [p for _, _, p in score.top_other] == pytest.approx(values.tolist(), abs=1e-6)
+        assert [token for token, _, _ in score.top_other] == smol_tokenizer.convert_ids_to_tokens(
+            expected_top.tolist())
+        assert score.prompt_tokens == len(prompt)
+    assert favourite not in {token_id for _, token_id, _ in scores[0].top_other}
+
+
+def test_logits_are_computed_at_the_last_position_only(smol_tokenizer, model_and_prompts) -> None:
+    model, prompts = model_and_prompts
+    shapes = []
+    handle = model.lm_head.register_forward_hook(lambda module, args, output: shapes.append(tuple(output.shape)))
+    try:
+        score_token_ids(model, smol_tokenizer, prompts[:3], letter_ids(smol_tokenizer), batch_size=3)
+    finally:
+        handle.remove()
+    assert shapes == [(3, 1, len(smol_tokenizer))]
+
+
+def probabilities(scores: list[LetterScores]) -> torch.Tensor:
+    return torch.tensor([score.letter_probs for score in scores])
+
+
+def test_batch_size_does_not_change_results_fp32(smol_tokenizer, model_and_prompts) -> None:
+    model, prompts = model_and_prompts
+    ids = letter_ids(smol_tokenizer)
+    runs = {size: score_token_ids(model, smol_tokenizer, prompts, ids, batch_size=size) for size in (1, 3, 8)}
+    for size in (3, 8):
+        assert torch.allclose(probabilities(runs[size]), probabilities(runs[1]), atol=1e-5)
+        for alone, batched in zip(runs[1], runs[size]):
+            assert batched.letter_logits == pytest.approx(alone.letter_logits, abs=1e-5)
+            assert batched.letter_mass == pytest.approx(alone.letter_mass, abs=1e-6)
+    # Results come back in the caller's order even though batches are sorted by length.
+    reversed_run = score_token_ids(model, smol_tokenizer, prompts[::-1], ids, batch_size=8)
+    assert torch.allclose(probabilities(reversed_run[::-1]), probabilities(runs[1]), atol=1e-5)
+
+
+def test_batch_size_does_not_change_results_bf16(smol_tokenizer) -> None:
+    model = build_tiny_llama(smol_tokenizer, seed=1).to(torch.bfloat16)
+    prompts = toy_prompts(smol_tokenizer, count=8)
+    ids = letter_ids(smol_tokenizer)
+    alone = score_token_ids(model, smol_tokenizer, prompts, ids, batch_size=1)
+    batched = score_token_ids(model, smol_tokenizer, prompts, ids, batch_size=8)
+    assert torch.allclose(probabilities(batched), probabilities(alone), atol=0.02)
+    for one, many in zip(alone, batched):
+        assert math.isclose(sum(many.letter_probs), 1.0, abs_tol=1e-5)
+        assert many.letter_mass == pytest.approx(one.letter_mass, rel=0.05)
+
+
+def test_ranking_is_by_probability_and_stable_on_ties() -> None:
+    scores = LetterScores(letter_logits=(0.0, 1.0, 1.0, -1.0), letter_probs=(0.1, 0.35, 0.35, 0.2),
+                          letter_mass=0.5, top_other=(), prompt_tokens=3)
+    assert scores.ranking() == [1, 2, 3, 0]
+
+
+def test_bad_arguments_are_refused(smol_tokenizer, model_and_prompts) -> None:
+    model, prompts = model_and_prompts
+    with pytest.raises(ValueError, match="letter_token_ids is empty"):
+        score_token_ids(model, smol_tokenizer, prompts, [])
+    with pytest.raises(ValueError, match="batch_size"):
+        score_token_ids(model, smol_tokenizer, prompts, [1], batch_size=0)
+
+
+def dummy(value: float) -> LetterScores:
+    return LetterScores((value,), (1.0,), value, (), 1)
+
+
+def test_score_cache_is_least_recently_used() -> None:
+    cache = ScoreCache(capacity=2)
+    cache.put(("a",), dummy(1))
+    cache.put(("b",), dummy(2))
+    assert cache.get(("a",)).letter_mass == 1  # "a" is now the most recent
+    cache.put(("c",), dummy(3))
+    assert len(cache) == 2
+    assert cache.get(("b",)) is None
+    assert cache.get(("a",)).letter_mass == 1
+    assert cache.get(("c",)).letter_mass == 3
+    cache.put(("a",), dummy(4))  # replacing refreshes, not duplicates
+    cache.put(("d",), dummy(5))
+    assert len(cache) == 2 and cache.get(("c",)) is None and cache.get(("a",)).letter_mass == 4

@@ -1,0 +1,398 @@
+"""Fine-tuning mechanics on tiny models: samples, loss, saved adapters, events, cancel and killed runs."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny_llama, make_toy_dataset, tiny_loaded
+
+from rerank_core.adapters import MANIFEST_FILE, AdapterError, check_adapter, list_adapters, remove_stale
+from rerank_core.alignment import TemplateMismatch
+from rerank_core.compare import compare_systems, comparison_table
+from rerank_core.inspector import InspectSettings, Inspector
+from rerank_core.labels import IGNORE_INDEX
+from rerank_core.progress import CancelFlag, read_events
+from rerank_core.training import (
+    TrainConfig,
+    build_training_samples,
+    label_samples,
+    train_adapter,
+    training_config,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+THINKING_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' }}{% endif %}")
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    """Small prompts and few samples: a tiny-model run takes a second or two."""
+    settings = {"max_samples": 12, "candidates": 5, "batch_size": 4, "epochs": 1.0, "eval_users": 0,
+                "eval_every": 0, "max_prompt_tokens": 160, "warmup": 0.0}
+    settings.update(overrides)
+    return training_config("quick", **settings)
+
+
+def write_csv_dataset(dataset, folder: Path) -> Path:
+    """The dataset as the bundled items.csv / interactions.csv pair, for CLI runs in a subprocess."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "items.csv", "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["item_id", "title", "caption", "summary"])
+        for item in dataset.items.values():
+            writer.writerow([item.item_id, item.title, item.caption, item.summary])
+    with open(folder / "interactions.csv", "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["user_id", "item_id", "timestamp"])
+        for user, sequence in dataset.sequences.items():
+            for position, item in enumerate(sequence):
+                writer.writerow([user, item, 1_600_000_000 + position * 3600])
+    return folder
+
+
+def save_tiny_model(tokenizer, folder: Path) -> Path:
+    """A tiny Llama and its tokenizer as a model folder `--model` can load."""
+    build_tiny_llama(tokenizer).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(smol_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(smol_tokenizer, tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def toy_data_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_csv_dataset(make_toy_dataset(), tmp_path_factory.mktemp("toy-data"))
+
+
+def cli_command(model: Path, data: Path, root: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "rerank_core.cli_train", "train", "--model", str(model), "--data", str(data),
+            "--dtype", "fp32", "--device", "cpu", "--adapters-dir", str(root), "--no-progress",
+            "--candidates", "5", "--max-prompt-tokens", "160", "--eval-users", "0", *extra]
+
+
+def cli_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+# -- samples ----------------------------------------------------------------------------------
+
+
+def test_samples_come_from_the_training_sequence_with_untouched_negatives(smol_tokenizer):
+    dataset = make_toy_dataset()
+    config = tiny_config(max_samples=None)
+    samples, dropped = build_training_samples(dataset, smol_tokenizer, config)
+    # Every prefix: a training sequence of n items gives n - 1 (history, target) pairs.
+    assert len(samples) == sum(len(dataset.training_sequence(user)) - 1 for user in dataset.users)
+    assert dropped == {"prompt_too_long": 0}
+    for sample in samples:
+        sequence = dataset.training_sequence(sample.user_id)
+        assert sample.history == tuple(sequence[:sample.position]) and sample.target == sequence[sample.position]
+        negatives = set(sample.candidates.item_ids) - {sample.target}
+        assert not negatives & dataset.touched(sample.user_id)  # never an item the user ever touched
+        assert sample.candidates.item_ids[sample.candidates.target_index] == sample.target
+        assert f"{dataset.text(sample.target)} ({sample.answer_letter})" in sample.prompt.text
+
+    split_config = tiny_config(max_samples=None, sample_mode="random_split")
+    per_user, _ = build_training_samples(dataset, smol_tokenizer, split_config)
+    assert sorted(sample.user_id for sample in per_user) == dataset.users  # one split point per user
+    again, _ = build_training_samples(dataset, smol_tokenizer, split_config)
+    assert [(s.user_id, s.position, s.candidates) for s in again] == \
+        [(s.user_id, s.position, s.candidates) for s in per_user]
+    other_seed, _ = build_training_samples(dataset, smol_tokenizer, tiny_config(
+        max_samples=None, sample_mode="random_split", seed=1))
+    assert [s.candidates for s in other_seed] != [s.candidates for s in per_user]
+
+    limited, _ = build_training_samples(dataset, smol_tokenizer, tiny_config(max_samples=7))
+    assert len(limited) == 7
+
+
+def test_examples_without_a_loss_token_are_dropped_and_counted(smol_tokenizer):
+    samples, _ = build_training_samples(make_toy_dataset(), smol_tokenizer, tiny_config(max_samples=6))
+    shortest = min(sample.prompt.token_count for sample in samples)
+    examples, dropped = label_samples(smol_tokenizer, samples, tiny_config(), max_length=shortest)
+    assert dropped["no_loss_token"] >= 1
+    assert len(examples) + dropped["no_loss_token"] == len(samples)
+    assert all(example.loss_tokens > 0 for example in examples)
+
+
+def test_config_rejects_unknown_settings():
+    with pytest.raises(ValueError, match="sample mode"):
+        training_config("quick", sample_mode="every_item")
+    with pytest.raises(ValueError, match="unknown training setting"):
+        training_config("quick", learning_rte=1e-3)
+    with pytest.raises(ValueError, match="training preset"):
+        training_config("slow")
+    assert training_config("quick", lr=None) if False else training_config("quick").uniform_loss == \
+        pytest.approx(math.log(20))
+
+
+# -- the loss ---------------------------------------------------------------------------------
+
+
+def test_answer_loss_on_a_left_padded_batch_equals_the_model_loss_per_example(smol_tokenizer):
+    """The collator only pads; the logits_to_keep shortcut gives the same loss as full logits."""
+    from rerank_core.training import _answer_loss, _LeftPadCollator
+
+    samples, _ = build_training_samples(make_toy_dataset(), smol_tokenizer, tiny_config(max_samples=3))
+    examples, _ = label_samples(smol_tokenizer, samples, tiny_config())
+    assert len({len(example.input_ids) for example in examples}) > 1  # padding really happens
+    batch = _LeftPadCollator(0)([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
+    for row, example in enumerate(examples):
+        real = batch["attention_mask"][row].bool()
+        assert batch["input_ids"][row][real].tolist() == list(example.input_ids)
+        assert batch["labels"][row][real].tolist() == list(example.labels)
+        assert (batch["labels"][row][~real] == IGNORE_INDEX).all()
+    model = build_tiny_llama(smol_tokenizer)
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        loss, letter_loss, _ = _answer_loss(model, batch, labels)
+        per_token, letters = [], []
+        for example in examples:
+            ids = torch.tensor([example.input_ids])
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            targets = torch.tensor(example.labels[1:])
+            losses = torch.nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
+            per_token += losses[targets != IGNORE_INDEX].tolist()
+            letters.append(losses[example.prompt_length - 1].item())
+    assert loss.item() == pytest.approx(sum(per_token) / len(per_token), rel=1e-4)
+    assert letter_loss.tolist() == pytest.approx(letters, rel=1e-4)
+
+
+# -- runs -------------------------------------------------------------------------------------
+
+
+def test_training_changes_only_lora_weights_and_saves_a_plain_peft_adapter(smol_tokenizer, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    loaded = tiny_loaded(smol_tokenizer)
+    before = {name: tensor.clone() for name, tensor in loaded.model.state_dict().items()}
+    report = train_adapter(loaded, make_toy_dataset(), tiny_config(), "only-lora", root=tmp_path)
+    assert report.status == "done" and report.samples == 12 and report.steps == 3
+    after = loaded.model.state_dict()
+    assert after.keys() == before.keys()  # LoRA layers removed again: the caller's base model is intact
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+    folder = tmp_path / "only-lora"
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    assert weights and all(".lora_A." in key or ".lora_B." in key for key in weights)
+    assert any(key.endswith("q_proj.lora_B.weight") for key in weights)
+    assert all(weights[key].abs().sum() > 0 for key in weights if ".lora_B." in key)  # B starts at zero
+
+    # A plain PEFT load (no rerank_core involved) gives a model whose output differs from the base.
+    base = build_tiny_llama(smol_tokenizer)
+    ids = torch.tensor([smol_tokenizer("Title 1 (A)")["input_ids"]])
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+        tuned = PeftModel.from_pretrained(base, str(folder)).eval()
+        assert not torch.allclose(tuned(input_ids=ids).logits, base_logits)
+
+
+def test_loss_decreases_on_a_tiny_memorisable_set(smol_tokenizer, tmp_path):
+    events: list[dict] = []
+    config = tiny_config(max_samples=4, batch_size=4, epochs=30, learning_rate=1e-2, lora_dropout=0.0)
+    report = train_adapter(tiny_loaded(smol_tokenizer), make_toy_dataset(), config, "memorise", root=tmp_path,
+                           on_event=events.append)
+    losses = [event["letter_loss"] for event in events if event["event"] == "step"]
+    assert len(losses) == 30
+    # From the ~ln(vocabulary) of a random model to well below; the last steps lower than the first.
+    assert losses[0] > math.log(len(smol_tokenizer)) - 1
+    assert max(losses[-3:]) < 0.5 * losses[0]
+    assert report.final_letter_loss == losses[-1]
+
+
+def test_events_manifest_and_check_adapter(smol_tokenizer, tmp_path):
+    loaded = tiny_loaded(smol_tokenizer)
+    dataset = make_toy_dataset()
+    events: list[dict] = []
+    config = tiny_config(eval_users=6, eval_every=2, max_samples=16)
+    report = train_adapter(loaded, dataset, config, "with-events", root=tmp_path, on_event=events.append,
+                           training_preset="quick")
+    kinds = [event["event"] for event in events]
+    assert kinds[0] == "start" and kinds[-1] == "done"
+    steps = [event for event in events if event["event"] == "step"]
+    assert [event["step"] for event in steps] == [1, 2, 3, 4]
+    for event in steps:
+        assert event["total_steps"] == 4 and event["uniform_loss"] == pytest.approx(math.log(5))
+        assert {"loss", "letter_loss", "learning_rate", "epoch", "elapsed", "eta"} <= event.keys()
+    assert steps[-1]["eta"] == 0
+    validations = [event for event in events if event["event"] == "validation"]
+    assert [event["step"] for event in validations] == [0, 2, 4]  # before, every 2 steps, after
+    assert all(0 <= event["NDCG@10"] <= 1 and 0 <= event["Recall@10"] <= 1 for event in validations)
+
+    manifest = json.loads((tmp_path / "with-events" / MANIFEST_FILE).read_text())
+    assert manifest["base_model"] == {"name": loaded.name, "path": loaded.path,
+                                      "fingerprint": loaded.fingerprint, "dtype": "float32"}
+    assert manifest["preset"] == "seed_after" and manifest["strategy"] == "as_trained"
+    assert manifest["dataset"]["fingerprint"] == dataset.fingerprint()
+    assert manifest["training"] == config.to_json() and manifest["training_preset"] == "quick"
+    assert {"torch", "transformers", "peft"} <= manifest["versions"].keys()
+    assert manifest["validation"]["before"] == report.validation["before"]
+    assert manifest["validation"]["after"] == report.validation["after"]
+    assert manifest["report"]["samples"] == 16 and manifest["report"]["dropped"] == report.dropped
+    assert manifest["created"]
+
+    assert check_adapter(loaded, "with-events", tmp_path).preset == "seed_after"
+    other_base = tiny_loaded(smol_tokenizer, name="other-base")
+    other_base.fingerprint = "0123456789abcdef"
+    with pytest.raises(AdapterError, match="with-events.*tiny-llama.*other-base"):
+        check_adapter(other_base, "with-events", tmp_path)
+
+
+def test_existing_name_needs_overwrite_and_bad_names_are_refused(smol_tokenizer, tmp_path):
+    loaded, dataset = tiny_loaded(smol_tokenizer), make_toy_dataset()
+    train_adapter(loaded, dataset, tiny_config(max_samples=4), "taken", root=tmp_path)
+    first = (tmp_path / "taken" / MANIFEST_FILE).read_text()
+    with pytest.raises(AdapterError, match="already exists"):
+        train_adapter(loaded, dataset, tiny_config(max_samples=4), "taken", root=tmp_path)
+    with pytest.raises(AdapterError, match="not allowed"):
+        train_adapter(loaded, dataset, tiny_config(max_samples=4), "../escape", root=tmp_path)
+    train_adapter(loaded, dataset, tiny_config(max_samples=4, seed=3), "taken", root=tmp_path, overwrite=True)
+    assert (tmp_path / "taken" / MANIFEST_FILE).read_text() != first
+    assert [info.name for info in list_adapters(tmp_path)] == ["taken"]
+    assert sorted(os.listdir(tmp_path)) == ["taken"]
+
+
+def test_template_mismatch_fails_the_run_and_leaves_nothing(smol_tokenizer, tmp_path):
+    thinking = copy.deepcopy(smol_tokenizer)
+    thinking.chat_template = THINKING_TEMPLATE
+    events: list[dict] = []
+    with pytest.raises(TemplateMismatch, match="differ at token"):
+        train_adapter(tiny_loaded(thinking), make_toy_dataset(), tiny_config(), "mismatch", root=tmp_path,
+                      on_event=events.append)
+    assert events[-1]["event"] == "failed" and "TemplateMismatch" in events[-1]["error"]
+    assert os.listdir(tmp_path) == []
+
+
+def test_cancel_file_stops_at_the_next_step_and_leaves_nothing(smol_tokenizer, tmp_path):
+    root, cancel_file = tmp_path / "adapters", tmp_path / "cancel"
+    events: list[dict] = []
+
+    def on_event(event: dict) -> None:
+        events.append(event)
+        if event["event"] == "step" and event["step"] == 2:
+            cancel_file.touch()
+
+    loaded = tiny_loaded(smol_tokenizer)
+    report = train_adapter(loaded, make_toy_dataset(), tiny_config(max_samples=40), "cancelled", root=root,
+                           on_event=on_event, cancel=CancelFlag(cancel_file))
+    assert report.status == "cancelled" and report.path is None
+    assert [event["step"] for event in events if event["event"] == "step"] == [1, 2, 3]
+    assert events[-1]["event"] == "cancelled" and "cancel file" in events[-1]["reason"]
+    assert list_adapters(root) == [] and os.listdir(root) == []
+    assert not any(".lora_" in name for name in loaded.model.state_dict())
+
+
+def test_sigterm_stops_the_run_and_leaves_nothing(smol_tokenizer, tmp_path):
+    events: list[dict] = []
+
+    def on_event(event: dict) -> None:
+        events.append(event)
+        if event["event"] == "step" and event["step"] == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    cancel = CancelFlag()
+    with cancel.handling_signals():
+        report = train_adapter(tiny_loaded(smol_tokenizer), make_toy_dataset(), tiny_config(max_samples=40),
+                               "terminated", root=tmp_path, on_event=on_event, cancel=cancel)
+    assert report.status == "cancelled" and report.steps == 2
+    assert cancel.reason == "SIGTERM received"
+    assert os.listdir(tmp_path) == []
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone again
+
+
+def test_cli_run_writes_events_and_a_killed_run_leaves_nothing_listed(tiny_model_folder, toy_data_folder,
+                                                                       tmp_path):
+    """A SIGKILLed CLI run leaves only a hidden staging folder, which remove_stale deletes."""
+    root, events_file = tmp_path / "adapters", tmp_path / "events.jsonl"
+    command = cli_command(tiny_model_folder, toy_data_folder, root, "--name", "killed", "--events",
+                          str(events_file), "--max-samples", "64", "--epochs", "50", "--batch-size", "2")
+    process = subprocess.Popen(command, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(event["event"] == "step" for event in read_events(events_file)):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no step event within 60 s"
+            time.sleep(0.2)
+        events = read_events(events_file)
+        assert events[0]["event"] == "start" and events[0]["adapter"] == "killed"
+        staging = [name for name in os.listdir(root) if name.startswith(".staging-")]
+        assert len(staging) == 1
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert list_adapters(root) == []
+    assert os.listdir(root) == staging
+    assert remove_stale(root) == staging
+    assert os.listdir(root) == []
+
+
+def test_cli_help_explains_every_training_setting():
+    from rerank_core.cli_train import _CONFIG_OPTIONS, main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--help"])
+    assert exited.value.code == 0
+    assert len(_CONFIG_OPTIONS) + 1 == len(TrainConfig.__dataclass_fields__) - len(
+        {"prompt_preset", "strategy", "candidates", "candidate_source", "text_field", "seed"})
+
+
+def test_cli_in_process_run_publishes_the_adapter(tiny_model_folder, toy_data_folder, tmp_path, capsys):
+    from rerank_core.cli_train import main
+
+    root, events_file = tmp_path / "adapters", tmp_path / "events.jsonl"
+    status = main(["train", "--model", str(tiny_model_folder), "--data", str(toy_data_folder), "--dtype", "fp32",
+                   "--device", "cpu", "--adapters-dir", str(root), "--name", "cli-run", "--events",
+                   str(events_file), "--max-samples", "8", "--candidates", "5", "--max-prompt-tokens", "160",
+                   "--eval-users", "0", "--lora-r", "4", "--target-modules", "q_proj,v_proj",
+                   "--no-train-on-eos", "--preset", "llamarec_after"])
+    assert status == 0
+    assert '"status": "done"' in capsys.readouterr().out
+    events = read_events(events_file)
+    assert events[-1]["event"] == "done" and events[-1]["report"]["samples"] == 8
+    manifest = json.loads((root / "cli-run" / MANIFEST_FILE).read_text())
+    assert manifest["preset"] == "llamarec_after"
+    assert manifest["training"]["lora_r"] == 4 and manifest["training"]["target_modules"] == ["q_proj", "v_proj"]
+    assert manifest["training"]["train_on_eos"] is False and manifest["training"]["candidates"] == 5
+
+    status = main(["train", "--model", str(tiny_model_folder), "--data", str(toy_data_folder), "--adapters-dir",
+                   str(root), "--name", "cli-run", "--events", str(events_file), "--no-progress"])
+    assert status == 1  # the name is taken and --overwrite was not given
+    assert read_events(events_file)[-1]["event"] == "failed"
+    assert "already exists" in read_events(events_file)[-1]["error"]
+
+
+def test_compare_systems_pairs_each_adapter_with_the_base(smol_tokenizer, tmp_path):
+    loaded, dataset = tiny_loaded(smol_tokenizer), make_toy_dataset()
+    train_adapter(loaded, dataset, tiny_config(max_samples=8), "compared", root=tmp_path)
+    inspector = Inspector(dataset, loaded, adapters_root=str(tmp_path))
+    settings = InspectSettings(preset="seed", candidates=tiny_config().candidate_config(), max_prompt_tokens=160)
+    users = dataset.users[:10]
+    per_user, summary = compare_systems(inspector, users, settings, ["base", "compared"])
+    assert len(per_user) == 20 and set(per_user["system"]) == {"base", "compared"}
+    # The adapter is scored with the preset it was trained with, the base with the one asked for.
+    assert set(per_user[per_user.system == "compared"]["preset"]) == {"seed_after"}
+    adapter_rows = summary[summary.system == "compared"]
+    assert (adapter_rows.ci_low <= adapter_rows.difference + 1e-12).all()
+    assert (adapter_rows.difference <= adapter_rows.ci_high + 1e-12).all()
+    assert summary[summary.system == "base"]["difference"].isna().all()
+    table = comparison_table(summary)
+    assert table.count("\n") == 3 and "| compared | seed_after |" in table
