@@ -405,13 +405,18 @@ def finetune_tab(context: AppContext, controls: InspectControls,
                        prompt_preset: str | None = None, candidates: int | None = None,
                        max_samples: int | None = None, epochs: float | None = None,
                        learning_rate: float | None = None, lora_r: int | None = None,
-                       eval_users: int | None = None, eval_every: int | None = None, seed: int | None = None,
+                       batch_size: int | None = None, eval_users: int | None = None,
+                       eval_every: int | None = None, seed: int | None = None,
                        max_prompt_tokens: int | None = None) -> dict:
-        """Start a fine-tune (one at a time); unset options keep the training preset's values."""
-        chosen = {key: value for key, value in locals().items()
-                  if key not in ("name", "dataset", "model", "training_preset") and value is not None}
-        return context.start_finetune(name, dataset or context.dataset_names[0], model or context.model_names[0],
-                                      training_preset, chosen).to_json()
+        """Start a fine-tune (one at a time); options left out keep the training preset's values."""
+        options = {"prompt_preset": prompt_preset, "candidates": candidates, "max_samples": max_samples,
+                   "epochs": epochs, "learning_rate": learning_rate, "lora_r": lora_r, "batch_size": batch_size,
+                   "eval_users": eval_users, "eval_every": eval_every, "seed": seed,
+                   "max_prompt_tokens": max_prompt_tokens}
+        status = context.start_finetune(name, dataset or context.dataset_names[0], model or context.model_names[0],
+                                        training_preset, {key: value for key, value in options.items()
+                                                          if value is not None})
+        return status.to_json()
 
     def cancel_finetune() -> dict:
         """Ask the running fine-tune to stop at its next step boundary."""

@@ -16,6 +16,7 @@ from rerank_core.models import LoadedModel
 
 __all__ = [
     "MANIFEST_FILE",
+    "WEIGHTS_FILE",
     "AdapterError",
     "AdapterInfo",
     "adapters_root",
@@ -30,7 +31,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "rerank_manifest.json"
-_WEIGHTS_FILE = "adapter_model.safetensors"
+WEIGHTS_FILE = "adapter_model.safetensors"
 _CONFIG_FILE = "adapter_config.json"
 # Hidden names are work in progress (staging) or on their way out (replaced): never listed.
 _STAGING_PREFIX = ".staging-"
@@ -101,7 +102,7 @@ def list_adapters(root: str | os.PathLike[str] | None = None) -> list[AdapterInf
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or not path.is_dir():
             continue
-        if not ((path / _CONFIG_FILE).is_file() and (path / _WEIGHTS_FILE).is_file()):
+        if not ((path / _CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()):
             continue
         try:
             manifest = _read_manifest(path)
@@ -141,7 +142,7 @@ def _check_shapes(loaded: LoadedModel, folder: Path) -> None:
 
     modules = dict(loaded.model.named_modules())
     try:
-        with safe_open(str(folder / _WEIGHTS_FILE), framework="pt") as weights:
+        with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as weights:
             for key in weights.keys():  # noqa: SIM118 - safe_open handles are not iterable
                 shape = weights.get_slice(key).get_shape()
                 module_name = key.replace("base_model.model.", "", 1).rsplit(".lora_", 1)[0]
@@ -157,7 +158,7 @@ def _check_shapes(loaded: LoadedModel, folder: Path) -> None:
                         f"{module_name} ({module.in_features}→{module.out_features}) of {loaded.name!r}")
     except (SafetensorError, OSError) as error:
         raise AdapterError(
-            f"adapter {folder.name!r} weights {folder / _WEIGHTS_FILE} are unreadable ({error}); "
+            f"adapter {folder.name!r} weights {folder / WEIGHTS_FILE} are unreadable ({error}); "
             "delete the folder and train it again") from error
 
 
@@ -181,7 +182,7 @@ def publish_adapter(staging: Path, name: str, root: str | os.PathLike[str] | Non
     if not overwrite:
         raise AdapterError(f"adapter {name!r} already exists in {folder}; choose another name or allow overwrite")
     # Two renames: the old folder is set aside first, and restored if the new one cannot move in.
-    aside = Path(tempfile.mkdtemp(prefix=f"{_REPLACED_PREFIX}{name}-", dir=folder))
+    aside = Path(tempfile.mkdtemp(prefix=f"{_REPLACED_PREFIX}{os.getpid()}-{name}-", dir=folder))
     aside.rmdir()
     os.rename(target, aside)
     try:
@@ -200,16 +201,16 @@ def remove_stale(root: str | os.PathLike[str] | None = None) -> list[str]:
     if not folder.is_dir():
         return removed
     for path in folder.iterdir():
-        if path.name.startswith(_STAGING_PREFIX):
-            pid_text = path.name[len(_STAGING_PREFIX):].split("-", 1)[0]
-            if pid_text.isdigit() and _alive(int(pid_text)):
+        for prefix in (_STAGING_PREFIX, _REPLACED_PREFIX):
+            if not path.name.startswith(prefix):
                 continue
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path.name)
-        elif path.name.startswith(_REPLACED_PREFIX):
-            name = path.name[len(_REPLACED_PREFIX):].rsplit("-", 1)[0]
-            if not (folder / name).exists():
-                os.rename(path, folder / name)
+            pid_text, _, rest = path.name[len(prefix):].partition("-")
+            if pid_text.isdigit() and _alive(int(pid_text)):
+                continue  # its writer is still at work: a publish in progress
+            original = folder / rest.rsplit("-", 1)[0]
+            if prefix == _REPLACED_PREFIX and not original.exists():
+                # The writer died between its two renames: the set-aside adapter is the only copy.
+                os.rename(path, original)
             else:
                 shutil.rmtree(path, ignore_errors=True)
             removed.append(path.name)

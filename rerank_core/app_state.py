@@ -401,7 +401,8 @@ class AppContext:
         except (DataError, ValueError) as error:
             shutil.rmtree(final, ignore_errors=True)
             # Name the file as the user knows it, not by the server's upload folder.
-            message = str(error).replace(f"{final}{os.sep}", "").replace(str(final), "(upload)")
+            message = (str(error).replace(f"{final}{os.sep}", "").replace(f"file {final}", "the uploaded files")
+                       .replace(str(final), "the upload"))
             raise DataError(message) from None
         entry = DatasetEntry(name=final.name, dataset=dataset, path=final)
         with self._registry_lock:

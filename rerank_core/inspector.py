@@ -9,7 +9,14 @@ from typing import Any
 
 import pandas as pd
 
-from rerank_core.adapters import AdapterInfo, check_adapter, list_adapters
+from rerank_core.adapters import (
+    WEIGHTS_FILE,
+    AdapterInfo,
+    adapters_root,
+    check_adapter,
+    list_adapters,
+    validate_adapter_name,
+)
 from rerank_core.candidates import CandidateConfig, CandidateSampler, CandidateSet
 from rerank_core.data import Dataset, UserSplit
 from rerank_core.metrics import METRIC_NAMES, metrics_at, rank_of_truth
@@ -137,6 +144,7 @@ class Inspector:
         self._samplers: dict[CandidateConfig, CandidateSampler] = {}
         self._letters: dict[tuple[Any, ...], tuple[LetterToken, ...]] = {}
         self._adapter_info: dict[str, AdapterInfo] = {}
+        self._adapter_versions: dict[str, tuple[int, int] | None] = {}
         self._model: Any = None if loaded is None else loaded.model
         self.cache = ScoreCache()
 
@@ -174,12 +182,27 @@ class Inspector:
     def adapters(self) -> list[AdapterInfo]:
         return list_adapters(self.adapters_root)
 
-    def _activate(self, system: str) -> Any:
+    def _adapter_version(self, system: str) -> tuple[int, int] | None:
+        """The adapter's weights file stamp: an adapter overwritten under the same name is reloaded."""
+        if system == BASE:
+            return None
+        weights = adapters_root(self.adapters_root) / validate_adapter_name(system) / WEIGHTS_FILE
+        try:
+            stat = weights.stat()
+        except FileNotFoundError:
+            check_adapter(self.loaded, system, self.adapters_root)  # raises with the available names
+            raise
+        return stat.st_mtime_ns, stat.st_size
+
+    def _activate(self, system: str, version: tuple[int, int] | None) -> Any:
         """The model to run for `system`: the base (adapters disabled) or one loaded adapter."""
         if self.loaded is None:
             raise ValueError("scoring needs a model; this Inspector was built with a tokenizer only")
         if system == BASE:
             return self._model
+        if system in self._adapter_info and self._adapter_versions.get(system) != version:
+            self._model.delete_adapter(system)
+            del self._adapter_info[system]
         if system not in self._adapter_info:
             from peft import PeftModel
 
@@ -190,6 +213,7 @@ class Inspector:
                 self._model = PeftModel.from_pretrained(self.loaded.model, info.path, adapter_name=system)
             self._model.eval()
             self._adapter_info[system] = info
+            self._adapter_versions[system] = version
         self._model.set_adapter(system)
         return self._model
 
@@ -213,16 +237,17 @@ class Inspector:
 
     def _score(self, system: str, prepared: Sequence[PreparedUser], *,
                batch_size: int | None = None) -> list[LetterScores]:
-        keys = [(self.loaded.fingerprint if self.loaded else None, system, item.token_ids,
+        version = self._adapter_version(system)
+        keys = [(self.loaded.fingerprint if self.loaded else None, system, version, item.token_ids,
                  tuple(token.token_id for token in item.letter_tokens)) for item in prepared]
         results: list[LetterScores | None] = [self.cache.get(key) for key in keys]
         missing = [index for index, result in enumerate(results) if result is None]
         # Group by letter IDs: one batch shares one letter set.
         groups: dict[tuple[int, ...], list[int]] = {}
         for index in missing:
-            groups.setdefault(keys[index][3], []).append(index)
+            groups.setdefault(keys[index][4], []).append(index)
         for letter_ids, indices in groups.items():
-            model = self._activate(system)
+            model = self._activate(system, version)
             if system == BASE and hasattr(model, "disable_adapter"):
                 with model.disable_adapter():
                     scored = score_token_ids(model, self.tokenizer, [prepared[i].token_ids for i in indices],

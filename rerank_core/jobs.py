@@ -181,7 +181,8 @@ class JobRunner:
             folder = self.runs_root / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
             folder.mkdir(parents=True)
             argv = request.argv(folder / _EVENTS_FILE, folder / _CANCEL_FILE, self.adapters)
-            env = {**os.environ, **self._env, "PYTHONUNBUFFERED": "1",
+            # Offline by design: the run never waits on a model hub it cannot reach.
+            env = {"HF_HUB_OFFLINE": "1", **os.environ, **self._env, "PYTHONUNBUFFERED": "1",
                    "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO_ROOT), os.environ.get("PYTHONPATH")]))}
             with (folder / _LOG_FILE).open("wb") as log_file:
                 # A new session: the run outlives an app restart and a Ctrl-C in the app's terminal.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -98,6 +99,17 @@ def embedded_model_folder() -> Path:
     target = user_cache_dir() / "models" / EMBEDDED_MODEL_NAME
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Two processes converting at once (app and CLI, or parallel tests) take turns.
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+            return target
+        _convert_embedded(target)
+    return target
+
+
+def _convert_embedded(target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = _gguf_folder()
@@ -110,7 +122,6 @@ def embedded_model_folder() -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
     try:
         model.save_pretrained(staging, safe_serialization=True)
@@ -121,7 +132,6 @@ def embedded_model_folder() -> Path:
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def _check_folder(path: Path, what: str) -> None:

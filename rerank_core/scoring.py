@@ -56,7 +56,8 @@ def _last_position_logits(model: Any, batch: Sequence[Sequence[int]], pad_id: in
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     head = model.get_output_embeddings()
     handle = None
-    if head is not None and head.weight.dtype != torch.float32:
+    # Only a plain Linear: a LoRA-wrapped or quantized head computes more than weight @ x.
+    if type(head) is torch.nn.Linear and head.weight.dtype != torch.float32:
         # bf16 logits are off by ~0.1 at magnitudes ~20, enough to move letter probabilities by 0.03;
         # the last position's projection in fp32 costs one matrix-vector product and halves that.
         weight = _fp32_head_weight(head)
@@ -91,6 +92,9 @@ def score_token_ids(
         raise ValueError("letter_token_ids is empty: resolve the letters first")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    empty = [index for index, ids in enumerate(prompts) if len(ids) == 0]
+    if empty:
+        raise ValueError(f"prompt(s) {empty} have no tokens: nothing to score; check the rendered text")
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0

@@ -110,13 +110,16 @@ def test_remove_stale_deletes_dead_staging_and_keeps_live(tmp_path: Path) -> Non
 
 
 def test_remove_stale_restores_an_adapter_set_aside_by_a_killed_overwrite(tmp_path: Path) -> None:
-    aside = fake_adapter(tmp_path / ".replaced-mine-k2j4x9_a", "old")
-    leftover = fake_adapter(tmp_path / ".replaced-other-q8w7e6rt", "older")
+    dead = dead_pid()
+    aside = fake_adapter(tmp_path / f".replaced-{dead}-my-adapter-k2j4x9_a", "old")
+    leftover = fake_adapter(tmp_path / f".replaced-{dead}-other-q8w7e6rt", "older")
+    in_progress = fake_adapter(tmp_path / f".replaced-{os.getpid()}-busy-abc123", "busy")
     fake_adapter(tmp_path / "other", "new")
     assert sorted(remove_stale(tmp_path)) == sorted([aside.name, leftover.name])
-    assert marker(tmp_path / "mine") == "old"
+    assert marker(tmp_path / "my-adapter") == "old"
     assert marker(tmp_path / "other") == "new"
     assert not aside.exists() and not leftover.exists()
+    assert in_progress.exists(), "a live writer's set-aside folder is its publish in progress"
 
 
 def test_list_adapters_ignores_hidden_incomplete_and_unreadable(tmp_path: Path) -> None:

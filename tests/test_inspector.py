@@ -177,6 +177,21 @@ def test_adapter_is_scored_with_its_training_preset(smol_tokenizer, tmp_path: Pa
     assert set(frame["preset"]) == {"seed_after"} and set(frame["system"]) == {"after"}
 
 
+def test_adapter_overwritten_under_the_same_name_is_reloaded(smol_tokenizer, tmp_path: Path) -> None:
+    loaded = tiny_loaded(smol_tokenizer)
+    write_adapter(smol_tokenizer, tmp_path, "same", manifest_for(loaded))
+    inspector = Inspector(make_toy_dataset(), loaded, adapters_root=str(tmp_path))
+    first = inspector.inspect("u02", InspectSettings(), system="same")
+    staging = new_staging_folder(tmp_path)
+    # Seed 1: other random LoRA weights (only the adapter is saved, not the base it was built on).
+    get_peft_model(build_tiny_llama(smol_tokenizer, seed=1), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).save_pretrained(staging)
+    (staging / MANIFEST_FILE).write_text(json.dumps(manifest_for(loaded)))
+    publish_adapter(staging, "same", tmp_path, overwrite=True)
+    second = inspector.inspect("u02", InspectSettings(), system="same")
+    assert max(abs(a - b) for a, b in zip(first.scores.letter_probs, second.scores.letter_probs)) > 1e-4
+
+
 def test_adapter_for_another_base_is_refused_naming_both(smol_tokenizer, tmp_path: Path) -> None:
     loaded = tiny_loaded(smol_tokenizer)
     manifest = manifest_for(loaded)

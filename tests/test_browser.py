@@ -1,0 +1,60 @@
+"""The Inspect tab in a real browser: Debian's Chromium driven by Playwright picks a user and sees chart and audit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from app_helpers import free_port, make_context
+
+import app as app_module
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.is_file():
+        pytest.skip("Debian's Chromium is not installed (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer):
+    context = make_context(tmp_path_factory.mktemp("browser"), smol_tokenizer)
+    demo = app_module.build_app(context)
+    port = free_port()
+    app_module.launch(demo, port=port, block=False)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def test_pick_a_user_and_see_chart_and_audit(browser, url: str) -> None:
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(url)
+    # The first user is scored on load.
+    page.locator("#inspect-summary").get_by_text("User u00").wait_for(timeout=60_000)
+    picker = page.locator("#user-picker input")
+    picker.click()
+    picker.fill("u07")
+    page.get_by_role("option", name="u07", exact=True).click()
+    page.locator("#inspect-summary").get_by_text("User u07").wait_for(timeout=60_000)
+    chart = page.locator("#letter-chart .js-plotly-plot")
+    chart.wait_for(timeout=30_000)
+    assert chart.locator("g.point").count() == 20  # one bar per candidate letter
+    audit = page.locator("#audit-table")
+    audit.get_by_text("token after the rendered prompt").first.wait_for(timeout=30_000)
+    assert audit.get_by_text("ok", exact=True).count() >= 5
+    assert "ground truth" in page.locator("#letter-chart").inner_text()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "browser-inspect.png"), full_page=True)
+    page.close()
