@@ -32,7 +32,7 @@ AUTH_ENV = "RERANK_AUTH"
 SAMPLE_DATASET = "sample"
 NO_ADAPTER_LABEL = "none (base model)"
 # Exceptions that mean "this request cannot be served as asked": shown to the user, the app keeps serving.
-_USER_ERRORS = (ValueError, KeyError, LookupError, OSError, RuntimeError)
+_USER_ERRORS = (ValueError, LookupError, OSError, RuntimeError)
 
 
 def _user_errors(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -50,6 +50,15 @@ def _user_errors(function: Callable[..., Any]) -> Callable[..., Any]:
             raise gr.Error(str(message), print_exception=False) from error
 
     return wrapper
+
+
+def _status_json(status: Any) -> dict[str, Any]:
+    """A job status for the API; gradio_client takes any dict with a "path" string for a file to download."""
+    payload = status.to_json()
+    if payload.get("result"):
+        payload["result"] = {("adapter_path" if key == "path" else key): value
+                             for key, value in payload["result"].items()}
+    return payload
 
 
 def _adapter_choices(context: AppContext, model: str) -> list[tuple[str, str]]:
@@ -92,7 +101,7 @@ def inspect_tab(context: AppContext) -> tuple[InspectControls, dict[str, Any], g
                                   allow_custom_value=True)
         model_box = gr.Dropdown(context.model_names, value=model, label="Model", scale=2)
         adapter_box = gr.Dropdown(_adapter_choices(context, model), value=BASE, label="Adapter (from adapters/)",
-                                  scale=2, allow_custom_value=True)
+                                  scale=2, allow_custom_value=True, elem_id="adapter-picker")
         split_box = gr.Radio(["test", "validation"], value="test", label="Split", scale=1)
     with gr.Row():
         source_box = gr.Dropdown(list(CANDIDATE_SOURCES), value="random", label="Candidate source")
@@ -108,7 +117,7 @@ def inspect_tab(context: AppContext) -> tuple[InspectControls, dict[str, Any], g
                                label="User (type to search by id)", filterable=True, allow_custom_value=True,
                                scale=4, elem_id="user-picker")
         random_button = gr.Button("Random user", scale=1, elem_id="random-user")
-    summary = gr.Markdown(elem_id="inspect-summary")
+    summary = gr.Markdown(label="Summary", elem_id="inspect-summary")
     with gr.Row():
         with gr.Column(scale=1):
             order_box = gr.Radio(list(views.CHART_ORDERS), value="letter", label="Order bars by",
@@ -116,26 +125,27 @@ def inspect_tab(context: AppContext) -> tuple[InspectControls, dict[str, Any], g
             chart = gr.Plot(label="Letter probabilities", elem_id="letter-chart")
         with gr.Column(scale=1):
             candidates = gr.Dataframe(label="Candidates (★ = ground truth)", interactive=False, max_height=420,
-                                      column_widths=["72px", "76px", "auto", "64px", "80px", "64px"],
+                                      column_widths=["14%", "12%", "36%", "10%", "15%", "13%"],
                                       elem_id="candidates-table")
     with gr.Row():
         with gr.Column():
-            history_note = gr.Markdown()
+            history_note = gr.Markdown(label="History note")
             history = gr.Dataframe(label="History", interactive=False, max_height=360,
-                                   column_widths=["48px", "76px", "auto", "110px"], elem_id="history-table")
+                                   column_widths=["8%", "14%", "58%", "20%"], elem_id="history-table")
         with gr.Column():
-            audit_note = gr.Markdown(elem_id="audit-note")
+            audit_note = gr.Markdown(label="Audit note", elem_id="audit-note")
             audit = gr.Dataframe(label="Letter audit", interactive=False, max_height=360,
-                                 column_widths=["72px", "76px", "64px", "110px", "130px", "auto"],
+                                 column_widths=["14%", "10%", "9%", "17%", "12%", "38%"],
                                  elem_id="audit-table")
     with gr.Row():
         with gr.Column(scale=3), gr.Tabs():
             with gr.Tab("Rendered prompt (whitespace and special tokens visible)"):
-                prompt = gr.HTML(elem_id="rendered-prompt")
+                prompt = gr.HTML(label="Rendered prompt", elem_id="rendered-prompt")
             with gr.Tab("Tokens with IDs"):
-                tokens = gr.HTML(elem_id="token-view")
+                tokens = gr.HTML(label="Tokens", elem_id="token-view")
         with gr.Column(scale=1):
-            other_tokens = gr.Dataframe(label="Top non-letter next tokens", interactive=False)
+            other_tokens = gr.Dataframe(label="Top non-letter next tokens", interactive=False,
+                                        column_widths=["24%", "24%", "20%", "32%"])
     controls = InspectControls(dataset_box, model_box, adapter_box, split_box, source_box, preset_box, strategy_box,
                                text_box, count_box, seed_box, adapter_preset_box, user_box, order_box)
     outputs = {"summary": summary, "history": history, "history_note": history_note, "candidates": candidates,
@@ -211,30 +221,31 @@ def wire_inspect(context: AppContext, controls: InspectControls, outputs: dict[s
 
 # -- Compare ------------------------------------------------------------------------------------
 
-def compare_tab(context: AppContext, controls: InspectControls, tabs: gr.Tabs,
-                inspect: Callable[..., Any], inspect_outputs: list[Any]) -> gr.Dropdown:
+def compare_tab(context: AppContext, controls: InspectControls, tabs: gr.Tabs, inspect: Callable[..., Any],
+                inspect_outputs: list[Any], demo: gr.Blocks) -> gr.Dropdown:
     """Base plus up to three adapters: one user side by side, and N users with paired differences."""
     gr.Markdown("Uses the dataset, model, prompt settings and user chosen in the **Inspect** tab.")
     with gr.Row():
         adapters_box = gr.Dropdown(context.adapter_names(context.model_names[0]), value=[], multiselect=True,
                                    max_choices=3, allow_custom_value=True,
-                                   label="Adapters to compare with the base (up to 3)", scale=4)
+                                   label="Adapters to compare with the base (up to 3)", scale=4,
+                                   elem_id="compare-adapters")
         refresh = gr.Button("↻ Refresh adapters", scale=1)
     with gr.Row():
         one_button = gr.Button("Compare on the Inspect tab's user", variant="primary")
-    user_chart = gr.Plot(label="Letter probabilities per system")
+    user_chart = gr.Plot(label="Letter probabilities per system", elem_id="compare-user-chart")
     user_table = gr.Dataframe(label="Rank of the ground truth and top-3 per system", interactive=False)
     gr.Markdown("### On many users")
     with gr.Row():
         count_box = gr.Slider(10, context.config.max_compare_users, value=min(100, context.config.max_compare_users),
                               step=10, label="Users (the first N of the dataset)", scale=4)
         many_button = gr.Button("Run on N users", variant="primary", scale=1)
-    counts = gr.Markdown()
+    counts = gr.Markdown(label="Improved / unchanged / worsened")
     metrics = gr.Dataframe(label="Metrics per system", interactive=False)
     differences = gr.Dataframe(label="Paired difference to the base (95% bootstrap CI)", interactive=False,
                                max_height=360)
     with gr.Row():
-        scatter = gr.Plot(label="Ground-truth probability: base vs adapter")
+        scatter = gr.Plot(label="Ground-truth probability: base vs adapter", elem_id="compare-scatter")
         with gr.Column():
             movers = gr.Dataframe(label="Most improved and most worsened users (select a row to open it)",
                                   interactive=False, max_height=360)
@@ -276,6 +287,10 @@ def compare_tab(context: AppContext, controls: InspectControls, tabs: gr.Tabs,
                       api_name="compare", concurrency_limit=1, concurrency_id="compare")
     refresh.click(lambda model: gr.Dropdown(choices=context.adapter_names(model)), [controls.model],
                   [adapters_box], api_visibility="private")
+    # Built once, the page would miss adapters published since (by the CLI, or before a reload).
+    demo.load(lambda model: (gr.Dropdown(choices=_adapter_choices(context, model)),
+                             gr.Dropdown(choices=context.adapter_names(model))),
+              [controls.model], [controls.adapter, adapters_box], api_visibility="private")
 
     def open_user(choice: str) -> tuple[Any, Any, Any]:
         if not choice or "|" not in choice:
@@ -284,7 +299,7 @@ def compare_tab(context: AppContext, controls: InspectControls, tabs: gr.Tabs,
         return gr.Dropdown(value=user_id), gr.Dropdown(value=system), gr.Tabs(selected="inspect")
 
     def select_row(event: gr.SelectData, table: Any) -> tuple[Any, Any, Any]:
-        row = table.iloc[event.index[0]] if hasattr(table, "iloc") else table["data"][event.index[0]]
+        row = table.iloc[event.index[0]]
         return open_user(f"{row['user_id']}|{row['system']}")
 
     inspect_inputs = [*controls.settings_inputs, controls.adapter, controls.user, controls.order]
@@ -311,11 +326,13 @@ def _form_component(name: str, value: Any) -> gr.components.Component:
     choices = {"prompt_preset": list(PRESETS), "strategy": list(STRATEGIES),
                "candidate_source": list(CANDIDATE_SOURCES), "text_field": list(TEXT_FIELDS),
                "sample_mode": list(SAMPLE_MODES)}
+    elem_id = f"finetune-{name.replace('_', '-')}"
     if name in choices:
-        return gr.Dropdown(choices[name], value=value, label=label)
+        return gr.Dropdown(choices[name], value=value, label=label, elem_id=elem_id)
     if isinstance(value, float) or name in ("epochs", "learning_rate", "lora_dropout", "warmup"):
-        return gr.Number(value, label=label)
-    return gr.Number(value, precision=0, label=label + (" (0: all)" if name == "max_samples" else ""))
+        return gr.Number(value, label=label, elem_id=elem_id)
+    return gr.Number(value, precision=0, label=label + (" (0: all)" if name == "max_samples" else ""),
+                     elem_id=elem_id)
 
 
 def finetune_tab(context: AppContext, controls: InspectControls,
@@ -337,7 +354,7 @@ def finetune_tab(context: AppContext, controls: InspectControls,
             form |= {name: _form_component(name, getattr(quick, name)) for name in _ADVANCED_FIELDS[:7]}
         with gr.Row():
             form |= {name: _form_component(name, getattr(quick, name)) for name in _ADVANCED_FIELDS[7:]}
-    message = gr.Markdown(elem_id="finetune-message")
+    message = gr.Markdown(label="Message", elem_id="finetune-message")
     progress = gr.HTML(views.progress_html(None), elem_id="finetune-progress")
     with gr.Row():
         loss_plot = gr.Plot(label="Training loss")
@@ -345,7 +362,7 @@ def finetune_tab(context: AppContext, controls: InspectControls,
     result = gr.Markdown(elem_id="finetune-result")
     with gr.Accordion("Preview one training sample (loss-carrying tokens highlighted)", open=False):
         preview_button = gr.Button("Show a training sample")
-        preview = gr.HTML()
+        preview = gr.HTML(label="Training sample")
     timer = gr.Timer(1.0, active=False)
     seen = gr.State(None)
     fields = list(form)
@@ -362,7 +379,7 @@ def finetune_tab(context: AppContext, controls: InspectControls,
     @_user_errors
     def cancel() -> str:
         status = context.jobs.cancel()
-        return f"Cancel requested for **{status.name}**: it stops at the next step boundary."
+        return f"**{status.name}**: {status.message}"
 
     @_user_errors
     def show_preview(preset: str, dataset: str, model: str, *values: Any) -> str:
@@ -387,7 +404,7 @@ def finetune_tab(context: AppContext, controls: InspectControls,
                        concurrency_id="jobs")
     cancel_button.click(cancel, [], [message], api_visibility="private", concurrency_limit=1, concurrency_id="jobs")
     preview_button.click(show_preview, [training_preset, controls.dataset, controls.model, *form_inputs], [preview],
-                         api_name="training_preview", concurrency_limit=2, concurrency_id="score")
+                         api_visibility="private", concurrency_limit=2, concurrency_id="score")
     log_box = gr.Markdown()
     tick_outputs = [progress, loss_plot, eval_plot, result, log_box, timer, *adapter_pickers, seen]
     timer.tick(tick, [controls.model, seen], tick_outputs, api_visibility="private", concurrency_limit=None,
@@ -416,18 +433,32 @@ def finetune_tab(context: AppContext, controls: InspectControls,
         status = context.start_finetune(name, dataset or context.dataset_names[0], model or context.model_names[0],
                                         training_preset, {key: value for key, value in options.items()
                                                           if value is not None})
-        return status.to_json()
+        return _status_json(status)
+
+    def training_preview(dataset: str = "", model: str = "", training_preset: str = "quick",
+                         prompt_preset: str | None = None, candidates: int | None = None,
+                         max_prompt_tokens: int | None = None, seed: int | None = None) -> dict:
+        """One training sample of these settings: every token with its ID and whether it carries loss."""
+        options = {"prompt_preset": prompt_preset, "candidates": candidates, "max_prompt_tokens": max_prompt_tokens,
+                   "seed": seed}
+        tokenizer, token_ids, loss_mask, caption = context.training_preview(
+            dataset or context.dataset_names[0], model or context.model_names[0], training_preset,
+            {key: value for key, value in options.items() if value is not None})
+        tokens = tokenizer.convert_ids_to_tokens(token_ids)
+        return {"caption": caption, "tokens": [{"token": token, "token_id": token_id, "loss": loss}
+                                               for token, token_id, loss in zip(tokens, token_ids, loss_mask)]}
 
     def cancel_finetune() -> dict:
         """Ask the running fine-tune to stop at its next step boundary."""
-        return context.jobs.cancel().to_json()
+        return _status_json(context.jobs.cancel())
 
     def finetune_status() -> dict:
         """The running or most recent fine-tune: state, step, losses, validation metrics, result."""
-        return context.jobs.status().to_json()
+        return _status_json(context.jobs.status())
 
     gr.api(_user_errors(start_finetune), api_name="start_finetune", concurrency_limit=1, concurrency_id="jobs")
     gr.api(_user_errors(cancel_finetune), api_name="cancel_finetune", concurrency_limit=1, concurrency_id="jobs")
+    gr.api(_user_errors(training_preview), api_name="training_preview", concurrency_limit=2, concurrency_id="score")
     gr.api(finetune_status, api_name="finetune_status", concurrency_limit=None)
 
 
@@ -438,16 +469,17 @@ def data_tab(context: AppContext, dataset_pickers: Sequence[gr.Dropdown], demo: 
     with gr.Row():
         with gr.Column(scale=2):
             shown = gr.Dropdown(context.dataset_names, value=context.dataset_names[0], label="Dataset")
-            summary = gr.Markdown()
+            summary = gr.Markdown(label="Statistics")
         with gr.Column(scale=3):
             files = gr.File(file_count="multiple", type="filepath", label=(
                 "Upload a dataset: items.csv + interactions.csv, MovieLens u.data + u.item / ratings.dat + "
-                "movies.dat / ratings.csv + movies.csv, or Amazon reviews + meta JSON lines"))
+                "movies.dat / ratings.csv + movies.csv, or Amazon reviews + meta JSON lines "
+                f"(at most {context.config.max_upload_bytes / 1024**2:g} MiB per file)"))
             with gr.Row():
                 upload_name = gr.Textbox(label="Name", placeholder="my-data", scale=2)
                 data_format = gr.Dropdown(["auto", *FORMATS], value="auto", label="Format", scale=1)
                 upload_button = gr.Button("Load upload", variant="primary", scale=1)
-            upload_message = gr.Markdown(elem_id="upload-message")
+            upload_message = gr.Markdown(label="Upload result", elem_id="upload-message")
     with gr.Row():
         lengths = gr.Plot(label="History lengths")
         popularity = gr.Plot(label="Item popularity")
@@ -492,7 +524,7 @@ def build_app(context: AppContext) -> gr.Blocks:
                 controls, outputs, random_button = inspect_tab(context)
                 inspect = wire_inspect(context, controls, outputs, random_button, demo)
             with gr.Tab("Compare", id="compare"):
-                compare_adapters = compare_tab(context, controls, tabs, inspect, list(outputs.values()))
+                compare_adapters = compare_tab(context, controls, tabs, inspect, list(outputs.values()), demo)
             with gr.Tab("Fine-tune", id="finetune"):
                 finetune_tab(context, controls, [controls.adapter, compare_adapters], demo)
             with gr.Tab("Data", id="data"):
@@ -537,7 +569,7 @@ def _auth(value: str | None) -> tuple[str, str] | None:
 def build_context(args: argparse.Namespace) -> AppContext:
     """Load the datasets and the first model named on the command line (others load on first use)."""
     from rerank_core.adapters import adapters_root
-    from rerank_core.models import embedded_model_folder, load_model
+    from rerank_core.models import ModelError, embedded_model_folder, load_model
 
     root = Path(__file__).resolve().parent
     config = AppConfig(adapters_root=adapters_root(args.adapters_dir), upload_root=root / "uploads",
@@ -549,7 +581,13 @@ def build_context(args: argparse.Namespace) -> AppContext:
         datasets.append(DatasetEntry(path.name if path.is_dir() else path.parent.name,
                                      load_dataset(path, args.data_format), path))
     datasets.append(DatasetEntry(SAMPLE_DATASET, load_dataset(None), bundled_sample_path()))
-    paths = [*(args.model or []), str(embedded_model_folder())]
+    paths = list(args.model or [])
+    try:
+        paths.append(str(embedded_model_folder()))
+    except ModelError as error:
+        if not paths:
+            raise
+        log.warning("the embedded model is not offered: %s", error)
     models = []
     for path in dict.fromkeys(paths):
         name = Path(path).name

@@ -3,7 +3,7 @@
 Prints wall time and forward passes per second for 20 rotations of one user (all rotations in one
 batch, in batches of 5, and one prompt at a time) and for 20 rotations of each of N users (one batch
 per user), with the bias figures the run finds. Each timing starts from an empty score cache.
-Usage: python bench/bench_diagnostics.py [--users 50] [--dtype auto] [--device auto]
+Usage: python bench/bench_diagnostics.py [--users 50 (0: one user only)] [--dtype auto] [--device auto]
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def timed_user(inspector: Inspector, user: str, settings: InspectSettings, batch
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--users", type=int, default=50, help="users for the many-user run (default 50)")
+    parser.add_argument("--users", type=int, default=50,
+                        help="users for the many-user run (default 50; 0 skips it)")
     parser.add_argument("--preset", default="seed")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")
@@ -53,7 +54,8 @@ def main() -> int:
 
     print(f"\n1 user x {CANDIDATES} rotations")
     runs = {}
-    for label, batch_size in (("one batch of 20", None), ("batches of 5", 5), ("one at a time", 1)):
+    for label, batch_size in (("one batch of 20", None), ("batches of 8", 8), ("batches of 5", 5),
+                              ("one at a time", 1)):
         result, seconds = timed_user(inspector, user, settings, batch_size)
         runs[label] = (result, seconds)
         passes = len(result.orders)
@@ -67,6 +69,8 @@ def main() -> int:
           f"stability (mean Kendall tau) {batched.stability:.3f}; truth ranks by rotation "
           f"{batched.truth_ranks}")
 
+    if args.users <= 0:
+        return 0
     users = dataset.users[:args.users]
     print(f"\n{len(users)} users x {CANDIDATES} rotations (one batch per user)")
     inspector.cache = ScoreCache()

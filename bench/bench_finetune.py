@@ -9,6 +9,7 @@ with the confidence interval above zero. Timings are noisy when other processes 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import tempfile
@@ -29,6 +30,16 @@ TARGET_GAIN = 0.10
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process: with other jobs on the cores, wall time overstates an idle machine's."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def load_average() -> str:
+    return " ".join(f"{value:.1f}" for value in os.getloadavg())
 
 
 def step_printer(every: int = 10):
@@ -90,10 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     root = tempfile.mkdtemp(prefix="bench-adapters-")
     name = f"bench-{args.training_preset}"
 
-    run_started = time.monotonic()
+    print(f"load average before the run: {load_average()} (on {os.cpu_count()} cores)")
+    run_started, run_cpu = time.monotonic(), cpu_seconds()
     report = train_adapter(loaded, dataset, config, name, root=root, on_event=step_printer(),
                            training_preset=args.training_preset)
-    run_seconds = time.monotonic() - run_started
+    run_seconds, run_cpu = time.monotonic() - run_started, cpu_seconds() - run_cpu
+    run_load = load_average()
 
     users = test_users(dataset, args.users)
     settings = InspectSettings(preset=config.prompt_preset, strategy=config.strategy, split="test",
@@ -108,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"quick fine-tune ({report.samples} samples, {report.steps} steps, preset {config.prompt_preset}, "
           f"{config.candidates} candidates)")
     print(f"  wall time (whole run: samples, validation, training, save): {run_seconds:.1f} s "
-          f"(target <= {TARGET_SECONDS:.0f} s)")
+          f"(target <= {TARGET_SECONDS:.0f} s); {run_cpu:.0f} CPU s; load average after: {run_load}")
     print(f"  training loop: {report.train_time_s:.1f} s, {report.samples_per_s:.2f} samples/s")
     print(f"  final loss {report.final_loss:.3f}, letter loss {report.final_letter_loss:.3f} "
           f"vs ln(N) = {report.uniform_loss:.3f}")

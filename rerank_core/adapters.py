@@ -121,6 +121,7 @@ def check_adapter(loaded: LoadedModel, name: str, root: str | os.PathLike[str] |
         raise AdapterError(
             f"no adapter named {name!r} in {adapters_root(root)}; available: {', '.join(by_name) or 'none'}")
     info = by_name[name]
+    _check_config(Path(info.path))
     manifest = info.manifest
     if manifest is None:
         log.warning("adapter %s has no %s; loading it as a plain PEFT adapter", name, MANIFEST_FILE)
@@ -134,6 +135,19 @@ def check_adapter(loaded: LoadedModel, name: str, root: str | os.PathLike[str] |
             f"{loaded.fingerprint}); load that base model or pick an adapter trained on this one")
     _check_shapes(loaded, Path(info.path))
     return info
+
+
+def _check_config(folder: Path) -> None:
+    """PEFT's own error for a broken adapter_config.json names neither the file nor the adapter."""
+    path = folder / _CONFIG_FILE
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise AdapterError(f"adapter {folder.name!r} config {path} is unreadable ({error}); "
+                           "delete the folder and train it again") from error
+    if not isinstance(config, dict):
+        raise AdapterError(f"adapter {folder.name!r} config {path} is not a JSON object; "
+                           "delete the folder and train it again")
 
 
 def _check_shapes(loaded: LoadedModel, folder: Path) -> None:
@@ -224,4 +238,8 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # A killed writer its parent has not reaped yet (a zombie) answers signals but writes nothing.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): trust the signal check

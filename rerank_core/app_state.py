@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from rerank_core.adapters import AdapterError, list_adapters
+from rerank_core.adapters import WEIGHTS_FILE, AdapterError, list_adapters
 from rerank_core.candidates import CandidateConfig
 from rerank_core.data import DataError, Dataset, load_dataset
 from rerank_core.inspector import BASE, Inspector, InspectSettings, UserInspection
@@ -105,23 +105,28 @@ class _FairLock:
             self._condition.notify_all()
 
 
-class _Lru(OrderedDict):
+class _Lru:
+    """A small thread-safe least-recently-used cache: handlers run on several threads at once."""
+
     def __init__(self, capacity: int) -> None:
-        super().__init__()
         self.capacity = capacity
+        self._entries: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
 
     def remember(self, key: Any, value: Any) -> Any:
-        self[key] = value
-        self.move_to_end(key)
-        while len(self) > self.capacity:
-            self.popitem(last=False)
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
         return value
 
     def recall(self, key: Any) -> Any:
-        value = self.get(key)
-        if value is not None:
-            self.move_to_end(key)
-        return value
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+            return value
 
 
 class AppContext:
@@ -247,7 +252,7 @@ class AppContext:
         """One user scored by one system; cached, so switching back is instant."""
         user_id = self._check_user(dataset, user_id)
         system = self._check_system(model, system)
-        key = ("inspect", dataset, model, system, user_id, settings)
+        key = ("inspect", dataset, model, system, self._adapter_stamp(system), user_id, settings)
         found = self._inspections.recall(key)
         if found is not None:
             return found
@@ -269,7 +274,8 @@ class AppContext:
 
         systems = self._systems(model, adapters)
         users = self.users(dataset)[:max(1, min(int(count), self.config.max_compare_users))]
-        key = ("compare", dataset, model, tuple(systems), tuple(users), settings)
+        key = ("compare", dataset, model, tuple((system, self._adapter_stamp(system)) for system in systems),
+               tuple(users), settings)
         found = self._comparisons.recall(key)
         if found is not None:
             return found
@@ -295,6 +301,13 @@ class AppContext:
             raise SessionError(f"compare the base with at most {MAX_COMPARE_SYSTEMS - 1} adapters at once; "
                                f"{len(chosen)} were chosen")
         return [BASE, *(self._check_system(model, name) for name in chosen)]
+
+    def _adapter_stamp(self, system: str) -> tuple[int, int] | None:
+        """The adapter's weights file stamp, so results of an adapter replaced under its name are not reused."""
+        if system == BASE:
+            return None
+        stat = (self.config.adapters_root / system / WEIGHTS_FILE).stat()
+        return stat.st_mtime_ns, stat.st_size
 
     def _check_user(self, dataset: str, user_id: str) -> str:
         user_id = str(user_id or "").strip()

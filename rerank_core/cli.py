@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rerank_core.candidates import CANDIDATE_ORDERS, CANDIDATE_SOURCES, CandidateConfig
+from rerank_core.adapters import check_adapter
+from rerank_core.candidates import CANDIDATE_ORDERS, CANDIDATE_SOURCES, MAX_CANDIDATES, CandidateConfig
 from rerank_core.cli_diagnose import add_diagnose_command
 from rerank_core.cli_train import add_train_command
 from rerank_core.data import TEXT_FIELDS, Dataset, load_dataset
@@ -24,6 +25,21 @@ from rerank_core.verbalizer import STRATEGIES, resolve_letters
 __all__ = ["add_common_options", "build_inspector", "build_settings", "main"]
 
 log = logging.getLogger("rerank_core")
+
+
+def _int_range(low: int, high: int | None = None) -> Any:
+    """An argparse type: a bad value stops at parsing, with the option's name, before anything loads."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            allowed = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range: use a whole number {allowed}")
+        return value
+
+    return parse
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
@@ -43,18 +59,19 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
                        help="letter→token strategy (default: %(default)s)")
     group.add_argument("--text-field", default="title", choices=TEXT_FIELDS,
                        help="which item text stands for an item (default: %(default)s)")
-    group.add_argument("--candidates", type=int, default=20, metavar="N",
+    group.add_argument("--candidates", type=_int_range(1, MAX_CANDIDATES), default=20, metavar="N",
                        help="number of candidates, 1-52 (default: %(default)s)")
     group.add_argument("--candidate-source", default="random", choices=CANDIDATE_SOURCES,
                        help="where negatives come from (default: %(default)s)")
     group.add_argument("--candidate-order", default="shuffled", choices=CANDIDATE_ORDERS,
                        help="shuffled (seeded) or the retriever's ranking (default: %(default)s)")
     group.add_argument("--seed", type=int, default=0, help="seed for candidates and sampling (default: %(default)s)")
-    group.add_argument("--max-prompt-tokens", type=int, default=1536, metavar="N",
+    group.add_argument("--max-prompt-tokens", type=_int_range(1), default=1536, metavar="N",
                        help="drop oldest history items until the prompt fits (default: %(default)s)")
     group.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32 (default: %(default)s)")
     group.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: %(default)s)")
-    group.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default: %(default)s)")
+    group.add_argument("--batch-size", type=_int_range(1), default=8,
+                       help="prompts per forward pass (default: %(default)s)")
     group.add_argument("--trust-remote-code", action="store_true",
                        help="allow model folders to run their own Python code (off by default)")
     group.add_argument("--adapters-dir", metavar="PATH",
@@ -168,10 +185,18 @@ def command_eval(args: argparse.Namespace) -> int:
     if args.users:
         users = users[:args.users]
     systems = [BASE, *(args.adapter or [])]
+    # Bad adapters and an unwritable output folder fail now, not after minutes of scoring.
+    for name in systems[1:]:
+        check_adapter(inspector.loaded, name, args.adapters_dir)
+    out_dir = Path(args.output_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"--output-dir {out_dir} cannot be created ({error.strerror}): choose a writable folder") \
+            from None
     with tqdm(total=len(users) * len(systems), desc="scoring", unit="user", file=sys.stderr) as bar:
         per_user, summary = compare_systems(inspector, users, settings, systems,
                                             progress=lambda done, _total: bar.update(done - bar.n))
-    out_dir = Path(args.output_dir)
     csv_path, summary_path = out_dir / "per_user.csv", out_dir / "summary.json"
     atomic_write_text(csv_path, per_user.to_csv(index=False))
     records = json.loads(summary.to_json(orient="records"))
@@ -209,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="metrics over many users; base vs adapters with paired CIs",
                                    description="Score many users, write a per-user CSV and a JSON summary.")
     add_common_options(evaluate)
-    evaluate.add_argument("--users", type=int, default=200, help="first N users (0 = all; default %(default)s)")
+    evaluate.add_argument("--users", type=_int_range(0), default=200,
+                          help="first N users (0 = all; default %(default)s)")
     evaluate.add_argument("--split", choices=("test", "validation"), default="test", help="which target")
     evaluate.add_argument("--adapter", action="append", metavar="NAME",
                           help="also score this adapter (repeatable); differences are paired with the base")

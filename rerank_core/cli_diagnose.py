@@ -34,7 +34,11 @@ def _print(args: argparse.Namespace, payload: Any, tables: list[tuple[str, pd.Da
     return 0
 
 
-def _progress(label: str) -> Callable[[int, int], None]:
+def _progress(label: str) -> Callable[[int, int], None] | None:
+    """A one-line counter on a terminal; nothing when stderr is a file or a pipe."""
+    if not sys.stderr.isatty():
+        return None
+
     def report(done: int, total: int) -> None:
         print(f"\r{label}: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
     return report

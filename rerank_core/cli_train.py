@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -12,7 +13,7 @@ from typing import Any
 
 from rerank_core.training import TRAINING_PRESETS, TrainConfig
 
-__all__ = ["EXIT_CANCELLED", "EXIT_FAILED", "add_common_options", "add_train_command", "main", "run_train"]
+__all__ = ["EXIT_CANCELLED", "EXIT_FAILED", "add_train_command", "main", "run_train"]
 
 EXIT_FAILED = 1
 # 128 + SIGINT, the shell's convention for a run the user stopped.
@@ -40,50 +41,67 @@ _CONFIG_OPTIONS: dict[str, tuple[str, Any, str]] = {
 }
 
 
-def add_common_options(parser: argparse.ArgumentParser) -> None:
-    """The options every command shares (stand-in until rerank_core/cli.py defines them); None = command default."""
-    parser.add_argument("--model", metavar="PATH", help="local Hugging Face model folder (default: embedded "
-                        "SmolLM2-135M-Instruct)")
-    parser.add_argument("--data", metavar="PATH", help="dataset folder or file (default: bundled sample_data/)")
-    parser.add_argument("--data-format", help="dataset format; detected when omitted")
-    parser.add_argument("--preset", help="prompt preset: seed, seed_after, llamarec, llamarec_after")
-    parser.add_argument("--strategy", help="verbalizer strategy: as_trained, seed, encode")
-    parser.add_argument("--candidates", type=int, metavar="N", help="candidates per prompt (at most 52)")
-    parser.add_argument("--candidate-source", help="negatives: random, popular or retriever")
-    parser.add_argument("--text-field", help="item text shown in prompts: title, caption or summary")
-    parser.add_argument("--seed", type=int, help="seed for samples, candidates and initialisation")
-    parser.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+def _add_shared_options(parser: argparse.ArgumentParser) -> None:
+    """The options every command has, named as in cli.py, but defaulting to the training preset's values.
 
-
-def add_train_command(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
-    """Register `train` on a subparsers object; `parents` carry the common options. Sets func=run_train."""
+    cli.add_common_options defaults suit inspection (preset seed, 1536 prompt tokens, 8 prompts per
+    forward pass); for training they would silently override the quick preset's seed_after, 320 and 4.
+    """
     quick = TRAINING_PRESETS["quick"]
+    group = parser.add_argument_group("model, data and prompt (defaults: the training preset's)")
+    group.add_argument("--model", metavar="PATH",
+                       help="local Hugging Face model folder (default: embedded SmolLM2-135M-Instruct)")
+    group.add_argument("--data", metavar="PATH", help="dataset folder or file (default: the bundled sample_data/)")
+    group.add_argument("--data-format", help="force the data format instead of detecting it")
+    group.add_argument("--preset", help="prompt preset: seed, seed_after, llamarec, llamarec_after "
+                       f"(quick: {quick.prompt_preset}; *_after put the letter after the item text)")
+    group.add_argument("--strategy", help=f"verbalizer strategy for validation and the manifest: as_trained, seed, "
+                       f"encode (quick: {quick.strategy})")
+    group.add_argument("--candidates", type=int, metavar="N",
+                       help=f"candidates per prompt, 1-52 (quick: {quick.candidates})")
+    group.add_argument("--candidate-source", help=f"negatives: random, popular or retriever "
+                       f"(quick: {quick.candidate_source})")
+    group.add_argument("--text-field", help=f"item text in prompts: title, caption or summary "
+                       f"(quick: {quick.text_field})")
+    group.add_argument("--seed", type=int, help=f"seed for samples, candidates and LoRA initialisation "
+                       f"(quick: {quick.seed})")
+    group.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32 (default: %(default)s)")
+    group.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]; under torchrun each process takes "
+                       "the GPU of its LOCAL_RANK (default: %(default)s)")
+    group.add_argument("--trust-remote-code", action="store_true",
+                       help="allow model folders to run their own Python code (off by default)")
+    group.add_argument("--adapters-dir", metavar="PATH",
+                       help="adapters folder (default: adapters/ beside the code, or $RERANK_ADAPTERS_DIR)")
+
+
+def add_train_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `train` (with every option it reads) on a subparsers object; sets handler=run_train."""
+    quick, full = TRAINING_PRESETS["quick"], TRAINING_PRESETS["full"]
     parser = subparsers.add_parser(
-        "train", parents=list(parents), formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        help="LoRA fine-tune on answer letters and save adapters/<name>",
+        "train", help="LoRA fine-tune on answer letters and save adapters/<name>",
         description="LoRA fine-tune on the answer letters of training samples cut from each user's sequence, "
-                    "then publish adapters/<name> with a manifest. Progress goes to a bar on stderr and, "
-                    "with --events, to a JSON-lines file. Cancel with SIGTERM, SIGINT (Ctrl-C) or by creating "
-                    "the --cancel-file: the run stops at the next step and leaves nothing in adapters/. "
-                    "Works under `torchrun` / `accelerate launch` unchanged. Exit status: 0 saved, "
-                    f"{EXIT_FAILED} failed, {EXIT_CANCELLED} cancelled. Settings not given come from the "
-                    "training preset (defaults shown are the quick preset's).")
+                    "then publish adapters/<name> with a manifest. Progress goes to a bar on stderr (loss "
+                    "next to ln(N), the loss of a model that spreads its answer evenly over N candidates) "
+                    "and, with --events, to a JSON-lines file. Cancel with SIGTERM, SIGINT (Ctrl-C) or by "
+                    "creating the --cancel-file: the run stops at the next step and leaves nothing in "
+                    "adapters/. Runs unchanged under `torchrun` / `accelerate launch`. Exit status: 0 saved, "
+                    f"{EXIT_FAILED} failed, {EXIT_CANCELLED} cancelled. Settings not given come from "
+                    "--training-preset.")
+    _add_shared_options(parser)
     parser.add_argument("--name", required=True, help="adapter folder name: letters, digits, '.', '_', '-'")
     parser.add_argument("--training-preset", choices=sorted(TRAINING_PRESETS), default="quick",
                         help="quick: a few minutes on a 2-core CPU with the default model; full: GPU sizing")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing adapter of that name")
     parser.add_argument("--events", metavar="FILE", help="write progress events as JSON lines to FILE")
     parser.add_argument("--cancel-file", metavar="FILE", help="stop at the next step once FILE exists")
-    parser.add_argument("--adapters-dir", metavar="DIR", help="adapters folder (default: adapters/ or "
-                        "$RERANK_ADAPTERS_DIR)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     for name, (option, kind, text) in _CONFIG_OPTIONS.items():
         parser.add_argument(option, dest=name, type=kind, default=None,
-                            help=f"{text} (quick: {_shown(getattr(quick, name))})")
+                            help=f"{text} (quick: {_shown(getattr(quick, name))}, "
+                                 f"full: {_shown(getattr(full, name))})")
     parser.add_argument("--train-on-eos", dest="train_on_eos", action=argparse.BooleanOptionalAction,
                         default=None, help="also train the end-of-turn token(s) after the letter (quick: on)")
-    parser.set_defaults(func=run_train)
+    parser.set_defaults(handler=run_train)
     return parser
 
 
@@ -103,10 +121,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
               "candidate_source": "candidate_source", "text_field": "text_field", "seed": "seed",
               "train_on_eos": "train_on_eos"}
     overrides.update({field_name: getattr(args, option, None) for field_name, option in shared.items()})
-    unlimited = overrides["max_samples"] == 0
-    config = training_config(args.training_preset, **{**overrides, "max_samples": None if unlimited
-                                                       else overrides["max_samples"]})
-    return replace(config, max_samples=None) if unlimited else config
+    max_samples = overrides.pop("max_samples")
+    config = training_config(args.training_preset, **overrides, max_samples=max_samples or None)
+    return replace(config, max_samples=None) if max_samples == 0 else config
 
 
 class _ProgressBar:
@@ -150,7 +167,7 @@ def run_train(args: argparse.Namespace) -> int:
     from rerank_core.data import load_dataset
     from rerank_core.models import load_model
     from rerank_core.progress import CancelFlag, EventLog
-    from rerank_core.training import train_adapter
+    from rerank_core.training import check_adapter_target, train_adapter
 
     events = EventLog(args.events) if args.events else None
     bar = _ProgressBar(not args.no_progress)
@@ -168,8 +185,10 @@ def run_train(args: argparse.Namespace) -> int:
         with cancel.handling_signals():
             try:
                 config = config_from_args(args)
+                check_adapter_target(args.name, args.adapters_dir, overwrite=args.overwrite)  # before loading
                 dataset = load_dataset(args.data, args.data_format)
-                loaded = load_model(args.model, device=args.device or "auto", dtype=args.dtype or "auto")
+                loaded = load_model(args.model, device=_process_device(args.device), dtype=args.dtype or "auto",
+                                    trust_remote_code=args.trust_remote_code)
                 report = train_adapter(loaded, dataset, config, args.name, root=args.adapters_dir,
                                        overwrite=args.overwrite, on_event=on_event, cancel=cancel,
                                        training_preset=args.training_preset)
@@ -191,6 +210,17 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _process_device(requested: str | None) -> str:
+    """Under torchrun each process loads onto its own GPU, not all onto cuda:0."""
+    import torch
+
+    device = requested or "auto"
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None and device in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{local_rank}"
+    return device
+
+
 def _print_summary(report: Any) -> None:
     if report.path is None:
         return  # a non-zero rank of a distributed run: rank 0 prints
@@ -207,15 +237,12 @@ def _print_summary(report: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry (`python -m rerank_core.cli_train train ...`) until rerank_core/cli.py exists."""
+    """`python -m rerank_core.cli_train train ...`: the train command alone (the app's job runner uses it)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    common = argparse.ArgumentParser(add_help=False)
-    add_common_options(common)
     parser = argparse.ArgumentParser(prog="python -m rerank_core")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    add_train_command(subparsers, parents=[common])
+    add_train_command(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return args.func(args)
+    return args.handler(args)
 
 
 if __name__ == "__main__":

@@ -76,14 +76,15 @@ class Dataset:
         if missing:
             shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
             raise DataError(
-                f"{len(missing)} interacted item id(s) are not in the items table: {shown}",
-                file=self.source or None, field="item_id")
+                f"{len(missing)} interacted item id(s) are not in the items table: {shown}; add them to the "
+                "items file or remove their interactions", file=self.source or None, field="item_id")
         # Leave-one-out needs train >= 1, validation and test: at least 3 interactions.
         self.short_users = sorted(user for user, seq in self.sequences.items() if len(seq) < 3)
         for user in self.short_users:
             del self.sequences[user]
         if not self.sequences:
-            raise DataError("no user has the 3 interactions leave-one-out needs",
+            raise DataError(f"no user has the 3 interactions leave-one-out needs ({len(self.short_users)} "
+                            "user(s) have fewer): add interactions or use a dataset with longer histories",
                             file=self.source or None)
 
     @property
@@ -107,7 +108,8 @@ class Dataset:
         """Leave-one-out: last item is test, second to last validation, the rest training."""
         if user_id not in self.sequences:
             hint = " (it has fewer than 3 interactions)" if user_id in self.short_users else ""
-            raise KeyError(f"user {user_id!r} is not in dataset {self.name}{hint}")
+            raise KeyError(f"user {user_id!r} is not in dataset {self.name}{hint}; pick one of its "
+                           f"{len(self.sequences)} users, e.g. {', '.join(self.users[:3])}")
         sequence = self.sequences[user_id]
         if split == "test":
             return UserSplit(user_id, split, tuple(sequence[:-1]), sequence[-1])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
-import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
@@ -17,6 +16,7 @@ from rerank_core.diagnostics import (
     PositionBiasSummary,
     TemplateConsistency,
 )
+from rerank_core.metrics import rank_of_truth
 
 __all__ = [
     "history_influence_chart",
@@ -120,8 +120,9 @@ def truth_rank_chart(results: Sequence[PositionBias]) -> go.Figure:
 def position_items_frame(result: PositionBias) -> pd.DataFrame:
     """Per item: probability as shown, debiased, its spread over orders, and both ranks."""
     item_probs, debiased = result.item_probs, result.debiased
-    shown_rank = {item: rank + 1 for rank, item in enumerate(np.argsort(-item_probs[0], kind="stable"))}
-    debiased_rank = {item: rank + 1 for rank, item in enumerate(np.argsort(-debiased, kind="stable"))}
+    # Ranks with the metrics' tie rule (ties rank last), so the truth's row matches its metrics.
+    shown_rank = [rank_of_truth(item_probs[0], index) for index in range(len(result.item_ids))]
+    debiased_rank = [rank_of_truth(debiased, index) for index in range(len(result.item_ids))]
     return pd.DataFrame([{
         "letter": result.letters[index], "item_id": item_id, "text": text,
         "truth": "★ truth" if index == result.target_index else "",

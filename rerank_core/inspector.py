@@ -11,6 +11,7 @@ import pandas as pd
 
 from rerank_core.adapters import (
     WEIGHTS_FILE,
+    AdapterError,
     AdapterInfo,
     adapters_root,
     check_adapter,
@@ -143,9 +144,6 @@ class Inspector:
         self.batch_size = batch_size
         self._samplers: dict[CandidateConfig, CandidateSampler] = {}
         self._letters: dict[tuple[Any, ...], tuple[LetterToken, ...]] = {}
-        self._adapter_info: dict[str, AdapterInfo] = {}
-        self._adapter_versions: dict[str, tuple[int, int] | None] = {}
-        self._model: Any = None if loaded is None else loaded.model
         self.cache = ScoreCache()
 
     # -- prompts -----------------------------------------------------------------------------
@@ -172,10 +170,18 @@ class Inspector:
         history_texts = [self.dataset.text(item, settings.text_field) for item in split.history]
         candidate_texts = tuple(self.dataset.text(item, settings.text_field) for item in candidates.item_ids)
         prompt = build_prompt(self.tokenizer, settings.preset, history_texts, candidate_texts,
-                              max_prompt_tokens=settings.max_prompt_tokens)
+                              max_prompt_tokens=self._prompt_budget(settings))
         token_ids = tuple(encode_rendered(self.tokenizer, settings.preset, prompt.rendered))
         letters = self.letter_tokens(settings, len(candidate_texts))
         return PreparedUser(split, candidates, candidate_texts, prompt, token_ids, letters)
+
+    def _prompt_budget(self, settings: InspectSettings) -> int | None:
+        """The setting, capped at the model's context: positions past it read garbage or fail to index."""
+        config = getattr(self.loaded.model, "config", None) if self.loaded is not None else None
+        context = getattr(config, "max_position_embeddings", None)
+        if not isinstance(context, int) or context <= 0:
+            return settings.max_prompt_tokens
+        return context if settings.max_prompt_tokens is None else min(settings.max_prompt_tokens, context)
 
     # -- adapters ----------------------------------------------------------------------------
 
@@ -198,30 +204,35 @@ class Inspector:
         """The model to run for `system`: the base (adapters disabled) or one loaded adapter."""
         if self.loaded is None:
             raise ValueError("scoring needs a model; this Inspector was built with a tokenizer only")
+        slots = self.loaded.adapters
         if system == BASE:
-            return self._model
-        if system in self._adapter_info and self._adapter_versions.get(system) != version:
-            self._model.delete_adapter(system)
-            del self._adapter_info[system]
-        if system not in self._adapter_info:
+            return slots.peft_model or self.loaded.model
+        if system in slots.infos and slots.versions.get(system) != version:
+            slots.peft_model.delete_adapter(system)
+            del slots.infos[system]
+        if system not in slots.infos:
             from peft import PeftModel
 
             info = check_adapter(self.loaded, system, self.adapters_root)
-            if isinstance(self._model, PeftModel):
-                self._model.load_adapter(info.path, adapter_name=system)
-            else:
-                self._model = PeftModel.from_pretrained(self.loaded.model, info.path, adapter_name=system)
-            self._model.eval()
-            self._adapter_info[system] = info
-            self._adapter_versions[system] = version
-        self._model.set_adapter(system)
-        return self._model
+            try:
+                if slots.peft_model is not None:
+                    slots.peft_model.load_adapter(info.path, adapter_name=system)
+                else:
+                    slots.peft_model = PeftModel.from_pretrained(self.loaded.model, info.path, adapter_name=system)
+            except Exception as error:  # PEFT's KeyError/TypeError for a damaged config names no adapter
+                raise AdapterError(f"adapter {system!r} in {info.path} cannot be loaded ({type(error).__name__}: "
+                                   f"{error}); delete the folder and train it again") from error
+            slots.peft_model.eval()
+            slots.infos[system] = info
+            slots.versions[system] = version
+        slots.peft_model.set_adapter(system)
+        return slots.peft_model
 
     def settings_for(self, system: str, settings: InspectSettings) -> tuple[InspectSettings, str]:
         """An adapter is scored with the preset it was trained with, unless the user overrides it."""
         if system == BASE or not settings.use_adapter_preset:
             return settings, ""
-        info = self._adapter_info.get(system) or check_adapter(self.loaded, system, self.adapters_root)
+        info = self.loaded.adapters.infos.get(system) or check_adapter(self.loaded, system, self.adapters_root)
         trained = info.preset
         if trained and trained != settings.preset:
             note = f"adapter {system!r} was trained with preset {trained!r}; scored with it, not {settings.preset!r}"

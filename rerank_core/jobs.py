@@ -22,6 +22,7 @@ from rerank_core.adapters import adapters_root, list_adapters, remove_stale, val
 from rerank_core.candidates import CANDIDATE_SOURCES
 from rerank_core.data import TEXT_FIELDS
 from rerank_core.fsutil import atomic_write_text
+from rerank_core.inspector import BASE
 from rerank_core.metrics import METRIC_NAMES
 from rerank_core.progress import read_events
 from rerank_core.prompts import PRESETS
@@ -64,7 +65,7 @@ class TrainRequest:
         validate_adapter_name(self.name)
         if self.training_preset not in ("quick", "full"):
             raise JobError(f"training preset {self.training_preset!r} is not one of quick, full")
-        argv = [sys.executable, "-m", "rerank_core.cli_train", "train", "--name", self.name,
+        argv = [sys.executable, "-m", "rerank_core", "train", "--name", self.name,
                 "--training-preset", self.training_preset, "--model", self.model_path,
                 "--data", self.data_path, "--adapters-dir", str(adapters),
                 "--events", str(events), "--cancel-file", str(cancel_file), "--no-progress"]
@@ -170,6 +171,8 @@ class JobRunner:
     def start(self, request: TrainRequest) -> JobStatus:
         """Launch the training subprocess, or raise JobBusy naming the run that is going."""
         name = validate_adapter_name(request.name)
+        if name == BASE:
+            raise JobError(f"{BASE!r} names the model without an adapter in every picker: choose another name")
         if any(info.name == name for info in list_adapters(self.adapters)):
             raise JobError(f"adapter {name!r} already exists in {self.adapters}: choose another name")
         with self._lock, self._file_lock():
@@ -270,13 +273,14 @@ class JobRunner:
             else:
                 running = _alive(job.get("pid"), folder / _EVENTS_FILE)
             if not running:
-                job = self._finish(folder, job, returncode, events)
+                # Read the events again: the process may have written its last one after the read above.
+                job = self._finish(folder, job, returncode)
+                events = read_events(folder / _EVENTS_FILE)
         return _status_from(folder, job, events)
 
-    def _finish(self, folder: Path, job: dict[str, Any], returncode: int | None,
-                events: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    def _finish(self, folder: Path, job: dict[str, Any], returncode: int | None) -> dict[str, Any]:
         """Record how a run ended: its last event says so, else it died (crash, SIGKILL, machine restart)."""
-        events = read_events(folder / _EVENTS_FILE) if events is None else events
+        events = read_events(folder / _EVENTS_FILE)
         last = next((event for event in reversed(events) if event.get("event") in _TERMINAL), None)
         if last is not None:
             state = last["event"]
@@ -284,8 +288,8 @@ class JobRunner:
         else:
             state = "failed"
             how = f"exited with code {returncode}" if returncode is not None else "is gone (killed or restarted)"
-            message = (f"the training process {how} before reporting an end; nothing was published. "
-                       f"Last lines of {folder / _LOG_FILE}:\n{_tail(folder / _LOG_FILE)}")
+            message = (f"the training process {how} before reporting an end; nothing was published "
+                       f"(its output: {folder / _LOG_FILE})")
         job = {**job, "state": state, "ended_at": time.time(), "message": message, "returncode": returncode}
         self._write_job(folder, job)
         if state != "done":

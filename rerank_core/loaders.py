@@ -484,6 +484,9 @@ class _Events:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._by_user: dict[str, list[tuple[float, str]]] = {}
+        # Each item's first line, so an item missing from the items file can be found in this one.
+        self._first_line: dict[str, int] = {}
+        self._item_field = "item_id"
 
     def add(self, user: str, item: str, when: object, line: int, *, fields: tuple[str, str, str],
             seconds_per_unit: float = 1.0) -> None:
@@ -492,6 +495,8 @@ class _Events:
             raise DataError(f"the {name} is empty", file=str(self.path), line=line, field=name)
         seconds = _seconds(when, seconds_per_unit, self.path, line, fields[2])
         self._by_user.setdefault(user, []).append((seconds, item))
+        self._first_line.setdefault(item, line)
+        self._item_field = fields[1]
 
     @property
     def count(self) -> int:
@@ -506,7 +511,17 @@ class _Events:
         kept = {user: [event for event in events if event[1] in items]
                 for user, events in self._by_user.items()}
         self._by_user = {user: events for user, events in kept.items() if events}
+        self._first_line = {item: line for item, line in self._first_line.items() if item in items}
         return before - self.count
+
+    def check_items(self, items: dict[str, Item], items_path: Path) -> None:
+        """Every interacted item must be in the items file; name the first line that breaks this."""
+        unknown = sorted((line, item) for item, line in self._first_line.items() if item not in items)
+        if unknown:
+            shown = ", ".join(repr(item) for _, item in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            raise DataError(f"{len(unknown)} interacted item id(s) are not in {items_path.name}: {shown}; add "
+                            f"them to {items_path.name} or remove their interactions",
+                            file=str(self.path), line=unknown[0][0], field=self._item_field)
 
     def sequences(self) -> dict[str, list[str]]:
         if not self._by_user:
@@ -538,7 +553,9 @@ def _seconds(value: object, seconds_per_unit: float, path: Path, line: int, fiel
 
 
 def _dataset(name: str, table: _ItemTable, events: _Events) -> Dataset:
-    return Dataset(name=name, items=table.finish(), sequences=events.sequences(), source=str(events.path))
+    items = table.finish()
+    events.check_items(items, table.path)
+    return Dataset(name=name, items=items, sequences=events.sequences(), source=str(events.path))
 
 
 _LOADERS: dict[str, Callable[[Path], Dataset]] = {

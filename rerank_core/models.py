@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from rerank_core.fsutil import user_cache_dir
 
 __all__ = [
     "EMBEDDED_MODEL_NAME",
+    "AdapterSlots",
     "LoadedModel",
     "ModelError",
     "auto_device",
@@ -44,6 +45,15 @@ class ModelError(RuntimeError):
 
 
 @dataclass
+class AdapterSlots:
+    """Adapters loaded into one model: PEFT wraps the model in place, so every user of it must share this."""
+
+    peft_model: Any = None
+    infos: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, tuple[int, int] | None] = field(default_factory=dict)
+
+
+@dataclass
 class LoadedModel:
     """A base model with its tokenizer and the identity adapters are checked against."""
 
@@ -54,11 +64,17 @@ class LoadedModel:
     device: str
     dtype: torch.dtype
     fingerprint: str
+    adapters: AdapterSlots = field(default_factory=AdapterSlots, repr=False, compare=False)
 
 
 def auto_device(requested: str = "auto") -> str:
-    """CUDA when present, else CPU; an explicit request is honoured."""
+    """CUDA when present, else CPU; an explicit request is honoured if this machine has that device."""
     if requested != "auto":
+        try:  # fail here with the option's name, not deep inside model.to() with a bare AssertionError
+            torch.empty(0, device=requested)
+        except (RuntimeError, AssertionError, ValueError) as error:
+            raise ModelError(f"--device {requested!r} cannot be used here ({error}); use auto, cpu or "
+                             f"cuda[:N] (CUDA available: {torch.cuda.is_available()})") from None
         return requested
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -210,7 +226,9 @@ def load_model(
             folder, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError, RuntimeError) as error:
-        raise ModelError(f"could not load model weights from {folder}: {error}") from error
+        hint = (" The folder ships its own Python code: pass --trust-remote-code only if you trust it."
+                if "trust_remote_code" in str(error) and not trust_remote_code else "")
+        raise ModelError(f"could not load model weights from {folder}: {error}{hint}") from error
     model.to(device_name)
     model.eval()
     name = EMBEDDED_MODEL_NAME if path is None else folder.name

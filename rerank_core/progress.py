@@ -65,7 +65,15 @@ def read_events(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     except FileNotFoundError:
         return []
     complete, _, _ = data.rpartition(b"\n")
-    return [json.loads(line) for line in complete.decode("utf-8").splitlines() if line.strip()]
+    events = []
+    for line in complete.decode("utf-8", "replace").splitlines():
+        try:
+            event = json.loads(line) if line.strip() else None
+        except ValueError:
+            continue  # a line torn by a full disk or a crash: the others still tell how the run went
+        if isinstance(event, dict):
+            events.append(event)
+    return events
 
 
 class CancelFlag:

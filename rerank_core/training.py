@@ -48,6 +48,7 @@ __all__ = [
     "TrainingError",
     "TrainingSample",
     "build_training_samples",
+    "check_adapter_target",
     "label_samples",
     "train_adapter",
     "training_config",
@@ -88,7 +89,7 @@ class TrainConfig:
     warmup: float = 0.05
     max_samples: int | None = 300
     seed: int = 0
-    max_prompt_tokens: int | None = 512
+    max_prompt_tokens: int | None = 320
     prompt_preset: str = "seed_after"
     strategy: str = "as_trained"
     candidates: int = 20
@@ -96,7 +97,7 @@ class TrainConfig:
     text_field: str = "title"
     sample_mode: str = "prefixes"
     eval_every: int = 40
-    eval_users: int = 40
+    eval_users: int = 32
     train_on_eos: bool = True
 
     def __post_init__(self) -> None:
@@ -219,7 +220,10 @@ def build_training_samples(
         if cancel is not None and number % 16 == 0 and cancel.requested:
             raise _Cancelled
         sequence = dataset.training_sequence(user)
-        history, target = tuple(sequence[:position]), sequence[position]
+        # Every history line costs at least one token, so older items could never fit the prompt:
+        # capping them keeps each sample's cost bounded however long the user's sequence is.
+        start = 0 if config.max_prompt_tokens is None else max(0, position - config.max_prompt_tokens)
+        history, target = tuple(sequence[start:position]), sequence[position]
         candidates = sampler.for_training(user, history, target, sample_key=str(position))
         try:
             prompt = build_prompt(
@@ -353,7 +357,7 @@ def _make_trainer(*args: Any, **kwargs: Any) -> Any:
                          num_items_in_batch: Any = None) -> Any:
             labels = inputs.pop("labels")
             loss, letter_loss, outputs = _answer_loss(model, inputs, labels)
-            self._letter_sum = self._letter_sum + letter_loss.double().sum().cpu()
+            self._letter_sum = self._letter_sum + letter_loss.double().sum()
             self._letter_count += len(letter_loss)
             return (loss, outputs) if return_outputs else loss
 
@@ -519,6 +523,16 @@ def _manifest(loaded: LoadedModel, dataset: Dataset, config: TrainConfig, name: 
     }
 
 
+def check_adapter_target(name: str, root: str | os.PathLike[str] | None = None, *, overwrite: bool = False) -> Path:
+    """adapters/<name>, if the name is valid and free (or may be overwritten): checked before any work."""
+    validate_adapter_name(name)
+    target = adapters_root(root) / name
+    if target.exists() and not overwrite:
+        raise AdapterError(f"adapter {name!r} already exists in {target.parent}; choose another name or pass "
+                           "overwrite=True (--overwrite) to replace it")
+    return target
+
+
 def train_adapter(
     loaded: LoadedModel,
     dataset: Dataset,
@@ -537,12 +551,21 @@ def train_adapter(
     validates, emits events and writes the adapter. Nothing is visible in adapters/ until the complete
     folder is renamed into place; a cancelled or failed run deletes its staging folder. `loaded.model`
     gets its LoRA layers removed again at the end, so the caller can keep using the base model.
+
+    Events passed to `on_event` (each also has "time" and "adapter"), in order:
+      start       pid, world_size, config, training_preset, model, dataset, uniform_loss
+      stage       stage = samples | samples ready (samples, dropped) | validation (step) |
+                  training (total_steps) | saving
+      validation  step (0 = before training), elapsed, NDCG@10, Recall@10, MRR@10
+      step        step, total_steps, loss, letter_loss, uniform_loss (ln N), learning_rate, grad_norm,
+                  epoch, elapsed, eta (seconds)
+      done | cancelled (reason) | failed (error)   report (TrainReport.to_json()); done also has path
     """
     from peft import LoraConfig, get_peft_model
     from transformers import TrainingArguments, set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    validate_adapter_name(name)
+    validate_adapter_name(name)  # before remove_stale touches the folder
     rank, world_size = _rank_and_world()
     is_main = rank == 0
     folder = adapters_root(root)
@@ -555,9 +578,7 @@ def train_adapter(
 
     if is_main:
         remove_stale(folder)
-    if (folder / name).exists() and not overwrite:
-        raise AdapterError(f"adapter {name!r} already exists in {folder}; choose another name or pass "
-                           "overwrite=True (--overwrite) to replace it")
+    check_adapter_target(name, folder, overwrite=overwrite)
     if _has_lora_layers(loaded.model):
         raise TrainingError("the loaded model already carries LoRA layers (an adapter was loaded into it); "
                             "load a fresh base model to train a new adapter")

@@ -265,10 +265,16 @@ def _audit_table(inspection: UserInspection) -> tuple[Styler, str]:
     return styled, note
 
 
-def _other_tokens_table(inspection: UserInspection) -> pd.DataFrame:
-    return pd.DataFrame([{"token": token, "token_id": token_id, "probability": round(probability, 4)}
-                         for token, token_id, probability in inspection.scores.top_other],
-                        columns=["token", "token_id", "probability"])
+def _other_tokens_table(inspection: UserInspection, tokenizer: Any) -> pd.DataFrame:
+    """What the model wanted to say instead of a letter: raw token, its text (whitespace shown), probability."""
+    rows = [{"token": token, "text": _plain_visible(tokenizer.decode([token_id])), "id": token_id,
+             "probability": float(f"{probability:.3g}")}
+            for token, token_id, probability in inspection.scores.top_other]
+    return pd.DataFrame(rows, columns=["token", "text", "id", "probability"])
+
+
+def _plain_visible(text: str) -> str:
+    return text.replace(" ", "·").replace("\n", "↵").replace("\t", "⇥")
 
 
 def _summary_markdown(inspection: UserInspection, dataset: Dataset, model_name: str) -> str:
@@ -334,7 +340,7 @@ def inspect_view(inspection: UserInspection, dataset: Dataset, tokenizer: Any, *
                           letter_ids=[token.token_id for token in prepared.letter_tokens],
                           answer_position=len(prepared.token_ids) - 1),
         audit=audit, audit_note=audit_note,
-        other_tokens=_other_tokens_table(inspection))
+        other_tokens=_other_tokens_table(inspection, tokenizer))
 
 
 # -- Compare ------------------------------------------------------------------------------------
@@ -503,7 +509,8 @@ def loss_chart(status: Any) -> go.Figure:
                          annotation_text=f"ln N = {status.uniform_loss:.2f} (letters, uniform)",
                          annotation_position="top right")
     figure.update_layout(title={"text": "Training loss (answer letter only)", "font": {"size": 14}},
-                         xaxis_title="step", yaxis_title="loss", height=_CHART_HEIGHT, template="plotly_white",
+                         xaxis={"title": "step", "tickformat": "d"}, yaxis_title="loss", height=_CHART_HEIGHT,
+                         template="plotly_white",
                          margin={"l": 50, "r": 20, "t": 40, "b": 40}, showlegend=False)
     return figure
 
@@ -519,7 +526,8 @@ def eval_chart(status: Any) -> go.Figure:
         if any(value is not None for value in values):
             figure.add_scatter(x=steps, y=values, mode="lines+markers", name=f"validation {metric}",
                                line={"color": color})
-    figure.update_layout(title={"text": "Validation metrics", "font": {"size": 14}}, xaxis_title="step",
+    figure.update_layout(title={"text": "Validation metrics", "font": {"size": 14}},
+                         xaxis={"title": "step", "tickformat": "d"},
                          yaxis={"title": "metric", "range": [0, 1]}, height=_CHART_HEIGHT,
                          template="plotly_white", margin={"l": 50, "r": 20, "t": 40, "b": 40},
                          legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 1, "xanchor": "right"})

@@ -83,6 +83,15 @@ def test_compare_on_one_user_and_on_many(served) -> None:
         client.predict(adapters=["a", "b", "c", "d"], users=10, api_name="/compare")
 
 
+def test_training_preview_lists_tokens_and_their_loss(served) -> None:
+    _, client = served
+    preview = client.predict(candidates=10, prompt_preset="seed_after", api_name="/training_preview")
+    answer = preview["caption"].split("answer letter '")[1][0]
+    flags = [token["loss"] for token in preview["tokens"]]
+    first = flags.index(True)
+    assert preview["tokens"][first]["token"] == answer and all(flags[first:]) and not any(flags[:first])
+
+
 def test_fine_tune_start_refuses_a_second_run_and_cancels(served) -> None:
     context, client = served
     started = client.predict(name="api-run", **TINY_TRAINING, api_name="/start_finetune")

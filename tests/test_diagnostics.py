@@ -395,6 +395,8 @@ def test_position_views_show_the_bias(prefers_a, blind):
     items = views.position_items_frame(result)
     assert len(items) == COUNT and (items["debiased"] == round(1 / COUNT, 4)).all()
     assert (items["truth"] == "★ truth").sum() == 1
+    assert (items["rank_debiased"] == COUNT).all()  # all tied: each ranks last, as the metrics count it
+    assert sorted(items["rank"]) == [1] + [COUNT] * (COUNT - 1)
 
     summary = position_bias_over_users(prefers_a, USERS[:2], SETTINGS)
     assert views.top1_share_chart([summary]).data[0].y[0] == 1.0

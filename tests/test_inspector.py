@@ -192,6 +192,18 @@ def test_adapter_overwritten_under_the_same_name_is_reloaded(smol_tokenizer, tmp
     assert max(abs(a - b) for a, b in zip(first.scores.letter_probs, second.scores.letter_probs)) > 1e-4
 
 
+def test_two_inspectors_on_one_model_share_its_adapters(smol_tokenizer, tmp_path: Path) -> None:
+    loaded = tiny_loaded(smol_tokenizer)
+    write_adapter(smol_tokenizer, tmp_path, "shared", manifest_for(loaded))
+    first = Inspector(make_toy_dataset(), loaded, adapters_root=str(tmp_path))
+    second = Inspector(make_toy_dataset(seed=1), loaded, adapters_root=str(tmp_path))
+    base_before = second.inspect("u02", InspectSettings())
+    first.inspect("u02", InspectSettings(), system="shared")  # PEFT wraps the shared model in place
+    second.cache = ScoreCache()
+    base_after = second.inspect("u02", InspectSettings())
+    assert base_after.scores.letter_probs == pytest.approx(base_before.scores.letter_probs, abs=1e-6)
+
+
 def test_adapter_for_another_base_is_refused_naming_both(smol_tokenizer, tmp_path: Path) -> None:
     loaded = tiny_loaded(smol_tokenizer)
     manifest = manifest_for(loaded)

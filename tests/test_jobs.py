@@ -127,6 +127,8 @@ def test_a_real_fine_tune_runs_to_done_and_publishes_its_adapter(context) -> Non
     assert "tiny-done" in context.adapter_names("tiny-llama")
     with pytest.raises(JobError, match="already exists"):
         runner.start(_request(context, "tiny-done"))
+    with pytest.raises(JobError, match="without an adapter"):
+        runner.start(_request(context, "base"))
 
 
 def test_a_killed_run_is_reported_failed_then_a_new_run_cancels_cleanly(context) -> None:

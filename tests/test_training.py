@@ -20,7 +20,7 @@ from conftest import build_tiny_llama, make_toy_dataset, tiny_loaded
 from rerank_core.adapters import MANIFEST_FILE, AdapterError, check_adapter, list_adapters, remove_stale
 from rerank_core.alignment import TemplateMismatch
 from rerank_core.compare import compare_systems, comparison_table
-from rerank_core.inspector import InspectSettings, Inspector
+from rerank_core.inspector import Inspector, InspectSettings
 from rerank_core.labels import IGNORE_INDEX
 from rerank_core.progress import CancelFlag, read_events
 from rerank_core.training import (
@@ -36,6 +36,15 @@ THINKING_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
     "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' }}{% endif %}")
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread; on a shared 2-core machine its spin-waits cost seconds."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def tiny_config(**overrides) -> TrainConfig:
@@ -138,8 +147,8 @@ def test_config_rejects_unknown_settings():
         training_config("quick", learning_rte=1e-3)
     with pytest.raises(ValueError, match="training preset"):
         training_config("slow")
-    assert training_config("quick", lr=None) if False else training_config("quick").uniform_loss == \
-        pytest.approx(math.log(20))
+    assert training_config("quick", max_samples=None).max_samples == 300  # None keeps the preset's value
+    assert training_config("quick").uniform_loss == pytest.approx(math.log(20))
 
 
 # -- the loss ---------------------------------------------------------------------------------
@@ -205,15 +214,17 @@ def test_training_changes_only_lora_weights_and_saves_a_plain_peft_adapter(smol_
 
 
 def test_loss_decreases_on_a_tiny_memorisable_set(smol_tokenizer, tmp_path):
+    loaded = tiny_loaded(smol_tokenizer)
+    # Frozen tied embeddings at the default 0.02 scale cap every logit near 0.6: the loss could not move
+    # far from ln(vocabulary). Scaled up, the LoRA layers can steer the answer toward the letter.
+    with torch.no_grad():
+        loaded.model.get_input_embeddings().weight.mul_(25)
     events: list[dict] = []
     config = tiny_config(max_samples=4, batch_size=4, epochs=30, learning_rate=1e-2, lora_dropout=0.0)
-    report = train_adapter(tiny_loaded(smol_tokenizer), make_toy_dataset(), config, "memorise", root=tmp_path,
-                           on_event=events.append)
+    report = train_adapter(loaded, make_toy_dataset(), config, "memorise", root=tmp_path, on_event=events.append)
     losses = [event["letter_loss"] for event in events if event["event"] == "step"]
     assert len(losses) == 30
-    # From the ~ln(vocabulary) of a random model to well below; the last steps lower than the first.
-    assert losses[0] > math.log(len(smol_tokenizer)) - 1
-    assert max(losses[-3:]) < 0.5 * losses[0]
+    assert max(losses[-3:]) < 0.5 * min(losses[:3])
     assert report.final_letter_loss == losses[-1]
 
 
@@ -251,7 +262,7 @@ def test_events_manifest_and_check_adapter(smol_tokenizer, tmp_path):
     assert check_adapter(loaded, "with-events", tmp_path).preset == "seed_after"
     other_base = tiny_loaded(smol_tokenizer, name="other-base")
     other_base.fingerprint = "0123456789abcdef"
-    with pytest.raises(AdapterError, match="with-events.*tiny-llama.*other-base"):
+    with pytest.raises(AdapterError, match=r"with-events.*tiny-llama.*other-base"):
         check_adapter(other_base, "with-events", tmp_path)
 
 
@@ -345,18 +356,29 @@ def test_cli_run_writes_events_and_a_killed_run_leaves_nothing_listed(tiny_model
     assert os.listdir(root) == []
 
 
-def test_cli_help_explains_every_training_setting():
-    from rerank_core.cli_train import _CONFIG_OPTIONS, main
+def test_cli_help_names_every_training_setting(capsys):
+    from rerank_core.cli import main
 
     with pytest.raises(SystemExit) as exited:
         main(["train", "--help"])
     assert exited.value.code == 0
-    assert len(_CONFIG_OPTIONS) + 1 == len(TrainConfig.__dataclass_fields__) - len(
-        {"prompt_preset", "strategy", "candidates", "candidate_source", "text_field", "seed"})
+    text = " ".join(capsys.readouterr().out.split())
+    options = {"lora_r": "--lora-r", "lora_alpha": "--lora-alpha", "lora_dropout": "--lora-dropout",
+               "target_modules": "--target-modules", "learning_rate": "--lr", "epochs": "--epochs",
+               "batch_size": "--batch-size", "grad_accumulation": "--grad-accumulation", "warmup": "--warmup",
+               "max_samples": "--max-samples", "seed": "--seed", "max_prompt_tokens": "--max-prompt-tokens",
+               "prompt_preset": "--preset", "strategy": "--strategy", "candidates": "--candidates",
+               "candidate_source": "--candidate-source", "text_field": "--text-field",
+               "sample_mode": "--sample-mode", "eval_every": "--eval-every", "eval_users": "--eval-users",
+               "train_on_eos": "--train-on-eos"}
+    assert options.keys() == TrainConfig.__dataclass_fields__.keys()
+    for option in options.values():
+        assert f"{option} " in text
+    assert "(quick: 320, full: 1536)" in text and "ln(N)" in text
 
 
 def test_cli_in_process_run_publishes_the_adapter(tiny_model_folder, toy_data_folder, tmp_path, capsys):
-    from rerank_core.cli_train import main
+    from rerank_core.cli import main
 
     root, events_file = tmp_path / "adapters", tmp_path / "events.jsonl"
     status = main(["train", "--model", str(tiny_model_folder), "--data", str(toy_data_folder), "--dtype", "fp32",
@@ -396,3 +418,29 @@ def test_compare_systems_pairs_each_adapter_with_the_base(smol_tokenizer, tmp_pa
     assert summary[summary.system == "base"]["difference"].isna().all()
     table = comparison_table(summary)
     assert table.count("\n") == 3 and "| compared | seed_after |" in table
+
+
+@pytest.mark.slow
+def test_real_model_trains_a_few_steps_and_the_adapter_loads_back(tmp_path):
+    from peft import PeftModel
+
+    from rerank_core.data import load_dataset
+    from rerank_core.models import EMBEDDED_MODEL_NAME, load_model
+    from rerank_core.scoring import score_token_ids
+
+    loaded, dataset = load_model(), load_dataset()
+    config = training_config("quick", max_samples=4, batch_size=2, eval_users=2, eval_every=0, warmup=0.0)
+    report = train_adapter(loaded, dataset, config, "real-few-steps", root=tmp_path)
+    assert report.status == "done" and report.steps == 2 and report.samples == 4
+    assert math.isfinite(report.final_letter_loss)
+    info = check_adapter(loaded, "real-few-steps", tmp_path)
+    assert info.base_name == EMBEDDED_MODEL_NAME and info.preset == "seed_after"
+
+    inspector = Inspector(dataset, loaded, adapters_root=str(tmp_path))
+    prepared = inspector.prepare(dataset.users[0], InspectSettings(
+        preset="seed_after", candidates=config.candidate_config(), max_prompt_tokens=config.max_prompt_tokens))
+    letter_ids = [token.token_id for token in prepared.letter_tokens]
+    (base,) = score_token_ids(loaded.model, loaded.tokenizer, [prepared.token_ids], letter_ids)
+    tuned_model = PeftModel.from_pretrained(loaded.model, info.path).eval()
+    (tuned,) = score_token_ids(tuned_model, loaded.tokenizer, [prepared.token_ids], letter_ids)
+    assert base.letter_logits != tuned.letter_logits
