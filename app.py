@@ -1,4 +1,4 @@
-"""Rerank Inspector's web app: Inspect, Compare, Fine-tune and Data tabs over rerank_core (layout and wiring only)."""
+"""Rerank Inspector's web app: Inspect, Compare, Fine-tune, Data and Diagnose tabs over rerank_core (wiring only)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,21 @@ from typing import Any
 
 import gradio as gr
 
-from rerank_core import views
+from rerank_core import diagnostic_views, views
 from rerank_core.app_state import AppConfig, AppContext, DatasetEntry, ModelEntry, make_settings
 from rerank_core.candidates import CANDIDATE_SOURCES, MAX_CANDIDATES
 from rerank_core.data import TEXT_FIELDS, bundled_sample_path, load_dataset
+from rerank_core.diagnostics import (
+    ORDER_MODES,
+    PRIOR_MODES,
+    OrderSpec,
+    PositionBiasSummary,
+    history_influence,
+    letter_mass,
+    letter_prior,
+    position_bias,
+    template_consistency,
+)
 from rerank_core.inspector import BASE
 from rerank_core.jobs import JobRunner
 from rerank_core.loaders import FORMATS
@@ -512,6 +523,185 @@ def data_tab(context: AppContext, dataset_pickers: Sequence[gr.Dropdown], demo: 
                         api_name="upload_data", concurrency_limit=1, concurrency_id="upload")
 
 
+# -- Diagnose -----------------------------------------------------------------------------------
+
+def diagnose_tab(context: AppContext, controls: InspectControls, demo: gr.Blocks) -> None:
+    """Position bias, letter prior, history influence, template consistency and letter mass, each on demand."""
+    model = context.model_names[0]
+    max_users = context.config.max_compare_users
+    gr.Markdown("Uses the dataset, model, prompt settings and user chosen in the **Inspect** tab. "
+                "Each section runs on its own button.")
+    with gr.Row():
+        system_box = gr.Dropdown(_adapter_choices(context, model), value=BASE, allow_custom_value=True, scale=4,
+                                 label="System for position bias, letter prior and history influence",
+                                 elem_id="diagnose-system")
+        refresh = gr.Button("↻ Refresh adapters", scale=1)
+
+    gr.Markdown("### 1. Position bias: the same candidates in other orders")
+    with gr.Row():
+        orders_box = gr.Radio(list(ORDER_MODES), value="rotations", label="Candidate orders", scale=2)
+        permutations_box = gr.Number(20, precision=0, label="Orders (permutations mode only)", scale=1)
+        bias_button = gr.Button("Run on the Inspect tab's user", variant="primary", scale=1)
+    bias_note = gr.Markdown(elem_id="diagnose-bias-note")
+    heatmap = gr.Plot(label="Probability of each item at each letter", elem_id="diagnose-heatmap")
+    with gr.Row():
+        letter_chart = gr.Plot(label="Probability by letter position")
+        rank_chart = gr.Plot(label="Ground-truth rank over orders")
+    bias_items = gr.Dataframe(label="Items: as shown vs debiased", interactive=False, max_height=360)
+    with gr.Row():
+        bias_users = gr.Slider(1, max_users, value=min(20, max_users), step=1, scale=4,
+                               label="Users (the first N of the dataset)")
+        bias_users_button = gr.Button("Run on N users", variant="primary", scale=1)
+    with gr.Row():
+        top1_chart = gr.Plot(label="Where the top-1 stands")
+        mass_by_letter = gr.Plot(label="Probability by letter position over users")
+    bias_summary = gr.Dataframe(label="Position bias per system", interactive=False)
+
+    gr.Markdown("### 2. Letter prior: candidate texts hidden")
+    with gr.Row():
+        prior_mode = gr.Radio(list(PRIOR_MODES), value="placeholder", label="Candidate texts", scale=2)
+        placeholder_box = gr.Textbox("item", label="Placeholder word", scale=2)
+        prior_users = gr.Slider(1, max_users, value=min(20, max_users), step=1, label="Users", scale=3)
+        prior_button = gr.Button("Run letter prior", variant="primary", scale=1)
+    with gr.Row():
+        prior_chart = gr.Plot(label="Letter prior")
+        prior_table = gr.Dataframe(label="Letter prior per letter", interactive=False, max_height=360)
+
+    gr.Markdown("### 3. History influence: leave one history item out")
+    history_button = gr.Button("Run on the Inspect tab's user", variant="primary")
+    with gr.Row():
+        history_chart = gr.Plot(label="Influence of each history item")
+        history_table = gr.Dataframe(label="History (most influential rows highlighted)", interactive=False,
+                                     max_height=360, elem_id="diagnose-history-table")
+
+    gr.Markdown("### 4. Template consistency: inference prompt vs training conversation (no model run)")
+    template_button = gr.Button("Check the Inspect tab's model and preset", variant="primary")
+    template_note = gr.Markdown(elem_id="diagnose-template-note")
+    with gr.Row():
+        template_tokens = gr.Dataframe(label="Tokens around the end of the prompt or the first difference",
+                                       interactive=False, max_height=360)
+        template_letters = gr.Dataframe(label="Letter tokens", interactive=False, max_height=360)
+
+    gr.Markdown("### 5. Letter mass: the letters' share of the full-vocabulary probability")
+    with gr.Row():
+        mass_adapters = gr.Dropdown(context.adapter_names(model), value=[], multiselect=True, max_choices=3,
+                                    allow_custom_value=True, label="Adapters beside the base (up to 3)", scale=3)
+        mass_users = gr.Slider(1, max_users, value=min(20, max_users), step=1, label="Users", scale=3)
+        mass_button = gr.Button("Run letter mass", variant="primary", scale=1)
+    with gr.Row():
+        mass_chart = gr.Plot(label="Letter mass per user")
+        mass_table = gr.Dataframe(label="Letter mass per system", interactive=False)
+
+    def settings_of(split: str, source: str, preset: str, strategy: str, text_field: str, count: int, seed: int,
+                    use_adapter_preset: bool) -> Any:
+        return make_settings(split=split, source=source, preset=preset, strategy=strategy, text_field=text_field,
+                             count=count, seed=seed, use_adapter_preset=use_adapter_preset)
+
+    def first_users(dataset: str, users: int) -> list[str]:
+        return context.users(dataset)[:max(1, min(int(users), max_users))]
+
+    @_user_errors
+    def diagnose_position_bias(dataset: str, model: str, split: str, source: str, preset: str, strategy: str,
+                               text_field: str, count: int, seed: int, use_adapter_preset: bool, system: str,
+                               user_id: str, orders: str = "rotations", permutations: int = 20) -> tuple[Any, ...]:
+        settings = settings_of(split, source, preset, strategy, text_field, count, seed, use_adapter_preset)
+        spec = OrderSpec(mode=orders, count=permutations if permutations is None else int(permutations))
+        with context.using(dataset, model) as inspector:
+            result = position_bias(inspector, str(user_id or "").strip(), settings, system or BASE, spec)
+        return (diagnostic_views.position_bias_markdown(result), diagnostic_views.position_heatmap(result),
+                diagnostic_views.letter_bias_chart([result]), diagnostic_views.truth_rank_chart([result]),
+                diagnostic_views.position_items_frame(result))
+
+    @_user_errors
+    def diagnose_position_bias_users(dataset: str, model: str, split: str, source: str, preset: str,
+                                     strategy: str, text_field: str, count: int, seed: int, use_adapter_preset: bool,
+                                     system: str, users: int = 20, orders: str = "rotations",
+                                     permutations: int = 20,
+                                     progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
+        settings = settings_of(split, source, preset, strategy, text_field, count, seed, use_adapter_preset)
+        spec = OrderSpec(mode=orders, count=permutations if permutations is None else int(permutations))
+        chosen = first_users(dataset, users)
+        results = []
+        progress(0.0, desc="scoring")
+        # One user's orders per lock hold, as Compare does, so Inspect requests interleave with a long run.
+        for done, user_id in enumerate(chosen, 1):
+            with context.using(dataset, model) as inspector:
+                results.append(position_bias(inspector, user_id, settings, system or BASE, spec))
+            progress(done / len(chosen), desc=f"scored {done} of {len(chosen)} users")
+        summary = PositionBiasSummary(system or BASE, tuple(results))
+        return (diagnostic_views.top1_share_chart([summary]), diagnostic_views.letter_bias_chart([summary]),
+                diagnostic_views.position_summary_frame([summary]))
+
+    @_user_errors
+    def diagnose_letter_prior(dataset: str, model: str, split: str, source: str, preset: str, strategy: str,
+                              text_field: str, count: int, seed: int, use_adapter_preset: bool, system: str,
+                              users: int = 20, mode: str = "placeholder", placeholder: str = "item",
+                              progress: gr.Progress = gr.Progress()) -> tuple[Any, Any]:  # noqa: B008
+        settings = settings_of(split, source, preset, strategy, text_field, count, seed, use_adapter_preset)
+        progress(0.0, desc="preparing prompts")
+        with context.using(dataset, model) as inspector:
+            prior = letter_prior(inspector, first_users(dataset, users), settings, system or BASE, mode,
+                                 placeholder=placeholder,
+                                 progress=lambda done, total: progress(done / total, desc=f"{done} of {total}"))
+        return diagnostic_views.letter_prior_chart([prior]), diagnostic_views.letter_prior_frame([prior])
+
+    @_user_errors
+    def diagnose_history(dataset: str, model: str, split: str, source: str, preset: str, strategy: str,
+                         text_field: str, count: int, seed: int, use_adapter_preset: bool, system: str,
+                         user_id: str) -> tuple[Any, Any]:
+        settings = settings_of(split, source, preset, strategy, text_field, count, seed, use_adapter_preset)
+        with context.using(dataset, model) as inspector:
+            result = history_influence(inspector, str(user_id or "").strip(), settings, system or BASE)
+        return diagnostic_views.history_influence_chart(result), diagnostic_views.history_influence_table(result)
+
+    @_user_errors
+    def diagnose_template(model: str, preset: str, count: int) -> tuple[Any, Any, Any]:
+        report = template_consistency(context.tokenizer(model), preset, count=int(count))
+        return (diagnostic_views.template_markdown(report), diagnostic_views.template_tokens_frame(report),
+                diagnostic_views.template_letters_frame(report))
+
+    @_user_errors
+    def diagnose_letter_mass(dataset: str, model: str, split: str, source: str, preset: str, strategy: str,
+                             text_field: str, count: int, seed: int, use_adapter_preset: bool,
+                             adapters: list[str] | None = None, users: int = 20,
+                             progress: gr.Progress = gr.Progress()) -> tuple[Any, Any]:  # noqa: B008
+        settings = settings_of(split, source, preset, strategy, text_field, count, seed, use_adapter_preset)
+        systems = [BASE, *(name for name in dict.fromkeys(adapters or []) if name and name != BASE)]
+        progress(0.0, desc="scoring")
+        with context.using(dataset, model) as inspector:
+            report = letter_mass(inspector, first_users(dataset, users), settings, systems,
+                                 progress=lambda done, total: progress(done / total, desc=f"{done} of {total}"))
+        return diagnostic_views.letter_mass_chart(report), diagnostic_views.letter_mass_frame(report)
+
+    settings = controls.settings_inputs
+    options = {"concurrency_limit": 1, "concurrency_id": "diagnose"}
+    bias_button.click(diagnose_position_bias,
+                      [*settings, system_box, controls.user, orders_box, permutations_box],
+                      [bias_note, heatmap, letter_chart, rank_chart, bias_items],
+                      api_name="diagnose_position_bias", **options)
+    bias_users_button.click(diagnose_position_bias_users,
+                            [*settings, system_box, bias_users, orders_box, permutations_box],
+                            [top1_chart, mass_by_letter, bias_summary], api_name="diagnose_position_bias_users",
+                            **options)
+    prior_button.click(diagnose_letter_prior, [*settings, system_box, prior_users, prior_mode, placeholder_box],
+                       [prior_chart, prior_table], api_name="diagnose_letter_prior", **options)
+    history_button.click(diagnose_history, [*settings, system_box, controls.user], [history_chart, history_table],
+                         api_name="diagnose_history", **options)
+    template_button.click(diagnose_template, [controls.model, controls.preset, controls.count],
+                          [template_note, template_tokens, template_letters], api_name="diagnose_template",
+                          concurrency_limit=4, concurrency_id="template")
+    mass_button.click(diagnose_letter_mass, [*settings, mass_adapters, mass_users], [mass_chart, mass_table],
+                      api_name="diagnose_letter_mass", **options)
+
+    def refresh_adapters(model: str) -> tuple[Any, Any]:
+        return (gr.Dropdown(choices=_adapter_choices(context, model), value=BASE),
+                gr.Dropdown(choices=context.adapter_names(model), value=[]))
+
+    for trigger in (refresh.click, controls.model.input, demo.load):
+        trigger(_user_errors(refresh_adapters), [controls.model], [system_box, mass_adapters],
+                api_visibility="private")
+
+
 # -- the app ------------------------------------------------------------------------------------
 
 def build_app(context: AppContext) -> gr.Blocks:
@@ -529,7 +719,8 @@ def build_app(context: AppContext) -> gr.Blocks:
                 finetune_tab(context, controls, [controls.adapter, compare_adapters], demo)
             with gr.Tab("Data", id="data"):
                 data_tab(context, [controls.dataset], demo)
-            # Issue 5's Diagnose tab goes here: `with gr.Tab("Diagnose", id="diagnose"): diagnose_tab(...)`.
+            with gr.Tab("Diagnose", id="diagnose"):
+                diagnose_tab(context, controls, demo)
     return demo
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rerank_core.fsutil import process_running
 from rerank_core.models import LoadedModel
 
 __all__ = [
@@ -219,7 +220,7 @@ def remove_stale(root: str | os.PathLike[str] | None = None) -> list[str]:
             if not path.name.startswith(prefix):
                 continue
             pid_text, _, rest = path.name[len(prefix):].partition("-")
-            if pid_text.isdigit() and _alive(int(pid_text)):
+            if pid_text.isdigit() and process_running(int(pid_text)):
                 continue  # its writer is still at work: a publish in progress
             original = folder / rest.rsplit("-", 1)[0]
             if prefix == _REPLACED_PREFIX and not original.exists():
@@ -230,16 +231,3 @@ def remove_stale(root: str | os.PathLike[str] | None = None) -> list[str]:
             removed.append(path.name)
     return removed
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A killed writer its parent has not reaped yet (a zombie) answers signals but writes nothing.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True  # no /proc (not Linux): trust the signal check

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 import plotly.graph_objects as go
+from pandas.io.formats.style import Styler
 
 from rerank_core.diagnostics import (
     HistoryInfluence,
@@ -21,11 +22,13 @@ from rerank_core.metrics import rank_of_truth
 __all__ = [
     "history_influence_chart",
     "history_influence_frame",
+    "history_influence_table",
     "letter_bias_chart",
     "letter_mass_chart",
     "letter_mass_frame",
     "letter_prior_chart",
     "letter_prior_frame",
+    "position_bias_markdown",
     "position_heatmap",
     "position_items_frame",
     "position_summary_frame",
@@ -39,6 +42,7 @@ __all__ = [
 TRUTH_COLOR = "#e8590c"
 BAR_COLOR = "#4c78a8"
 INFLUENTIAL_COLOR = "#c92a2a"
+_INFLUENTIAL_ROW = "background-color: #ffc9c9; font-weight: 600"
 # One colour per compared system, base first: the same order as the Compare tab.
 SYSTEM_COLORS = ("#868e96", "#1c7ed6", "#2f9e44", "#ae3ec9")
 _HEIGHT = 320
@@ -131,6 +135,20 @@ def position_items_frame(result: PositionBias) -> pd.DataFrame:
         "max_over_orders": round(float(item_probs[:, index].max()), 4),
         "rank": shown_rank[index], "rank_debiased": debiased_rank[index]}
         for index, (item_id, text) in enumerate(zip(result.item_ids, result.item_texts, strict=True))])
+
+
+def position_bias_markdown(result: PositionBias) -> str:
+    """The numbers beside the charts: letter A's pull, ranking stability, and what debiasing does to the truth."""
+    metrics = result.metrics()
+    truth = "not among the candidates" if result.target_index is None else (
+        f"rank {result.rank_original} as shown, {result.rank_debiased} debiased (averaged over the orders)")
+    return "\n".join([
+        f"**User {result.user_id} · {result.system} · preset `{result.preset}` · {len(result.orders)} orders**", "",
+        f"- P(A) over orders: {result.letter_means[0]:.4f} (uniform {result.uniform:.4f})",
+        f"- stability (mean Kendall tau between orders, 1 = the order does not matter): {result.stability:.4f}",
+        f"- ground truth: {truth}",
+        f"- NDCG@10 shown {metrics['original']['NDCG@10']:.4f}, debiased {metrics['debiased']['NDCG@10']:.4f}, "
+        f"mean over orders {metrics['over_orders']['NDCG@10']:.4f}"])
 
 
 def top1_share_chart(summaries: Sequence[PositionBiasSummary]) -> go.Figure:
@@ -234,6 +252,14 @@ def history_influence_frame(result: HistoryInfluence) -> pd.DataFrame:
         "influential": row in influential}
         for row, (position, item_id, text) in enumerate(
             zip(result.positions, result.history_ids, result.history_texts, strict=True))])
+
+
+def history_influence_table(result: HistoryInfluence) -> Styler:
+    """The influence table with its most influential rows highlighted, as the app shows it."""
+    frame = history_influence_frame(result)
+    return frame.style.apply(
+        lambda row: [_INFLUENTIAL_ROW if row["influential"] else ""] * len(row), axis=1
+    ).format({"Δ P(truth)": "{:+.4f}", "total_variation": "{:.4f}"}, na_rep="–")
 
 
 # -- template consistency -----------------------------------------------------------------------

@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_text", "user_cache_dir"]
+__all__ = ["atomic_write_text", "process_running", "user_cache_dir"]
 
 
 def user_cache_dir() -> Path:
@@ -30,3 +30,17 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def process_running(pid: int) -> bool:
+    """A process that exists and is not a zombie (a killed writer its parent has not reaped writes nothing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): trust the signal check

@@ -21,7 +21,7 @@ from typing import Any
 from rerank_core.adapters import adapters_root, list_adapters, remove_stale, validate_adapter_name
 from rerank_core.candidates import CANDIDATE_SOURCES
 from rerank_core.data import TEXT_FIELDS
-from rerank_core.fsutil import atomic_write_text
+from rerank_core.fsutil import atomic_write_text, process_running
 from rerank_core.inspector import BASE
 from rerank_core.metrics import METRIC_NAMES
 from rerank_core.progress import read_events
@@ -312,23 +312,12 @@ class JobRunner:
 
 def _alive(pid: Any, events_path: Path) -> bool:
     """The job's process still runs; its command line must name this job's events file (PID reuse)."""
-    if not isinstance(pid, int):
+    if not isinstance(pid, int) or not process_running(pid):
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    try:
-        text = cmdline.read_bytes().decode("utf-8", "replace")
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        text = Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace")
     except OSError:
         return True  # no /proc (not Linux): trust the signal check
-    # A zombie child (exited, not yet reaped by a parent) is not running.
-    if stat.rsplit(")", 1)[-1].split()[0] == "Z":
-        return False
     # An empty command line is a process still starting up (exec in progress): it is ours.
     return not text or str(events_path) in text
 
