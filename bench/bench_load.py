@@ -1,6 +1,6 @@
 """Load: 8 gradio_client clients switching users for 60 s while a fine-tune runs; errors, latency, server RSS.
 
-Run: PYTHONPATH=. .venv/bin/python bench/bench_load.py [--clients 8] [--seconds 60] [--max-samples 48]
+Run: PYTHONPATH=. .venv/bin/python bench/bench_load.py [--clients 8] [--seconds 60] [--max-samples 64]
 
 The app (default model, bundled sample data) runs in its own process so its RSS is its own; its adapters, runs
 and uploads folders are temporary, so the benchmark neither sees nor leaves fine-tunes in the repository. Each
@@ -81,14 +81,20 @@ class RssMonitor(threading.Thread):
         self.process = psutil.Process(pid)
         self.server_peak = 0
         self.training_peak = 0
+        self.trajectory: list[int] = []  # server RSS every 10 s: growth that levels off is not a leak
         self.stop = threading.Event()
 
     def run(self) -> None:
         import psutil
 
+        ticks = 0
         while not self.stop.is_set():
             try:
-                self.server_peak = max(self.server_peak, self.process.memory_info().rss)
+                rss = self.process.memory_info().rss
+                self.server_peak = max(self.server_peak, rss)
+                if ticks % 10 == 0:
+                    self.trajectory.append(rss)
+                ticks += 1
                 children = sum(child.memory_info().rss for child in self.process.children(recursive=True))
                 self.training_peak = max(self.training_peak, children)
             except psutil.Error:
@@ -100,7 +106,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=8, help="concurrent gradio_client clients")
     parser.add_argument("--seconds", type=float, default=60.0, help="how long the clients switch users")
-    parser.add_argument("--max-samples", type=int, default=48, help="training samples of the fine-tune")
+    parser.add_argument("--max-samples", type=int, default=64, help="training samples of the fine-tune")
+    parser.add_argument("--malloc-arena-max", type=int, metavar="N",
+                        help="run the app with MALLOC_ARENA_MAX=N (glibc keeps one heap per thread by default)")
     parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     options = parser.parse_args()
@@ -117,9 +125,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-load-"))
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
+    arena = {} if options.malloc_arena_max is None else {"MALLOC_ARENA_MAX": str(options.malloc_arena_max)}
+    if arena:
+        print(f"app environment: MALLOC_ARENA_MAX={options.malloc_arena_max}")
     begin = time.perf_counter()
     server = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--work", str(work)], cwd=ROOT,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), **arena}, stdout=subprocess.DEVNULL,
                               stderr=open(work / "server.log", "wb"))  # noqa: SIM115 - lives as long as the server
     try:
         run(options, url, server, work, begin, psutil.Process(server.pid), load_dataset(None).users)
@@ -170,17 +181,26 @@ def run(options: argparse.Namespace, url: str, server: subprocess.Popen[bytes], 
 
     inspect_next(client, record=False)  # first figures, first tokenizer calls
     rss_idle = process.memory_info().rss
+
+    name = f"bench-load-{int(time.time())}"
+    status = client.predict(name=name, max_samples=options.max_samples, eval_users=4, eval_every=0,
+                            api_name="/start_finetune")
+    print(f"fine-tune {name!r} started (pid {status['pid']}): quick preset, {options.max_samples} samples, "
+          "4 validation users")
+    # The load starts once the run is in its training loop, so the clients compete with training steps,
+    # not with the run's start-up.
+    waited = time.perf_counter()
+    while status["active"] and status["stage"] != "training" and time.perf_counter() - waited < 600:
+        time.sleep(1.0)
+        status = client.predict(api_name="/finetune_status")
+    print(f"fine-tune in its training loop after {time.perf_counter() - waited:.0f} s "
+          f"({status['state']}, {status['total_steps']} steps)")
+
     clients = [Client(url, verbose=False) for _ in range(options.clients)]
     # One concurrent round first: the server's worker threads and their buffers exist from here on, so the
     # before/after comparison measures growth under load, not the one-time cost of concurrency.
     in_parallel(lambda own: inspect_next(own, record=False))
     rss_before = process.memory_info().rss
-
-    name = f"bench-load-{int(time.time())}"
-    status = client.predict(name=name, max_samples=options.max_samples, eval_users=8, eval_every=0,
-                            api_name="/start_finetune")
-    print(f"fine-tune {name!r} started (pid {status['pid']}): quick preset, {options.max_samples} samples, "
-          "8 validation users")
     monitor = RssMonitor(server.pid)
     monitor.start()
     deadline = time.monotonic() + options.seconds
@@ -193,6 +213,7 @@ def run(options: argparse.Namespace, url: str, server: subprocess.Popen[bytes], 
     in_parallel(switch_users)
     wall = time.perf_counter() - wall
     rss_after = process.memory_info().rss
+    trajectory = list(monitor.trajectory)
     during = client.predict(api_name="/finetune_status")
     finished = during
     give_up = time.monotonic() + 900
@@ -214,6 +235,7 @@ def run(options: argparse.Namespace, url: str, server: subprocess.Popen[bytes], 
     print(f"  server RSS idle {rss_idle / 2**20:.0f} MiB; before the load (after one concurrent round) "
           f"{rss_before / 2**20:.0f} MiB, after {rss_after / 2**20:.0f} MiB ({growth:+.1%}; limit "
           f"+{RSS_GROWTH_LIMIT:.0%}), peak {monitor.server_peak / 2**20:.0f} MiB")
+    print("  server RSS every 10 s of the load (MiB): " + " ".join(f"{rss / 2**20:.0f}" for rss in trajectory))
     print(f"  fine-tune process peak RSS {monitor.training_peak / 2**20:.0f} MiB")
     print(f"fine-tune when the load ended: {during['state']}, step {during['step']}/{during['total_steps']}")
     result = finished.get("result") or {}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import peft.peft_model
 import pytest
+import torch
 from app_helpers import TINY_TRAINING, make_adapter, save_tiny_model, write_csv_dataset
 from conftest import make_toy_dataset, tiny_loaded
 
@@ -25,6 +26,7 @@ from rerank_core import training
 from rerank_core.adapters import check_adapter, list_adapters
 from rerank_core.jobs import JobBusy, JobRunner, TrainRequest
 from rerank_core.progress import CancelFlag, read_events
+from rerank_core.scoring import score_token_ids
 from rerank_core.training import train_adapter, training_config
 
 NO_SPACE = OSError(errno.ENOSPC, "No space left on device")
@@ -284,3 +286,24 @@ def test_app_restarts_and_sigkill_mid_run_then_a_new_run_succeeds(smol_tokenizer
     final = JobRunner(runs, adapters=root).status()
     assert final.state == "done" and final.result["path"] == str(root / "after-kill")
     assert read_events(runs / final.job_id / "events.jsonl")[-1]["event"] == "done"
+
+
+# -- load -----------------------------------------------------------------------------------------
+
+def test_prompt_lengths_share_a_few_padded_shapes(smol_tokenizer) -> None:
+    """bench_load.py found RSS growing ~3 MiB per new prompt length (oneDNN compiles kernels per shape in bf16);
+    the scorer pads to a multiple of 32 tokens, so 8 lengths make 3 shapes, and results do not change."""
+    model = tiny_loaded(smol_tokenizer).model
+    shapes: set[tuple[int, ...]] = set()
+    handle = model.model.embed_tokens.register_forward_hook(
+        lambda module, args, output: shapes.add(tuple(args[0].shape)))
+    prompts = [list(range(1000, 1000 + length)) for length in (300, 317, 320, 321, 340, 352, 353, 380)]
+    letters = [smol_tokenizer.convert_tokens_to_ids(letter) for letter in "ABCD"]
+    try:
+        scores = score_token_ids(model, smol_tokenizer, prompts, letters, batch_size=1)
+    finally:
+        handle.remove()
+    assert shapes == {(1, 320), (1, 352), (1, 384)}
+    with torch.no_grad():  # the padded prompt's last position sees exactly what the prompt alone gives
+        alone = model(input_ids=torch.tensor([prompts[1]])).logits[0, -1, letters].float()
+    assert scores[1].letter_logits == pytest.approx(alone.tolist(), abs=1e-4)

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from rerank_core.inspector import Inspector, InspectSettings
 from rerank_core.labels import IGNORE_INDEX
 from rerank_core.progress import CancelFlag, read_events
 from rerank_core.training import (
+    TRAINING_PRESETS,
     TrainConfig,
     build_training_samples,
     label_samples,
@@ -52,7 +54,7 @@ def tiny_config(**overrides) -> TrainConfig:
     settings = {"max_samples": 12, "candidates": 5, "batch_size": 4, "epochs": 1.0, "eval_users": 0,
                 "eval_every": 0, "max_prompt_tokens": 160, "warmup": 0.0}
     settings.update(overrides)
-    return training_config("quick", **settings)
+    return replace(TRAINING_PRESETS["quick"], **settings)  # replace, unlike training_config, can set None
 
 
 def write_csv_dataset(dataset, folder: Path) -> Path:
@@ -147,7 +149,8 @@ def test_config_rejects_unknown_settings():
         training_config("quick", learning_rte=1e-3)
     with pytest.raises(ValueError, match="training preset"):
         training_config("slow")
-    assert training_config("quick", max_samples=None).max_samples == 300  # None keeps the preset's value
+    # None keeps the preset's value.
+    assert training_config("quick", max_samples=None).max_samples == TRAINING_PRESETS["quick"].max_samples
     assert training_config("quick").uniform_loss == pytest.approx(math.log(20))
 
 
