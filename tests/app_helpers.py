@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +71,25 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def wait_for_job(runner: JobRunner, predicate, timeout: float):
+    """Poll a job runner until predicate(status) holds; fail with the job's last words after timeout."""
+    deadline = time.monotonic() + timeout
+    status = runner.status()
+    while not predicate(status) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        status = runner.status()
+    assert predicate(status), f"timed out: {status.state} step {status.step}: {status.message}{status.log_tail}"
+    return status
+
+
+def custom_code_model(source: Path, target: Path) -> Path:
+    """A copy of a model folder whose config asks to run its own Python, which would leave a RAN marker."""
+    shutil.copytree(source, target)
+    config = json.loads((target / "config.json").read_text())
+    config.update(model_type="custom_llama", auto_map={"AutoConfig": "custom.CustomConfig",
+                                                       "AutoModelForCausalLM": "custom.CustomModel"})
+    (target / "config.json").write_text(json.dumps(config))
+    (target / "custom.py").write_text(f"open({str(target / 'RAN')!r}, 'w').close()\n")
+    return target

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from app_helpers import make_adapter, make_context, save_tiny_model, write_csv_dataset
+from app_helpers import custom_code_model, make_adapter, make_context, save_tiny_model, write_csv_dataset
 from conftest import build_tiny_llama, make_toy_dataset
 
 from rerank_core import cli, loaders
@@ -315,17 +315,6 @@ def _pickled_only(model_folder: Path, target: Path) -> Path:
     return folder
 
 
-def _custom_code(model_folder: Path, target: Path) -> Path:
-    """A folder whose config asks to run its own Python: the code would leave a marker if it ever ran."""
-    folder = _model_without(model_folder, target)
-    config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="custom_llama", auto_map={"AutoConfig": "custom.CustomConfig",
-                                                       "AutoModelForCausalLM": "custom.CustomModel"})
-    (folder / "config.json").write_text(json.dumps(config))
-    (folder / "custom.py").write_text(f"open({str(folder / 'RAN')!r}, 'w').close()\n")
-    return folder
-
-
 MODEL_CASES = [
     ("missing folder", lambda source, target: target, ("does not exist", "pass a local Hugging Face model folder")),
     ("a file, not a folder", lambda source, target: (target.write_text("x"), target)[1],
@@ -336,7 +325,7 @@ MODEL_CASES = [
      ("has no *.safetensors weights",)),
     ("pickled weights only", _pickled_only,
      ("It has pytorch_model.bin: pickled weights are never loaded", "convert them to safetensors first")),
-    ("custom code without the flag", _custom_code,
+    ("custom code without the flag", custom_code_model,
      ("custom code", "pass --trust-remote-code only if you trust it")),
 ]
 

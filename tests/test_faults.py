@@ -19,7 +19,7 @@ from pathlib import Path
 import peft.peft_model
 import pytest
 import torch
-from app_helpers import TINY_TRAINING, make_adapter, save_tiny_model, write_csv_dataset
+from app_helpers import TINY_TRAINING, make_adapter, save_tiny_model, wait_for_job, write_csv_dataset
 from conftest import make_toy_dataset, tiny_loaded
 
 from rerank_core import training
@@ -237,16 +237,6 @@ def test_a_torn_event_line_does_not_stop_the_app_from_starting(tmp_path: Path) -
 
 # -- killed runs and app restarts (real training subprocesses) ----------------------------------
 
-def _wait_for(runner: JobRunner, predicate, timeout: float = 150.0):
-    deadline = time.monotonic() + timeout
-    status = runner.status()
-    while not predicate(status) and time.monotonic() < deadline:
-        time.sleep(0.2)
-        status = runner.status()
-    assert predicate(status), f"timed out: {status.state} step {status.step}: {status.message}{status.log_tail}"
-    return status
-
-
 def test_app_restarts_and_sigkill_mid_run_then_a_new_run_succeeds(smol_tokenizer, tmp_path: Path) -> None:
     """The app goes away while a run trains; the restarted app re-attaches, sees it killed, and trains again."""
     model = save_tiny_model(smol_tokenizer, tmp_path / "model")
@@ -260,7 +250,7 @@ def test_app_restarts_and_sigkill_mid_run_then_a_new_run_succeeds(smol_tokenizer
 
     first_app = JobRunner(runs, adapters=root)
     started = first_app.start(request("long-run", max_samples=0, epochs=4))
-    running = _wait_for(first_app, lambda status: status.step >= 1 or not status.active)
+    running = wait_for_job(first_app, lambda status: status.step >= 1 or not status.active, timeout=150)
     assert running.state == "running", running.message + running.log_tail
     assert len(hidden(root)) == 1  # the run's staging folder, invisible to the adapter list
 
@@ -272,7 +262,7 @@ def test_app_restarts_and_sigkill_mid_run_then_a_new_run_succeeds(smol_tokenizer
         restarted.start(request("second"))
 
     os.kill(started.pid, signal.SIGKILL)
-    failed = _wait_for(restarted, lambda status: not status.active, timeout=30)
+    failed = wait_for_job(restarted, lambda status: not status.active, timeout=30)
     assert failed.state == "failed" and "nothing was published" in failed.message
     assert hidden(root) == [] and [info.name for info in list_adapters(root)] == ["previous"]
     assert snapshot(root) == before
@@ -280,7 +270,7 @@ def test_app_restarts_and_sigkill_mid_run_then_a_new_run_succeeds(smol_tokenizer
     again = JobRunner(runs, adapters=root)  # a restart after the end: the record on disk is the truth
     assert again.status().state == "failed" and again.status().job_id == started.job_id
     again.start(request("after-kill", max_samples=4))  # one step: enough to publish
-    done = _wait_for(again, lambda status: not status.active)
+    done = wait_for_job(again, lambda status: not status.active, timeout=150)
     assert done.state == "done", done.message + done.log_tail
     assert [info.name for info in list_adapters(root)] == ["after-kill", "previous"] and hidden(root) == []
     final = JobRunner(runs, adapters=root).status()

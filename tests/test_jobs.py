@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from app_helpers import TINY_TRAINING, make_context
+from app_helpers import TINY_TRAINING, make_context, wait_for_job
 
 from rerank_core.adapters import AdapterError, list_adapters
 from rerank_core.jobs import JobBusy, JobError, JobRunner, TrainRequest
@@ -26,16 +26,6 @@ def context(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer):
 def _request(context, name: str, **options) -> TrainRequest:
     return TrainRequest(name=name, model_path=context.model_path("tiny-llama"),
                         data_path=str(context.dataset("toy").path), options={**TINY_TRAINING, **options})
-
-
-def _wait_for(runner: JobRunner, predicate, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    status = runner.status()
-    while not predicate(status) and time.monotonic() < deadline:
-        time.sleep(0.1)
-        status = runner.status()
-    assert predicate(status), f"timed out waiting; last status {status.state} step {status.step}: {status.message}"
-    return status
 
 
 def _staging_folders(context) -> list[str]:
@@ -108,7 +98,7 @@ def test_restart_reattaches_to_a_live_run_which_blocks_a_second_start(context, t
         assert (folder / "cancel").is_file() and sleeper.poll() is None  # the file first, no signal yet
         runner.cancel()  # asked again: SIGTERM, which this stand-in does not handle
         assert sleeper.wait(timeout=10) == -signal.SIGTERM
-        status = _wait_for(runner, lambda s: not s.active, timeout=10)
+        status = wait_for_job(runner, lambda s: not s.active, timeout=10)
         assert status.state == "failed" and "is gone" in status.message
     finally:
         sleeper.kill()
@@ -135,16 +125,16 @@ def test_a_killed_run_is_reported_failed_then_a_new_run_cancels_cleanly(context)
     runner = context.jobs
     before = [info.name for info in list_adapters(context.config.adapters_root)]
     runner.start(_request(context, "tiny-killed", max_samples=0, epochs=4))
-    status = _wait_for(runner, lambda s: s.step >= 1 or not s.active)
+    status = wait_for_job(runner, lambda s: s.step >= 1 or not s.active, timeout=120)
     os.kill(status.pid, signal.SIGKILL)
-    status = _wait_for(runner, lambda s: not s.active, timeout=30)
+    status = wait_for_job(runner, lambda s: not s.active, timeout=30)
     assert status.state == "failed" and "code -9" in status.message and "nothing was published" in status.message
     assert [info.name for info in list_adapters(context.config.adapters_root)] == before
     assert _staging_folders(context) == []  # the killed run's half-written folder is cleaned up
 
     # The next run starts, and a cancel mid-run stops it at a step boundary with nothing published.
     runner.start(_request(context, "tiny-cancelled", max_samples=0, epochs=4))
-    _wait_for(runner, lambda s: s.step >= 1 or not s.active)
+    wait_for_job(runner, lambda s: s.step >= 1 or not s.active, timeout=120)
     runner.cancel()
     status = runner.wait(timeout=120)
     assert status.state == "cancelled", status.message + status.log_tail

@@ -11,7 +11,7 @@ import httpx
 import psutil
 import pytest
 import torch
-from app_helpers import free_port, make_adapter, make_context, save_tiny_model, write_csv_dataset
+from app_helpers import custom_code_model, free_port, make_adapter, make_context, save_tiny_model, write_csv_dataset
 from conftest import make_toy_dataset
 from gradio_client import Client, handle_file
 
@@ -192,16 +192,6 @@ def model_folder_with_adapter(smol_tokenizer, tmp_path_factory: pytest.TempPathF
     return model_folder, root / "adapters"
 
 
-def _custom_code_model(source: Path, target: Path) -> Path:
-    shutil.copytree(source, target)
-    config = json.loads((target / "config.json").read_text())
-    config.update(model_type="custom_llama", auto_map={"AutoConfig": "custom.CustomConfig",
-                                                       "AutoModelForCausalLM": "custom.CustomModel"})
-    (target / "config.json").write_text(json.dumps(config))
-    (target / "custom.py").write_text(f"open({str(target / 'RAN')!r}, 'w').close()\n")
-    return target
-
-
 def _custom_code_tokenizer(source: Path, target: Path) -> Path:
     target.mkdir()
     shutil.copy(source / "tokenizer.json", target / "tokenizer.json")
@@ -214,7 +204,7 @@ def _custom_code_tokenizer(source: Path, target: Path) -> Path:
 def test_remote_code_is_never_run_unless_the_user_passes_the_flag(model_folder_with_adapter, tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     model_folder, _ = model_folder_with_adapter
-    custom = _custom_code_model(model_folder, tmp_path / "custom-model")
+    custom = custom_code_model(model_folder, tmp_path / "custom-model")
     tokenizer = _custom_code_tokenizer(model_folder, tmp_path / "custom-tokenizer")
     assert inspect.signature(load_model).parameters["trust_remote_code"].default is False
     with pytest.raises(ModelError, match="--trust-remote-code only if you trust it"):
