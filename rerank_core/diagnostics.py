@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -15,6 +15,7 @@ import pandas as pd
 from rerank_core.alignment import align
 from rerank_core.candidates import CandidateSet
 from rerank_core.inspector import BASE, Inspector, InspectSettings, PreparedUser
+from rerank_core.limits import check_limit
 from rerank_core.metrics import (
     METRIC_NAMES,
     PairedDifference,
@@ -23,6 +24,7 @@ from rerank_core.metrics import (
     rank_of_truth,
     summarize,
 )
+from rerank_core.progress import CancelCheck, ProgressCallback, checkpoint
 from rerank_core.prompts import (
     PromptPreset,
     build_prompt,
@@ -57,7 +59,8 @@ __all__ = [
 
 ORDER_MODES = ("rotations", "permutations")
 PRIOR_MODES = ("blank", "placeholder")
-ProgressCallback = Callable[[int, int], None]
+# Prompts scored per forward pass in diagnostics: a rotation set of 20 candidates is one chunk.
+_CHUNK = 20
 # Tokens shown on each side of a template divergence: enough to see the block that differs.
 _WINDOW = 6
 
@@ -123,8 +126,8 @@ class OrderSpec:
     def __post_init__(self) -> None:
         if self.mode not in ORDER_MODES:
             raise ValueError(f"order mode {self.mode!r} is not one of {', '.join(ORDER_MODES)}")
-        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
-            raise ValueError(f"order count must be a positive integer, got {self.count!r}")
+        object.__setattr__(self, "count", check_limit("orders", self.count))
+        object.__setattr__(self, "seed", check_limit("order_seed", self.seed))
 
 
 def candidate_orders(count: int, spec: OrderSpec = OrderSpec()) -> list[tuple[int, ...]]:
@@ -267,8 +270,23 @@ def _finite(value: float) -> float | None:
     return None if math.isnan(value) else float(value)
 
 
+def _score_in_chunks(inspector: Inspector, system: str, variants: Sequence[PreparedUser], what: str, *,
+                     batch_size: int | None, cancel: CancelCheck,
+                     progress: ProgressCallback | None = None) -> list[Any]:
+    """Score variants a chunk at a time, checking for a stop request between chunks."""
+    chunk = batch_size or _CHUNK
+    scores: list[Any] = []
+    for start in range(0, len(variants), chunk):
+        checkpoint(what, start, len(variants), cancel=cancel)
+        scores.extend(inspector.score_prepared(system, variants[start:start + chunk], batch_size=chunk))
+        if progress is not None:
+            progress(len(scores), len(variants))
+    return scores
+
+
 def _position_bias_prepared(inspector: Inspector, prepared: PreparedUser, settings: InspectSettings,
-                            system: str, spec: OrderSpec, batch_size: int | None) -> PositionBias:
+                            system: str, spec: OrderSpec, batch_size: int | None,
+                            cancel: CancelCheck = None, progress: ProgressCallback | None = None) -> PositionBias:
     count = len(prepared.candidates.item_ids)
     orders = candidate_orders(count, spec)
     kept = _kept_history(prepared)
@@ -280,8 +298,9 @@ def _position_bias_prepared(inspector: Inspector, prepared: PreparedUser, settin
             candidate_ids=[prepared.candidates.item_ids[index] for index in order],
             candidate_texts=[prepared.candidate_texts[index] for index in order],
             target_index=None if target is None else order.index(target)))
-    # One batch per user: the orders share a length, so padding costs nothing.
-    scores = inspector.score_prepared(system, variants, batch_size=batch_size or len(variants))
+    # The orders share a length, so batching them costs no padding; chunks bound memory and let a stop in.
+    scores = _score_in_chunks(inspector, system, variants, f"position bias of user {prepared.split.user_id}",
+                              batch_size=batch_size, cancel=cancel, progress=progress)
     return PositionBias(
         system=system, user_id=prepared.split.user_id, preset=prepared.prompt.preset,
         letters=prepared.prompt.letters, item_ids=prepared.candidates.item_ids,
@@ -290,11 +309,12 @@ def _position_bias_prepared(inspector: Inspector, prepared: PreparedUser, settin
 
 
 def position_bias(inspector: Inspector, user_id: str, settings: InspectSettings, system: str = BASE,
-                  spec: OrderSpec = OrderSpec(), *, batch_size: int | None = None) -> PositionBias:
-    """Score one user's candidates under every order of `spec`; all orders run as one batch by default."""
+                  spec: OrderSpec = OrderSpec(), *, batch_size: int | None = None,
+                  progress: ProgressCallback | None = None, cancel: CancelCheck = None) -> PositionBias:
+    """Score one user's candidates under every order of `spec`, in chunks with a stop check between them."""
     effective, _ = inspector.settings_for(system, settings)
     prepared = inspector.prepare(user_id, effective)
-    return _position_bias_prepared(inspector, prepared, effective, system, spec, batch_size)
+    return _position_bias_prepared(inspector, prepared, effective, system, spec, batch_size, cancel, progress)
 
 
 @dataclass(frozen=True, eq=False)
@@ -389,18 +409,21 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 def position_bias_over_users(inspector: Inspector, users: Sequence[str], settings: InspectSettings,
                              system: str = BASE, spec: OrderSpec = OrderSpec(), *,
-                             batch_size: int | None = None,
-                             progress: ProgressCallback | None = None) -> PositionBiasSummary:
-    """Position bias for each user (one batch per user), summarised over all of them."""
+                             batch_size: int | None = None, progress: ProgressCallback | None = None,
+                             cancel: CancelCheck = None) -> PositionBiasSummary:
+    """Position bias for each user, summarised over all of them; a stop request is honoured between chunks."""
     if not users:
         raise ValueError("no users to diagnose: pass at least one user id")
+    check_limit("diagnostic_users", len(users))
     effective, _ = inspector.settings_for(system, settings)
+    orders_per_user = effective.candidates.count if spec.mode == "rotations" else spec.count
+    check_limit("diagnostic_prompts", len(users) * orders_per_user)
     results = []
-    for done, user_id in enumerate(users, 1):
+    for done, user_id in enumerate(users):
+        checkpoint("position bias over users", done, len(users), progress=progress, cancel=cancel)
         prepared = inspector.prepare(user_id, effective)
-        results.append(_position_bias_prepared(inspector, prepared, effective, system, spec, batch_size))
-        if progress is not None:
-            progress(done, len(users))
+        results.append(_position_bias_prepared(inspector, prepared, effective, system, spec, batch_size, cancel))
+    checkpoint("position bias over users", len(users), len(users), progress=progress)
     return PositionBiasSummary(system, tuple(results))
 
 
@@ -456,24 +479,25 @@ class LetterPrior:
 
 def letter_prior(inspector: Inspector, users: Sequence[str], settings: InspectSettings, system: str = BASE,
                  mode: str = "placeholder", *, placeholder: str = "item",
-                 progress: ProgressCallback | None = None) -> LetterPrior:
+                 progress: ProgressCallback | None = None, cancel: CancelCheck = None) -> LetterPrior:
     """Each user's real history, every candidate text blanked ("") or the same placeholder word."""
     if mode not in PRIOR_MODES:
         raise ValueError(f"letter prior mode {mode!r} is not one of {', '.join(PRIOR_MODES)}")
     if not users:
         raise ValueError("no users to diagnose: pass at least one user id")
+    check_limit("diagnostic_users", len(users))
+    check_limit("placeholder_chars", len(placeholder))
     effective, _ = inspector.settings_for(system, settings)
     text = "" if mode == "blank" else placeholder
     variants = []
-    for done, user_id in enumerate(users, 1):
+    for user_id in users:
         prepared = inspector.prepare(user_id, effective)
         variants.append(_variant(
             inspector, effective, prepared, history_ids=_kept_history(prepared),
             candidate_ids=prepared.candidates.item_ids, target_index=prepared.candidates.target_index,
             candidate_texts=[text] * len(prepared.candidate_texts)))
-        if progress is not None:
-            progress(done, len(users))
-    scores = inspector.score_prepared(system, variants)
+    scores = _score_in_chunks(inspector, system, variants, "letter prior", batch_size=None, cancel=cancel,
+                              progress=progress)
     return LetterPrior(system=system, preset=variants[0].prompt.preset, mode=mode, placeholder=text,
                        letters=variants[0].prompt.letters, user_ids=tuple(users), probs=_probs(scores),
                        letter_mass=np.array([score.letter_mass for score in scores]))
@@ -555,7 +579,8 @@ class HistoryInfluence:
 
 
 def history_influence(inspector: Inspector, user_id: str, settings: InspectSettings, system: str = BASE, *,
-                      batch_size: int | None = None) -> HistoryInfluence:
+                      batch_size: int | None = None, progress: ProgressCallback | None = None,
+                      cancel: CancelCheck = None) -> HistoryInfluence:
     """Remove each shown history item in turn and re-score; the full prompt and the removals are one batch."""
     effective, _ = inspector.settings_for(system, settings)
     prepared = inspector.prepare(user_id, effective)
@@ -564,13 +589,15 @@ def history_influence(inspector: Inspector, user_id: str, settings: InspectSetti
         raise ValueError(f"user {user_id!r}: the prompt shows no history item (all dropped to fit "
                          f"max_prompt_tokens={effective.max_prompt_tokens}); raise the limit or use fewer "
                          "candidates")
+    check_limit("history_items", len(kept))
     variants = [prepared]
     for row in range(len(kept)):
         variants.append(_variant(
             inspector, effective, prepared, history_ids=kept[:row] + kept[row + 1:],
             candidate_ids=prepared.candidates.item_ids, candidate_texts=prepared.candidate_texts,
             target_index=prepared.candidates.target_index))
-    probs = _probs(inspector.score_prepared(system, variants, batch_size=batch_size or len(variants)))
+    probs = _probs(_score_in_chunks(inspector, system, variants, f"history influence of user {user_id}",
+                                    batch_size=batch_size, cancel=cancel, progress=progress))
     dropped = prepared.prompt.dropped_history
     return HistoryInfluence(
         system=system, user_id=user_id, preset=prepared.prompt.preset, letters=prepared.prompt.letters,
@@ -796,13 +823,16 @@ class LetterMass:
 
 
 def letter_mass(inspector: Inspector, users: Sequence[str], settings: InspectSettings,
-                systems: Sequence[str] = (BASE,), *, progress: ProgressCallback | None = None) -> LetterMass:
+                systems: Sequence[str] = (BASE,), *, progress: ProgressCallback | None = None,
+                cancel: CancelCheck = None) -> LetterMass:
     """Evaluate every user with every system and keep the letter mass (each adapter with its own preset)."""
     if not users:
         raise ValueError("no users to diagnose: pass at least one user id")
+    check_limit("diagnostic_users", len(users))
+    check_limit("compare_systems", len(systems))
     frames = []
     for index, system in enumerate(systems):
         report = None if progress is None else (
             lambda done, total, index=index: progress(index * total + done, total * len(systems)))
-        frames.append(inspector.evaluate(users, settings, system, progress=report))
+        frames.append(inspector.evaluate(users, settings, system, progress=report, cancel=cancel))
     return LetterMass(pd.concat(frames, ignore_index=True))
