@@ -155,3 +155,10 @@ def test_letter_prior_letter_mass_and_history_influence_honour_a_stop(inspector,
         letter_mass(inspector, users, SETTINGS, cancel=stop)
     with pytest.raises(Cancelled):
         history_influence(inspector, users[0], SETTINGS, cancel=stop)
+
+
+def test_the_readme_shows_the_same_table():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert limits_markdown() in readme
