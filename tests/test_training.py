@@ -419,15 +419,17 @@ def test_compare_systems_pairs_each_adapter_with_the_base(smol_tokenizer, tmp_pa
     settings = InspectSettings(preset="seed", candidates=tiny_config().candidate_config(), max_prompt_tokens=160)
     users = dataset.users[:10]
     per_user, summary = compare_systems(inspector, users, settings, ["base", "compared"])
-    assert len(per_user) == 20 and set(per_user["system"]) == {"base", "compared"}
-    # The adapter is scored with the preset it was trained with, the base with the one asked for.
+    # The adapter is scored with the preset it was trained with, the base with the one asked for and, for a
+    # like-for-like pair, with the adapter's too.
+    assert len(per_user) == 30 and set(per_user["system"]) == {"base", "base @ seed_after", "compared"}
     assert set(per_user[per_user.system == "compared"]["preset"]) == {"seed_after"}
+    assert set(summary[summary.system == "compared"]["reference"]) == {"base @ seed_after"}
     adapter_rows = summary[summary.system == "compared"]
     assert (adapter_rows.ci_low <= adapter_rows.difference + 1e-12).all()
     assert (adapter_rows.difference <= adapter_rows.ci_high + 1e-12).all()
     assert summary[summary.system == "base"]["difference"].isna().all()
     table = comparison_table(summary)
-    assert table.count("\n") == 3 and "| compared | seed_after |" in table
+    assert table.count("\n") == 4 and "| compared | seed_after | base @ seed_after" in table
 
 
 @pytest.mark.slow
