@@ -50,7 +50,9 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tokenizer", metavar="PATH",
                        help="tokenizer folder (tokenizer files or a SentencePiece tokenizer.model) for commands "
                             "that need no weights; `show` then prints the prompt and audit without scores")
-    group.add_argument("--data", metavar="PATH", help="dataset folder or file; default: the bundled sample_data/")
+    group.add_argument("--data", metavar="PATH|NAME",
+                       help="dataset folder or file, or a built-in dataset: sample (synthetic, the default) or "
+                            "ml-100k-real (real MovieLens 100K from the recbole package)")
     group.add_argument("--data-format", choices=FORMATS,
                        help="force the data format instead of detecting it from the file names")
     group.add_argument("--preset", default="seed", choices=sorted(PRESETS),
