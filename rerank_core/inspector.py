@@ -20,6 +20,7 @@ from rerank_core.adapters import (
 )
 from rerank_core.candidates import CandidateConfig, CandidateSampler, CandidateSet
 from rerank_core.data import Dataset, UserSplit
+from rerank_core.distributed import ProcessShard
 from rerank_core.metrics import METRIC_NAMES, metrics_at, rank_of_truth
 from rerank_core.models import LoadedModel
 from rerank_core.prompts import Prompt, build_prompt, encode_rendered
@@ -134,7 +135,7 @@ class Inspector:
     """A dataset, a tokenizer and optionally a model with adapters; caches samplers, letters and scores."""
 
     def __init__(self, dataset: Dataset, loaded: LoadedModel | None = None, *, tokenizer: Any = None,
-                 adapters_root: str | None = None, batch_size: int = 8) -> None:
+                 adapters_root: str | None = None, batch_size: int = 8, shard: ProcessShard | None = None) -> None:
         if loaded is None and tokenizer is None:
             raise ValueError("an Inspector needs a loaded model or at least a tokenizer")
         self.dataset = dataset
@@ -142,6 +143,8 @@ class Inspector:
         self.tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer
         self.adapters_root = adapters_root
         self.batch_size = batch_size
+        # Under torchrun / accelerate launch: every process prepares all prompts, scores its share, gets all.
+        self.shard = shard
         self._samplers: dict[CandidateConfig, CandidateSampler] = {}
         self._letters: dict[tuple[Any, ...], tuple[LetterToken, ...]] = {}
         self.cache = ScoreCache()
@@ -253,9 +256,12 @@ class Inspector:
                  tuple(token.token_id for token in item.letter_tokens)) for item in prepared]
         results: list[LetterScores | None] = [self.cache.get(key) for key in keys]
         missing = [index for index, result in enumerate(results) if result is None]
+        shared = self.shard is not None and self.shard.world_size > 1
+        # Every process sees the same misses (same calls, same cache), so the shares partition them.
+        mine = [missing[i] for i in self.shard.share(len(missing))] if shared else missing
         # Group by letter IDs: one batch shares one letter set.
         groups: dict[tuple[int, ...], list[int]] = {}
-        for index in missing:
+        for index in mine:
             groups.setdefault(keys[index][4], []).append(index)
         for letter_ids, indices in groups.items():
             model = self._activate(system, version)
@@ -267,8 +273,13 @@ class Inspector:
                 scored = score_token_ids(model, self.tokenizer, [prepared[i].token_ids for i in indices],
                                          letter_ids, batch_size=batch_size or self.batch_size)
             for index, result in zip(indices, scored):
-                self.cache.put(keys[index], result)
                 results[index] = result
+        if shared and missing:
+            for part in self.shard.gather({index: results[index] for index in mine}):
+                for index, result in part.items():
+                    results[index] = result
+        for index in missing:
+            self.cache.put(keys[index], results[index])
         return [result for result in results if result is not None]
 
     def inspect(self, user_id: str, settings: InspectSettings, system: str = BASE) -> UserInspection:
