@@ -59,6 +59,11 @@ class PreparedUser:
     token_ids: tuple[int, ...]
     letter_tokens: tuple[LetterToken, ...]
 
+    @property
+    def shown_history(self) -> tuple[str, ...]:
+        """The history items the prompt actually shows (the oldest may have been dropped to fit)."""
+        return self.split.history[self.prompt.dropped_history:]
+
 
 @dataclass(frozen=True)
 class UserInspection:
@@ -177,6 +182,22 @@ class Inspector:
         token_ids = tuple(encode_rendered(self.tokenizer, settings.preset, prompt.rendered))
         letters = self.letter_tokens(settings, len(candidate_texts))
         return PreparedUser(split, candidates, candidate_texts, prompt, token_ids, letters)
+
+    def variant(self, prepared: PreparedUser, settings: InspectSettings, *, history_ids: Sequence[str] | None = None,
+                order: Sequence[int] | None = None, candidate_texts: Sequence[str] | None = None) -> PreparedUser:
+        """The prepared user with another history (leave-one-out), the candidates in another order (rotations) or
+        other candidate texts (blanked); not re-truncated, so a variant differs from the original only there."""
+        history_ids = prepared.shown_history if history_ids is None else tuple(history_ids)
+        order = range(len(prepared.candidates.item_ids)) if order is None else order
+        item_ids = tuple(prepared.candidates.item_ids[index] for index in order)
+        texts = (tuple(prepared.candidate_texts[index] for index in order) if candidate_texts is None
+                 else tuple(candidate_texts))
+        target = prepared.candidates.target_index
+        history_texts = [self.dataset.text(item, settings.text_field) for item in history_ids]
+        prompt = build_prompt(self.tokenizer, settings.preset, history_texts, texts, max_prompt_tokens=None)
+        token_ids = tuple(encode_rendered(self.tokenizer, settings.preset, prompt.rendered))
+        candidates = CandidateSet(item_ids, None if target is None else list(order).index(target))
+        return replace(prepared, candidates=candidates, candidate_texts=texts, prompt=prompt, token_ids=token_ids)
 
     def _prompt_budget(self, settings: InspectSettings) -> int | None:
         """The setting, capped at the model's context: positions past it read garbage or fail to index."""
