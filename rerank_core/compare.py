@@ -19,6 +19,7 @@ SUMMARY_COLUMNS = ("system", "preset", "comparison", "metric", "mean", "referenc
                    "difference", "ci_low", "ci_high", "n", "improved", "unchanged", "worsened")
 # What each summary row's difference measures.
 REFERENCE, SAME_PRESET, PRESET_EFFECT = "reference", "vs reference, same preset", "preset effect"
+PAIRED = "vs reference"  # a baseline, or any run paired with a reference chosen by name
 MOVER_COLUMNS = ("user_id", "system", "reference", "change", "reference_rank", "rank",
                  "reference_truth_probability", "truth_probability", "difference")
 
