@@ -111,7 +111,7 @@ def train_once(args: argparse.Namespace) -> dict:
                            training_preset=args.training_preset)
     letter_losses = [event["letter_loss"] for event in events if event["event"] == "step"][-LAST_STEPS:]
     return {"seconds": time.monotonic() - started, "cpu": cpu_seconds() - cpu, "peak_rss_mb": peak_rss_mb(),
-            "config": json.loads(config.to_json()), "report": report.to_json(),
+            "config": config.to_json(), "report": report.to_json(),
             "letter_loss_last": sum(letter_losses) / len(letter_losses)}
 
 
