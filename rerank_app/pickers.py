@@ -72,6 +72,8 @@ class PickerControls:
     adapter: gr.Dropdown
     user: gr.Dropdown
     order: gr.Radio
+    report_button: gr.Button
+    report_file: gr.File
 
     @property
     def pickers(self) -> list[gr.components.Component]:
