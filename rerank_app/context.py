@@ -222,6 +222,10 @@ class AppContext:
         with self._gates[model].interactive():
             yield inspector
 
+    def gate(self, model: str) -> ModelGate:
+        self.model_entry(model)  # an unknown name says which ones exist
+        return self._gates[model]
+
     @contextmanager
     def running(self, dataset: str, model: str, stop: threading.Event | None) -> Iterator[tuple[Inspector, Any]]:
         """The Inspector for a long run and its stop check: at every chunk boundary the run steps aside for
@@ -423,6 +427,27 @@ class AppContext:
         return tokenizer, [token.token_id for token in masked], [token.loss for token in masked], caption
 
     # -- uploads -----------------------------------------------------------------------------
+
+    def restore_uploads(self) -> list[str]:
+        """Datasets uploaded in earlier runs of the app, registered again from their folders in upload_root.
+
+        A folder that no longer loads is skipped with a warning: the others still come back."""
+        root = self.config.upload_root
+        restored = []
+        folders = sorted(path for path in root.iterdir() if path.is_dir() and not path.name.startswith(".")) \
+            if root.is_dir() else []
+        for folder in folders:
+            if folder.name in self._datasets:
+                continue
+            try:
+                dataset = load_dataset(folder)
+            except (DataError, ValueError, OSError) as error:
+                log.warning("upload %s is not offered again: %s", folder.name, error)
+                continue
+            with self._registry_lock:
+                self._datasets[folder.name] = DatasetEntry(name=folder.name, dataset=dataset, path=folder)
+            restored.append(folder.name)
+        return restored
 
     def add_upload(self, files: Sequence[str | os.PathLike[str]], name: str,
                    data_format: str | None = None) -> DatasetEntry:

@@ -45,6 +45,12 @@ class ModelGate:
         finally:
             self._release()
 
+    @property
+    def waiting(self) -> int:
+        """Interactive requests waiting for the model right now."""
+        with self._condition:
+            return self._interactive_waiting
+
     def _free_for_background(self) -> bool:
         return not self._busy and self._interactive_waiting == 0
 

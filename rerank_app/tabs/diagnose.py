@@ -108,8 +108,8 @@ def refresh_adapters(context: AppContext, model: str) -> tuple[Any, Any]:
             gr.Dropdown(choices=context.adapter_names(model), value=[]))
 
 
-def build(context: AppContext, controls: PickerControls, demo: gr.Blocks) -> None:
-    """Lay out and wire the tab; each section runs on its own button."""
+def build(context: AppContext, controls: PickerControls, demo: gr.Blocks) -> tuple[gr.Dropdown, gr.Dropdown]:
+    """Lay out and wire the tab; each section runs on its own button. Returns the system and adapters pickers."""
     model = context.model_names[0]
     max_users = context.config.max_compare_users
     gr.Markdown("Uses the dataset, model, prompt settings and user chosen in the **Inspect** tab. "
@@ -207,3 +207,4 @@ def build(context: AppContext, controls: PickerControls, demo: gr.Blocks) -> Non
     refresher = endpoint(refresh_adapters, context)
     for trigger in (refresh.click, controls.model.input, demo.load):
         trigger(refresher, [controls.model], [system_box, mass_adapters], api_visibility="private")
+    return system_box, mass_adapters
