@@ -25,10 +25,13 @@ from rerank_core.metrics import (
 )
 from rerank_core.prompts import (
     PromptPreset,
+    answer_slot,
     build_prompt,
     encode_rendered,
     get_preset,
     letters_for,
+    render_chat,
+    render_generation_prompt,
     render_inference,
     render_training,
 )
@@ -78,8 +81,8 @@ def _variant(inspector: Inspector, settings: InspectSettings, prepared: Prepared
     history_texts = [dataset.text(item, settings.text_field) for item in history_ids]
     texts = tuple(candidate_texts) if candidate_texts is not None else tuple(
         dataset.text(item, settings.text_field) for item in candidate_ids)
-    prompt = build_prompt(inspector.tokenizer, settings.preset, history_texts, texts, max_prompt_tokens=None)
-    token_ids = tuple(encode_rendered(inspector.tokenizer, settings.preset, prompt.rendered))
+    prompt = build_prompt(inspector.tokenizer, settings.prompt_preset, history_texts, texts, max_prompt_tokens=None)
+    token_ids = tuple(encode_rendered(inspector.tokenizer, settings.prompt_preset, prompt.rendered))
     return replace(prepared, candidates=CandidateSet(tuple(candidate_ids), target_index),
                    candidate_texts=texts, prompt=prompt, token_ids=token_ids)
 
@@ -660,9 +663,8 @@ def _generation_prompt(tokenizer: Any, preset: PromptPreset, text: str) -> str |
     """What add_generation_prompt appends after the user turn; None for text presets."""
     if not preset.chat:
         return None
-    inference = render_inference(tokenizer, preset, text)
-    plain = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                          add_generation_prompt=False)
+    inference = render_generation_prompt(tokenizer, preset, text)
+    plain = render_chat(tokenizer, preset, [{"role": "user", "content": text}], False)
     return inference[len(plain):] if inference.startswith(plain) else None
 
 
@@ -739,6 +741,9 @@ def template_consistency(tokenizer: Any, preset: str | PromptPreset, *, text: st
         centre = alignment.diverge_at
         problems.append(_mismatch_problem(tokenizer, preset, prompt_text, letter, alignment.diverge_at,
                                           prompt_ids, full_ids))
+    slot = answer_slot(tokenizer, preset)
+    # The template's own quirks come first: they explain the prompt's end before any letter problem.
+    problems[:0] = [TemplateProblem("warning", flag, note) for flag, note in zip(slot.flags, slot.notes(), strict=True)]
     letters = tuple(resolve_letters(tokenizer, preset, letters_for(count), "seed", text=prompt_text))
     not_prefix = [token.letter for token in letters if "template_not_prefix" in token.flags]
     if alignment.is_prefix and not_prefix:
