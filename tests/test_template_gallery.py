@@ -135,3 +135,19 @@ def test_deepseek_r1_scores_where_finished_turns_put_the_letter(smol_tokenizer) 
     assert prepared.prompt.rendered.endswith("<｜Assistant｜>")
     assert prepared.answer_slot.trimmed_text == "<think>\n"
     assert "generation_prompt_trimmed" in prepared.letter_tokens[0].flags
+
+
+def test_prompt_end_split_differently_before_the_letter_uses_training_tokens(smol_tokenizer) -> None:
+    """Llama-3's template on GPT-2's pre-tokenizer: '\\n\\n' alone is one token, before a letter two."""
+    from dataclasses import replace
+
+    family = replace(BY_NAME["Llama-3.1 instruct"], pattern=None)
+    tokenizer = build_tokenizer(family, smol_tokenizer, None)
+    inspector = Inspector(make_toy_dataset(), tokenizer=tokenizer)
+    prepared = inspector.prepare(inspector.dataset.users[0], InspectSettings(preset="seed"))
+    newline = tokenizer.convert_tokens_to_ids("Ċ")
+    assert prepared.answer_slot.flags == ("prompt_end_retokenized",)
+    assert prepared.token_ids[-2:] == (newline, newline)
+    assert tokenizer.decode([prepared.letter_tokens[0].token_id]) == "A"
+    example = label_example(tokenizer, "seed", prepared.prompt.text, "A")
+    assert example.input_ids[:example.prompt_length] == prepared.token_ids
