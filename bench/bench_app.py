@@ -18,7 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import app as app_module
-from rerank_core.app_state import make_settings
+from rerank_app.context import make_settings
+from rerank_app.server import build_app, build_context, launch
 from rerank_core.inspector import BASE
 
 TARGET_S = 1.0
@@ -57,10 +58,10 @@ def main() -> None:
     from gradio_client import Client
 
     begin = time.perf_counter()
-    context = app_module.build_context(app_module.parse_args([]))
-    demo = app_module.build_app(context)
+    context = build_context(app_module.parse_args([]))
+    demo = build_app(context)
     port = free_port()
-    app_module.launch(demo, port=port, block=False)
+    launch(demo, port=port, block=False)
     url = f"http://127.0.0.1:{port}/"
     print(f"app up in {time.perf_counter() - begin:.1f} s at {url}; model {context.model_names[0]}, "
           f"dataset {context.dataset_names[0]} ({len(context.users(context.dataset_names[0]))} users)")

@@ -31,10 +31,10 @@ RSS_GROWTH_LIMIT = 0.10
 
 def serve(port: int, work: Path) -> None:
     """The app as `python app.py` builds it, but with temporary adapters, runs and uploads folders."""
-    import app as app_module
-    from rerank_core.app_state import AppConfig, AppContext, DatasetEntry, ModelEntry
+    from rerank_app.context import AppConfig, AppContext, DatasetEntry, ModelEntry
+    from rerank_app.jobs import JobRunner
+    from rerank_app.server import build_app, launch
     from rerank_core.data import bundled_sample_path, load_dataset
-    from rerank_core.jobs import JobRunner
     from rerank_core.models import embedded_model_folder, load_model
 
     config = AppConfig(adapters_root=work / "adapters", upload_root=work / "uploads", runs_root=work / "runs")
@@ -42,7 +42,7 @@ def serve(port: int, work: Path) -> None:
     model = ModelEntry(folder.name, str(folder), loaded=load_model(folder))
     context = AppContext(config, [DatasetEntry("sample", load_dataset(None), bundled_sample_path())], [model],
                          jobs=JobRunner(config.runs_root, adapters=config.adapters_root))
-    app_module.launch(app_module.build_app(context), port=port, max_upload_bytes=config.max_upload_bytes)
+    launch(build_app(context), port=port, max_upload_bytes=config.max_upload_bytes)
 
 
 def free_port() -> int:

@@ -1,4 +1,4 @@
-"""`python -m rerank_core diagnose ...`: the Diagnose views from a shell, as JSON or tables."""
+"""`python -m rerank_core diagnose ...`: each diagnostic from a shell, as JSON or text tables."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def _progress(label: str) -> Callable[[int, int], None] | None:
 
 
 def command_position_bias(args: argparse.Namespace) -> int:
-    from rerank_core import diagnostic_views as views
+    from rerank_core import diagnostic_tables as frames
     from rerank_core.cli import build_inspector, build_settings
     from rerank_core.diagnostics import OrderSpec, position_bias, position_bias_over_users
 
@@ -58,7 +58,7 @@ def command_position_bias(args: argparse.Namespace) -> int:
         tables: list[tuple[str, pd.DataFrame | str]] = []
         for result in results:
             tables.append((f"{result.system}: items over {len(result.orders)} orders",
-                           views.position_items_frame(result)))
+                           frames.position_items_frame(result)))
             tables.append((f"{result.system}: summary", (
                 f"P(A) {result.letter_means[0]:.4f} (uniform {result.uniform:.4f}); stability (mean Kendall "
                 f"tau) {result.stability:.4f}; ground-truth rank as shown {result.rank_original}, debiased "
@@ -74,11 +74,11 @@ def command_position_bias(args: argparse.Namespace) -> int:
         letters[f"{summary.system} top-1 share"] = summary.top1_share.round(4)
     letters["uniform"] = round(summaries[0].uniform, 4)
     return _print(args, {"systems": {summary.system: summary.to_json() for summary in summaries}},
-                  [("summary", views.position_summary_frame(summaries)), ("by letter position", letters)])
+                  [("summary", frames.position_summary_frame(summaries)), ("by letter position", letters)])
 
 
 def command_letter_prior(args: argparse.Namespace) -> int:
-    from rerank_core import diagnostic_views as views
+    from rerank_core import diagnostic_tables as frames
     from rerank_core.cli import build_inspector, build_settings
     from rerank_core.diagnostics import letter_prior
 
@@ -89,11 +89,11 @@ def command_letter_prior(args: argparse.Namespace) -> int:
               for system in _systems(args)]
     entropy = "; ".join(f"{prior.system}: normalized entropy {prior.normalized_entropy:.4f}" for prior in priors)
     return _print(args, {"systems": {prior.system: prior.to_json() for prior in priors}},
-                  [("letter prior", views.letter_prior_frame(priors)), ("spread", entropy)])
+                  [("letter prior", frames.letter_prior_frame(priors)), ("spread", entropy)])
 
 
 def command_history(args: argparse.Namespace) -> int:
-    from rerank_core import diagnostic_views as views
+    from rerank_core import diagnostic_tables as frames
     from rerank_core.cli import build_inspector, build_settings
     from rerank_core.diagnostics import history_influence
 
@@ -104,12 +104,12 @@ def command_history(args: argparse.Namespace) -> int:
     for result in results:
         truth = "absent" if result.truth_probability is None else f"{result.truth_probability:.4f}"
         tables.append((f"{result.system}: P(ground truth) {truth}, top-1 {result.letters[result.top1]}",
-                       views.history_influence_frame(result)))
+                       frames.history_influence_frame(result)))
     return _print(args, {"systems": {result.system: result.to_json() for result in results}}, tables)
 
 
 def command_template(args: argparse.Namespace) -> int:
-    from rerank_core import diagnostic_views as views
+    from rerank_core import diagnostic_tables as frames
     from rerank_core.diagnostics import template_consistency
     from rerank_core.models import load_tokenizer
 
@@ -127,13 +127,13 @@ def command_template(args: argparse.Namespace) -> int:
     report = template_consistency(tokenizer, preset, text=text, letter=args.letter, count=args.candidates)
     around = "the end of the prompt" if report.is_prefix else "the first difference"
     _print(args, report.to_json(), [
-        ("verdict", report.explanation), (f"tokens around {around}", views.template_tokens_frame(report)),
-        ("letters", views.template_letters_frame(report))])
+        ("verdict", report.explanation), (f"tokens around {around}", frames.template_tokens_frame(report)),
+        ("letters", frames.template_letters_frame(report))])
     return 0 if report.ok else 1
 
 
 def command_letter_mass(args: argparse.Namespace) -> int:
-    from rerank_core import diagnostic_views as views
+    from rerank_core import diagnostic_tables as frames
     from rerank_core.cli import build_inspector, build_settings
     from rerank_core.diagnostics import letter_mass
 
@@ -141,7 +141,7 @@ def command_letter_mass(args: argparse.Namespace) -> int:
     settings = build_settings(args, args.split)
     report = letter_mass(inspector, _users(inspector, args.users), settings, _systems(args),
                          progress=_progress("letter mass"))
-    return _print(args, report.to_json(), [("letter mass per system", views.letter_mass_frame(report))])
+    return _print(args, report.to_json(), [("letter mass per system", frames.letter_mass_frame(report))])
 
 
 def add_diagnose_command(subparsers: Any) -> None:

@@ -11,10 +11,10 @@ from typing import Any
 
 from conftest import build_tiny_llama, make_toy_dataset
 
+from rerank_app.context import AppConfig, AppContext, DatasetEntry, ModelEntry
+from rerank_app.jobs import JobRunner
 from rerank_core.adapters import MANIFEST_FILE
-from rerank_core.app_state import AppConfig, AppContext, DatasetEntry, ModelEntry
 from rerank_core.data import Dataset, load_dataset
-from rerank_core.jobs import JobRunner
 from rerank_core.models import LoadedModel
 
 # A fine-tune that takes seconds on a tiny model: few samples, no validation.

@@ -11,7 +11,8 @@ from app_helpers import TINY_TRAINING, free_port, make_adapter, make_context
 from gradio_client import Client, handle_file
 
 import app as app_module
-from rerank_core.app_state import make_settings
+from rerank_app.context import make_settings
+from rerank_app.server import build_app, launch
 from rerank_core.inspector import BASE, Inspector
 from rerank_core.models import load_model
 
@@ -20,9 +21,9 @@ from rerank_core.models import load_model
 def served(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer):
     context = make_context(tmp_path_factory.mktemp("app"), smol_tokenizer)
     make_adapter(context.loaded("tiny-llama"), context.config.adapters_root, "lora-a")
-    demo = app_module.build_app(context)
+    demo = build_app(context)
     port = free_port()
-    app_module.launch(demo, port=port, block=False)
+    launch(demo, port=port, block=False)
     client = Client(f"http://127.0.0.1:{port}/", verbose=False)
     yield context, client
     context.jobs.wait(timeout=60)

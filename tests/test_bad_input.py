@@ -19,13 +19,13 @@ import torch
 from app_helpers import custom_code_model, make_adapter, make_context, save_tiny_model, write_csv_dataset
 from conftest import build_tiny_llama, make_toy_dataset
 
+from rerank_app.context import SessionError, make_settings
+from rerank_app.jobs import JobError, TrainRequest
 from rerank_core import cli, loaders
 from rerank_core.adapters import AdapterError, check_adapter, list_adapters, publish_adapter, validate_adapter_name
-from rerank_core.app_state import SessionError, make_settings
 from rerank_core.candidates import CandidateConfig, CandidateSampler
 from rerank_core.data import DataError, load_dataset
 from rerank_core.inspector import Inspector, InspectSettings
-from rerank_core.jobs import JobError, TrainRequest
 from rerank_core.models import ModelError, load_model, load_tokenizer
 from rerank_core.prompts import PromptError, build_prompt, letters_for
 from rerank_core.verbalizer import resolve_letters

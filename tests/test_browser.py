@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from app_helpers import free_port, make_context
 
-import app as app_module
+from rerank_app.server import build_app, launch
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
@@ -31,9 +31,9 @@ def browser():
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer):
     context = make_context(tmp_path_factory.mktemp("browser"), smol_tokenizer)
-    demo = app_module.build_app(context)
+    demo = build_app(context)
     port = free_port()
-    app_module.launch(demo, port=port, block=False)
+    launch(demo, port=port, block=False)
     yield context, f"http://127.0.0.1:{port}/"
     context.jobs.wait(timeout=60)
     demo.close()

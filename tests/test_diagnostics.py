@@ -393,7 +393,8 @@ def test_scoring_needs_a_model(smol_tokenizer, dataset):
 
 
 def test_position_views_show_the_bias(prefers_a, blind):
-    from rerank_core import diagnostic_views as views
+    from rerank_app import diagnostic_views as views
+    from rerank_core import diagnostic_tables as tables
 
     result = position_bias(prefers_a, "u00", SETTINGS)
     heatmap = views.position_heatmap(result)
@@ -404,7 +405,7 @@ def test_position_views_show_the_bias(prefers_a, blind):
     assert [trace.name for trace in chart.data] == ["base", "base"]
     assert chart.data[0].y[0] == pytest.approx(1.0)
     assert sum(views.truth_rank_chart([result]).data[0].y) == COUNT
-    items = views.position_items_frame(result)
+    items = tables.position_items_frame(result)
     assert len(items) == COUNT and (items["debiased"] == round(1 / COUNT, 4)).all()
     assert (items["truth"] == "★ truth").sum() == 1
     assert (items["rank_debiased"] == COUNT).all()  # all tied: each ranks last, as the metrics count it
@@ -412,42 +413,44 @@ def test_position_views_show_the_bias(prefers_a, blind):
 
     summary = position_bias_over_users(prefers_a, USERS[:2], SETTINGS)
     assert views.top1_share_chart([summary]).data[0].y[0] == 1.0
-    row = views.position_summary_frame([summary]).iloc[0]
+    row = tables.position_summary_frame([summary]).iloc[0]
     assert row["top-1 is A"] == 1.0 and row["users"] == 2 and row["orders"] == COUNT
 
 
 def test_prior_history_and_mass_views(prefers_a, blind):
-    from rerank_core import diagnostic_views as views
+    from rerank_app import diagnostic_views as views
+    from rerank_core import diagnostic_tables as tables
 
     prior = letter_prior(prefers_a, USERS[:2], SETTINGS)
-    frame = views.letter_prior_frame([prior])
+    frame = tables.letter_prior_frame([prior])
     assert frame["base"].tolist()[0] == 1.0 and frame["uniform"].iloc[0] == round(1 / COUNT, 4)
     assert views.letter_prior_chart([prior]).data[0].y[0] == pytest.approx(1.0)
 
     influence = history_influence(blind, "u01", SETTINGS)
-    table = views.history_influence_frame(influence)
+    table = tables.history_influence_frame(influence)
     assert len(table) == len(influence.history_ids) and not table["influential"].any()
     assert len(views.history_influence_chart(influence).data) == 1  # no top-1 change markers
 
     report = letter_mass(blind, USERS[:2], SETTINGS)
-    assert views.letter_mass_frame(report)["users"].tolist() == [2]
+    assert tables.letter_mass_frame(report)["users"].tolist() == [2]
     assert len(views.letter_mass_chart(report).data) == 1
 
 
 def test_template_views_mark_the_divergence(smol_tokenizer):
-    from rerank_core import diagnostic_views as views
+    from rerank_app import diagnostic_views as views
+    from rerank_core import diagnostic_tables as tables
 
     broken = copy.deepcopy(smol_tokenizer)
     broken.chat_template = inference_only_system(smol_tokenizer.chat_template)
     report = template_consistency(broken, "seed")
-    tokens = views.template_tokens_frame(report)
+    tokens = tables.template_tokens_frame(report)
     marked = tokens[tokens["note"] == "first difference"]
     assert marked["index"].tolist() == [report.diverge_at]
     assert marked["training token"].tolist() == ["You"] and not marked["same"].iloc[0]
     assert "❌" in views.template_markdown(report)
     good = template_consistency(smol_tokenizer, "seed")
     assert "✅" in views.template_markdown(good)
-    letters = views.template_letters_frame(good)
+    letters = tables.template_letters_frame(good)
     assert letters["as-trained token"].tolist()[:2] == ["A", "B"]
 
 

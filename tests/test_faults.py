@@ -22,9 +22,9 @@ import torch
 from app_helpers import TINY_TRAINING, make_adapter, save_tiny_model, wait_for_job, write_csv_dataset
 from conftest import make_toy_dataset, tiny_loaded
 
+from rerank_app.jobs import JobBusy, JobRunner, TrainRequest
 from rerank_core import training
 from rerank_core.adapters import check_adapter, list_adapters
-from rerank_core.jobs import JobBusy, JobRunner, TrainRequest
 from rerank_core.progress import CancelFlag, read_events
 from rerank_core.scoring import score_token_ids
 from rerank_core.training import train_adapter, training_config

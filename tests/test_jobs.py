@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from app_helpers import TINY_TRAINING, make_context, wait_for_job
 
+from rerank_app.jobs import JobBusy, JobError, JobRunner, TrainRequest
 from rerank_core.adapters import AdapterError, list_adapters
-from rerank_core.jobs import JobBusy, JobError, JobRunner, TrainRequest
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ from conftest import make_toy_dataset
 from gradio_client import Client, handle_file
 
 import app as app_module
-from rerank_core.app_state import AppConfig, AppContext, DatasetEntry, ModelEntry, make_settings
+from rerank_app.context import AppConfig, AppContext, DatasetEntry, ModelEntry, make_settings
+from rerank_app.server import build_app, launch
 from rerank_core.data import Dataset, Item
 from rerank_core.models import ModelError, load_model, load_tokenizer
 
@@ -42,9 +43,9 @@ def served(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer):
     """The app over a tiny model, launched as `python app.py --auth` would, on the default host."""
     context = make_context(tmp_path_factory.mktemp("secure-app"), smol_tokenizer)
     make_adapter(context.loaded("tiny-llama"), context.config.adapters_root, "lora-a")
-    demo = app_module.build_app(context)
+    demo = build_app(context)
     port = free_port()
-    app_module.launch(demo, port=port, auth=(USER, PASSWORD), max_upload_bytes=context.config.max_upload_bytes,
+    launch(demo, port=port, auth=(USER, PASSWORD), max_upload_bytes=context.config.max_upload_bytes,
                       block=False)
     yield context, f"http://127.0.0.1:{port}", port
     demo.close()
@@ -53,7 +54,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer):
 def test_the_app_binds_loopback_unless_told_otherwise(served) -> None:
     _, _, port = served
     assert app_module.parse_args([]).host == "127.0.0.1" and app_module.parse_args([]).share is False
-    assert inspect.signature(app_module.launch).parameters["host"].default == "127.0.0.1"
+    assert inspect.signature(launch).parameters["host"].default == "127.0.0.1"
     listening = [connection.laddr.ip for connection in psutil.Process().net_connections("tcp")
                  if connection.laddr.port == port and connection.status == psutil.CONN_LISTEN]
     assert listening == ["127.0.0.1"]
@@ -233,9 +234,10 @@ def test_job_status_over_the_api_is_never_taken_for_a_server_file() -> None:
     """gradio_client downloads any dict with a "path" string: a finished run's adapter path must not look like one."""
     from gradio_client.utils import is_file_obj, traverse
 
-    from rerank_core.jobs import JobStatus
+    from rerank_app.jobs import JobStatus
+    from rerank_app.tabs.finetune import status_json
 
-    payload = app_module._status_json(JobStatus(state="done", result={"path": "/srv/adapters/x", "samples": 4}))
+    payload = status_json(JobStatus(state="done", result={"path": "/srv/adapters/x", "samples": 4}))
     taken_for_files: list[dict] = []
     traverse(payload, taken_for_files.append, is_file_obj)
     assert taken_for_files == [] and payload["result"]["adapter_path"] == "/srv/adapters/x"

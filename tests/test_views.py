@@ -11,12 +11,12 @@ import pytest
 from app_helpers import make_adapter, make_context
 from conftest import make_toy_dataset
 
-from rerank_core import views
-from rerank_core.app_state import SessionError, make_settings
+from rerank_app import views
+from rerank_app.context import SessionError, make_settings
+from rerank_app.jobs import JobStatus
 from rerank_core.compare import compare_systems
 from rerank_core.data import DataError, Dataset, Item
 from rerank_core.inspector import BASE, Inspector, InspectSettings
-from rerank_core.jobs import JobStatus
 from rerank_core.metrics import METRIC_NAMES
 from rerank_core.models import load_model
 

@@ -1,4 +1,5 @@
-"""The app's registry: datasets and models by name, one Inspector per pair, cached results, safe uploads."""
+"""The app's registry: datasets and models by name, one Inspector per pair, cached results, safe uploads, and the
+diagnostics run under the same name checks and per-pair lock as Inspect."""
 
 from __future__ import annotations
 
@@ -18,9 +19,24 @@ from typing import Any
 
 import pandas as pd
 
+from rerank_app.jobs import TrainRequest
 from rerank_core.adapters import WEIGHTS_FILE, AdapterError, list_adapters
 from rerank_core.candidates import CandidateConfig
 from rerank_core.data import DataError, Dataset, load_dataset
+from rerank_core.diagnostics import (
+    HistoryInfluence,
+    LetterMass,
+    LetterPrior,
+    OrderSpec,
+    PositionBias,
+    PositionBiasSummary,
+    TemplateConsistency,
+    history_influence,
+    letter_mass,
+    letter_prior,
+    position_bias,
+    template_consistency,
+)
 from rerank_core.inspector import BASE, Inspector, InspectSettings, UserInspection
 from rerank_core.models import LoadedModel, load_model
 
@@ -327,6 +343,62 @@ class AppContext:
                                f"{', '.join(available) or 'none (train one in the Fine-tune tab)'}")
         return system
 
+    # -- diagnostics -------------------------------------------------------------------------
+
+    def first_users(self, dataset: str, count: int) -> list[str]:
+        """The first `count` users of the dataset, at least one and at most max_compare_users."""
+        return self.users(dataset)[:max(1, min(int(count), self.config.max_compare_users))]
+
+    def position_bias(self, dataset: str, model: str, system: str | None, user_id: str, settings: InspectSettings,
+                      spec: OrderSpec) -> PositionBias:
+        """One user's candidates in other orders (diagnostics.position_bias)."""
+        user_id = self._check_user(dataset, user_id)
+        system = self._check_system(model, system)
+        with self.using(dataset, model) as inspector:
+            return position_bias(inspector, user_id, settings, system, spec)
+
+    def position_bias_users(self, dataset: str, model: str, system: str | None, count: int,
+                            settings: InspectSettings, spec: OrderSpec,
+                            progress: Callable[[int, int], None] | None = None) -> PositionBiasSummary:
+        """Position bias over the first `count` users, one user per lock hold so Inspect requests interleave."""
+        system = self._check_system(model, system)
+        users = self.first_users(dataset, count)
+        results = []
+        for done, user_id in enumerate(users, 1):
+            with self.using(dataset, model) as inspector:
+                results.append(position_bias(inspector, user_id, settings, system, spec))
+            if progress is not None:
+                progress(done, len(users))
+        return PositionBiasSummary(system, tuple(results))
+
+    def letter_prior(self, dataset: str, model: str, system: str | None, count: int, settings: InspectSettings,
+                     mode: str, placeholder: str, progress: Callable[[int, int], None] | None = None) -> LetterPrior:
+        """The letter prior (candidate texts hidden) over the first `count` users."""
+        system = self._check_system(model, system)
+        users = self.first_users(dataset, count)
+        with self.using(dataset, model) as inspector:
+            return letter_prior(inspector, users, settings, system, mode, placeholder=placeholder, progress=progress)
+
+    def history_influence(self, dataset: str, model: str, system: str | None, user_id: str,
+                          settings: InspectSettings) -> HistoryInfluence:
+        """Leave one history item out, for one user."""
+        user_id = self._check_user(dataset, user_id)
+        system = self._check_system(model, system)
+        with self.using(dataset, model) as inspector:
+            return history_influence(inspector, user_id, settings, system)
+
+    def template_consistency(self, model: str, preset: str, count: int) -> TemplateConsistency:
+        """Is the inference prompt a token prefix of the training conversation (tokenizer only, no lock)."""
+        return template_consistency(self.tokenizer(model), preset, count=int(count))
+
+    def letter_mass(self, dataset: str, model: str, adapters: Sequence[str] | None, count: int,
+                    settings: InspectSettings, progress: Callable[[int, int], None] | None = None) -> LetterMass:
+        """The letters' share of the full distribution, base and up to three adapters, over the first users."""
+        systems = self._systems(model, adapters or [])
+        users = self.first_users(dataset, count)
+        with self.using(dataset, model) as inspector:
+            return letter_mass(inspector, users, settings, systems, progress=progress)
+
     # -- fine-tune ---------------------------------------------------------------------------
 
     @staticmethod
@@ -345,7 +417,6 @@ class AppContext:
                        overrides: dict[str, Any]) -> Any:
         """Start `python -m rerank_core train` for this dataset and model; only settings that differ from
         the preset go on its command line."""
-        from rerank_core.jobs import TrainRequest
         from rerank_core.training import TRAINING_PRESETS
 
         if self.jobs is None:

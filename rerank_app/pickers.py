@@ -1,0 +1,139 @@
+"""The Inspect tab's pickers as one input set, and the one wrapper that turns a module-level handler into an event."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import gradio as gr
+
+from rerank_app.context import AppContext, make_settings
+from rerank_core.inspector import BASE, InspectSettings
+
+__all__ = ["NO_ADAPTER_LABEL", "PickerControls", "Pickers", "adapter_choices", "endpoint"]
+
+log = logging.getLogger("rerank_app")
+
+NO_ADAPTER_LABEL = "none (base model)"
+# Exceptions that mean "this request cannot be served as asked": shown to the user, the app keeps serving.
+_USER_ERRORS = (ValueError, LookupError, OSError, RuntimeError)
+
+
+@dataclass(frozen=True)
+class Pickers:
+    """The picker values every scoring handler takes (Inspect, Compare, Diagnose); named as the API names them."""
+
+    dataset: str = ""
+    model: str = ""
+    split: str = "test"
+    source: str = "random"
+    preset: str = "seed"
+    strategy: str = "as_trained"
+    text_field: str = "title"
+    count: int = 20
+    seed: int = 0
+    use_adapter_preset: bool = True
+
+    def settings(self) -> InspectSettings:
+        """The one place the pickers become InspectSettings."""
+        return make_settings(split=self.split, source=self.source, preset=self.preset, strategy=self.strategy,
+                             text_field=self.text_field, count=self.count, seed=self.seed,
+                             use_adapter_preset=self.use_adapter_preset)
+
+    def or_first(self, context: AppContext) -> Pickers:
+        """Blank dataset or model: the first one the app offers (the JSON API's defaults)."""
+        return Pickers(**{**self.__dict__, "dataset": self.dataset or context.dataset_names[0],
+                          "model": self.model or context.model_names[0]})
+
+
+PICKER_NAMES = tuple(field.name for field in fields(Pickers))
+_PICKER_TYPES = typing.get_type_hints(Pickers)
+
+
+@dataclass
+class PickerControls:
+    """The Inspect tab's components, which Compare, Fine-tune and Diagnose read too."""
+
+    dataset: gr.Dropdown
+    model: gr.Dropdown
+    split: gr.Radio
+    source: gr.Dropdown
+    preset: gr.Dropdown
+    strategy: gr.Dropdown
+    text_field: gr.Dropdown
+    count: gr.Slider
+    seed: gr.Number
+    use_adapter_preset: gr.Checkbox
+    adapter: gr.Dropdown
+    user: gr.Dropdown
+    order: gr.Radio
+
+    @property
+    def pickers(self) -> list[gr.components.Component]:
+        """The components behind Pickers, in its field order (the order endpoint() expects them)."""
+        return [getattr(self, name) for name in PICKER_NAMES]
+
+
+def adapter_choices(context: AppContext, model: str) -> list[tuple[str, str]]:
+    """A single-adapter picker's choices: the base model first, under a label that says so."""
+    return [(NO_ADAPTER_LABEL, BASE), *((name, name) for name in context.adapter_names(model))]
+
+
+def endpoint(handler: Callable[..., Any], context: AppContext) -> Callable[..., Any]:
+    """handler(context, ..., pickers, ...) as a Gradio event function: the context bound, the pickers spelled out as
+    named parameters (what the API shows), and a core error shown as a toast naming the fix instead of a crash."""
+    hints = typing.get_type_hints(handler)
+    own = list(inspect.signature(handler).parameters.values())[1:]
+    public_parameters: list[inspect.Parameter] = []
+    for parameter in own:
+        parameter = parameter.replace(annotation=hints.get(parameter.name, parameter.annotation))
+        if parameter.name != "pickers":
+            public_parameters.append(parameter)
+            continue
+        # With a default Pickers (the JSON API), each picker keeps its default; without, each is required.
+        defaults = parameter.default if isinstance(parameter.default, Pickers) else None
+        public_parameters += [
+            inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=_PICKER_TYPES[name],
+                              default=inspect.Parameter.empty if defaults is None else getattr(defaults, name))
+            for name in PICKER_NAMES]
+    public = inspect.Signature(public_parameters, return_annotation=hints.get("return", inspect.Signature.empty))
+
+    @functools.wraps(handler)
+    def event(*args: Any, **kwargs: Any) -> Any:
+        bound = public.bind(*args, **kwargs)
+        bound.apply_defaults()
+        positional: list[Any] = []
+        keywords: dict[str, Any] = {}
+        for parameter in own:
+            if parameter.name == "pickers":
+                positional.append(Pickers(**{name: bound.arguments[name] for name in PICKER_NAMES}))
+                continue
+            value = bound.arguments[parameter.name]
+            if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+                positional.extend(value)
+            elif parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                keywords.update(value)
+            elif parameter.kind is inspect.Parameter.KEYWORD_ONLY:
+                keywords[parameter.name] = value
+            else:
+                positional.append(value)
+        try:
+            return handler(context, *positional, **keywords)
+        except gr.Error:
+            raise
+        except _USER_ERRORS as error:
+            message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+            log.info("request refused: %s", message)
+            raise gr.Error(str(message), print_exception=False) from error
+
+    event.__signature__ = public  # type: ignore[attr-defined]
+    event.__annotations__ = {parameter.name: parameter.annotation for parameter in public_parameters
+                             if parameter.annotation is not inspect.Parameter.empty}
+    if public.return_annotation is not inspect.Signature.empty:
+        event.__annotations__["return"] = public.return_annotation
+    return event

@@ -1,0 +1,96 @@
+"""The Blocks app assembled from its tabs, the context built from the command line, and the launch."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import logging
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from rerank_app import views
+from rerank_app.context import AppConfig, AppContext, DatasetEntry, ModelEntry
+from rerank_app.jobs import JobRunner
+from rerank_app.tabs import compare, data, diagnose, finetune
+from rerank_app.tabs import inspect as inspect_tab
+from rerank_core.adapters import adapters_root
+from rerank_core.data import bundled_sample_path, load_dataset
+from rerank_core.models import ModelError, embedded_model_folder, load_model
+
+__all__ = ["SAMPLE_DATASET", "build_app", "build_context", "launch"]
+
+log = logging.getLogger("rerank_app")
+
+SAMPLE_DATASET = "sample"
+
+
+def build_app(context: AppContext) -> gr.Blocks:
+    """The Blocks app over an already-built context (tests pass tiny models; main() the real ones)."""
+    with gr.Blocks(title="Rerank Inspector") as demo:
+        gr.Markdown("## Rerank Inspector\nEvery link of the letter-reranking chain: prompt → chat template → "
+                    "letter token IDs → last-position logits → probabilities → ranking → metrics.")
+        with gr.Tabs(selected="inspect") as tabs:
+            with gr.Tab("Inspect", id="inspect"):
+                controls, inspect_outputs, random_button = inspect_tab.build(context)
+                inspect_tab.wire(context, controls, inspect_outputs, random_button, demo)
+            with gr.Tab("Compare", id="compare"):
+                compare_adapters = compare.build(context, controls, tabs, inspect_outputs, demo)
+            with gr.Tab("Fine-tune", id="finetune"):
+                finetune.build(context, controls, compare_adapters, demo)
+            with gr.Tab("Data", id="data"):
+                data.build(context, controls.dataset, demo)
+            with gr.Tab("Diagnose", id="diagnose"):
+                diagnose.build(context, controls, demo)
+    return demo
+
+
+def build_context(args: argparse.Namespace) -> AppContext:
+    """Load the datasets and the first model named on the command line (others load on first use)."""
+    defaults = AppConfig()
+    config = AppConfig(adapters_root=adapters_root(args.adapters_dir), upload_root=defaults.upload_root,
+                       runs_root=defaults.runs_root, max_upload_bytes=int(args.max_upload_mb * 1024**2),
+                       device=args.device, dtype=args.dtype)
+    datasets = []
+    if args.data:
+        path = Path(args.data)
+        datasets.append(DatasetEntry(path.name if path.is_dir() else path.parent.name,
+                                     load_dataset(path, args.data_format), path))
+    datasets.append(DatasetEntry(SAMPLE_DATASET, load_dataset(None), bundled_sample_path()))
+    paths = list(args.model or [])
+    try:
+        paths.append(str(embedded_model_folder()))
+    except ModelError as error:
+        if not paths:
+            raise
+        log.warning("the embedded model is not offered: %s", error)
+    models = []
+    for path in dict.fromkeys(paths):
+        name = Path(path).name
+        if any(entry.name == name for entry in models):
+            name = str(path)
+        models.append(ModelEntry(name, path))
+    models[0].loaded = load_model(models[0].path, device=args.device, dtype=args.dtype)
+    jobs = JobRunner(config.runs_root, adapters=config.adapters_root)
+    return AppContext(config, datasets, models, jobs=jobs)
+
+
+def _limit_heap_arenas() -> None:
+    """glibc gives each server thread a heap of its own and keeps what it frees: under 8 clients the app's RSS grew
+    ~12% in a minute (bench/bench_load.py); with two shared heaps, under 9% and levelling off."""
+    # Not glibc (macOS, musl): no mallopt, and their allocators need no such limit.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(-8, 2)  # -8 is glibc's M_ARENA_MAX
+
+
+def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
+           auth: tuple[str, str] | None = None, max_upload_bytes: int = 100 * 1024**2, queue_size: int = 64,
+           block: bool = True) -> Any:
+    """Serve with queue limits: scoring, comparisons, jobs and uploads each have their own concurrency group."""
+    _limit_heap_arenas()
+    demo.queue(default_concurrency_limit=2, max_size=queue_size)
+    return demo.launch(server_name=host, server_port=port, share=share, auth=auth, css=views.APP_CSS,
+                       theme=gr.themes.Soft(), max_file_size=max_upload_bytes, prevent_thread_lock=not block,
+                       show_error=True, quiet=not block)

@@ -1,0 +1,103 @@
+"""The Compare tab: base plus up to three adapters, on one user side by side and on N users with paired CIs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from rerank_app import views
+from rerank_app.context import AppContext
+from rerank_app.pickers import PickerControls, Pickers, adapter_choices, endpoint
+from rerank_app.tabs import inspect as inspect_tab
+
+__all__ = ["build", "compare", "compare_user", "open_user", "refresh_adapters", "select_row"]
+
+
+def compare_user(context: AppContext, pickers: Pickers, adapters: list[str], user_id: str) -> tuple[Any, Any]:
+    """Grouped letter bars and the truth's rank per system, for the Inspect tab's user."""
+    inspections = context.compare_user(pickers.dataset, pickers.model, adapters, user_id, pickers.settings())
+    return views.compare_user_chart(inspections), views.compare_user_table(inspections)
+
+
+def compare(context: AppContext, pickers: Pickers, adapters: list[str], users: int,
+            progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008 - Gradio's idiom
+    """Metrics, paired differences, scatter and movers over the first N users; the movers fill the opener."""
+    progress(0.0, desc="scoring")
+    per_user, summary = context.compare_users(
+        pickers.dataset, pickers.model, adapters, pickers.settings(), users,
+        progress=lambda done, total: progress(done / total, desc=f"scored {done} of {total}"))
+    view = views.compare_view(per_user, summary)
+    choices = [(f"{row['user_id']} · {row['system']} · {row['change']}", f"{row['user_id']}|{row['system']}")
+               for row in view.movers.to_dict(orient="records")]
+    return (view.counts, view.metrics, view.differences, view.scatter, view.movers,
+            gr.Dropdown(choices=choices, value=choices[0][1] if choices else None))
+
+
+def refresh_adapters(context: AppContext, model: str) -> tuple[Any, Any]:
+    """Built once, the page would miss adapters published since (by the CLI, or before a reload)."""
+    return (gr.Dropdown(choices=adapter_choices(context, model)), gr.Dropdown(choices=context.adapter_names(model)))
+
+
+def open_user(choice: str) -> tuple[Any, Any, Any]:
+    """A mover ("user|system") opened in the Inspect tab."""
+    if not choice or "|" not in choice:
+        raise gr.Error("run the comparison first, then pick a user to open")
+    user_id, system = choice.split("|", 1)
+    return gr.Dropdown(value=user_id), gr.Dropdown(value=system), gr.Tabs(selected="inspect")
+
+
+def select_row(event: gr.SelectData, table: Any) -> tuple[Any, Any, Any]:
+    row = table.iloc[event.index[0]]
+    return open_user(f"{row['user_id']}|{row['system']}")
+
+
+def build(context: AppContext, controls: PickerControls, tabs: gr.Tabs, inspect_outputs: list[Any],
+          demo: gr.Blocks) -> gr.Dropdown:
+    """Lay out and wire the tab; returns its adapter picker, which a finished fine-tune refreshes."""
+    gr.Markdown("Uses the dataset, model, prompt settings and user chosen in the **Inspect** tab.")
+    with gr.Row():
+        adapters_box = gr.Dropdown(context.adapter_names(context.model_names[0]), value=[], multiselect=True,
+                                   max_choices=3, allow_custom_value=True,
+                                   label="Adapters to compare with the base (up to 3)", scale=4,
+                                   elem_id="compare-adapters")
+        refresh = gr.Button("↻ Refresh adapters", scale=1)
+    with gr.Row():
+        one_button = gr.Button("Compare on the Inspect tab's user", variant="primary")
+    user_chart = gr.Plot(label="Letter probabilities per system", elem_id="compare-user-chart")
+    user_table = gr.Dataframe(label="Rank of the ground truth and top-3 per system", interactive=False)
+    gr.Markdown("### On many users")
+    with gr.Row():
+        count_box = gr.Slider(10, context.config.max_compare_users, value=min(100, context.config.max_compare_users),
+                              step=10, label="Users (the first N of the dataset)", scale=4)
+        many_button = gr.Button("Run on N users", variant="primary", scale=1)
+    counts = gr.Markdown(label="Improved / unchanged / worsened")
+    metrics = gr.Dataframe(label="Metrics per system", interactive=False)
+    differences = gr.Dataframe(label="Paired difference to the base (95% bootstrap CI)", interactive=False,
+                               max_height=360)
+    with gr.Row():
+        scatter = gr.Plot(label="Ground-truth probability: base vs adapter", elem_id="compare-scatter")
+        with gr.Column():
+            movers = gr.Dataframe(label="Most improved and most worsened users (select a row to open it)",
+                                  interactive=False, max_height=360)
+            with gr.Row():
+                open_box = gr.Dropdown([], label="Open in Inspect", scale=3)
+                open_button = gr.Button("Open", scale=1)
+
+    base_inputs = [*controls.pickers, adapters_box]
+    one_button.click(endpoint(compare_user, context), [*base_inputs, controls.user], [user_chart, user_table],
+                     api_name="compare_user", concurrency_limit=4, concurrency_id="score")
+    many_button.click(endpoint(compare, context), [*base_inputs, count_box],
+                      [counts, metrics, differences, scatter, movers, open_box], api_name="compare",
+                      concurrency_limit=1, concurrency_id="compare")
+    refresher = endpoint(refresh_adapters, context)
+    refresh.click(refresher, [controls.model], [controls.adapter, adapters_box], api_visibility="private")
+    demo.load(refresher, [controls.model], [controls.adapter, adapters_box], api_visibility="private")
+
+    inspect = endpoint(inspect_tab.inspect, context)
+    opened = [controls.user, controls.adapter, tabs]
+    open_button.click(open_user, [open_box], opened, api_visibility="private").then(
+        inspect, inspect_tab.inputs(controls), inspect_outputs, api_visibility="private")
+    movers.select(select_row, [movers], opened, api_visibility="private").then(
+        inspect, inspect_tab.inputs(controls), inspect_outputs, api_visibility="private")
+    return adapters_box

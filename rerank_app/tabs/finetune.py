@@ -1,0 +1,191 @@
+"""The Fine-tune tab: a LoRA run as a subprocess; form, sample preview, live progress, cancel, result card."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import gradio as gr
+
+from rerank_app import views
+from rerank_app.context import AppContext
+from rerank_app.pickers import PickerControls, adapter_choices, endpoint
+from rerank_core.candidates import CANDIDATE_SOURCES
+from rerank_core.data import TEXT_FIELDS
+from rerank_core.prompts import PRESETS
+from rerank_core.training import SAMPLE_MODES, TRAINING_PRESETS
+from rerank_core.verbalizer import STRATEGIES
+
+__all__ = ["FORM_FIELDS", "build", "cancel", "cancel_finetune", "fill_preset", "finetune_status", "show_preview",
+           "start", "start_finetune", "status_json", "tick", "training_preview"]
+
+# Form fields (TrainConfig names): shown by default, then behind "Advanced".
+_MAIN_FIELDS = ("prompt_preset", "candidates", "max_samples", "epochs", "learning_rate")
+_ADVANCED_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "batch_size", "grad_accumulation", "warmup",
+                    "eval_every", "eval_users", "max_prompt_tokens", "seed", "strategy", "candidate_source",
+                    "text_field", "sample_mode")
+FORM_FIELDS = _MAIN_FIELDS + _ADVANCED_FIELDS
+# Outputs of tick() before the adapter pickers and the seen-state.
+_TICK_OUTPUTS = 6
+
+
+def status_json(status: Any) -> dict[str, Any]:
+    """A job status for the API; gradio_client takes any dict with a "path" string for a file to download."""
+    payload = status.to_json()
+    if payload.get("result"):
+        payload["result"] = {("adapter_path" if key == "path" else key): value
+                             for key, value in payload["result"].items()}
+    return payload
+
+
+def _overrides(values: Sequence[Any]) -> dict[str, Any]:
+    return dict(zip(FORM_FIELDS, values, strict=True))
+
+
+def start(context: AppContext, name: str, preset: str, dataset: str, model: str, *values: Any) -> tuple[Any, ...]:
+    """Start from the form (values in FORM_FIELDS order); polling begins."""
+    status = context.start_finetune(name, dataset, model, preset, _overrides(values))
+    return f"Started **{status.name}** (pid {status.pid}).", views.progress_html(status), gr.Timer(active=True)
+
+
+def cancel(context: AppContext) -> str:
+    status = context.jobs.cancel()
+    return f"**{status.name}**: {status.message}"
+
+
+def show_preview(context: AppContext, preset: str, dataset: str, model: str, *values: Any) -> str:
+    return views.training_sample_html(*context.training_preview(dataset, model, preset, _overrides(values)))
+
+
+def tick(context: AppContext, model: str, last: Any) -> tuple[Any, ...]:
+    """Progress, charts, result and log of the current run; a finished run refreshes the Inspect and Compare
+    adapter pickers. Nothing is sent while nothing changed."""
+    status = context.jobs.status()
+    key = (status.job_id, status.state, status.events)
+    if key == last:
+        return (gr.skip(),) * (_TICK_OUTPUTS + 2) + (last,)
+    refreshed = [gr.skip(), gr.skip()]
+    if status.state == "done":
+        refreshed = [gr.Dropdown(choices=adapter_choices(context, model)),
+                     gr.Dropdown(choices=context.adapter_names(model))]
+    return (views.progress_html(status), views.loss_chart(status), views.eval_chart(status),
+            views.result_markdown(status), status.log_tail and f"```\n{status.log_tail}\n```",
+            gr.Timer(active=status.active), *refreshed, key)
+
+
+def fill_preset(preset: str) -> list[Any]:
+    """The form's values of a training preset."""
+    config = TRAINING_PRESETS[preset]
+    return [getattr(config, name) for name in FORM_FIELDS]
+
+
+def start_finetune(context: AppContext, name: str, dataset: str = "", model: str = "",
+                   training_preset: str = "quick", prompt_preset: str | None = None, candidates: int | None = None,
+                   max_samples: int | None = None, epochs: float | None = None, learning_rate: float | None = None,
+                   lora_r: int | None = None, batch_size: int | None = None, eval_users: int | None = None,
+                   eval_every: int | None = None, seed: int | None = None,
+                   max_prompt_tokens: int | None = None) -> dict:
+    """Start a fine-tune (one at a time); options left out keep the training preset's values."""
+    options = {"prompt_preset": prompt_preset, "candidates": candidates, "max_samples": max_samples,
+               "epochs": epochs, "learning_rate": learning_rate, "lora_r": lora_r, "batch_size": batch_size,
+               "eval_users": eval_users, "eval_every": eval_every, "seed": seed,
+               "max_prompt_tokens": max_prompt_tokens}
+    status = context.start_finetune(name, dataset or context.dataset_names[0], model or context.model_names[0],
+                                    training_preset, {key: value for key, value in options.items()
+                                                      if value is not None})
+    return status_json(status)
+
+
+def training_preview(context: AppContext, dataset: str = "", model: str = "", training_preset: str = "quick",
+                     prompt_preset: str | None = None, candidates: int | None = None,
+                     max_prompt_tokens: int | None = None, seed: int | None = None) -> dict:
+    """One training sample of these settings: every token with its ID and whether it carries loss."""
+    options = {"prompt_preset": prompt_preset, "candidates": candidates, "max_prompt_tokens": max_prompt_tokens,
+               "seed": seed}
+    tokenizer, token_ids, loss_mask, caption = context.training_preview(
+        dataset or context.dataset_names[0], model or context.model_names[0], training_preset,
+        {key: value for key, value in options.items() if value is not None})
+    tokens = tokenizer.convert_ids_to_tokens(token_ids)
+    return {"caption": caption, "tokens": [{"token": token, "token_id": token_id, "loss": loss}
+                                           for token, token_id, loss in zip(tokens, token_ids, loss_mask)]}
+
+
+def cancel_finetune(context: AppContext) -> dict:
+    """Ask the running fine-tune to stop at its next step boundary."""
+    return status_json(context.jobs.cancel())
+
+
+def finetune_status(context: AppContext) -> dict:
+    """The running or most recent fine-tune: state, step, losses, validation metrics, result."""
+    return status_json(context.jobs.status())
+
+
+def _form_component(name: str, value: Any) -> gr.components.Component:
+    label = name.replace("_", " ")
+    choices = {"prompt_preset": list(PRESETS), "strategy": list(STRATEGIES),
+               "candidate_source": list(CANDIDATE_SOURCES), "text_field": list(TEXT_FIELDS),
+               "sample_mode": list(SAMPLE_MODES)}
+    elem_id = f"finetune-{name.replace('_', '-')}"
+    if name in choices:
+        return gr.Dropdown(choices[name], value=value, label=label, elem_id=elem_id)
+    if isinstance(value, float) or name in ("epochs", "learning_rate", "lora_dropout", "warmup"):
+        return gr.Number(value, label=label, elem_id=elem_id)
+    return gr.Number(value, precision=0, label=label + (" (0: all)" if name == "max_samples" else ""),
+                     elem_id=elem_id)
+
+
+def build(context: AppContext, controls: PickerControls, compare_adapters: gr.Dropdown, demo: gr.Blocks) -> None:
+    """Lay out and wire the tab; a finished run refreshes the Inspect and Compare adapter pickers."""
+    quick = TRAINING_PRESETS["quick"]
+    gr.Markdown("Trains a LoRA adapter on the dataset and model chosen in the **Inspect** tab, in a separate "
+                "process (`python -m rerank_core train`); the page can be reloaded and re-attaches to the run.")
+    with gr.Row():
+        name_box = gr.Textbox(label="Adapter name (letters, digits, . _ -)", placeholder="my-adapter", scale=3,
+                              elem_id="adapter-name")
+        training_preset = gr.Radio(list(TRAINING_PRESETS), value="quick", label="Training preset", scale=2)
+        start_button = gr.Button("Start", variant="primary", scale=1, elem_id="start-finetune")
+        cancel_button = gr.Button("Cancel", variant="stop", scale=1, elem_id="cancel-finetune")
+    with gr.Row():
+        form = {name: _form_component(name, getattr(quick, name)) for name in _MAIN_FIELDS}
+    with gr.Accordion("Advanced", open=False):
+        with gr.Row():
+            form |= {name: _form_component(name, getattr(quick, name)) for name in _ADVANCED_FIELDS[:7]}
+        with gr.Row():
+            form |= {name: _form_component(name, getattr(quick, name)) for name in _ADVANCED_FIELDS[7:]}
+    message = gr.Markdown(label="Message", elem_id="finetune-message")
+    progress = gr.HTML(views.progress_html(None), elem_id="finetune-progress")
+    with gr.Row():
+        loss_plot = gr.Plot(label="Training loss")
+        eval_plot = gr.Plot(label="Validation NDCG@10")
+    result = gr.Markdown(elem_id="finetune-result")
+    with gr.Accordion("Preview one training sample (loss-carrying tokens highlighted)", open=False):
+        preview_button = gr.Button("Show a training sample")
+        preview = gr.HTML(label="Training sample")
+    timer = gr.Timer(1.0, active=False)
+    seen = gr.State(None)
+
+    form_inputs = [form[name] for name in FORM_FIELDS]
+    start_button.click(endpoint(start, context), [name_box, training_preset, controls.dataset, controls.model,
+                                                  *form_inputs],
+                       [message, progress, timer], api_visibility="private", concurrency_limit=1,
+                       concurrency_id="jobs")
+    cancel_button.click(endpoint(cancel, context), [], [message], api_visibility="private", concurrency_limit=1,
+                        concurrency_id="jobs")
+    preview_button.click(endpoint(show_preview, context),
+                         [training_preset, controls.dataset, controls.model, *form_inputs], [preview],
+                         api_visibility="private", concurrency_limit=2, concurrency_id="score")
+    log_box = gr.Markdown()
+    ticker = endpoint(tick, context)
+    tick_outputs = [progress, loss_plot, eval_plot, result, log_box, timer, controls.adapter, compare_adapters, seen]
+    timer.tick(ticker, [controls.model, seen], tick_outputs, api_visibility="private", concurrency_limit=None,
+               show_progress="hidden")
+    # A reloaded page re-attaches: show the current (or last) run and poll while it is active.
+    demo.load(ticker, [controls.model, seen], tick_outputs, api_visibility="private", concurrency_limit=None)
+    training_preset.input(fill_preset, [training_preset], form_inputs, api_visibility="private")
+
+    gr.api(endpoint(start_finetune, context), api_name="start_finetune", concurrency_limit=1, concurrency_id="jobs")
+    gr.api(endpoint(cancel_finetune, context), api_name="cancel_finetune", concurrency_limit=1,
+           concurrency_id="jobs")
+    gr.api(endpoint(training_preview, context), api_name="training_preview", concurrency_limit=2,
+           concurrency_id="score")
+    gr.api(endpoint(finetune_status, context), api_name="finetune_status", concurrency_limit=None)

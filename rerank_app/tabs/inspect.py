@@ -1,0 +1,146 @@
+"""The Inspect tab: one user, every link of the chain from prompt to metrics, in one round trip."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from rerank_app import views
+from rerank_app.context import AppContext
+from rerank_app.pickers import PickerControls, Pickers, adapter_choices, endpoint
+from rerank_core.candidates import CANDIDATE_SOURCES, MAX_CANDIDATES
+from rerank_core.data import TEXT_FIELDS
+from rerank_core.inspector import BASE
+from rerank_core.prompts import PRESETS
+from rerank_core.verbalizer import STRATEGIES
+
+__all__ = ["OUTPUT_NAMES", "build", "change_dataset", "change_model", "inspect", "inspect_json", "random_user"]
+
+# InspectView fields, in the order of the tab's output components.
+OUTPUT_NAMES = ("summary", "history", "history_note", "candidates", "chart", "prompt", "tokens", "audit",
+                "audit_note", "other_tokens")
+SCORE_OPTIONS = {"concurrency_limit": 4, "concurrency_id": "score"}
+
+
+def inspect(context: AppContext, pickers: Pickers, adapter: str, user_id: str,
+            order: str = "letter") -> tuple[Any, ...]:
+    """Everything the tab shows for one user, in OUTPUT_NAMES order."""
+    inspection = context.inspect(pickers.dataset, pickers.model, adapter, user_id, pickers.settings())
+    view = views.inspect_view(inspection, context.dataset(pickers.dataset).dataset, context.tokenizer(pickers.model),
+                              model_name=pickers.model, order=order)
+    return tuple(getattr(view, name) for name in OUTPUT_NAMES)
+
+
+def inspect_json(context: AppContext, user_id: str, pickers: Pickers = Pickers(),  # noqa: B008 - frozen value
+                 adapter: str = BASE) -> dict:
+    """One user as plain JSON: the fields `python -m rerank_core show --format json` prints."""
+    pickers = pickers.or_first(context)
+    inspection = context.inspect(pickers.dataset, pickers.model, adapter, user_id, pickers.settings())
+    return inspection.to_json(context.dataset(pickers.dataset).dataset)
+
+
+def random_user(context: AppContext, dataset: str) -> str:
+    return context.random_user(dataset)
+
+
+def change_dataset(context: AppContext, dataset: str) -> Any:
+    return gr.Dropdown(choices=context.user_choices(dataset), value=context.users(dataset)[0])
+
+
+def change_model(context: AppContext, model: str) -> Any:
+    return gr.Dropdown(choices=adapter_choices(context, model), value=BASE)
+
+
+def build(context: AppContext) -> tuple[PickerControls, list[Any], gr.Button]:
+    """Lay out the pickers and the outputs; returns the pickers (other tabs read them) and the outputs."""
+    dataset, model = context.dataset_names[0], context.model_names[0]
+    with gr.Row():
+        # Custom values allowed where choices grow at run time (uploads, new adapters); the server validates.
+        dataset_box = gr.Dropdown(context.dataset_names, value=dataset, label="Dataset", scale=2,
+                                  allow_custom_value=True)
+        model_box = gr.Dropdown(context.model_names, value=model, label="Model", scale=2)
+        adapter_box = gr.Dropdown(adapter_choices(context, model), value=BASE, label="Adapter (from adapters/)",
+                                  scale=2, allow_custom_value=True, elem_id="adapter-picker")
+        split_box = gr.Radio(["test", "validation"], value="test", label="Split", scale=1)
+    with gr.Row():
+        source_box = gr.Dropdown(list(CANDIDATE_SOURCES), value="random", label="Candidate source")
+        preset_box = gr.Dropdown(list(PRESETS), value="seed", label="Prompt preset")
+        strategy_box = gr.Dropdown(list(STRATEGIES), value="as_trained", label="Verbalizer strategy")
+        text_box = gr.Dropdown(list(TEXT_FIELDS), value="title", label="Item text field")
+        count_box = gr.Slider(2, MAX_CANDIDATES, value=20, step=1, label="Candidates")
+    with gr.Accordion("More settings", open=False), gr.Row():
+        seed_box = gr.Number(0, precision=0, label="Candidate seed")
+        adapter_preset_box = gr.Checkbox(True, label="Score an adapter with the preset it was trained with")
+    with gr.Row(equal_height=True):
+        user_box = gr.Dropdown(context.user_choices(dataset), value=context.users(dataset)[0],
+                               label="User (type to search by id)", filterable=True, allow_custom_value=True,
+                               scale=4, elem_id="user-picker")
+        random_button = gr.Button("Random user", scale=1, elem_id="random-user")
+    summary = gr.Markdown(label="Summary", elem_id="inspect-summary")
+    with gr.Row():
+        with gr.Column(scale=1):
+            order_box = gr.Radio(list(views.CHART_ORDERS), value="letter", label="Order bars by",
+                                 elem_id="chart-order")
+            chart = gr.Plot(label="Letter probabilities", elem_id="letter-chart")
+        with gr.Column(scale=1):
+            candidates = gr.Dataframe(label="Candidates (★ = ground truth)", interactive=False, max_height=420,
+                                      column_widths=["14%", "12%", "36%", "10%", "15%", "13%"],
+                                      elem_id="candidates-table")
+    with gr.Row():
+        with gr.Column():
+            history_note = gr.Markdown(label="History note")
+            history = gr.Dataframe(label="History", interactive=False, max_height=360,
+                                   column_widths=["8%", "14%", "58%", "20%"], elem_id="history-table")
+        with gr.Column():
+            audit_note = gr.Markdown(label="Audit note", elem_id="audit-note")
+            audit = gr.Dataframe(label="Letter audit", interactive=False, max_height=360,
+                                 column_widths=["14%", "10%", "9%", "17%", "12%", "38%"],
+                                 elem_id="audit-table")
+    with gr.Row():
+        with gr.Column(scale=3), gr.Tabs():
+            with gr.Tab("Rendered prompt (whitespace and special tokens visible)"):
+                prompt = gr.HTML(label="Rendered prompt", elem_id="rendered-prompt")
+            with gr.Tab("Tokens with IDs"):
+                tokens = gr.HTML(label="Tokens", elem_id="token-view")
+        with gr.Column(scale=1):
+            other_tokens = gr.Dataframe(label="Top non-letter next tokens", interactive=False,
+                                        column_widths=["24%", "24%", "20%", "32%"])
+    controls = PickerControls(dataset_box, model_box, split_box, source_box, preset_box, strategy_box, text_box,
+                              count_box, seed_box, adapter_preset_box, adapter_box, user_box, order_box)
+    components = {"summary": summary, "history": history, "history_note": history_note, "candidates": candidates,
+                  "chart": chart, "prompt": prompt, "tokens": tokens, "audit": audit, "audit_note": audit_note,
+                  "other_tokens": other_tokens}
+    return controls, [components[name] for name in OUTPUT_NAMES], random_button
+
+
+def inputs(controls: PickerControls) -> list[Any]:
+    """The inspect handler's inputs, in its argument order."""
+    return [*controls.pickers, controls.adapter, controls.user, controls.order]
+
+
+def wire(context: AppContext, controls: PickerControls, outputs: list[Any], random_button: gr.Button,
+         demo: gr.Blocks) -> None:
+    """Every picker re-scores in one round trip."""
+    handler = endpoint(inspect, context)
+    arguments = inputs(controls)
+    # The same handler as the UI's, with named parameters for gradio_client; registered first so it owns
+    # the name /inspect (the UI's own events are private).
+    api_trigger = gr.Button(visible=False)
+    api_trigger.click(handler, arguments, outputs, api_name="inspect", **SCORE_OPTIONS)
+    for box in (controls.split, controls.source, controls.preset, controls.strategy, controls.text_field,
+                controls.adapter, controls.use_adapter_preset, controls.user, controls.order):
+        box.input(handler, arguments, outputs, api_visibility="private", **SCORE_OPTIONS)
+    controls.count.release(handler, arguments, outputs, api_visibility="private", **SCORE_OPTIONS)
+    controls.seed.submit(handler, arguments, outputs, api_visibility="private", **SCORE_OPTIONS)
+    random_button.click(endpoint(random_user, context), [controls.dataset], [controls.user],
+                        api_name="random_user").then(handler, arguments, outputs, api_visibility="private",
+                                                     **SCORE_OPTIONS)
+    controls.dataset.input(endpoint(change_dataset, context), [controls.dataset], [controls.user],
+                           api_visibility="private").then(handler, arguments, outputs, api_visibility="private",
+                                                          **SCORE_OPTIONS)
+    controls.model.input(endpoint(change_model, context), [controls.model], [controls.adapter],
+                         api_visibility="private").then(handler, arguments, outputs, api_visibility="private",
+                                                        **SCORE_OPTIONS)
+    demo.load(handler, arguments, outputs, api_visibility="private", **SCORE_OPTIONS)
+    gr.api(endpoint(inspect_json, context), api_name="inspect_json", **SCORE_OPTIONS)

@@ -1,0 +1,98 @@
+"""The tabs' handlers called directly, without a server: each is a module-level function of (context, ...)."""
+
+from __future__ import annotations
+
+import inspect
+
+import gradio as gr
+import pytest
+from app_helpers import make_adapter, make_context
+
+from rerank_app.context import SessionError
+from rerank_app.pickers import PICKER_NAMES, Pickers, endpoint
+from rerank_app.tabs import compare, data, diagnose, finetune
+from rerank_app.tabs import inspect as inspect_tab
+from rerank_core.adapters import AdapterError
+from rerank_core.diagnostics import position_bias
+from rerank_core.inspector import BASE
+
+PICKERS = Pickers(dataset="toy", model="tiny-llama", count=6)
+
+
+@pytest.fixture(scope="module")
+def context(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer):
+    context = make_context(tmp_path_factory.mktemp("handlers"), smol_tokenizer)
+    make_adapter(context.loaded("tiny-llama"), context.config.adapters_root, "lora-a")
+    return context
+
+
+def test_pickers_build_the_settings_in_one_place() -> None:
+    settings = Pickers(count=7.0, seed=3, preset="seed_after", use_adapter_preset=False).settings()
+    assert settings.candidates.count == 7 and isinstance(settings.candidates.count, int)
+    assert settings.candidates.seed == 3 and settings.preset == "seed_after" and not settings.use_adapter_preset
+
+
+def test_inspect_handler_returns_every_output_for_the_user(context) -> None:
+    outputs = inspect_tab.inspect(context, PICKERS, BASE, "u03")
+    assert len(outputs) == len(inspect_tab.OUTPUT_NAMES)
+    summary = outputs[inspect_tab.OUTPUT_NAMES.index("summary")]
+    assert "User u03" in summary and "system **base**" in summary
+    with pytest.raises(SessionError, match="not in dataset toy"):
+        inspect_tab.inspect(context, PICKERS, BASE, "nobody")
+
+
+def test_inspect_json_fills_a_blank_dataset_and_model(context) -> None:
+    payload = inspect_tab.inspect_json(context, "u02", Pickers(count=5))
+    assert payload["user_id"] == "u02" and len(payload["candidates"]) == 5
+
+
+def test_endpoint_spells_out_the_pickers_and_turns_errors_into_toasts(context) -> None:
+    event = endpoint(inspect_tab.inspect, context)
+    names = list(inspect.signature(event).parameters)
+    assert names == [*PICKER_NAMES, "adapter", "user_id", "order"]
+    values = [getattr(PICKERS, name) for name in PICKER_NAMES]
+    assert event(*values, BASE, "u03")[0] == inspect_tab.inspect(context, PICKERS, BASE, "u03")[0]
+    with pytest.raises(gr.Error, match="not in dataset toy"):
+        event(*values, BASE, "nobody")
+    json_names = list(inspect.signature(endpoint(inspect_tab.inspect_json, context)).parameters)
+    assert json_names == ["user_id", *PICKER_NAMES, "adapter"]
+
+
+def test_compare_user_handler_shows_every_system(context) -> None:
+    chart, table = compare.compare_user(context, PICKERS, ["lora-a"], "u02")
+    assert table["system"].tolist() == [BASE, "lora-a"]
+    assert len(chart.data) == 2
+    with pytest.raises(SessionError, match="at most 3 adapters"):
+        compare.compare_user(context, PICKERS, ["a", "b", "c", "d"], "u02")
+
+
+def test_diagnose_handlers_check_names_like_inspect(context) -> None:
+    note, heatmap, *_ = diagnose.diagnose_position_bias(context, PICKERS, BASE, " u03 ")
+    with context.using("toy", "tiny-llama") as inspector:
+        expected = position_bias(inspector, "u03", PICKERS.settings())
+    assert "User u03" in note and len(heatmap.data[0].z) == len(expected.item_ids)
+    with pytest.raises(SessionError, match="not in dataset toy"):
+        diagnose.diagnose_history(context, PICKERS, BASE, "nobody")
+    with pytest.raises(AdapterError, match="no adapter named"):
+        diagnose.diagnose_history(context, PICKERS, "../../etc", "u01")
+    note, _tokens, letters = diagnose.diagnose_template(context, "tiny-llama", "seed", 5)
+    assert "Template consistency" in note and letters["letter"].tolist() == list("ABCDE")
+
+
+def test_diagnose_over_users_clamps_the_count(context) -> None:
+    _top1, _mass, summary = diagnose.diagnose_position_bias_users(context, PICKERS, BASE, users=0,
+                                                                progress=lambda *args, **kwargs: None)
+    assert summary["users"].tolist() == [1]
+    chart, table = diagnose.diagnose_letter_mass(context, PICKERS, ["lora-a", BASE], users=2,
+                                                 progress=lambda *args, **kwargs: None)
+    assert table["system"].tolist() == [BASE, "lora-a"] and table["users"].tolist() == [2, 2]
+    assert len(chart.data) == 2
+
+
+def test_data_and_finetune_handlers(context) -> None:
+    summary, _lengths, _popularity, top_items = data.statistics(context, "toy")
+    assert "users" in summary and len(top_items) > 0
+    values = finetune.fill_preset("quick")
+    assert len(values) == len(finetune.FORM_FIELDS)
+    preview = finetune.show_preview(context, "quick", "toy", "tiny-llama", *values)
+    assert "ri-loss" in preview
