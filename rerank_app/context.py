@@ -30,15 +30,14 @@ from rerank_core.diagnostics import (
     OrderSpec,
     PositionBias,
     PositionBiasSummary,
-    TemplateConsistency,
     history_influence,
     letter_mass,
     letter_prior,
     position_bias,
-    template_consistency,
 )
 from rerank_core.inspector import BASE, Inspector, InspectSettings, UserInspection
 from rerank_core.models import LoadedModel, load_model
+from rerank_core.template_check import TemplateConsistency, template_consistency
 
 __all__ = ["AppConfig", "AppContext", "DatasetEntry", "ModelEntry", "SessionError", "make_settings"]
 

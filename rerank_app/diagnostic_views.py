@@ -8,15 +8,15 @@ from collections.abc import Sequence
 import plotly.graph_objects as go
 from pandas.io.formats.style import Styler
 
-from rerank_core.diagnostic_tables import history_influence_frame
 from rerank_core.diagnostics import (
     HistoryInfluence,
     LetterMass,
     LetterPrior,
     PositionBias,
     PositionBiasSummary,
-    TemplateConsistency,
 )
+from rerank_core.diagnostics.tables import history_influence_frame
+from rerank_core.template_check import TemplateConsistency
 
 __all__ = [
     "history_influence_chart",

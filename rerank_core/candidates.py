@@ -98,10 +98,10 @@ class CandidateSampler:
         self._back_off = _POPULARITY_WEIGHT * counts / max(counts.sum(), 1.0)
         # Most popular first, ties by catalogue order: the retriever's deterministic back-off list.
         self._by_popularity = np.lexsort((np.arange(len(self._ids)), -counts))
+        self._training = training
+        self._tables: tuple[_Neighbours, _Neighbours] | None = None
         if config.source == "retriever":
-            self._transitions = _Neighbours.build(training, len(self._ids), lags=(1,), symmetric=False)
-            self._cooccurrence = _Neighbours.build(
-                training, len(self._ids), lags=tuple(range(1, _COOCCURRENCE_WINDOW + 1)), symmetric=True)
+            self._neighbour_tables()
 
     def for_split(self, split: UserSplit) -> CandidateSet:
         """Eval/inspection candidates for a user's validation or test target."""
@@ -129,6 +129,39 @@ class CandidateSampler:
         else:
             negatives = self._negatives(user_id, excluded, rng)
         return self._with_target(target, negatives, rng)
+
+    def popularity(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Interaction counts in the training part of the split (everything before validation)."""
+        return self._weights[[self._index[item] for item in item_ids]] - 1.0  # undo the add-one smoothing
+
+    def retriever_scores(self, history: Sequence[str], item_ids: Sequence[str]) -> np.ndarray:
+        """The retriever's score of each given item after this history: ranking by it is the retriever's order."""
+        pooled, weights = self._neighbour_votes(history)
+        score = self._back_off + np.bincount(pooled, weights=weights, minlength=len(self._ids))
+        return score[[self._index[item] for item in item_ids]]
+
+    def _neighbour_tables(self) -> tuple[_Neighbours, _Neighbours]:
+        """Next-item transitions and windowed co-occurrence, built on first use (once per sampler)."""
+        if self._tables is None:
+            size = len(self._ids)
+            self._tables = (
+                _Neighbours.build(self._training, size, lags=(1,), symmetric=False),
+                _Neighbours.build(self._training, size, lags=tuple(range(1, _COOCCURRENCE_WINDOW + 1)),
+                                  symmetric=True))
+        return self._tables
+
+    def _neighbour_votes(self, history: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Items the last few history items point to, with their recency- and table-weighted votes."""
+        recent = [self._index[item] for item in reversed(history[-_RECENT_ITEMS:])]
+        weights = [_RECENCY_DECAY ** position for position in range(len(recent))]
+        transitions, cooccurrence = self._neighbour_tables()
+        neighbours, scores = [], []
+        for table, scale in ((transitions, 1.0), (cooccurrence, _COOCCURRENCE_WEIGHT)):
+            for item, weight in zip(recent, weights, strict=True):
+                targets, probabilities = table.row(item)
+                neighbours.append(targets)
+                scores.append(probabilities * (weight * scale))
+        return np.concatenate([np.zeros(0, np.int64), *neighbours]), np.concatenate([np.zeros(0), *scores])
 
     def _rng(self, user_id: str, purpose: str) -> np.random.Generator:
         # hashlib, not hash(): Python salts str hashes per process, and samples must repeat across runs.
@@ -185,16 +218,7 @@ class CandidateSampler:
 
     def _retrieve(self, history: Sequence[str], excluded: set[int], k: int) -> list[int]:
         """Top-k item indices not in excluded, scored from the last few history items."""
-        recent = [self._index[item] for item in reversed(history[-_RECENT_ITEMS:])]
-        weights = [_RECENCY_DECAY ** position for position in range(len(recent))]
-        neighbours, scores = [], []
-        for table, scale in ((self._transitions, 1.0), (self._cooccurrence, _COOCCURRENCE_WEIGHT)):
-            for item, weight in zip(recent, weights, strict=True):
-                targets, probabilities = table.row(item)
-                neighbours.append(targets)
-                scores.append(probabilities * (weight * scale))
-        pooled = np.concatenate([np.zeros(0, np.int64), *neighbours])
-        weights = np.concatenate([np.zeros(0), *scores])
+        pooled, weights = self._neighbour_votes(history)
         if len(pooled) >= _DENSE_SHARE * len(self._ids):
             # Dense neighbourhoods: one catalogue-sized vector is cheaper than sorting the pool.
             pool = np.arange(len(self._ids))

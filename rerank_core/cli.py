@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from rerank_core.cli_diagnose import add_diagnose_command
 from rerank_core.cli_train import add_train_command
 from rerank_core.data import TEXT_FIELDS, Dataset, load_dataset
 from rerank_core.display import visible_text
+from rerank_core.distributed import process_device, process_shard
 from rerank_core.inspector import BASE, Inspector, InspectSettings
 from rerank_core.loaders import FORMATS
 from rerank_core.models import load_model, load_tokenizer
@@ -50,7 +52,9 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tokenizer", metavar="PATH",
                        help="tokenizer folder (tokenizer files or a SentencePiece tokenizer.model) for commands "
                             "that need no weights; `show` then prints the prompt and audit without scores")
-    group.add_argument("--data", metavar="PATH", help="dataset folder or file; default: the bundled sample_data/")
+    group.add_argument("--data", metavar="PATH|NAME",
+                       help="dataset folder or file, or a built-in dataset: sample (synthetic, the default) or "
+                            "ml-100k-real (real MovieLens 100K from the recbole package)")
     group.add_argument("--data-format", choices=FORMATS,
                        help="force the data format instead of detecting it from the file names")
     group.add_argument("--preset", default="seed", choices=sorted(PRESETS),
@@ -104,9 +108,11 @@ def build_inspector(args: argparse.Namespace, *, need_model: bool = True) -> Ins
     dataset = load_data(args)
     if args.tokenizer and not args.model and not need_model:
         return Inspector(dataset, tokenizer=load_tokenizer(args.tokenizer), adapters_root=args.adapters_dir)
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype,
-                        trust_remote_code=args.trust_remote_code)
-    return Inspector(dataset, loaded, adapters_root=args.adapters_dir, batch_size=args.batch_size)
+    # Under torchrun / accelerate launch each process takes its own GPU and scores its share of the prompts.
+    device = process_device(args.device)
+    shard = process_shard(device)
+    loaded = load_model(args.model, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    return Inspector(dataset, loaded, adapters_root=args.adapters_dir, batch_size=args.batch_size, shard=shard)
 
 
 def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -192,14 +198,22 @@ def command_show(args: argparse.Namespace) -> int:
 def command_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from rerank_core.baselines import with_baselines
     from rerank_core.compare import compare_systems, comparison_table
     from rerank_core.fsutil import atomic_write_text
 
+    baselines = _baseline_names(args.baselines)
     inspector = build_inspector(args)
+    shard = inspector.shard
+    is_main = shard is None or shard.is_main
     settings = build_settings(args, args.split)
     users = inspector.dataset.users
     if args.users:
         users = users[:args.users]
+    processes = 1 if shard is None else shard.world_size
+    if processes > len(users):
+        raise ValueError(f"{processes} processes but only {len(users)} user(s) to evaluate: launch at most "
+                         f"{len(users)} processes or evaluate more users (--users)")
     systems = [BASE, *(args.adapter or [])]
     # Bad adapters and an unwritable output folder fail now, not after minutes of scoring.
     for name in systems[1:]:
@@ -210,16 +224,35 @@ def command_eval(args: argparse.Namespace) -> int:
     except OSError as error:
         raise OSError(f"--output-dir {out_dir} cannot be created ({error.strerror}): choose a writable folder") \
             from None
-    with tqdm(total=len(users) * len(systems), desc="scoring", unit="user", file=sys.stderr) as bar:
+    # Every process runs the same comparison; scoring inside it is split across them (Inspector.shard).
+    with tqdm(total=len(users) * len(systems), desc="scoring", unit="user", file=sys.stderr,
+              disable=not is_main) as bar:
         per_user, summary = compare_systems(inspector, users, settings, systems,
                                             progress=lambda done, _total: bar.update(done - bar.n))
+    per_user, summary = with_baselines(inspector, per_user, summary, users, settings, baselines,
+                                       reference=args.reference)
+    if shard is not None:
+        shard.close()
+    if not is_main:
+        return 0
     csv_path, summary_path = out_dir / "per_user.csv", out_dir / "summary.json"
     atomic_write_text(csv_path, per_user.to_csv(index=False))
     records = json.loads(summary.to_json(orient="records"))
-    atomic_write_text(summary_path, json.dumps({"users": len(users), "split": args.split, "rows": records}, indent=2))
+    atomic_write_text(summary_path, json.dumps({"users": len(users), "split": args.split, "processes": processes,
+                                                "rows": records}, indent=2))
     print(json.dumps(records, indent=2) if args.format == "json" else comparison_table(summary))
     print(f"\nwrote {csv_path} and {summary_path}", file=sys.stderr)
     return 0
+
+
+def _baseline_names(text: str) -> list[str]:
+    from rerank_core.baselines import BASELINES
+
+    names = [part.strip() for part in text.split(",") if part.strip() and part.strip() != "none"]
+    unknown = [name for name in names if name not in BASELINES]
+    if unknown:
+        raise ValueError(f"--baselines: {', '.join(unknown)} is not one of {', '.join(BASELINES)} (or none)")
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,6 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also score this adapter (repeatable); differences are paired with the base")
     evaluate.add_argument("--ignore-adapter-preset", action="store_true",
                           help="score adapters with --preset instead of the preset each was trained with")
+    evaluate.add_argument("--baselines", default="random,popularity,retriever", metavar="NAMES",
+                          help="comma-separated baselines scored on the same candidates: random (expected "
+                               "value), popularity (training-part counts), retriever (co-occurrence order); "
+                               "none for no baselines (default: %(default)s)")
+    evaluate.add_argument("--reference", metavar="RUN",
+                          help="pair every run against this one (base, an adapter or a baseline, e.g. "
+                               "popularity); default: the base")
     evaluate.add_argument("--output-dir", default="eval_out", help="where per_user.csv and summary.json go")
     evaluate.add_argument("--format", choices=("text", "json"), default="text", help="summary format")
     evaluate.set_defaults(handler=command_eval)
@@ -269,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if int(os.environ.get("RANK", "0")) > 0:
+        # Under a launcher every process runs the command; one copy of each table (rank 0's) is enough.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:

@@ -45,9 +45,9 @@ def _progress(label: str) -> Callable[[int, int], None] | None:
 
 
 def command_position_bias(args: argparse.Namespace) -> int:
-    from rerank_core import diagnostic_tables as frames
     from rerank_core.cli import build_inspector, build_settings
     from rerank_core.diagnostics import OrderSpec, position_bias, position_bias_over_users
+    from rerank_core.diagnostics import tables as frames
 
     inspector = build_inspector(args)
     settings = build_settings(args, args.split)
@@ -78,9 +78,9 @@ def command_position_bias(args: argparse.Namespace) -> int:
 
 
 def command_letter_prior(args: argparse.Namespace) -> int:
-    from rerank_core import diagnostic_tables as frames
     from rerank_core.cli import build_inspector, build_settings
     from rerank_core.diagnostics import letter_prior
+    from rerank_core.diagnostics import tables as frames
 
     inspector = build_inspector(args)
     settings = build_settings(args, args.split)
@@ -93,9 +93,9 @@ def command_letter_prior(args: argparse.Namespace) -> int:
 
 
 def command_history(args: argparse.Namespace) -> int:
-    from rerank_core import diagnostic_tables as frames
     from rerank_core.cli import build_inspector, build_settings
     from rerank_core.diagnostics import history_influence
+    from rerank_core.diagnostics import tables as frames
 
     inspector = build_inspector(args)
     settings = build_settings(args, args.split)
@@ -109,9 +109,9 @@ def command_history(args: argparse.Namespace) -> int:
 
 
 def command_template(args: argparse.Namespace) -> int:
-    from rerank_core import diagnostic_tables as frames
-    from rerank_core.diagnostics import template_consistency
+    from rerank_core.diagnostics import tables as frames
     from rerank_core.models import load_tokenizer
+    from rerank_core.template_check import template_consistency
 
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     text = None
@@ -133,9 +133,9 @@ def command_template(args: argparse.Namespace) -> int:
 
 
 def command_letter_mass(args: argparse.Namespace) -> int:
-    from rerank_core import diagnostic_tables as frames
     from rerank_core.cli import build_inspector, build_settings
     from rerank_core.diagnostics import letter_mass
+    from rerank_core.diagnostics import tables as frames
 
     inspector = build_inspector(args)
     settings = build_settings(args, args.split)

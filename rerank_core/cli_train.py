@@ -32,7 +32,10 @@ _CONFIG_OPTIONS: dict[str, tuple[str, Any, str]] = {
     "warmup": ("--warmup", float, "linear warm-up: below 1 a share of all steps, 1 or more a number of steps"),
     "max_samples": ("--max-samples", int, "draw at most this many training samples (0: all of them)"),
     "max_prompt_tokens": ("--max-prompt-tokens", int,
-                          "drop the oldest history items until the prompt fits this many tokens"),
+                          "drop the oldest history items until the prompt fits this many tokens "
+                          "(0: size it from the data, room for the candidates plus --history-items)"),
+    "history_items": ("--history-items", int,
+                      "recent history items a data-sized prompt budget makes room for"),
     "sample_mode": ("--sample-mode", str,
                     "prefixes: every prefix of each training sequence (LlamaRec); "
                     "random_split: one seeded split point per user (the research code)"),
@@ -45,13 +48,15 @@ def _add_shared_options(parser: argparse.ArgumentParser) -> None:
     """The options every command has, named as in cli.py, but defaulting to the training preset's values.
 
     cli.add_common_options defaults suit inspection (preset seed, 1536 prompt tokens, 8 prompts per
-    forward pass); for training they would silently override the quick preset's seed_after, 320 and 4.
+    forward pass); for training they would silently override the quick preset's seed_after, data-sized
+    prompt budget and 4.
     """
     quick = TRAINING_PRESETS["quick"]
     group = parser.add_argument_group("model, data and prompt (defaults: the training preset's)")
     group.add_argument("--model", metavar="PATH",
                        help="local Hugging Face model folder (default: embedded SmolLM2-135M-Instruct)")
-    group.add_argument("--data", metavar="PATH", help="dataset folder or file (default: the bundled sample_data/)")
+    group.add_argument("--data", metavar="PATH|NAME", help="dataset folder or file, or a built-in dataset: sample "
+                       "(synthetic, the default) or ml-100k-real (real MovieLens 100K from the recbole package)")
     group.add_argument("--data-format", help="force the data format instead of detecting it")
     group.add_argument("--preset", help="prompt preset: seed, seed_after, llamarec, llamarec_after "
                        f"(quick: {quick.prompt_preset}; *_after put the letter after the item text)")
@@ -110,6 +115,8 @@ def add_train_command(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _shown(value: Any) -> str:
+    if value is None:
+        return "0"  # the command line's spelling of None (no sample limit, a data-sized prompt budget)
     return ",".join(value) if isinstance(value, tuple) else str(value)
 
 
@@ -125,9 +132,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
               "candidate_source": "candidate_source", "text_field": "text_field", "seed": "seed",
               "train_on_eos": "train_on_eos", "template_kwargs": "template_kwargs"}
     overrides.update({field_name: getattr(args, option, None) for field_name, option in shared.items()})
-    max_samples = overrides.pop("max_samples")
-    config = training_config(args.training_preset, **overrides, max_samples=max_samples or None)
-    return replace(config, max_samples=None) if max_samples == 0 else config
+    # 0 means "no limit" for max_samples and "size from the data" for max_prompt_tokens: both None in TrainConfig.
+    zeroed = [name for name in ("max_samples", "max_prompt_tokens") if overrides[name] == 0]
+    config = training_config(args.training_preset, **{name: None if name in zeroed else value
+                                                      for name, value in overrides.items()})
+    return replace(config, **dict.fromkeys(zeroed)) if zeroed else config
 
 
 class _ProgressBar:
@@ -148,7 +157,8 @@ class _ProgressBar:
             self.bar = tqdm(total=event["total_steps"], desc="train", unit="step", file=sys.stderr,
                             dynamic_ncols=True)
         elif kind == "stage":
-            print(f"[{event['stage']}]", file=sys.stderr, flush=True)
+            detail = f" {event['detail']}" if event.get("detail") else ""
+            print(f"[{event['stage']}]{detail}", file=sys.stderr, flush=True)
         elif kind == "validation":
             self.validation = f"{event['NDCG@10']:.3f}"
             if self.bar is None:

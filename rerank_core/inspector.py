@@ -21,6 +21,7 @@ from rerank_core.adapters import (
 from rerank_core.answer_slot import AnswerSlot
 from rerank_core.candidates import CandidateConfig, CandidateSampler, CandidateSet
 from rerank_core.data import Dataset, UserSplit
+from rerank_core.distributed import ProcessShard
 from rerank_core.metrics import METRIC_NAMES, metrics_at, rank_of_truth
 from rerank_core.models import LoadedModel
 from rerank_core.prompts import (
@@ -78,6 +79,11 @@ class PreparedUser:
     letter_tokens: tuple[LetterToken, ...]
     # What the scored prompt adds to or cuts from the generation prompt.
     answer_slot: AnswerSlot = field(default_factory=AnswerSlot)
+
+    @property
+    def shown_history(self) -> tuple[str, ...]:
+        """The history items the prompt actually shows (the oldest may have been dropped to fit)."""
+        return self.split.history[self.prompt.dropped_history:]
 
 
 @dataclass(frozen=True)
@@ -156,7 +162,7 @@ class Inspector:
     """A dataset, a tokenizer and optionally a model with adapters; caches samplers, letters and scores."""
 
     def __init__(self, dataset: Dataset, loaded: LoadedModel | None = None, *, tokenizer: Any = None,
-                 adapters_root: str | None = None, batch_size: int = 8) -> None:
+                 adapters_root: str | None = None, batch_size: int = 8, shard: ProcessShard | None = None) -> None:
         if loaded is None and tokenizer is None:
             raise ValueError("an Inspector needs a loaded model or at least a tokenizer")
         self.dataset = dataset
@@ -164,6 +170,8 @@ class Inspector:
         self.tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer
         self.adapters_root = adapters_root
         self.batch_size = batch_size
+        # Under torchrun / accelerate launch: every process prepares all prompts, scores its share, gets all.
+        self.shard = shard
         self._samplers: dict[CandidateConfig, CandidateSampler] = {}
         self._letters: dict[tuple[Any, ...], tuple[LetterToken, ...]] = {}
         self.cache = ScoreCache()
@@ -197,6 +205,22 @@ class Inspector:
         letters = self.letter_tokens(settings, len(candidate_texts))
         return PreparedUser(split, candidates, candidate_texts, prompt, token_ids, letters,
                             answer_slot(self.tokenizer, settings.prompt_preset))
+
+    def variant(self, prepared: PreparedUser, settings: InspectSettings, *, history_ids: Sequence[str] | None = None,
+                order: Sequence[int] | None = None, candidate_texts: Sequence[str] | None = None) -> PreparedUser:
+        """The prepared user with another history (leave-one-out), the candidates in another order (rotations) or
+        other candidate texts (blanked); not re-truncated, so a variant differs from the original only there."""
+        history_ids = prepared.shown_history if history_ids is None else tuple(history_ids)
+        order = range(len(prepared.candidates.item_ids)) if order is None else order
+        item_ids = tuple(prepared.candidates.item_ids[index] for index in order)
+        texts = (tuple(prepared.candidate_texts[index] for index in order) if candidate_texts is None
+                 else tuple(candidate_texts))
+        target = prepared.candidates.target_index
+        history_texts = [self.dataset.text(item, settings.text_field) for item in history_ids]
+        prompt = build_prompt(self.tokenizer, settings.preset, history_texts, texts, max_prompt_tokens=None)
+        token_ids = tuple(encode_rendered(self.tokenizer, settings.preset, prompt.rendered))
+        candidates = CandidateSet(item_ids, None if target is None else list(order).index(target))
+        return replace(prepared, candidates=candidates, candidate_texts=texts, prompt=prompt, token_ids=token_ids)
 
     def _prompt_budget(self, settings: InspectSettings) -> int | None:
         """The setting, capped at the model's context: positions past it read garbage or fail to index."""
@@ -283,9 +307,12 @@ class Inspector:
                  tuple(token.token_id for token in item.letter_tokens)) for item in prepared]
         results: list[LetterScores | None] = [self.cache.get(key) for key in keys]
         missing = [index for index, result in enumerate(results) if result is None]
+        shared = self.shard is not None and self.shard.world_size > 1
+        # Every process sees the same misses (same calls, same cache), so the shares partition them.
+        mine = [missing[i] for i in self.shard.share(len(missing))] if shared else missing
         # Group by letter IDs: one batch shares one letter set.
         groups: dict[tuple[int, ...], list[int]] = {}
-        for index in missing:
+        for index in mine:
             groups.setdefault(keys[index][4], []).append(index)
         for letter_ids, indices in groups.items():
             model = self._activate(system, version)
@@ -297,8 +324,13 @@ class Inspector:
                 scored = score_token_ids(model, self.tokenizer, [prepared[i].token_ids for i in indices],
                                          letter_ids, batch_size=batch_size or self.batch_size)
             for index, result in zip(indices, scored):
-                self.cache.put(keys[index], result)
                 results[index] = result
+        if shared and missing:
+            for part in self.shard.gather({index: results[index] for index in mine}):
+                for index, result in part.items():
+                    results[index] = result
+        for index in missing:
+            self.cache.put(keys[index], results[index])
         return [result for result in results if result is not None]
 
     def inspect(self, user_id: str, settings: InspectSettings, system: str = BASE) -> UserInspection:

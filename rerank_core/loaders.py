@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from rerank_core.builtin_data import BUILTIN_DATASETS, builtin_dataset_path
 from rerank_core.data import DataError, Dataset, Item
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "load_movielens_1m",
     "load_movielens_100k",
     "load_movielens_latest_small",
+    "load_recbole",
 ]
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ MAX_TITLE_CHARS = 1000
 # Anything later is a unit mistake (milliseconds or microseconds read as seconds), not a real date.
 _LATEST_TIMESTAMP = datetime(2200, 1, 1, tzinfo=UTC).timestamp()
 
-FORMATS = ("bundled", "csv", "ml-100k", "ml-1m", "ml-latest-small", "amazon")
+FORMATS = ("bundled", "csv", "ml-100k", "ml-1m", "ml-latest-small", "amazon", "recbole")
 
 # The files that identify each folder format, checked in this order by detect_format.
 _SIGNATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -59,10 +61,13 @@ _ML100K_GENRES = (
 
 
 def load(path: Path, data_format: str | None = None) -> Dataset:
-    """Load a dataset folder (or a file inside it); detect the format unless data_format names it."""
+    """Load a dataset folder (or a file inside it) or a built-in dataset by name (an existing path wins)."""
     path = Path(path)
+    if not path.exists() and str(path) in BUILTIN_DATASETS:
+        path = builtin_dataset_path(str(path))
     if not path.exists():
-        raise DataError(f"{path} does not exist: give a dataset folder or a file inside one")
+        raise DataError(f"{path} does not exist: give a dataset folder or a file inside one, or a built-in "
+                        f"dataset's name ({', '.join(BUILTIN_DATASETS)})")
     chosen = detect_format(path) if data_format is None else data_format.strip().lower()
     loader = _LOADERS.get(chosen)
     if loader is None:
@@ -80,6 +85,9 @@ def detect_format(path: Path) -> str:
             return data_format
     if any(name.lower().endswith(_JSON_SUFFIXES) for name in names):
         return "amazon"
+    if any(name.endswith(_RECBOLE_SUFFIXES) for name in names):
+        _recbole_files(path)  # a lone .inter or .item names the file that is missing
+        return "recbole"
     for data_format, required in _SIGNATURES:
         present = [name for name in required if name in names]
         if present:
@@ -89,7 +97,8 @@ def detect_format(path: Path) -> str:
                             file=str(folder))
     expected = "; ".join(f"{fmt}: {' + '.join(files)}" for fmt, files in _SIGNATURES)
     raise DataError(f"cannot tell the data format: expected one of {expected}; amazon: a reviews "
-                    "*.jsonl/*.json(.gz) file and a meta_* file", file=str(folder))
+                    "*.jsonl/*.json(.gz) file and a meta_* file; recbole: <name>.inter + <name>.item",
+                    file=str(folder))
 
 
 def load_csv_pair(path: Path) -> Dataset:
@@ -282,6 +291,122 @@ def _amazon_category(meta: Path) -> str:
     """'meta_All_Beauty.jsonl.gz' -> 'all_beauty'."""
     stem = meta.name.lower().removesuffix(".gz").removesuffix(".jsonl").removesuffix(".json")
     return stem.removeprefix("meta").lstrip("_-")
+
+
+# RecBole atomic files: tab-separated, a typed header ("user_id:token"), token_seq values split on spaces.
+_RECBOLE_SUFFIXES = (".inter", ".item")
+_RECBOLE_TYPES = ("token", "token_seq", "float", "float_seq")
+_RECBOLE_INTER_FIELDS = ("user_id", "item_id", "timestamp")
+# The item file's text columns, in order of preference, as RecBole's converted datasets name them
+# (MovieLens movie_title, Amazon title, Yelp item_name, Steam app_name, ...).
+_RECBOLE_TITLE_FIELDS = ("title", "movie_title", "item_name", "name", "app_name", "book_title", "product_name")
+_RECBOLE_YEAR_FIELDS = ("release_year", "year")
+_RECBOLE_GENRE_FIELDS = ("class", "genre", "genres", "categories", "category")
+
+
+def load_recbole(path: Path) -> Dataset:
+    """RecBole atomic files <name>.inter + <name>.item; title (with the year), genres as caption, both as summary.
+
+    title: the title-like column, with a four-digit release year appended as "(1995)" as MovieLens writes it;
+    caption: the genre/category column joined by commas; summary: "title (year) [genres]".
+    """
+    inter_path, item_path = _recbole_files(path)
+    table = _ItemTable(item_path)
+    columns: dict[str, str] = {}
+    for line, row in _recbole_rows(item_path, ("item_id",)):
+        if not columns:
+            columns = _recbole_text_columns(row, item_path)
+        title = row[columns["title"]]
+        if not title.strip():
+            raise DataError(f"item {row['item_id']!r} has an empty {columns['title']}: every item needs a title",
+                            file=str(item_path), line=line, field=columns["title"])
+        year = row.get(columns.get("year", ""), "").strip()
+        if len(year) == 4 and year.isdigit():
+            title = f"{_clean_text(title)} ({year})"
+        genres = ", ".join(row.get(columns.get("genre", ""), "").split())
+        table.add(row["item_id"], title, line, caption=genres,
+                  summary=f"{_clean_text(title)} [{genres}]" if genres else "")
+    events = _Events(inter_path)
+    for line, row in _recbole_rows(inter_path, _RECBOLE_INTER_FIELDS):
+        events.add(row["user_id"], row["item_id"], row["timestamp"], line, fields=_RECBOLE_INTER_FIELDS)
+    return _dataset(inter_path.stem, table, events)
+
+
+def _recbole_files(path: Path) -> tuple[Path, Path]:
+    """<name>.inter and <name>.item: named by the given file, or the only pair (or the folder's name) in it."""
+    folder = _folder(path)
+    if path.is_file():
+        stems = [path.stem]
+    else:
+        stems = sorted({entry.stem for entry in folder.iterdir()
+                        if entry.is_file() and entry.suffix in _RECBOLE_SUFFIXES})
+        if len(stems) > 1 and folder.name in stems:
+            stems = [folder.name]  # RecBole's own layout: dataset/ml-100k/ml-100k.inter
+    if len(stems) != 1:
+        raise DataError(f"several RecBole datasets in one folder ({', '.join(stems)}): give one of their "
+                        ".inter files, or the folder named after it", file=str(folder))
+    inter_path, item_path = folder / f"{stems[0]}.inter", folder / f"{stems[0]}.item"
+    missing = [candidate.name for candidate in (inter_path, item_path) if not candidate.is_file()]
+    if missing:
+        raise DataError(f"missing {' and '.join(missing)}: RecBole atomic files need {inter_path.name} "
+                        f"(interactions) and {item_path.name} (item texts) in the same folder", file=str(folder))
+    return inter_path, item_path
+
+
+def _recbole_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
+    """Rows of a tab-separated atomic file keyed by field name (the header's types stripped)."""
+    names: list[str] = []
+    for line, text in _text_lines(path, "utf-8", "a typed header such as user_id:token and one row per record"):
+        text = text.rstrip("\r\n")
+        if not text.strip():
+            continue
+        values = text.split("\t")
+        if not names:
+            names = _recbole_header(values, required, path, line)
+            continue
+        if len(values) != len(names):
+            short = len(values) < len(names)
+            raise DataError(f"the row has {len(values)} tab-separated field(s) but the header has {len(names)}"
+                            + (f": {names[len(values)]!r} is missing" if short else ""),
+                            file=str(path), line=line, field=names[len(values)] if short else None)
+        yield line, dict(zip(names, values, strict=True))
+
+
+def _recbole_header(cells: list[str], required: tuple[str, ...], path: Path, line: int) -> list[str]:
+    """Field names from a typed header, after checking every cell is name:type and the required ones exist."""
+    if len(cells) == 1 and len(required) > 1:
+        delimiter = next((mark for mark in (",", ";", "|", " ") if mark in cells[0].strip()), None)
+        if delimiter is not None:
+            raise DataError(f"the header is one cell ({cells[0].strip()!r}) that seems to use {delimiter!r} as "
+                            "delimiter: RecBole atomic files are tab-separated", file=str(path), line=line)
+    names = []
+    for cell in cells:
+        name, colon, kind = cell.strip().partition(":")
+        if not colon or not name or kind not in _RECBOLE_TYPES:
+            raise DataError(f"header cell {cell.strip()!r} is not a typed RecBole field name:type with type one "
+                            f"of {', '.join(_RECBOLE_TYPES)} (e.g. user_id:token); cells are tab-separated",
+                            file=str(path), line=line, field=name or cell.strip())
+        names.append(name)
+    missing = [name for name in required if name not in names]
+    if missing:
+        raise DataError(f"missing field {', '.join(repr(name) for name in missing)}: {path.suffix} files need "
+                        f"{', '.join(f'{name}:...' for name in required)}; found {', '.join(cells)}",
+                        file=str(path), line=line, field=missing[0])
+    return names
+
+
+def _recbole_text_columns(row: dict[str, str], path: Path) -> dict[str, str]:
+    """Which item columns give the title, the year and the genres (the first found of each known name)."""
+    chosen = {}
+    for role, known in (("title", _RECBOLE_TITLE_FIELDS), ("year", _RECBOLE_YEAR_FIELDS),
+                        ("genre", _RECBOLE_GENRE_FIELDS)):
+        found = next((name for name in known if name in row), None)
+        if found is not None:
+            chosen[role] = found
+    if "title" not in chosen:
+        raise DataError(f"no title column: the item file needs one of {', '.join(_RECBOLE_TITLE_FIELDS)} "
+                        f"(found {', '.join(row)})", file=str(path), line=1, field="title")
+    return chosen
 
 
 def _folder(path: Path) -> Path:
@@ -565,4 +690,5 @@ _LOADERS: dict[str, Callable[[Path], Dataset]] = {
     "ml-1m": load_movielens_1m,
     "ml-latest-small": load_movielens_latest_small,
     "amazon": load_amazon,
+    "recbole": load_recbole,
 }

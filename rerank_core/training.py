@@ -47,9 +47,11 @@ from rerank_core.prompts import (
 from rerank_core.verbalizer import STRATEGIES
 
 __all__ = [
+    "MAX_BUDGET_HISTORY_ITEMS",
     "SAMPLE_MODES",
     "TRAINING_PRESETS",
     "VALIDATION_METRICS",
+    "PromptBudget",
     "TrainConfig",
     "TrainReport",
     "TrainingError",
@@ -57,9 +59,11 @@ __all__ = [
     "build_training_samples",
     "check_adapter_target",
     "label_samples",
+    "size_prompt_budget",
     "train_adapter",
     "training_config",
     "validation_users",
+    "with_prompt_budget",
 ]
 
 log = logging.getLogger(__name__)
@@ -68,6 +72,10 @@ log = logging.getLogger(__name__)
 SAMPLE_MODES = ("prefixes", "random_split")
 VALIDATION_METRICS = ("NDCG@10", "Recall@10", "MRR@10")
 EventSink = Callable[[dict[str, Any]], None]
+# A data-sized prompt budget makes room for at most this many history items (LlamaRec's prompts keep 20).
+MAX_BUDGET_HISTORY_ITEMS = 50
+# Prompts measured to size the budget: enough to see long titles, cheap next to training.
+_BUDGET_PROBES = 64
 _MANIFEST_FORMAT = 1
 _PACKAGES = ("torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "numpy", "pandas")
 
@@ -96,7 +104,9 @@ class TrainConfig:
     warmup: float = 0.05
     max_samples: int | None = 192
     seed: int = 0
-    max_prompt_tokens: int | None = 320
+    # None: sized from the data (PromptBudget): the candidates plus `history_items` recent history items.
+    max_prompt_tokens: int | None = None
+    history_items: int = 5
     prompt_preset: str = "seed_after"
     strategy: str = "as_trained"
     candidates: int = 20
@@ -129,6 +139,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1 or None (no limit), got {value}")
+        if isinstance(self.history_items, bool) or not 0 <= self.history_items <= MAX_BUDGET_HISTORY_ITEMS:
+            raise ValueError(f"history_items must be a whole number from 0 to {MAX_BUDGET_HISTORY_ITEMS}, "
+                             f"got {self.history_items!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.warmup < 0 or self.eval_every < 0 or self.eval_users < 0:
@@ -214,6 +227,58 @@ def _split_points(dataset: Dataset, config: TrainConfig) -> list[tuple[str, int]
     return points
 
 
+@dataclass(frozen=True)
+class PromptBudget:
+    """A prompt budget sized from the data: the longest of some sample prompts with a few recent history items."""
+
+    tokens: int
+    history_items: int
+    candidates: int
+    measured: int
+    median_tokens: int
+
+    def describe(self) -> str:
+        return (f"prompt budget {self.tokens} tokens: the longest of {self.measured} sample prompts with "
+                f"{self.candidates} candidates and the {self.history_items} most recent history items "
+                f"(median {self.median_tokens})")
+
+
+def size_prompt_budget(dataset: Dataset, tokenizer: Any, config: TrainConfig) -> PromptBudget:
+    """Measure seeded sample prompts (candidates plus config.history_items recent items) and take the longest.
+
+    A fixed cap sized for one dataset drops every sample of a dataset with longer titles; this one grows with
+    the texts, and longer histories still get their oldest items dropped to fit.
+    """
+    points = _split_points(dataset, config)
+    if not points:
+        raise TrainingError("no user has the 4 interactions a training sample needs (history, target, "
+                            "validation and test items)")
+    chosen = _seeded_rng(config.seed, "budget").choice(len(points), size=min(_BUDGET_PROBES, len(points)),
+                                                        replace=False)
+    sampler = CandidateSampler(dataset, config.candidate_config())
+    lengths = []
+    for index in sorted(chosen.tolist()):
+        user, position = points[index]
+        sequence = dataset.training_sequence(user)
+        history = tuple(sequence[max(0, position - config.history_items):position])
+        candidates = sampler.for_training(user, history, sequence[position], sample_key=str(position))
+        prompt = build_prompt(
+            tokenizer, config.prompt_preset, [dataset.text(item, config.text_field) for item in history],
+            [dataset.text(item, config.text_field) for item in candidates.item_ids])
+        lengths.append(prompt.token_count)
+    return PromptBudget(tokens=max(lengths), history_items=config.history_items, candidates=config.candidates,
+                        measured=len(lengths), median_tokens=int(np.median(lengths)))
+
+
+def with_prompt_budget(dataset: Dataset, tokenizer: Any,
+                       config: TrainConfig) -> tuple[TrainConfig, PromptBudget | None]:
+    """The config with a data-sized max_prompt_tokens when it has none; a fixed cap is kept (budget None)."""
+    if config.max_prompt_tokens is not None:
+        return config, None
+    budget = size_prompt_budget(dataset, tokenizer, config)
+    return replace(config, max_prompt_tokens=budget.tokens), budget
+
+
 def build_training_samples(
     dataset: Dataset,
     tokenizer: Any,
@@ -226,6 +291,7 @@ def build_training_samples(
     Split points are listed first (cheap), `max_samples` of them drawn with the seed, and only those get
     candidates and a prompt: a small run over a large dataset does not tokenize the whole dataset.
     """
+    config, _ = with_prompt_budget(dataset, tokenizer, config)
     points = _split_points(dataset, config)
     if config.max_samples is not None and len(points) > config.max_samples:
         chosen = _seeded_rng(config.seed, "select").choice(len(points), size=config.max_samples, replace=False)
@@ -303,6 +369,7 @@ class TrainReport:
     final_letter_loss: float | None = None
     uniform_loss: float = 0.0
     validation: dict[str, dict[str, float]] = field(default_factory=dict)
+    prompt_budget: dict[str, int] = field(default_factory=dict)
     replica_digests: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -573,7 +640,8 @@ def train_adapter(
 
     Events passed to `on_event` (each also has "time" and "adapter"), in order:
       start       pid, world_size, config, training_preset, model, dataset, uniform_loss
-      stage       stage = samples | samples ready (samples, dropped) | validation (step) |
+      stage       stage = samples | prompt budget (max_prompt_tokens, detail; when sized from the data) |
+                  samples ready (samples, dropped) | validation (step) |
                   training (total_steps) | saving
       validation  step (0 = before training), elapsed, NDCG@10, Recall@10, MRR@10
       step        step, total_steps, loss, letter_loss, uniform_loss (ln N), learning_rate, grad_norm,
@@ -611,6 +679,11 @@ def train_adapter(
     peft_model = None
     try:
         emit({"event": "stage", "stage": "samples"})
+        config, budget = with_prompt_budget(dataset, loaded.tokenizer, config)
+        if budget is not None:
+            report.prompt_budget = asdict(budget)
+            emit({"event": "stage", "stage": "prompt budget", "max_prompt_tokens": budget.tokens,
+                  "detail": budget.describe()})
         samples, dropped = build_training_samples(dataset, loaded.tokenizer, config, cancel=cancel)
         context = getattr(loaded.model.config, "max_position_embeddings", None)
         examples, unlabelled = label_samples(loaded.tokenizer, samples, config, max_length=context)

@@ -198,12 +198,10 @@ def test_rotations_reorder_the_prompt_and_map_back_to_items(tiny_smol, dataset):
     # The last rotation's prompt lists the candidates starting from the original last one.
     texts = [dataset.text(item) for item in shown.prepared.candidates.item_ids]
     rotated = [texts[index] for index in result.orders[-1]]
-    from rerank_core.diagnostics import _variant
-
-    variant = _variant(inspector, SETTINGS, shown.prepared, history_ids=shown.prepared.split.history,
-                       candidate_ids=[shown.prepared.candidates.item_ids[i] for i in result.orders[-1]],
-                       target_index=None)
+    variant = inspector.variant(shown.prepared, SETTINGS, order=result.orders[-1])
     assert f"A. {rotated[0]}\nB. {rotated[1]}" in variant.prompt.text
+    target = shown.prepared.candidates.target_index
+    assert variant.candidates.item_ids[variant.candidates.target_index] == shown.prepared.candidates.item_ids[target]
 
 
 # -- letter prior -----------------------------------------------------------------------------
@@ -222,11 +220,7 @@ def test_letter_prior_hides_the_candidate_texts(blind, dataset):
     expected, _ = last_token_probs(blind.loaded, prepared.token_ids[-1],
                                    [token.token_id for token in prepared.letter_tokens])
     assert prior.mean == pytest.approx(expected, abs=1e-5)
-    from rerank_core.diagnostics import _variant
-
-    variant = _variant(blind, SETTINGS, prepared, history_ids=prepared.split.history,
-                       candidate_ids=prepared.candidates.item_ids, target_index=None,
-                       candidate_texts=["something"] * COUNT)
+    variant = blind.variant(prepared, SETTINGS, candidate_texts=["something"] * COUNT)
     assert "A. something\nB. something" in variant.prompt.text
     assert not any(dataset.text(item) in variant.prompt.text for item in prepared.candidates.item_ids)
     with pytest.raises(ValueError, match="placeholder"):
@@ -394,7 +388,7 @@ def test_scoring_needs_a_model(smol_tokenizer, dataset):
 
 def test_position_views_show_the_bias(prefers_a, blind):
     from rerank_app import diagnostic_views as views
-    from rerank_core import diagnostic_tables as tables
+    from rerank_core.diagnostics import tables
 
     result = position_bias(prefers_a, "u00", SETTINGS)
     heatmap = views.position_heatmap(result)
@@ -419,7 +413,7 @@ def test_position_views_show_the_bias(prefers_a, blind):
 
 def test_prior_history_and_mass_views(prefers_a, blind):
     from rerank_app import diagnostic_views as views
-    from rerank_core import diagnostic_tables as tables
+    from rerank_core.diagnostics import tables
 
     prior = letter_prior(prefers_a, USERS[:2], SETTINGS)
     frame = tables.letter_prior_frame([prior])
@@ -438,7 +432,7 @@ def test_prior_history_and_mass_views(prefers_a, blind):
 
 def test_template_views_mark_the_divergence(smol_tokenizer):
     from rerank_app import diagnostic_views as views
-    from rerank_core import diagnostic_tables as tables
+    from rerank_core.diagnostics import tables
 
     broken = copy.deepcopy(smol_tokenizer)
     broken.chat_template = inference_only_system(smol_tokenizer.chat_template)

@@ -369,14 +369,14 @@ def test_cli_help_names_every_training_setting(capsys):
                "target_modules": "--target-modules", "learning_rate": "--lr", "epochs": "--epochs",
                "batch_size": "--batch-size", "grad_accumulation": "--grad-accumulation", "warmup": "--warmup",
                "max_samples": "--max-samples", "seed": "--seed", "max_prompt_tokens": "--max-prompt-tokens",
-               "prompt_preset": "--preset", "strategy": "--strategy", "candidates": "--candidates",
-               "candidate_source": "--candidate-source", "text_field": "--text-field",
+               "history_items": "--history-items", "prompt_preset": "--preset", "strategy": "--strategy",
+               "candidates": "--candidates", "candidate_source": "--candidate-source", "text_field": "--text-field",
                "sample_mode": "--sample-mode", "eval_every": "--eval-every", "eval_users": "--eval-users",
                "train_on_eos": "--train-on-eos", "template_kwargs": "--template-kwargs"}
     assert options.keys() == TrainConfig.__dataclass_fields__.keys()
     for option in options.values():
         assert f"{option} " in text
-    assert "(quick: 320, full: 1536)" in text and "ln(N)" in text
+    assert "(quick: 0, full: 1536)" in text and "ln(N)" in text
 
 
 def test_cli_in_process_run_publishes_the_adapter(tiny_model_folder, toy_data_folder, tmp_path, capsys):

@@ -9,8 +9,7 @@ import gradio as gr
 from rerank_app import diagnostic_views
 from rerank_app.context import AppContext
 from rerank_app.pickers import PickerControls, Pickers, adapter_choices, endpoint
-from rerank_core import diagnostic_tables as tables
-from rerank_core.diagnostics import ORDER_MODES, PRIOR_MODES, OrderSpec
+from rerank_core.diagnostics import ORDER_MODES, PRIOR_MODES, OrderSpec, tables
 from rerank_core.inspector import BASE
 
 __all__ = ["build", "diagnose_history", "diagnose_letter_mass", "diagnose_letter_prior", "diagnose_position_bias",

@@ -12,9 +12,9 @@ from rerank_core.diagnostics import (
     LetterPrior,
     PositionBias,
     PositionBiasSummary,
-    TemplateConsistency,
 )
 from rerank_core.metrics import rank_of_truth
+from rerank_core.template_check import TemplateConsistency
 
 __all__ = [
     "history_influence_frame",

@@ -1,0 +1,86 @@
+"""Letter prior: every candidate text blanked or replaced by one word; what the model believes about letters alone."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from rerank_core.diagnostics.common import ProgressCallback, letter_probs
+from rerank_core.inspector import BASE, Inspector, InspectSettings
+
+__all__ = ["PRIOR_MODES", "LetterPrior", "letter_prior"]
+
+PRIOR_MODES = ("blank", "placeholder")
+
+
+@dataclass(frozen=True, eq=False)
+class LetterPrior:
+    """Letter probabilities with the candidate texts hidden: what the model believes before reading items."""
+
+    system: str
+    preset: str
+    mode: str
+    placeholder: str
+    letters: tuple[str, ...]
+    user_ids: tuple[str, ...]
+    probs: np.ndarray  # [user, letter]
+    letter_mass: np.ndarray  # [user]
+
+    @property
+    def uniform(self) -> float:
+        return 1.0 / len(self.letters)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.probs.mean(axis=0)
+
+    @property
+    def top_letter_share(self) -> np.ndarray:
+        """Share of users whose blanked prompt puts the top-1 on each letter."""
+        return np.bincount(self.probs.argmax(axis=1), minlength=len(self.letters)) / len(self.probs)
+
+    @property
+    def normalized_entropy(self) -> float:
+        """Entropy of the mean prior over ln N: 1 = no letter preferred, 0 = one letter takes it all."""
+        if len(self.letters) == 1:
+            return 1.0
+        mean = self.mean[self.mean > 0]
+        return float(-(mean * np.log(mean)).sum() / math.log(len(self.letters)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "system": self.system, "preset": self.preset, "mode": self.mode, "placeholder": self.placeholder,
+            "letters": list(self.letters), "uniform": self.uniform, "mean": self.mean.tolist(),
+            "std": self.probs.std(axis=0).tolist(), "top_letter_share": self.top_letter_share.tolist(),
+            "normalized_entropy": self.normalized_entropy,
+            "letter_mass_mean": float(self.letter_mass.mean()),
+            "per_user": [{"user_id": user, "probs": row.tolist(), "letter_mass": float(mass)}
+                         for user, row, mass in zip(self.user_ids, self.probs, self.letter_mass,
+                                                    strict=True)],
+        }
+
+
+def letter_prior(inspector: Inspector, users: Sequence[str], settings: InspectSettings, system: str = BASE,
+                 mode: str = "placeholder", *, placeholder: str = "item",
+                 progress: ProgressCallback | None = None) -> LetterPrior:
+    """Each user's real history, every candidate text blanked ("") or the same placeholder word."""
+    if mode not in PRIOR_MODES:
+        raise ValueError(f"letter prior mode {mode!r} is not one of {', '.join(PRIOR_MODES)}")
+    if not users:
+        raise ValueError("no users to diagnose: pass at least one user id")
+    effective, _ = inspector.settings_for(system, settings)
+    text = "" if mode == "blank" else placeholder
+    variants = []
+    for done, user_id in enumerate(users, 1):
+        prepared = inspector.prepare(user_id, effective)
+        variants.append(inspector.variant(prepared, effective, candidate_texts=[text] * len(prepared.candidate_texts)))
+        if progress is not None:
+            progress(done, len(users))
+    scores = inspector.score_prepared(system, variants)
+    return LetterPrior(system=system, preset=variants[0].prompt.preset, mode=mode, placeholder=text,
+                       letters=variants[0].prompt.letters, user_ids=tuple(users), probs=letter_probs(scores),
+                       letter_mass=np.array([score.letter_mass for score in scores]))
