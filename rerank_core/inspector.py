@@ -217,8 +217,8 @@ class Inspector:
                  else tuple(candidate_texts))
         target = prepared.candidates.target_index
         history_texts = [self.dataset.text(item, settings.text_field) for item in history_ids]
-        prompt = build_prompt(self.tokenizer, settings.preset, history_texts, texts, max_prompt_tokens=None)
-        token_ids = tuple(encode_rendered(self.tokenizer, settings.preset, prompt.rendered))
+        prompt = build_prompt(self.tokenizer, settings.prompt_preset, history_texts, texts, max_prompt_tokens=None)
+        token_ids = tuple(encode_rendered(self.tokenizer, settings.prompt_preset, prompt.rendered))
         candidates = CandidateSet(item_ids, None if target is None else list(order).index(target))
         return replace(prepared, candidates=candidates, candidate_texts=texts, prompt=prompt, token_ids=token_ids)
 
