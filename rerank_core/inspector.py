@@ -175,6 +175,8 @@ class Inspector:
         self._samplers: dict[CandidateConfig, CandidateSampler] = {}
         self._letters: dict[tuple[Any, ...], tuple[LetterToken, ...]] = {}
         self.cache = ScoreCache()
+        # Prompts of one call that share a token prefix run it once (scoring.py); off only to measure the gain.
+        self.share_prefix = True
 
     # -- prompts -----------------------------------------------------------------------------
 
@@ -319,10 +321,12 @@ class Inspector:
             if system == BASE and hasattr(model, "disable_adapter"):
                 with model.disable_adapter():
                     scored = score_token_ids(model, self.tokenizer, [prepared[i].token_ids for i in indices],
-                                             letter_ids, batch_size=batch_size or self.batch_size)
+                                             letter_ids, batch_size=batch_size or self.batch_size,
+                                             share_prefix=self.share_prefix)
             else:
                 scored = score_token_ids(model, self.tokenizer, [prepared[i].token_ids for i in indices],
-                                         letter_ids, batch_size=batch_size or self.batch_size)
+                                         letter_ids, batch_size=batch_size or self.batch_size,
+                                         share_prefix=self.share_prefix)
             for index, result in zip(indices, scored):
                 results[index] = result
         if shared and missing:
