@@ -22,8 +22,10 @@ from rerank_core.answer_slot import AnswerSlot
 from rerank_core.candidates import CandidateConfig, CandidateSampler, CandidateSet
 from rerank_core.data import Dataset, UserSplit
 from rerank_core.distributed import ProcessShard
+from rerank_core.limits import check_limit
 from rerank_core.metrics import METRIC_NAMES, metrics_at, rank_of_truth
 from rerank_core.models import LoadedModel
+from rerank_core.progress import CancelCheck, checkpoint
 from rerank_core.prompts import (
     Prompt,
     PromptPreset,
@@ -59,6 +61,8 @@ class InspectSettings:
     template_kwargs: str = ""
 
     def __post_init__(self) -> None:
+        if self.max_prompt_tokens is not None:
+            object.__setattr__(self, "max_prompt_tokens", check_limit("max_prompt_tokens", self.max_prompt_tokens))
         object.__setattr__(self, "template_kwargs", parse_template_kwargs(self.template_kwargs))
 
     @property
@@ -169,7 +173,7 @@ class Inspector:
         self.loaded = loaded
         self.tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer
         self.adapters_root = adapters_root
-        self.batch_size = batch_size
+        self.batch_size = check_limit("batch_size", batch_size)
         # Under torchrun / accelerate launch: every process prepares all prompts, scores its share, gets all.
         self.shard = shard
         self._samplers: dict[CandidateConfig, CandidateSampler] = {}
@@ -346,13 +350,17 @@ class Inspector:
         return UserInspection(system, effective, prepared, scores, rank, metrics_at(rank), note)
 
     def evaluate(self, users: Iterable[str], settings: InspectSettings, system: str = BASE,
-                 progress: ProgressCallback | None = None) -> pd.DataFrame:
-        """Per-user rank, ground-truth probability, letter mass and metrics, in batches."""
+                 progress: ProgressCallback | None = None, cancel: CancelCheck = None) -> pd.DataFrame:
+        """Per-user rank, ground-truth probability, letter mass and metrics, in batches.
+
+        `cancel` is checked before every chunk of users: a stop request raises progress.Cancelled there.
+        """
         effective, _ = self.settings_for(system, settings)
         users = list(users)
         rows = []
         chunk_size = max(self.batch_size * 4, 1)
         for start in range(0, len(users), chunk_size):
+            checkpoint(f"scoring {system}", start, len(users), cancel=cancel)
             chunk = users[start:start + chunk_size]
             prepared = [self.prepare(user, effective) for user in chunk]
             for user, item, scores in zip(chunk, prepared, self._score(system, prepared)):
