@@ -144,6 +144,9 @@ def command_show(args: argparse.Namespace) -> int:
     settings = build_settings(args, args.split)
     specials = inspector.tokenizer.all_special_tokens
     if inspector.loaded is None:
+        if args.format == "html":
+            raise ValueError("--format html needs scores: give --model (or no --tokenizer) instead of a "
+                             "tokenizer alone")
         prepared = inspector.prepare(args.user, settings)
         payload = {
             "user_id": args.user, "split": args.split, "history": list(prepared.split.history),
@@ -157,6 +160,11 @@ def command_show(args: argparse.Namespace) -> int:
             print(_table(payload["audit"], ["letter", "token", "token_id", "step", "as_trained_id", "flags"]))
         return 0
     result = inspector.inspect(args.user, settings, args.adapter or BASE)
+    if args.format == "html":
+        from rerank_core.report import inspection_report
+
+        return _write_or_print(inspection_report(result, inspector.dataset, model=inspector.loaded.name,
+                                                 special_tokens=specials), args.output)
     payload = result.to_json(inspector.dataset)
     if args.format == "json":
         print(json.dumps(payload, indent=2, ensure_ascii=False, default=str))
@@ -176,6 +184,18 @@ def command_show(args: argparse.Namespace) -> int:
     print(f"\nletter mass {payload['letter_mass']:.3f}; top other tokens: {others}")
     print(f"ground truth rank: {payload['rank']}; " + ", ".join(
         f"{name} {value:.3f}" for name, value in payload["metrics"].items()))
+    return 0
+
+
+def _write_or_print(text: str, output: str | None) -> int:
+    """A document to a file (written whole, never half) or to stdout."""
+    if output is None:
+        sys.stdout.write(text)
+        return 0
+    from rerank_core.fsutil import atomic_write_text
+
+    atomic_write_text(Path(output), text)
+    print(f"wrote {output}", file=sys.stderr)
     return 0
 
 
@@ -226,6 +246,11 @@ def command_eval(args: argparse.Namespace) -> int:
                                                 "rows": records}, indent=2))
     print(json.dumps(records, indent=2) if args.format == "json" else comparison_table(summary))
     print(f"\nwrote {csv_path} and {summary_path}", file=sys.stderr)
+    if args.report:
+        from rerank_core.report import comparison_report
+
+        _write_or_print(comparison_report(per_user, summary, settings, dataset=inspector.dataset.name,
+                                          model=inspector.loaded.name), args.report)
     return 0
 
 
@@ -261,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--adapter", help="score with this adapter from the adapters folder instead of the base")
     show.add_argument("--ignore-adapter-preset", action="store_true",
                       help="score an adapter with --preset instead of the preset it was trained with")
-    show.add_argument("--format", choices=("text", "json"), default="text", help="output format")
+    show.add_argument("--format", choices=("text", "json", "html"), default="text",
+                      help="output format; html: one self-contained report file (charts inlined, opens offline)")
+    show.add_argument("--output", metavar="FILE", help="write the output to FILE instead of stdout")
     show.set_defaults(handler=command_show)
 
     evaluate = commands.add_parser("eval", help="metrics over many users; base vs adapters with paired CIs",
@@ -283,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "popularity); default: the base")
     evaluate.add_argument("--output-dir", default="eval_out", help="where per_user.csv and summary.json go")
     evaluate.add_argument("--format", choices=("text", "json"), default="text", help="summary format")
+    evaluate.add_argument("--report", metavar="FILE.html",
+                          help="also write a self-contained HTML report (settings, metrics with CIs, charts, "
+                               "movers) that opens offline")
     evaluate.set_defaults(handler=command_eval)
 
     add_train_command(commands)

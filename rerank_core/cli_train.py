@@ -85,8 +85,9 @@ def add_train_command(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "train", help="LoRA fine-tune on answer letters and save adapters/<name>",
         description="LoRA fine-tune on the answer letters of training samples cut from each user's sequence, "
-                    "then publish adapters/<name> with a manifest. Progress goes to a bar on stderr (loss "
-                    "next to ln(N), the loss of a model that spreads its answer evenly over N candidates) "
+                    "then publish adapters/<name> with a manifest. Progress goes to a bar on stderr (letter_loss, "
+                    "the answer letter's loss, next to ln(N), the loss of a model that spreads its answer evenly "
+                    "over N candidates; total_loss also averages the end-of-turn tokens) "
                     "and, with --events, to a JSON-lines file. Cancel with SIGTERM, SIGINT (Ctrl-C) or by "
                     "creating the --cancel-file: the run stops at the next step and leaves nothing in "
                     "adapters/. Runs unchanged under `torchrun` / `accelerate launch`. Exit status: 0 saved, "
@@ -162,8 +163,9 @@ class _ProgressBar:
                       f"Recall@10 {event['Recall@10']:.4f}", file=sys.stderr, flush=True)
         elif kind == "step" and self.bar is not None:
             self.bar.update(event["step"] - self.bar.n)
-            postfix = {"loss": f"{event['loss']:.3f}", "letter": f"{event['letter_loss']:.3f}",
-                       "lnN": f"{event['uniform_loss']:.3f}"}
+            # The letter loss is what ln N bounds; the total also averages the end-of-turn tokens.
+            postfix = {"letter_loss": f"{event['letter_loss']:.3f}", "lnN": f"{event['uniform_loss']:.3f}",
+                       "total_loss": f"{event['total_loss']:.3f}"}
             if self.validation:
                 postfix["val_ndcg10"] = self.validation
             self.bar.set_postfix(postfix, refresh=True)
@@ -238,9 +240,8 @@ def _print_summary(report: Any) -> None:
     print(f"saved adapter {report.adapter!r} to {report.path}")
     print(f"  {report.samples} samples (dropped: {report.dropped}), {report.steps} steps, "
           f"{report.train_time_s:.1f} s training, {report.wall_time_s:.1f} s in all")
-    if report.final_loss is not None:
-        print(f"  final loss {report.final_loss:.4f}, letter loss {report.final_letter_loss:.4f}, "
-              f"ln(N) = {report.uniform_loss:.4f}")
+    if report.loss_line:
+        print(f"  final {report.loss_line}")
     if before and after:
         print("  validation " + ", ".join(f"{name} {before[name]:.4f} -> {after[name]:.4f}" for name in before))
     print(json.dumps({"adapter": report.adapter, "path": report.path, "status": report.status}))
