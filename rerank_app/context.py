@@ -284,7 +284,9 @@ class AppContext:
     def compare_users(self, dataset: str, model: str, adapters: Sequence[str], settings: InspectSettings,
                       count: int, progress: Callable[[int, int], None] | None = None
                       ) -> tuple[pd.DataFrame, dict[str, Any]]:
-        """Per-user results and the paired summary over the first `count` users; cached per request."""
+        """Per-user results and the paired summary over the first `count` users, the baselines (random,
+        popularity, retriever) scored on the same candidates beside the LLM systems; cached per request."""
+        from rerank_core.baselines import BASELINES, with_baselines
         from rerank_core.compare import compare_systems
 
         systems = self._systems(model, adapters)
@@ -307,7 +309,8 @@ class AppContext:
                 if progress is not None:
                     progress(done, total)
         with self.using(dataset, model) as inspector:
-            result = compare_systems(inspector, users, settings, systems)
+            per_user, summary = compare_systems(inspector, users, settings, systems)
+            result = with_baselines(inspector, per_user, summary, users, settings, BASELINES)
         return self._comparisons.remember(key, result)
 
     def _systems(self, model: str, adapters: Sequence[str]) -> list[str]:
