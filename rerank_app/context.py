@@ -265,7 +265,9 @@ class AppContext:
     def compare_users(self, dataset: str, model: str, adapters: Sequence[str], settings: InspectSettings,
                       count: int, progress: Callable[[int, int], None] | None = None,
                       stop: threading.Event | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """Per-user results and the paired summary over the first `count` users; cached per request."""
+        """Per-user results and the paired summary over the first `count` users, the baselines (random,
+        popularity, retriever) scored on the same candidates beside the LLM systems; cached per request."""
+        from rerank_core.baselines import BASELINES, with_baselines
         from rerank_core.compare import compare_systems
 
         systems = self._systems(model, adapters)
@@ -276,7 +278,9 @@ class AppContext:
         if found is not None:
             return found
         with self.running(dataset, model, stop) as (inspector, check):
-            result = compare_systems(inspector, users, settings, systems, progress=progress, cancel=check)
+            per_user, summary = compare_systems(inspector, users, settings, systems, progress=progress,
+                                                cancel=check)
+            result = with_baselines(inspector, per_user, summary, users, settings, BASELINES)
         return self._comparisons.remember(key, result)
 
     def _systems(self, model: str, adapters: Sequence[str]) -> list[str]:

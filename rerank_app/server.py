@@ -18,14 +18,16 @@ from rerank_app.pickers import endpoint, refresh_pickers
 from rerank_app.tabs import compare, data, diagnose, finetune
 from rerank_app.tabs import inspect as inspect_tab
 from rerank_core.adapters import adapters_root
-from rerank_core.data import bundled_sample_path, load_dataset
+from rerank_core.builtin_data import MOVIELENS_100K_REAL, builtin_dataset_path
+from rerank_core.data import DataError, bundled_sample_path, load_dataset
 from rerank_core.models import ModelError, embedded_model_folder, load_model
 
-__all__ = ["SAMPLE_DATASET", "build_app", "build_context", "launch"]
+__all__ = ["REAL_DATASET", "SAMPLE_DATASET", "build_app", "build_context", "builtin_datasets", "launch"]
 
 log = logging.getLogger("rerank_app")
 
 SAMPLE_DATASET = "sample"
+REAL_DATASET = "MovieLens 100K (real)"
 # How often an open page checks for new datasets and adapters (a cheap directory listing).
 PICKER_REFRESH_S = 5.0
 
@@ -70,7 +72,7 @@ def build_context(args: argparse.Namespace) -> AppContext:
         path = Path(args.data)
         datasets.append(DatasetEntry(path.name if path.is_dir() else path.parent.name,
                                      load_dataset(path, args.data_format), path))
-    datasets.append(DatasetEntry(SAMPLE_DATASET, load_dataset(None), bundled_sample_path()))
+    datasets.extend(builtin_datasets())
     paths = list(args.model or [])
     try:
         paths.append(str(embedded_model_folder()))
@@ -89,6 +91,17 @@ def build_context(args: argparse.Namespace) -> AppContext:
     context = AppContext(config, datasets, models, jobs=jobs)
     context.restore_uploads()
     return context
+
+
+def builtin_datasets() -> list[DatasetEntry]:
+    """The synthetic sample (the default), then the real MovieLens 100K when the recbole package is installed."""
+    entries = [DatasetEntry(SAMPLE_DATASET, load_dataset(None), bundled_sample_path())]
+    try:
+        real = builtin_dataset_path(MOVIELENS_100K_REAL)
+        entries.append(DatasetEntry(REAL_DATASET, load_dataset(real, "recbole"), real))
+    except DataError as error:  # the app still serves the sample; the message says how to install recbole
+        log.warning("%s is not offered: %s", REAL_DATASET, error)
+    return entries
 
 
 def _limit_heap_arenas() -> None:

@@ -15,6 +15,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from pandas.io.formats.style import Styler
 
+from rerank_core.baselines import BASELINE_PRESET
 from rerank_core.data import Dataset
 from rerank_core.fsutil import atomic_write_text
 from rerank_core.inspector import BASE, UserInspection
@@ -407,8 +408,14 @@ _MOVER_COLUMNS = ["user_id", "system", "change", "base rank", "rank", "base p(tr
 
 
 def compare_view(per_user: pd.DataFrame, summary: pd.DataFrame, *, movers: int = 5) -> CompareView:
-    """Tables and plots from compare_systems' per-user frame and summary (the base is the reference)."""
+    """Tables and plots from compare_systems' per-user frame and summary (the base is the reference).
+
+    Baseline rows (preset "baseline", from baselines.with_baselines) join the tables and the counts; the
+    scatter and the movers stay with the LLM systems, the only ones with a ground-truth probability.
+    """
     systems = list(dict.fromkeys(summary["system"]))
+    baselines = set(summary.loc[summary["preset"] == BASELINE_PRESET, "system"])
+    adapters = [name for name in systems if name != BASE and name not in baselines]
     means = summary.pivot(index="system", columns="metric", values="mean").loc[systems, list(METRIC_NAMES)]
     described = summary.groupby("system", sort=False)[["preset", "n"]].first().rename(columns={"n": "users"})
     metrics = pd.concat([described, means.round(4)], axis=1).rename_axis("system").reset_index()
@@ -430,7 +437,7 @@ def compare_view(per_user: pd.DataFrame, summary: pd.DataFrame, *, movers: int =
     base = per_user[per_user["system"] == BASE].set_index("user_id")
     scatter = go.Figure()
     mover_rows = []
-    for color, system in zip(SYSTEM_COLORS[1:], [name for name in systems if name != BASE]):
+    for color, system in zip(SYSTEM_COLORS[1:], adapters):
         other = per_user[per_user["system"] == system].set_index("user_id")
         joined = base.merge(other, left_index=True, right_index=True, suffixes=("_base", ""))
         scatter.add_scatter(
@@ -449,7 +456,7 @@ def compare_view(per_user: pd.DataFrame, summary: pd.DataFrame, *, movers: int =
                     "base rank": row["rank_base"], "rank": row["rank"],
                     "base p(truth)": _round(row["truth_probability_base"]),
                     "p(truth)": _round(row["truth_probability"]), "Δ NDCG@10": round(row["delta"], 4)})
-    if len(systems) > 1:
+    if adapters:
         scatter.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "#adb5bd"},
                             name="no change", hoverinfo="skip")
         scatter.update_layout(

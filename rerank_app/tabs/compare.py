@@ -74,7 +74,10 @@ def select_row(event: gr.SelectData, table: Any) -> tuple[Any, Any, Any]:
 def build(context: AppContext, controls: PickerControls, tabs: gr.Tabs, inspect_outputs: list[Any],
           demo: gr.Blocks) -> gr.Dropdown:
     """Lay out and wire the tab; returns its adapter picker, which a finished fine-tune refreshes."""
-    gr.Markdown("Uses the dataset, model, prompt settings and user chosen in the **Inspect** tab.")
+    gr.Markdown("Uses the dataset, model, prompt settings and user chosen in the **Inspect** tab. On many users "
+                "the baselines (**random**: a random order's expected value, **popularity**: training-part "
+                "interaction counts, **retriever**: the co-occurrence retriever's order) rank the same "
+                "candidates: does the model beat them?")
     with gr.Row():
         adapters_box = gr.Dropdown(context.adapter_names(context.model_names[0]), value=[], multiselect=True,
                                    max_choices=3, allow_custom_value=True,
