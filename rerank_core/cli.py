@@ -21,7 +21,7 @@ from rerank_core.distributed import close_process_group, process_device, process
 from rerank_core.inspector import BASE, Inspector, InspectSettings
 from rerank_core.loaders import FORMATS
 from rerank_core.models import load_model, load_tokenizer
-from rerank_core.prompts import PRESETS, letters_for
+from rerank_core.prompts import PRESETS, answer_slot, letters_for, with_template_kwargs
 from rerank_core.verbalizer import STRATEGIES, resolve_letters
 
 __all__ = ["add_common_options", "build_inspector", "build_settings", "main"]
@@ -59,6 +59,9 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
                        help="force the data format instead of detecting it from the file names")
     group.add_argument("--preset", default="seed", choices=sorted(PRESETS),
                        help="prompt preset (default: %(default)s; *_after put the letter after the item text)")
+    group.add_argument("--template-kwargs", default="", metavar="JSON",
+                       help="chat-template options as a JSON object, e.g. '{\"enable_thinking\": false}' "
+                            "(passed to apply_chat_template for inference and training alike)")
     group.add_argument("--strategy", default="as_trained", choices=STRATEGIES,
                        help="letter→token strategy (default: %(default)s)")
     group.add_argument("--text-field", default="title", choices=TEXT_FIELDS,
@@ -88,7 +91,8 @@ def build_settings(args: argparse.Namespace, split: str = "test") -> InspectSett
                                  order=args.candidate_order)
     return InspectSettings(preset=args.preset, strategy=args.strategy, text_field=args.text_field,
                            split=split, candidates=candidates, max_prompt_tokens=args.max_prompt_tokens,
-                           use_adapter_preset=not getattr(args, "ignore_adapter_preset", False))
+                           use_adapter_preset=not getattr(args, "ignore_adapter_preset", False),
+                           template_kwargs=args.template_kwargs)
 
 
 def load_data(args: argparse.Namespace) -> Dataset:
@@ -127,16 +131,25 @@ def _cell(value: Any) -> str:
 
 
 def command_audit(args: argparse.Namespace) -> int:
+    preset = with_template_kwargs(args.preset, args.template_kwargs)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    letters = resolve_letters(tokenizer, args.preset, letters_for(args.candidates), args.strategy)
+    letters = resolve_letters(tokenizer, preset, letters_for(args.candidates), args.strategy)
     rows = [token.to_json() for token in letters]
+    slot = answer_slot(tokenizer, preset)
     if args.format == "json":
-        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        print(json.dumps({"preset": preset.name, "template_kwargs": preset.template_kwargs,
+                          "answer_slot": slot.to_json(), "letters": rows}, indent=2, ensure_ascii=False))
     else:
         print(_table(rows, ["letter", "token", "token_id", "strategy", "step", "as_trained_id", "flags"]))
         flagged = sum(1 for row in rows if row["flags"])
         print(f"\n{flagged} of {len(rows)} letters flagged" if flagged else f"\nall {len(rows)} letters clean")
+        _print_notes(slot.notes())
     return 0
+
+
+def _print_notes(notes: Sequence[str]) -> None:
+    for note in notes:
+        print(f"note: {note}")
 
 
 def command_show(args: argparse.Namespace) -> int:
@@ -152,12 +165,14 @@ def command_show(args: argparse.Namespace) -> int:
             "user_id": args.user, "split": args.split, "history": list(prepared.split.history),
             "candidates": list(prepared.candidates.item_ids), "target_index": prepared.candidates.target_index,
             "rendered_prompt": prepared.prompt.rendered, "prompt_tokens": len(prepared.token_ids),
+            "answer_slot": prepared.answer_slot.to_json(),
             "audit": [token.to_json() for token in prepared.letter_tokens]}
         if args.format == "json":
             print(json.dumps(payload, indent=2, ensure_ascii=False))
         else:
             print(visible_text(prepared.prompt.rendered, specials))
             print(_table(payload["audit"], ["letter", "token", "token_id", "step", "as_trained_id", "flags"]))
+            _print_notes(prepared.answer_slot.notes())
         return 0
     result = inspector.inspect(args.user, settings, args.adapter or BASE)
     if args.format == "html":
@@ -178,6 +193,7 @@ def command_show(args: argparse.Namespace) -> int:
     print(visible_text(payload["rendered_prompt"], specials))
     print("\nletter audit:")
     print(_table(payload["audit"], ["letter", "token", "token_id", "step", "as_trained_id", "flags"]))
+    _print_notes(result.prepared.answer_slot.notes())
     print("\ncandidates:")
     print(_table(payload["candidates"], ["letter", "item_id", "text", "truth", "probability", "rank"]))
     others = ", ".join(f"{row['token']!r} {row['probability']:.3f}" for row in payload["top_other"])

@@ -60,6 +60,10 @@ def _add_shared_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data-format", help="force the data format instead of detecting it")
     group.add_argument("--preset", help="prompt preset: seed, seed_after, llamarec, llamarec_after "
                        f"(quick: {quick.prompt_preset}; *_after put the letter after the item text)")
+    group.add_argument("--template-kwargs", metavar="JSON",
+                       help="chat-template options as a JSON object, e.g. '{\"enable_thinking\": false}'; used for "
+                            "training and validation, recorded in the manifest and applied when the adapter is "
+                            "evaluated (default: none)")
     group.add_argument("--strategy", help=f"verbalizer strategy for validation and the manifest: as_trained, seed, "
                        f"encode (quick: {quick.strategy})")
     group.add_argument("--candidates", type=int, metavar="N",
@@ -127,7 +131,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                                             if part.strip())
     shared = {"prompt_preset": "preset", "strategy": "strategy", "candidates": "candidates",
               "candidate_source": "candidate_source", "text_field": "text_field", "seed": "seed",
-              "train_on_eos": "train_on_eos"}
+              "train_on_eos": "train_on_eos", "template_kwargs": "template_kwargs"}
     overrides.update({field_name: getattr(args, option, None) for field_name, option in shared.items()})
     # 0 means "no limit" for max_samples and "size from the data" for max_prompt_tokens: both None in TrainConfig.
     zeroed = [name for name in ("max_samples", "max_prompt_tokens") if overrides[name] == 0]

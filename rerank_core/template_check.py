@@ -9,7 +9,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from rerank_core.alignment import align
-from rerank_core.prompts import PromptPreset, get_preset, letters_for, render_inference, render_training
+from rerank_core.prompts import (
+    PromptPreset,
+    answer_slot,
+    get_preset,
+    letters_for,
+    render_chat,
+    render_generation_prompt,
+    render_inference,
+    render_training,
+)
 from rerank_core.verbalizer import LetterToken, probe_text, resolve_letters
 
 # Tokens shown on each side of a template divergence: enough to see the block that differs.
@@ -95,9 +104,8 @@ def _generation_prompt(tokenizer: Any, preset: PromptPreset, text: str) -> str |
     """What add_generation_prompt appends after the user turn; None for text presets."""
     if not preset.chat:
         return None
-    inference = render_inference(tokenizer, preset, text)
-    plain = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                          add_generation_prompt=False)
+    inference = render_generation_prompt(tokenizer, preset, text)
+    plain = render_chat(tokenizer, preset, [{"role": "user", "content": text}], False)
     return inference[len(plain):] if inference.startswith(plain) else None
 
 
@@ -174,6 +182,9 @@ def template_consistency(tokenizer: Any, preset: str | PromptPreset, *, text: st
         centre = alignment.diverge_at
         problems.append(_mismatch_problem(tokenizer, preset, prompt_text, letter, alignment.diverge_at,
                                           prompt_ids, full_ids))
+    slot = answer_slot(tokenizer, preset)
+    # The template's own quirks come first: they explain the prompt's end before any letter problem.
+    problems[:0] = [TemplateProblem("warning", flag, note) for flag, note in zip(slot.flags, slot.notes(), strict=True)]
     letters = tuple(resolve_letters(tokenizer, preset, letters_for(count), "seed", text=prompt_text))
     not_prefix = [token.letter for token in letters if "template_not_prefix" in token.flags]
     if alignment.is_prefix and not_prefix:
