@@ -96,17 +96,18 @@ def build(context: AppContext) -> tuple[PickerControls, list[Any], gr.Button]:
                                  elem_id="chart-order")
             chart = gr.Plot(label="Letter probabilities", elem_id="letter-chart")
         with gr.Column(scale=1):
-            candidates = gr.Dataframe(label="Candidates (★ = ground truth)", interactive=False, max_height=420,
+            candidates = gr.Dataframe(wrap=True,
+                                      label="Candidates (★ = ground truth)", interactive=False, max_height=420,
                                       column_widths=["14%", "12%", "36%", "10%", "15%", "13%"],
                                       elem_id="candidates-table")
     with gr.Row():
         with gr.Column():
             history_note = gr.Markdown(label="History note")
-            history = gr.Dataframe(label="History", interactive=False, max_height=360,
+            history = gr.Dataframe(wrap=True, label="History", interactive=False, max_height=360,
                                    column_widths=["8%", "14%", "58%", "20%"], elem_id="history-table")
         with gr.Column():
             audit_note = gr.Markdown(label="Audit note", elem_id="audit-note")
-            audit = gr.Dataframe(label="Letter audit", interactive=False, max_height=360,
+            audit = gr.Dataframe(wrap=True, label="Letter audit", interactive=False, max_height=360,
                                  column_widths=["14%", "10%", "9%", "17%", "12%", "38%"],
                                  elem_id="audit-table")
     with gr.Row():
@@ -116,7 +117,7 @@ def build(context: AppContext) -> tuple[PickerControls, list[Any], gr.Button]:
             with gr.Tab("Tokens with IDs"):
                 tokens = gr.HTML(label="Tokens", elem_id="token-view")
         with gr.Column(scale=1):
-            other_tokens = gr.Dataframe(label="Top non-letter next tokens", interactive=False,
+            other_tokens = gr.Dataframe(wrap=True, label="Top non-letter next tokens", interactive=False,
                                         column_widths=["24%", "24%", "20%", "32%"])
     controls = PickerControls(dataset_box, model_box, split_box, source_box, preset_box, strategy_box, text_box,
                               count_box, seed_box, adapter_preset_box, adapter_box, user_box, order_box,
