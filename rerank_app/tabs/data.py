@@ -61,4 +61,7 @@ def build(context: AppContext, dataset_picker: gr.Dropdown, demo: gr.Blocks) -> 
     upload_button.click(endpoint(upload, context), [files, upload_name, data_format],
                         [upload_message, shown, dataset_picker], api_name="upload_data", concurrency_limit=1,
                         concurrency_id="upload")
+    upload_name.submit(endpoint(upload, context), [files, upload_name, data_format],
+                       [upload_message, shown, dataset_picker], api_visibility="private", concurrency_limit=1,
+                       concurrency_id="upload")
     return shown

@@ -185,6 +185,14 @@ def build(context: AppContext, controls: PickerControls, demo: gr.Blocks) -> tup
                       [*pickers, system_box, controls.user, orders_box, permutations_box],
                       [bias_note, heatmap, letter_chart, rank_chart, bias_items],
                       api_name="diagnose_position_bias", **options)
+    # Enter in a box runs its section, as its button does.
+    permutations_box.submit(endpoint(diagnose_position_bias, context),
+                            [*pickers, system_box, controls.user, orders_box, permutations_box],
+                            [bias_note, heatmap, letter_chart, rank_chart, bias_items], api_visibility="private",
+                            **options)
+    placeholder_box.submit(endpoint(diagnose_letter_prior, context),
+                           [*pickers, system_box, prior_users, prior_mode, placeholder_box],
+                           [prior_chart, prior_table], api_visibility="private", **options)
     bias_users_button.click(endpoint(diagnose_position_bias_users, context),
                             [*pickers, system_box, bias_users, orders_box, permutations_box],
                             [top1_chart, mass_by_letter, bias_summary], api_name="diagnose_position_bias_users",

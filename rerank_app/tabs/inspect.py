@@ -8,7 +8,15 @@ import gradio as gr
 
 from rerank_app import views
 from rerank_app.context import AppContext
-from rerank_app.pickers import PickerControls, Pickers, adapter_choices, endpoint
+from rerank_app.pickers import (
+    PICKER_NAMES,
+    USER_ERRORS,
+    PickerControls,
+    Pickers,
+    adapter_choices,
+    endpoint,
+    user_message,
+)
 from rerank_core.candidates import CANDIDATE_SOURCES, MAX_CANDIDATES
 from rerank_core.data import TEXT_FIELDS
 from rerank_core.inspector import BASE
@@ -16,8 +24,8 @@ from rerank_core.prompts import PRESETS
 from rerank_core.report import inspection_report
 from rerank_core.verbalizer import STRATEGIES
 
-__all__ = ["OUTPUT_NAMES", "build", "change_dataset", "change_model", "inspect", "inspect_json", "inspect_report",
-           "random_user"]
+__all__ = ["CONTROL_NAMES", "OUTPUT_NAMES", "build", "change_dataset", "change_model", "inspect", "inspect_json",
+           "inspect_page", "inspect_report", "random_user"]
 
 # InspectView fields, in the order of the tab's output components.
 OUTPUT_NAMES = ("summary", "history", "history_note", "candidates", "chart", "prompt", "tokens", "audit",
@@ -32,6 +40,25 @@ def inspect(context: AppContext, pickers: Pickers, adapter: str, user_id: str,
     view = views.inspect_view(inspection, context.dataset(pickers.dataset).dataset, context.tokenizer(pickers.model),
                               model_name=pickers.model, order=order)
     return tuple(getattr(view, name) for name in OUTPUT_NAMES)
+
+
+# The controls a refused request puts back to their last valid values, in the order of page_outputs().
+CONTROL_NAMES = (*PICKER_NAMES, "adapter", "user")
+
+
+def inspect_page(context: AppContext, pickers: Pickers, adapter: str, user_id: str, order: str = "letter",
+                 last_valid: dict | None = None) -> tuple[Any, ...]:
+    """The page's Inspect: a refused request keeps the previous results on screen, says why in a toast and
+    puts every control back to its last valid value; an answered one remembers the controls' values.
+    Outputs: OUTPUT_NAMES, the remembered values, then CONTROL_NAMES."""
+    try:
+        outputs = inspect(context, pickers, adapter, user_id, order)
+    except USER_ERRORS as error:
+        gr.Warning(user_message(error), title="Request refused")
+        restored = [gr.skip() if last_valid is None else gr.update(value=last_valid[name]) for name in CONTROL_NAMES]
+        return (*(gr.skip() for _ in OUTPUT_NAMES), gr.skip(), *restored)
+    valid = {**{name: getattr(pickers, name) for name in PICKER_NAMES}, "adapter": adapter, "user": user_id}
+    return (*outputs, valid, *(gr.skip() for _ in CONTROL_NAMES))
 
 
 def inspect_json(context: AppContext, user_id: str, pickers: Pickers = Pickers(),  # noqa: B008 - frozen value
@@ -138,25 +165,30 @@ def wire(context: AppContext, controls: PickerControls, outputs: list[Any], rand
     """Every picker re-scores in one round trip."""
     handler = endpoint(inspect, context)
     arguments = inputs(controls)
+    # The page's own events keep the last answered controls, to restore them after a refused request.
+    last_valid = gr.State(None)
+    page = endpoint(inspect_page, context)
+    page_inputs = [*arguments, last_valid]
+    page_outputs = [*outputs, last_valid, *(getattr(controls, name) for name in CONTROL_NAMES)]
     # The same handler as the UI's, with named parameters for gradio_client; registered first so it owns
     # the name /inspect (the UI's own events are private).
     api_trigger = gr.Button(visible=False)
     api_trigger.click(handler, arguments, outputs, api_name="inspect", **SCORE_OPTIONS)
+    on_page = {"api_visibility": "private", **SCORE_OPTIONS}
     for box in (controls.split, controls.source, controls.preset, controls.strategy, controls.text_field,
                 controls.adapter, controls.use_adapter_preset, controls.user, controls.order):
-        box.input(handler, arguments, outputs, api_visibility="private", **SCORE_OPTIONS)
-    controls.count.release(handler, arguments, outputs, api_visibility="private", **SCORE_OPTIONS)
-    controls.seed.submit(handler, arguments, outputs, api_visibility="private", **SCORE_OPTIONS)
+        box.input(page, page_inputs, page_outputs, **on_page)
+    controls.count.release(page, page_inputs, page_outputs, **on_page)
+    # Enter in the seed box, and leaving it, both re-score (a seed typed and tabbed away from counts too).
+    controls.seed.submit(page, page_inputs, page_outputs, **on_page)
+    controls.seed.blur(page, page_inputs, page_outputs, **on_page)
     random_button.click(endpoint(random_user, context), [controls.dataset], [controls.user],
-                        api_name="random_user").then(handler, arguments, outputs, api_visibility="private",
-                                                     **SCORE_OPTIONS)
+                        api_name="random_user").then(page, page_inputs, page_outputs, **on_page)
     controls.dataset.input(endpoint(change_dataset, context), [controls.dataset], [controls.user],
-                           api_visibility="private").then(handler, arguments, outputs, api_visibility="private",
-                                                          **SCORE_OPTIONS)
+                           api_visibility="private").then(page, page_inputs, page_outputs, **on_page)
     controls.model.input(endpoint(change_model, context), [controls.model], [controls.adapter],
-                         api_visibility="private").then(handler, arguments, outputs, api_visibility="private",
-                                                        **SCORE_OPTIONS)
-    demo.load(handler, arguments, outputs, api_visibility="private", **SCORE_OPTIONS)
+                         api_visibility="private").then(page, page_inputs, page_outputs, **on_page)
+    demo.load(page, page_inputs, page_outputs, **on_page)
     controls.report_button.click(endpoint(inspect_report, context), arguments[:-1], [controls.report_file],
                                  api_name="inspect_report", **SCORE_OPTIONS)
     gr.api(endpoint(inspect_json, context), api_name="inspect_json", **SCORE_OPTIONS)
