@@ -40,11 +40,12 @@ def compare(context: AppContext, pickers: Pickers, adapters: list[str], users: i
             gr.Dropdown(choices=choices, value=choices[0][1] if choices else None))
 
 
-def compare_report(context: AppContext, pickers: Pickers, adapters: list[str], users: int) -> str:
-    """The comparison (cached after a run) as one self-contained HTML file; returns its path."""
+def compare_report(context: AppContext, pickers: Pickers, adapters: list[str], users: int) -> Any:
+    """The comparison (cached after a run) as one self-contained HTML file, shown for download."""
     per_user, summary = context.compare_users(pickers.dataset, pickers.model, adapters, pickers.settings(), users)
-    return write_report(comparison_report(per_user, summary, pickers.settings(), dataset=pickers.dataset,
-                                          model=pickers.model), f"compare-{pickers.dataset}-{len(per_user)}")
+    path = write_report(comparison_report(per_user, summary, pickers.settings(), dataset=pickers.dataset,
+                                          model=pickers.model), f"compare-{pickers.dataset}-{int(users)}-users")
+    return gr.File(path, visible=True)
 
 
 def stop_runs(context: AppContext, request: gr.Request = None) -> str:
@@ -98,7 +99,7 @@ def build(context: AppContext, controls: PickerControls, tabs: gr.Tabs, inspect_
         stop_button = gr.Button("Stop", variant="stop", scale=1, elem_id="compare-stop")
         report_button = gr.Button("Download report", scale=1, elem_id="compare-report-button")
     stop_note = gr.Markdown(elem_id="compare-stop-note")
-    report_file = gr.File(label="Report (HTML, opens offline)", elem_id="compare-report", visible=True)
+    report_file = gr.File(label="Report (HTML, opens offline)", elem_id="compare-report", visible=False)
     counts = gr.Markdown(label="Improved / unchanged / worsened")
     metrics = gr.Dataframe(wrap=True, value=empty["metrics"], label="Metrics per system", interactive=False)
     differences = gr.Dataframe(wrap=True, value=empty["differences"],

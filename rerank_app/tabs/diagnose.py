@@ -127,7 +127,8 @@ def build(context: AppContext, controls: PickerControls, demo: gr.Blocks) -> tup
     gr.Markdown("### 1. Position bias: the same candidates in other orders")
     with gr.Row():
         orders_box = gr.Radio(list(ORDER_MODES), value="rotations", label="Candidate orders", scale=2)
-        permutations_box = gr.Number(20, precision=0, label="Orders (permutations mode only)", scale=1)
+        permutations_box = gr.Number(20, precision=0, label="Orders (permutations mode only, 1-200)", scale=1,
+                                     elem_id="diagnose-orders")
         bias_button = gr.Button("Run on the Inspect tab's user", variant="primary", scale=1)
     bias_note = gr.Markdown(elem_id="diagnose-bias-note")
     heatmap = gr.Plot(label="Probability of each item at each letter", elem_id="diagnose-heatmap")
@@ -137,8 +138,9 @@ def build(context: AppContext, controls: PickerControls, demo: gr.Blocks) -> tup
     bias_items = gr.Dataframe(wrap=True, label="Items: as shown vs debiased", interactive=False, max_height=360)
     with gr.Row():
         bias_users = gr.Slider(1, max_users, value=min(20, max_users), step=1, scale=4,
-                               label="Users (the first N of the dataset)")
-        bias_users_button = gr.Button("Run on N users", variant="primary", scale=1)
+                               label="Users (the first N of the dataset)", elem_id="diagnose-bias-users")
+        bias_users_button = gr.Button("Run on N users", variant="primary", scale=1,
+                                      elem_id="diagnose-bias-users-button")
     with gr.Row():
         top1_chart = gr.Plot(label="Where the top-1 stands")
         mass_by_letter = gr.Plot(label="Probability by letter position over users")

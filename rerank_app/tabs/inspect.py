@@ -31,6 +31,8 @@ __all__ = ["CONTROL_NAMES", "OUTPUT_NAMES", "build", "change_dataset", "change_m
 OUTPUT_NAMES = ("summary", "history", "history_note", "candidates", "chart", "prompt", "tokens", "audit",
                 "audit_note", "other_tokens")
 SCORE_OPTIONS = {"concurrency_limit": 4, "concurrency_id": "score"}
+# Side-by-side panels need this much width each; on a narrower window (800 px) they stack, so ids stay whole.
+NARROW_COLUMN = 440
 
 
 def inspect(context: AppContext, pickers: Pickers, adapter: str, user_id: str,
@@ -69,12 +71,12 @@ def inspect_json(context: AppContext, user_id: str, pickers: Pickers = Pickers()
     return inspection.to_json(context.dataset(pickers.dataset).dataset)
 
 
-def inspect_report(context: AppContext, pickers: Pickers, adapter: str, user_id: str) -> str:
-    """Everything the tab shows for one user as one self-contained HTML file; returns its path."""
+def inspect_report(context: AppContext, pickers: Pickers, adapter: str, user_id: str) -> Any:
+    """Everything the tab shows for one user as one self-contained HTML file, shown for download."""
     inspection = context.inspect(pickers.dataset, pickers.model, adapter, user_id, pickers.settings())
     document = inspection_report(inspection, context.dataset(pickers.dataset).dataset, model=pickers.model,
                                  special_tokens=context.tokenizer(pickers.model).all_special_tokens)
-    return views.write_report(document, f"inspect-{inspection.user_id}-{inspection.system}")
+    return gr.File(views.write_report(document, f"inspect-{inspection.user_id}-{inspection.system}"), visible=True)
 
 
 def random_user(context: AppContext, dataset: str) -> str:
@@ -107,7 +109,7 @@ def build(context: AppContext) -> tuple[PickerControls, list[Any], gr.Button]:
         text_box = gr.Dropdown(list(TEXT_FIELDS), value="title", label="Item text field")
         count_box = gr.Slider(2, MAX_CANDIDATES, value=20, step=1, label="Candidates")
     with gr.Accordion("More settings", open=False), gr.Row():
-        seed_box = gr.Number(0, precision=0, label="Candidate seed")
+        seed_box = gr.Number(0, precision=0, label="Candidate seed (0-4294967295)", elem_id="candidate-seed")
         adapter_preset_box = gr.Checkbox(True, label="Score an adapter with the preset it was trained with")
     with gr.Row(equal_height=True):
         user_box = gr.Dropdown(context.user_choices(dataset), value=context.users(dataset)[0],
@@ -115,35 +117,35 @@ def build(context: AppContext) -> tuple[PickerControls, list[Any], gr.Button]:
                                scale=4, elem_id="user-picker")
         random_button = gr.Button("Random user", scale=1, elem_id="random-user")
         report_button = gr.Button("Download report", scale=1, elem_id="inspect-report-button")
-    report_file = gr.File(label="Report (HTML, opens offline)", elem_id="inspect-report")
+    report_file = gr.File(label="Report (HTML, opens offline)", elem_id="inspect-report", visible=False)
     summary = gr.Markdown(label="Summary", elem_id="inspect-summary")
     with gr.Row():
-        with gr.Column(scale=1):
+        with gr.Column(scale=1, min_width=NARROW_COLUMN):
             order_box = gr.Radio(list(views.CHART_ORDERS), value="letter", label="Order bars by",
                                  elem_id="chart-order")
             chart = gr.Plot(label="Letter probabilities", elem_id="letter-chart")
-        with gr.Column(scale=1):
+        with gr.Column(scale=1, min_width=NARROW_COLUMN):
             candidates = gr.Dataframe(wrap=True,
                                       label="Candidates (★ = ground truth)", interactive=False, max_height=420,
                                       column_widths=["14%", "12%", "36%", "10%", "15%", "13%"],
                                       elem_id="candidates-table")
     with gr.Row():
-        with gr.Column():
+        with gr.Column(min_width=NARROW_COLUMN):
             history_note = gr.Markdown(label="History note")
             history = gr.Dataframe(wrap=True, label="History", interactive=False, max_height=360,
                                    column_widths=["8%", "14%", "58%", "20%"], elem_id="history-table")
-        with gr.Column():
+        with gr.Column(min_width=NARROW_COLUMN):
             audit_note = gr.Markdown(label="Audit note", elem_id="audit-note")
             audit = gr.Dataframe(wrap=True, label="Letter audit", interactive=False, max_height=360,
                                  column_widths=["14%", "10%", "9%", "17%", "12%", "38%"],
                                  elem_id="audit-table")
     with gr.Row():
-        with gr.Column(scale=3), gr.Tabs():
+        with gr.Column(scale=3, min_width=NARROW_COLUMN), gr.Tabs():
             with gr.Tab("Rendered prompt (whitespace and special tokens visible)"):
                 prompt = gr.HTML(label="Rendered prompt", elem_id="rendered-prompt")
             with gr.Tab("Tokens with IDs"):
                 tokens = gr.HTML(label="Tokens", elem_id="token-view")
-        with gr.Column(scale=1):
+        with gr.Column(scale=1, min_width=NARROW_COLUMN):
             other_tokens = gr.Dataframe(wrap=True, label="Top non-letter next tokens", interactive=False,
                                         column_widths=["24%", "24%", "20%", "32%"])
     controls = PickerControls(dataset_box, model_box, split_box, source_box, preset_box, strategy_box, text_box,
