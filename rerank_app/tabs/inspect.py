@@ -66,6 +66,8 @@ def build(context: AppContext) -> tuple[PickerControls, list[Any], gr.Button]:
     with gr.Row():
         source_box = gr.Dropdown(list(CANDIDATE_SOURCES), value="random", label="Candidate source")
         preset_box = gr.Dropdown(list(PRESETS), value="seed", label="Prompt preset")
+        kwargs_box = gr.Textbox("", label="Chat-template options (JSON)", placeholder='{"enable_thinking": false}',
+                                elem_id="template-kwargs", max_lines=1)
         strategy_box = gr.Dropdown(list(STRATEGIES), value="as_trained", label="Verbalizer strategy")
         text_box = gr.Dropdown(list(TEXT_FIELDS), value="title", label="Item text field")
         count_box = gr.Slider(2, MAX_CANDIDATES, value=20, step=1, label="Candidates")
@@ -107,7 +109,7 @@ def build(context: AppContext) -> tuple[PickerControls, list[Any], gr.Button]:
             other_tokens = gr.Dataframe(label="Top non-letter next tokens", interactive=False,
                                         column_widths=["24%", "24%", "20%", "32%"])
     controls = PickerControls(dataset_box, model_box, split_box, source_box, preset_box, strategy_box, text_box,
-                              count_box, seed_box, adapter_preset_box, adapter_box, user_box, order_box)
+                              count_box, seed_box, adapter_preset_box, kwargs_box, adapter_box, user_box, order_box)
     components = {"summary": summary, "history": history, "history_note": history_note, "candidates": candidates,
                   "chart": chart, "prompt": prompt, "tokens": tokens, "audit": audit, "audit_note": audit_note,
                   "other_tokens": other_tokens}
@@ -133,6 +135,8 @@ def wire(context: AppContext, controls: PickerControls, outputs: list[Any], rand
         box.input(handler, arguments, outputs, api_visibility="private", **SCORE_OPTIONS)
     controls.count.release(handler, arguments, outputs, api_visibility="private", **SCORE_OPTIONS)
     controls.seed.submit(handler, arguments, outputs, api_visibility="private", **SCORE_OPTIONS)
+    controls.template_kwargs.submit(handler, arguments, outputs, api_visibility="private", **SCORE_OPTIONS)
+    controls.template_kwargs.blur(handler, arguments, outputs, api_visibility="private", **SCORE_OPTIONS)
     random_button.click(endpoint(random_user, context), [controls.dataset], [controls.user],
                         api_name="random_user").then(handler, arguments, outputs, api_visibility="private",
                                                      **SCORE_OPTIONS)
