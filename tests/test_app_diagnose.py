@@ -50,7 +50,7 @@ def test_diagnose_endpoints_take_names_and_ids_not_paths(served) -> None:
     assert set(endpoints) >= DIAGNOSE_ENDPOINTS
     parameters = {name: [parameter["parameter_name"] for parameter in endpoints[name]["parameters"]]
                   for name in DIAGNOSE_ENDPOINTS}
-    assert parameters["/diagnose_template"] == ["model", "preset", "count"]
+    assert parameters["/diagnose_template"] == ["model", "preset", "count", "template_kwargs"]
     assert parameters["/diagnose_position_bias"][:2] == ["dataset", "model"]
     assert {"system", "user_id", "orders", "permutations"} <= set(parameters["/diagnose_position_bias"])
     assert {"system", "users"} <= set(parameters["/diagnose_position_bias_users"])
