@@ -5,8 +5,10 @@ from __future__ import annotations
 import html
 import math
 import re
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -16,6 +18,7 @@ from pandas.io.formats.style import Styler
 from rerank_core.answer_slot import AnswerSlot
 from rerank_core.baselines import BASELINE_PRESET
 from rerank_core.data import Dataset
+from rerank_core.fsutil import atomic_write_text
 from rerank_core.inspector import BASE, UserInspection
 from rerank_core.metrics import METRIC_NAMES
 
@@ -527,10 +530,12 @@ def progress_html(status: Any) -> str:
     parts = [f"<b>{html.escape(status.name)}</b>: {html.escape(state)}"]
     if status.total_steps:
         parts.append(f"step {status.step}/{status.total_steps}")
-    if status.losses:
-        parts.append(f"loss {status.losses[-1][1]:.4f}")
+    if status.letter_losses:
+        parts.append(f"letter loss {status.letter_losses[-1][1]:.4f}")
     if status.uniform_loss:
         parts.append(f"ln N = {status.uniform_loss:.3f}")
+    if status.total_losses:
+        parts.append(f"total loss {status.total_losses[-1][1]:.4f}")
     if status.eta is not None and status.state in ("running", "cancelling"):
         parts.append(f"ETA {_duration(status.eta)}")
     if status.elapsed is not None:
@@ -548,21 +553,29 @@ def _duration(seconds: float) -> str:
         else f"{seconds // 60}:{seconds % 60:02d}"
 
 
+LETTER_LOSS_NAME = "letter loss (answer letter only)"
+TOTAL_LOSS_NAME = "total loss (letter + end-of-turn tokens)"
+
+
 def loss_chart(status: Any) -> go.Figure:
-    """Training loss per step against ln N, the loss of a model that picks letters uniformly."""
-    if status is None or not status.losses:
+    """The letter loss per step beside ln N (a uniform guess over the letters), and the total loss, both named."""
+    if status is None or not (status.letter_losses or status.total_losses):
         return empty_figure("training loss appears here once steps run")
-    steps, losses = zip(*status.losses)
-    figure = go.Figure(go.Scatter(x=steps, y=losses, mode="lines+markers", name="training loss",
-                                  line={"color": BAR_COLOR}, marker={"size": 4}))
+    figure = go.Figure()
+    for name, points, style in ((LETTER_LOSS_NAME, status.letter_losses, {"color": BAR_COLOR}),
+                                (TOTAL_LOSS_NAME, status.total_losses, {"color": "#868e96", "dash": "dot"})):
+        if points:
+            steps, losses = zip(*points)
+            figure.add_scatter(x=steps, y=losses, mode="lines+markers", name=name, line=style, marker={"size": 4})
     if status.uniform_loss:
         figure.add_hline(y=status.uniform_loss, line_dash="dash", line_color=TRUTH_COLOR,
-                         annotation_text=f"ln N = {status.uniform_loss:.2f} (letters, uniform)",
+                         annotation_text=f"ln N = {status.uniform_loss:.2f}: letter loss of a uniform guess",
                          annotation_position="top right")
-    figure.update_layout(title={"text": "Training loss (answer letter only)", "font": {"size": 14}},
-                         xaxis={"title": "step", "tickformat": "d"}, yaxis_title="loss", height=_CHART_HEIGHT,
-                         template="plotly_white",
-                         margin={"l": 50, "r": 20, "t": 40, "b": 40}, showlegend=False)
+    figure.update_layout(title={"text": "Training loss: compare the letter loss with ln N", "font": {"size": 14}},
+                         xaxis={"title": "step", "tickformat": "d"}, yaxis={"title": "loss", "rangemode": "tozero"},
+                         height=_CHART_HEIGHT, template="plotly_white", margin={"l": 50, "r": 20, "t": 40, "b": 40},
+                         showlegend=True,
+                         legend={"orientation": "h", "y": -0.25, "x": 0, "xanchor": "left"})
     return figure
 
 
@@ -610,8 +623,10 @@ def result_markdown(status: Any) -> str:
              if report.get(key) is not None]
     if report.get("train_time_s"):
         facts.append(f"trained in {_duration(report['train_time_s'])}")
-    if report.get("final_loss") is not None:
-        facts.append(f"final loss {report['final_loss']:.4f} (ln N = {report.get('uniform_loss', 0):.3f})")
+    if report.get("loss_line"):
+        facts.append(f"final {report['loss_line']}")
+    elif report.get("final_loss") is not None:  # a run logged before the letter loss was reported apart
+        facts.append(f"final total loss {report['final_loss']:.4f} (letter + end-of-turn tokens)")
     if facts:
         lines.append(" · ".join(facts))
     if status.config:
@@ -668,3 +683,11 @@ def data_view(dataset: Dataset, *, top: int = 15) -> DataView:
                               for item_id, count in counts.head(top).items()],
                              columns=["item", "title", "interactions"])
     return DataView(summary=summary, history_lengths=histogram, popularity=popularity, top_items=top_items)
+
+
+def write_report(document: str, name: str) -> str:
+    """An HTML report written whole into the temp folder Gradio serves files from; returns its path."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")[:80] or "report"
+    path = Path(tempfile.gettempdir()) / "rerank-inspector-reports" / f"{safe}.html"
+    atomic_write_text(path, document)
+    return str(path)

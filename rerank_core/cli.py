@@ -17,7 +17,7 @@ from rerank_core.cli_diagnose import add_diagnose_command
 from rerank_core.cli_train import add_train_command
 from rerank_core.data import TEXT_FIELDS, Dataset, load_dataset
 from rerank_core.display import visible_text
-from rerank_core.distributed import process_device, process_shard
+from rerank_core.distributed import close_process_group, process_device, process_shard
 from rerank_core.inspector import BASE, Inspector, InspectSettings
 from rerank_core.loaders import FORMATS
 from rerank_core.models import load_model, load_tokenizer
@@ -251,8 +251,6 @@ def command_eval(args: argparse.Namespace) -> int:
                                             progress=lambda done, _total: bar.update(done - bar.n))
     per_user, summary = with_baselines(inspector, per_user, summary, users, settings, baselines,
                                        reference=args.reference)
-    if shard is not None:
-        shard.close()
     if not is_main:
         return 0
     csv_path, summary_path = out_dir / "per_user.csv", out_dir / "summary.json"
@@ -354,3 +352,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"error: {message}", file=sys.stderr)
         return 2
+    finally:
+        close_process_group()
