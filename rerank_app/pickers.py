@@ -15,7 +15,8 @@ import gradio as gr
 from rerank_app.context import AppContext, make_settings
 from rerank_core.inspector import BASE, InspectSettings
 
-__all__ = ["NO_ADAPTER_LABEL", "PickerControls", "Pickers", "adapter_choices", "endpoint"]
+__all__ = ["NO_ADAPTER_LABEL", "PickerControls", "Pickers", "adapter_choices", "catalogue_key", "endpoint",
+           "refresh_pickers"]
 
 log = logging.getLogger("rerank_app")
 
@@ -38,12 +39,13 @@ class Pickers:
     count: int = 20
     seed: int = 0
     use_adapter_preset: bool = True
+    template_kwargs: str = ""  # chat-template options as a JSON object; '' for none
 
     def settings(self) -> InspectSettings:
         """The one place the pickers become InspectSettings."""
         return make_settings(split=self.split, source=self.source, preset=self.preset, strategy=self.strategy,
                              text_field=self.text_field, count=self.count, seed=self.seed,
-                             use_adapter_preset=self.use_adapter_preset)
+                             use_adapter_preset=self.use_adapter_preset, template_kwargs=self.template_kwargs)
 
     def or_first(self, context: AppContext) -> Pickers:
         """Blank dataset or model: the first one the app offers (the JSON API's defaults)."""
@@ -69,14 +71,35 @@ class PickerControls:
     count: gr.Slider
     seed: gr.Number
     use_adapter_preset: gr.Checkbox
+    template_kwargs: gr.Textbox
     adapter: gr.Dropdown
     user: gr.Dropdown
     order: gr.Radio
+    report_button: gr.Button
+    report_file: gr.File
 
     @property
     def pickers(self) -> list[gr.components.Component]:
         """The components behind Pickers, in its field order (the order endpoint() expects them)."""
         return [getattr(self, name) for name in PICKER_NAMES]
+
+
+def catalogue_key(context: AppContext, model: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What the pickers list: the datasets and the model's adapters. A change means the pickers are stale."""
+    return tuple(context.dataset_names), tuple(context.adapter_names(model))
+
+
+def refresh_pickers(context: AppContext, model: str, last: Any) -> tuple[Any, ...]:
+    """New choices for every dataset and adapter picker when datasets or adapters changed (an upload, a
+    fine-tune, the CLI, another page); nothing is sent otherwise. Outputs: single-adapter pickers (2),
+    multi-adapter pickers (2), dataset pickers (2), then the key."""
+    key = catalogue_key(context, model)
+    if key == last:
+        return (gr.skip(),) * 6 + (last,)
+    single = gr.Dropdown(choices=adapter_choices(context, model))
+    multi = gr.Dropdown(choices=context.adapter_names(model))
+    datasets = gr.Dropdown(choices=context.dataset_names)
+    return single, single, multi, multi, datasets, datasets, key
 
 
 def adapter_choices(context: AppContext, model: str) -> list[tuple[str, str]]:

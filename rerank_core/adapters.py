@@ -61,6 +61,12 @@ class AdapterInfo:
         return (self.manifest or {}).get("strategy")
 
     @property
+    def template_kwargs(self) -> str | None:
+        """The chat-template options the adapter was trained with; None when the manifest predates them."""
+        manifest = self.manifest or {}
+        return manifest.get("template_kwargs")
+
+    @property
     def base_name(self) -> str | None:
         return ((self.manifest or {}).get("base_model") or {}).get("name")
 

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from rerank_core.candidates import CandidateConfig, CandidateSampler
+from rerank_core.compare import PAIRED, REFERENCE
 from rerank_core.data import Dataset
 from rerank_core.inspector import Inspector, InspectSettings
 from rerank_core.metrics import METRIC_NAMES, metrics_at, paired_bootstrap, rank_of_truth
@@ -117,6 +118,7 @@ def paired_rows(per_user: pd.DataFrame, users: Sequence[str], label: str, refere
     for metric in METRIC_NAMES:
         row: dict[str, object] = dict.fromkeys(columns)
         row.update(system=label, preset=str(frame["preset"].iloc[0]), metric=metric,
+                   comparison=REFERENCE if label == reference else PAIRED,
                    mean=float(frame[metric].mean()), reference=reference,
                    reference_mean=float(reference_frame[metric].mean()), difference=math.nan, ci_low=math.nan,
                    ci_high=math.nan, n=len(frame), improved=0, unchanged=len(frame), worsened=0)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rerank_core.data import Dataset, UserSplit
+from rerank_core.limits import LIMITS, check_limit
 
 __all__ = [
     "CANDIDATE_ORDERS",
@@ -22,7 +23,7 @@ __all__ = [
 CANDIDATE_SOURCES = ("random", "popular", "retriever")
 CANDIDATE_ORDERS = ("shuffled", "retriever")
 # Letters A-Z then a-z label the candidates, so a prompt can hold at most 52.
-MAX_CANDIDATES = 52
+MAX_CANDIDATES = LIMITS["candidates"].high
 
 # Retriever constants. The most recent items say most about the next one (sequential
 # recommendation), so the last few history items vote with halving weights.
@@ -58,12 +59,9 @@ class CandidateConfig:
         if self.order == "retriever" and self.source != "retriever":
             raise ValueError(f"candidate order 'retriever' needs source 'retriever', not {self.source!r}: "
                              "use order 'shuffled' for random or popular candidates")
-        if isinstance(self.count, bool) or not isinstance(self.count, int) \
-                or not 1 <= self.count <= MAX_CANDIDATES:
-            raise ValueError(f"candidate count must be an integer from 1 to {MAX_CANDIDATES} "
-                             f"(one letter A-Z a-z each), got {self.count!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"candidate seed must be an integer, got {self.seed!r}")
+        # A widget's 20.0 or "20" becomes 20; empty, fractional or out-of-range values are refused by name.
+        object.__setattr__(self, "count", check_limit("candidates", self.count))
+        object.__setattr__(self, "seed", check_limit("candidate_seed", self.seed))
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,11 @@ from rerank_core.cli_diagnose import add_diagnose_command
 from rerank_core.cli_train import add_train_command
 from rerank_core.data import TEXT_FIELDS, Dataset, load_dataset
 from rerank_core.display import visible_text
-from rerank_core.distributed import process_device, process_shard
+from rerank_core.distributed import close_process_group, process_device, process_shard
 from rerank_core.inspector import BASE, Inspector, InspectSettings
 from rerank_core.loaders import FORMATS
 from rerank_core.models import load_model, load_tokenizer
-from rerank_core.prompts import PRESETS, letters_for
+from rerank_core.prompts import PRESETS, answer_slot, letters_for, with_template_kwargs
 from rerank_core.verbalizer import STRATEGIES, resolve_letters
 
 __all__ = ["add_common_options", "build_inspector", "build_settings", "main"]
@@ -59,6 +59,9 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
                        help="force the data format instead of detecting it from the file names")
     group.add_argument("--preset", default="seed", choices=sorted(PRESETS),
                        help="prompt preset (default: %(default)s; *_after put the letter after the item text)")
+    group.add_argument("--template-kwargs", default="", metavar="JSON",
+                       help="chat-template options as a JSON object, e.g. '{\"enable_thinking\": false}' "
+                            "(passed to apply_chat_template for inference and training alike)")
     group.add_argument("--strategy", default="as_trained", choices=STRATEGIES,
                        help="letter→token strategy (default: %(default)s)")
     group.add_argument("--text-field", default="title", choices=TEXT_FIELDS,
@@ -88,7 +91,8 @@ def build_settings(args: argparse.Namespace, split: str = "test") -> InspectSett
                                  order=args.candidate_order)
     return InspectSettings(preset=args.preset, strategy=args.strategy, text_field=args.text_field,
                            split=split, candidates=candidates, max_prompt_tokens=args.max_prompt_tokens,
-                           use_adapter_preset=not getattr(args, "ignore_adapter_preset", False))
+                           use_adapter_preset=not getattr(args, "ignore_adapter_preset", False),
+                           template_kwargs=args.template_kwargs)
 
 
 def load_data(args: argparse.Namespace) -> Dataset:
@@ -127,16 +131,25 @@ def _cell(value: Any) -> str:
 
 
 def command_audit(args: argparse.Namespace) -> int:
+    preset = with_template_kwargs(args.preset, args.template_kwargs)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    letters = resolve_letters(tokenizer, args.preset, letters_for(args.candidates), args.strategy)
+    letters = resolve_letters(tokenizer, preset, letters_for(args.candidates), args.strategy)
     rows = [token.to_json() for token in letters]
+    slot = answer_slot(tokenizer, preset)
     if args.format == "json":
-        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        print(json.dumps({"preset": preset.name, "template_kwargs": preset.template_kwargs,
+                          "answer_slot": slot.to_json(), "letters": rows}, indent=2, ensure_ascii=False))
     else:
         print(_table(rows, ["letter", "token", "token_id", "strategy", "step", "as_trained_id", "flags"]))
         flagged = sum(1 for row in rows if row["flags"])
         print(f"\n{flagged} of {len(rows)} letters flagged" if flagged else f"\nall {len(rows)} letters clean")
+        _print_notes(slot.notes())
     return 0
+
+
+def _print_notes(notes: Sequence[str]) -> None:
+    for note in notes:
+        print(f"note: {note}")
 
 
 def command_show(args: argparse.Namespace) -> int:
@@ -144,19 +157,29 @@ def command_show(args: argparse.Namespace) -> int:
     settings = build_settings(args, args.split)
     specials = inspector.tokenizer.all_special_tokens
     if inspector.loaded is None:
+        if args.format == "html":
+            raise ValueError("--format html needs scores: give --model (or no --tokenizer) instead of a "
+                             "tokenizer alone")
         prepared = inspector.prepare(args.user, settings)
         payload = {
             "user_id": args.user, "split": args.split, "history": list(prepared.split.history),
             "candidates": list(prepared.candidates.item_ids), "target_index": prepared.candidates.target_index,
             "rendered_prompt": prepared.prompt.rendered, "prompt_tokens": len(prepared.token_ids),
+            "answer_slot": prepared.answer_slot.to_json(),
             "audit": [token.to_json() for token in prepared.letter_tokens]}
         if args.format == "json":
             print(json.dumps(payload, indent=2, ensure_ascii=False))
         else:
             print(visible_text(prepared.prompt.rendered, specials))
             print(_table(payload["audit"], ["letter", "token", "token_id", "step", "as_trained_id", "flags"]))
+            _print_notes(prepared.answer_slot.notes())
         return 0
     result = inspector.inspect(args.user, settings, args.adapter or BASE)
+    if args.format == "html":
+        from rerank_core.report import inspection_report
+
+        return _write_or_print(inspection_report(result, inspector.dataset, model=inspector.loaded.name,
+                                                 special_tokens=specials), args.output)
     payload = result.to_json(inspector.dataset)
     if args.format == "json":
         print(json.dumps(payload, indent=2, ensure_ascii=False, default=str))
@@ -170,12 +193,25 @@ def command_show(args: argparse.Namespace) -> int:
     print(visible_text(payload["rendered_prompt"], specials))
     print("\nletter audit:")
     print(_table(payload["audit"], ["letter", "token", "token_id", "step", "as_trained_id", "flags"]))
+    _print_notes(result.prepared.answer_slot.notes())
     print("\ncandidates:")
     print(_table(payload["candidates"], ["letter", "item_id", "text", "truth", "probability", "rank"]))
     others = ", ".join(f"{row['token']!r} {row['probability']:.3f}" for row in payload["top_other"])
     print(f"\nletter mass {payload['letter_mass']:.3f}; top other tokens: {others}")
     print(f"ground truth rank: {payload['rank']}; " + ", ".join(
         f"{name} {value:.3f}" for name, value in payload["metrics"].items()))
+    return 0
+
+
+def _write_or_print(text: str, output: str | None) -> int:
+    """A document to a file (written whole, never half) or to stdout."""
+    if output is None:
+        sys.stdout.write(text)
+        return 0
+    from rerank_core.fsutil import atomic_write_text
+
+    atomic_write_text(Path(output), text)
+    print(f"wrote {output}", file=sys.stderr)
     return 0
 
 
@@ -215,8 +251,6 @@ def command_eval(args: argparse.Namespace) -> int:
                                             progress=lambda done, _total: bar.update(done - bar.n))
     per_user, summary = with_baselines(inspector, per_user, summary, users, settings, baselines,
                                        reference=args.reference)
-    if shard is not None:
-        shard.close()
     if not is_main:
         return 0
     csv_path, summary_path = out_dir / "per_user.csv", out_dir / "summary.json"
@@ -226,6 +260,11 @@ def command_eval(args: argparse.Namespace) -> int:
                                                 "rows": records}, indent=2))
     print(json.dumps(records, indent=2) if args.format == "json" else comparison_table(summary))
     print(f"\nwrote {csv_path} and {summary_path}", file=sys.stderr)
+    if args.report:
+        from rerank_core.report import comparison_report
+
+        _write_or_print(comparison_report(per_user, summary, settings, dataset=inspector.dataset.name,
+                                          model=inspector.loaded.name), args.report)
     return 0
 
 
@@ -261,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--adapter", help="score with this adapter from the adapters folder instead of the base")
     show.add_argument("--ignore-adapter-preset", action="store_true",
                       help="score an adapter with --preset instead of the preset it was trained with")
-    show.add_argument("--format", choices=("text", "json"), default="text", help="output format")
+    show.add_argument("--format", choices=("text", "json", "html"), default="text",
+                      help="output format; html: one self-contained report file (charts inlined, opens offline)")
+    show.add_argument("--output", metavar="FILE", help="write the output to FILE instead of stdout")
     show.set_defaults(handler=command_show)
 
     evaluate = commands.add_parser("eval", help="metrics over many users; base vs adapters with paired CIs",
@@ -283,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "popularity); default: the base")
     evaluate.add_argument("--output-dir", default="eval_out", help="where per_user.csv and summary.json go")
     evaluate.add_argument("--format", choices=("text", "json"), default="text", help="summary format")
+    evaluate.add_argument("--report", metavar="FILE.html",
+                          help="also write a self-contained HTML report (settings, metrics with CIs, charts, "
+                               "movers) that opens offline")
     evaluate.set_defaults(handler=command_eval)
 
     add_train_command(commands)
@@ -308,3 +352,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"error: {message}", file=sys.stderr)
         return 2
+    finally:
+        close_process_group()

@@ -60,6 +60,10 @@ def _add_shared_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data-format", help="force the data format instead of detecting it")
     group.add_argument("--preset", help="prompt preset: seed, seed_after, llamarec, llamarec_after "
                        f"(quick: {quick.prompt_preset}; *_after put the letter after the item text)")
+    group.add_argument("--template-kwargs", metavar="JSON",
+                       help="chat-template options as a JSON object, e.g. '{\"enable_thinking\": false}'; used for "
+                            "training and validation, recorded in the manifest and applied when the adapter is "
+                            "evaluated (default: none)")
     group.add_argument("--strategy", help=f"verbalizer strategy for validation and the manifest: as_trained, seed, "
                        f"encode (quick: {quick.strategy})")
     group.add_argument("--candidates", type=int, metavar="N",
@@ -85,8 +89,9 @@ def add_train_command(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "train", help="LoRA fine-tune on answer letters and save adapters/<name>",
         description="LoRA fine-tune on the answer letters of training samples cut from each user's sequence, "
-                    "then publish adapters/<name> with a manifest. Progress goes to a bar on stderr (loss "
-                    "next to ln(N), the loss of a model that spreads its answer evenly over N candidates) "
+                    "then publish adapters/<name> with a manifest. Progress goes to a bar on stderr (letter_loss, "
+                    "the answer letter's loss, next to ln(N), the loss of a model that spreads its answer evenly "
+                    "over N candidates; total_loss also averages the end-of-turn tokens) "
                     "and, with --events, to a JSON-lines file. Cancel with SIGTERM, SIGINT (Ctrl-C) or by "
                     "creating the --cancel-file: the run stops at the next step and leaves nothing in "
                     "adapters/. Runs unchanged under `torchrun` / `accelerate launch`. Exit status: 0 saved, "
@@ -126,7 +131,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                                             if part.strip())
     shared = {"prompt_preset": "preset", "strategy": "strategy", "candidates": "candidates",
               "candidate_source": "candidate_source", "text_field": "text_field", "seed": "seed",
-              "train_on_eos": "train_on_eos"}
+              "train_on_eos": "train_on_eos", "template_kwargs": "template_kwargs"}
     overrides.update({field_name: getattr(args, option, None) for field_name, option in shared.items()})
     # 0 means "no limit" for max_samples and "size from the data" for max_prompt_tokens: both None in TrainConfig.
     zeroed = [name for name in ("max_samples", "max_prompt_tokens") if overrides[name] == 0]
@@ -162,8 +167,9 @@ class _ProgressBar:
                       f"Recall@10 {event['Recall@10']:.4f}", file=sys.stderr, flush=True)
         elif kind == "step" and self.bar is not None:
             self.bar.update(event["step"] - self.bar.n)
-            postfix = {"loss": f"{event['loss']:.3f}", "letter": f"{event['letter_loss']:.3f}",
-                       "lnN": f"{event['uniform_loss']:.3f}"}
+            # The letter loss is what ln N bounds; the total also averages the end-of-turn tokens.
+            postfix = {"letter_loss": f"{event['letter_loss']:.3f}", "lnN": f"{event['uniform_loss']:.3f}",
+                       "total_loss": f"{event['total_loss']:.3f}"}
             if self.validation:
                 postfix["val_ndcg10"] = self.validation
             self.bar.set_postfix(postfix, refresh=True)
@@ -238,9 +244,8 @@ def _print_summary(report: Any) -> None:
     print(f"saved adapter {report.adapter!r} to {report.path}")
     print(f"  {report.samples} samples (dropped: {report.dropped}), {report.steps} steps, "
           f"{report.train_time_s:.1f} s training, {report.wall_time_s:.1f} s in all")
-    if report.final_loss is not None:
-        print(f"  final loss {report.final_loss:.4f}, letter loss {report.final_letter_loss:.4f}, "
-              f"ln(N) = {report.uniform_loss:.4f}")
+    if report.loss_line:
+        print(f"  final {report.loss_line}")
     if before and after:
         print("  validation " + ", ".join(f"{name} {before[name]:.4f} -> {after[name]:.4f}" for name in before))
     print(json.dumps({"adapter": report.adapter, "path": report.path, "status": report.status}))

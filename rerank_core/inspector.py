@@ -18,12 +18,23 @@ from rerank_core.adapters import (
     list_adapters,
     validate_adapter_name,
 )
+from rerank_core.answer_slot import AnswerSlot
 from rerank_core.candidates import CandidateConfig, CandidateSampler, CandidateSet
 from rerank_core.data import Dataset, UserSplit
 from rerank_core.distributed import ProcessShard
+from rerank_core.limits import check_limit
 from rerank_core.metrics import METRIC_NAMES, metrics_at, rank_of_truth
 from rerank_core.models import LoadedModel
-from rerank_core.prompts import Prompt, build_prompt, encode_rendered
+from rerank_core.progress import CancelCheck, checkpoint
+from rerank_core.prompts import (
+    Prompt,
+    PromptPreset,
+    answer_slot,
+    build_prompt,
+    encode_rendered,
+    parse_template_kwargs,
+    with_template_kwargs,
+)
 from rerank_core.scoring import LetterScores, ScoreCache, score_token_ids
 from rerank_core.verbalizer import LetterToken, resolve_letters
 
@@ -46,6 +57,18 @@ class InspectSettings:
     candidates: CandidateConfig = field(default_factory=CandidateConfig)
     max_prompt_tokens: int | None = 1536
     use_adapter_preset: bool = True
+    # Chat-template options as JSON text (e.g. '{"enable_thinking": false}'); '' for none.
+    template_kwargs: str = ""
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_tokens is not None:
+            object.__setattr__(self, "max_prompt_tokens", check_limit("max_prompt_tokens", self.max_prompt_tokens))
+        object.__setattr__(self, "template_kwargs", parse_template_kwargs(self.template_kwargs))
+
+    @property
+    def prompt_preset(self) -> PromptPreset:
+        """The preset with the chat-template options: what every rendering of these settings uses."""
+        return with_template_kwargs(self.preset, self.template_kwargs)
 
 
 @dataclass(frozen=True)
@@ -58,6 +81,8 @@ class PreparedUser:
     prompt: Prompt
     token_ids: tuple[int, ...]
     letter_tokens: tuple[LetterToken, ...]
+    # What the scored prompt adds to or cuts from the generation prompt.
+    answer_slot: AnswerSlot = field(default_factory=AnswerSlot)
 
     @property
     def shown_history(self) -> tuple[str, ...]:
@@ -126,6 +151,7 @@ class UserInspection:
             "target_id": prepared.split.target,
             "target_index": prepared.candidates.target_index,
             "rendered_prompt": prepared.prompt.rendered,
+            "answer_slot": prepared.answer_slot.to_json(),
             "prompt_tokens": len(prepared.token_ids),
             "audit": [token.to_json() for token in prepared.letter_tokens],
             "letter_mass": self.scores.letter_mass,
@@ -147,7 +173,7 @@ class Inspector:
         self.loaded = loaded
         self.tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer
         self.adapters_root = adapters_root
-        self.batch_size = batch_size
+        self.batch_size = check_limit("batch_size", batch_size)
         # Under torchrun / accelerate launch: every process prepares all prompts, scores its share, gets all.
         self.shard = shard
         self._samplers: dict[CandidateConfig, CandidateSampler] = {}
@@ -165,12 +191,12 @@ class Inspector:
 
     def letter_tokens(self, settings: InspectSettings, count: int) -> tuple[LetterToken, ...]:
         """Letters resolved once per (preset, strategy, count): they do not depend on the items."""
-        key = (settings.preset, settings.strategy, count)
+        key = (settings.preset, settings.template_kwargs, settings.strategy, count)
         if key not in self._letters:
             from rerank_core.prompts import letters_for
 
             self._letters[key] = tuple(resolve_letters(
-                self.tokenizer, settings.preset, letters_for(count), settings.strategy))
+                self.tokenizer, settings.prompt_preset, letters_for(count), settings.strategy))
         return self._letters[key]
 
     def prepare(self, user_id: str, settings: InspectSettings) -> PreparedUser:
@@ -179,11 +205,12 @@ class Inspector:
         candidates = self.sampler(settings.candidates).for_split(split)
         history_texts = [self.dataset.text(item, settings.text_field) for item in split.history]
         candidate_texts = tuple(self.dataset.text(item, settings.text_field) for item in candidates.item_ids)
-        prompt = build_prompt(self.tokenizer, settings.preset, history_texts, candidate_texts,
+        prompt = build_prompt(self.tokenizer, settings.prompt_preset, history_texts, candidate_texts,
                               max_prompt_tokens=self._prompt_budget(settings))
-        token_ids = tuple(encode_rendered(self.tokenizer, settings.preset, prompt.rendered))
+        token_ids = tuple(encode_rendered(self.tokenizer, settings.prompt_preset, prompt.rendered))
         letters = self.letter_tokens(settings, len(candidate_texts))
-        return PreparedUser(split, candidates, candidate_texts, prompt, token_ids, letters)
+        return PreparedUser(split, candidates, candidate_texts, prompt, token_ids, letters,
+                            answer_slot(self.tokenizer, settings.prompt_preset))
 
     def variant(self, prepared: PreparedUser, settings: InspectSettings, *, history_ids: Sequence[str] | None = None,
                 order: Sequence[int] | None = None, candidate_texts: Sequence[str] | None = None) -> PreparedUser:
@@ -196,8 +223,8 @@ class Inspector:
                  else tuple(candidate_texts))
         target = prepared.candidates.target_index
         history_texts = [self.dataset.text(item, settings.text_field) for item in history_ids]
-        prompt = build_prompt(self.tokenizer, settings.preset, history_texts, texts, max_prompt_tokens=None)
-        token_ids = tuple(encode_rendered(self.tokenizer, settings.preset, prompt.rendered))
+        prompt = build_prompt(self.tokenizer, settings.prompt_preset, history_texts, texts, max_prompt_tokens=None)
+        token_ids = tuple(encode_rendered(self.tokenizer, settings.prompt_preset, prompt.rendered))
         candidates = CandidateSet(item_ids, None if target is None else list(order).index(target))
         return replace(prepared, candidates=candidates, candidate_texts=texts, prompt=prompt, token_ids=token_ids)
 
@@ -255,15 +282,22 @@ class Inspector:
         return slots.peft_model
 
     def settings_for(self, system: str, settings: InspectSettings) -> tuple[InspectSettings, str]:
-        """An adapter is scored with the preset it was trained with, unless the user overrides it."""
+        """An adapter is scored with the preset and template options it was trained with, unless overridden."""
         if system == BASE or not settings.use_adapter_preset:
             return settings, ""
         info = self.loaded.adapters.infos.get(system) or check_adapter(self.loaded, system, self.adapters_root)
+        notes, effective = [], settings
         trained = info.preset
         if trained and trained != settings.preset:
-            note = f"adapter {system!r} was trained with preset {trained!r}; scored with it, not {settings.preset!r}"
-            return replace(settings, preset=trained), note
-        return settings, ""
+            notes.append(f"adapter {system!r} was trained with preset {trained!r}; scored with it, not "
+                         f"{settings.preset!r}")
+            effective = replace(effective, preset=trained)
+        options = info.template_kwargs
+        if options is not None and options != settings.template_kwargs:
+            notes.append(f"adapter {system!r} was trained with template_kwargs {options or '{}'}; scored with them, "
+                         f"not {settings.template_kwargs or '{}'}")
+            effective = replace(effective, template_kwargs=options)
+        return effective, "; ".join(notes)
 
     # -- scoring -----------------------------------------------------------------------------
 
@@ -316,13 +350,17 @@ class Inspector:
         return UserInspection(system, effective, prepared, scores, rank, metrics_at(rank), note)
 
     def evaluate(self, users: Iterable[str], settings: InspectSettings, system: str = BASE,
-                 progress: ProgressCallback | None = None) -> pd.DataFrame:
-        """Per-user rank, ground-truth probability, letter mass and metrics, in batches."""
+                 progress: ProgressCallback | None = None, cancel: CancelCheck = None) -> pd.DataFrame:
+        """Per-user rank, ground-truth probability, letter mass and metrics, in batches.
+
+        `cancel` is checked before every chunk of users: a stop request raises progress.Cancelled there.
+        """
         effective, _ = self.settings_for(system, settings)
         users = list(users)
         rows = []
         chunk_size = max(self.batch_size * 4, 1)
         for start in range(0, len(users), chunk_size):
+            checkpoint(f"scoring {system}", start, len(users), cancel=cancel)
             chunk = users[start:start + chunk_size]
             prepared = [self.prepare(user, effective) for user in chunk]
             for user, item, scores in zip(chunk, prepared, self._score(system, prepared)):

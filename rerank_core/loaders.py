@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rerank_core.builtin_data import BUILTIN_DATASETS, builtin_dataset_path
-from rerank_core.data import DataError, Dataset, Item
+from rerank_core.data import DataError, Dataset, Item, collecting_row_errors, report_row_error
 
 __all__ = [
     "FORMATS",
@@ -73,7 +73,8 @@ def load(path: Path, data_format: str | None = None) -> Dataset:
     if loader is None:
         raise DataError(f"unknown data format {data_format!r}: use one of {', '.join(FORMATS)} "
                         "or leave it empty to detect it")
-    return loader(path)
+    with collecting_row_errors():
+        return loader(path)
 
 
 def detect_format(path: Path) -> str:
@@ -197,10 +198,13 @@ def load_amazon(path: Path) -> Dataset:
         values = []
         for key in (schema.user, schema.item, schema.time):
             if record.get(key) in (None, ""):
-                raise DataError(f"the review has no {key!r} (Amazon {schema.release} reviews need "
-                                f"{schema.user}, {schema.item} and {schema.time})",
-                                file=str(reviews_path), line=line, field=key)
+                report_row_error(DataError(f"the review has no {key!r} (Amazon {schema.release} reviews need "
+                                           f"{schema.user}, {schema.item} and {schema.time})",
+                                           file=str(reviews_path), line=line, field=key))
+                break
             values.append(record[key])
+        if len(values) < 3:
+            continue
         user, item, when = values
         events.add(str(user), str(item), when, line, fields=(schema.user, schema.item, schema.time),
                    seconds_per_unit=schema.seconds_per_unit)
@@ -318,8 +322,9 @@ def load_recbole(path: Path) -> Dataset:
             columns = _recbole_text_columns(row, item_path)
         title = row[columns["title"]]
         if not title.strip():
-            raise DataError(f"item {row['item_id']!r} has an empty {columns['title']}: every item needs a title",
-                            file=str(item_path), line=line, field=columns["title"])
+            report_row_error(DataError(f"item {row['item_id']!r} has an empty {columns['title']}: every item "
+                                       "needs a title", file=str(item_path), line=line, field=columns["title"]))
+            continue
         year = row.get(columns.get("year", ""), "").strip()
         if len(year) == 4 and year.isdigit():
             title = f"{_clean_text(title)} ({year})"
@@ -366,9 +371,11 @@ def _recbole_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, 
             continue
         if len(values) != len(names):
             short = len(values) < len(names)
-            raise DataError(f"the row has {len(values)} tab-separated field(s) but the header has {len(names)}"
-                            + (f": {names[len(values)]!r} is missing" if short else ""),
-                            file=str(path), line=line, field=names[len(values)] if short else None)
+            report_row_error(DataError(
+                f"the row has {len(values)} tab-separated field(s) but the header has {len(names)}"
+                + (f": {names[len(values)]!r} is missing" if short else ""),
+                file=str(path), line=line, field=names[len(values)] if short else None))
+            continue
         yield line, dict(zip(names, values, strict=True))
 
 
@@ -444,10 +451,11 @@ def _text_lines(path: Path, encoding: str, describe: str) -> Iterator[tuple[int,
                 try:
                     text = raw.decode(encoding)
                 except UnicodeDecodeError as error:
-                    raise DataError(f"byte 0x{raw[error.start]:02X} at byte {error.start + 1} of the line "
-                                    f"is not valid {encoding.upper()}: save the file as UTF-8 (it may be "
-                                    "Latin-1 or Windows-1252 now)",
-                                    file=str(path), line=number) from None
+                    report_row_error(DataError(
+                        f"byte 0x{raw[error.start]:02X} at byte {error.start + 1} of the line is not valid "
+                        f"{encoding.upper()}: save the file as UTF-8 (it may be Latin-1 or Windows-1252 now)",
+                        file=str(path), line=number))
+                    text = "\n"  # a blank line in its place keeps the later lines' numbers right
                 if number == 1:
                     text = text.removeprefix("\ufeff")  # spreadsheet programs often add a BOM
                 seen_text = seen_text or not text.isspace()
@@ -479,12 +487,15 @@ def _csv_rows(path: Path, required: tuple[str, ...], optional: tuple[str, ...],
                 needed = 1 + max(columns[name] for name in required)
                 continue
             if len(row) > len(header):
-                raise DataError(f"the row has {len(row)} fields but the header has {len(header)}: "
-                                "quote values that contain commas", file=str(path), line=line)
+                report_row_error(DataError(f"the row has {len(row)} fields but the header has {len(header)}: "
+                                           "quote values that contain commas", file=str(path), line=line))
+                continue
             if len(row) < needed:
                 lacking = next(name for name in required if columns[name] >= len(row))
-                raise DataError(f"the row has {len(row)} field(s) and lacks {lacking!r}: every row needs "
-                                f"{', '.join(required)}", file=str(path), line=line, field=lacking)
+                report_row_error(DataError(f"the row has {len(row)} field(s) and lacks {lacking!r}: every row "
+                                           f"needs {', '.join(required)}", file=str(path), line=line,
+                                           field=lacking))
+                continue
             yield line, {name: row[index].strip() for name, index in columns.items() if index < len(row)}
     except csv.Error as error:
         raise DataError(f"not readable as CSV ({error})", file=str(path), line=reader.line_num) from None
@@ -527,9 +538,10 @@ def _split_lines(path: Path, separator: str, fields: tuple[str, ...],
         if len(values) < len(fields):
             others = [mark for mark in (",", ";", "\t", "|", "::") if mark != separator and mark in text]
             hint = f"; the line seems to use {others[0]!r} instead" if len(values) == 1 and others else ""
-            raise DataError(f"expected {len(fields)} fields separated by {separator!r} "
-                            f"({', '.join(fields)}), found {len(values)}{hint}",
-                            file=str(path), line=line, field=fields[len(values)])
+            report_row_error(DataError(f"expected {len(fields)} fields separated by {separator!r} "
+                                       f"({', '.join(fields)}), found {len(values)}{hint}",
+                                       file=str(path), line=line, field=fields[len(values)]))
+            continue
         yield line, values
 
 
@@ -544,11 +556,13 @@ def _json_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 record = ast.literal_eval(text.strip())
             except (ValueError, SyntaxError, MemoryError, RecursionError):
-                raise DataError(f"not a JSON object ({error.msg} at column {error.colno}): the file "
-                                "needs one JSON object per line", file=str(path), line=line) from None
+                report_row_error(DataError(f"not a JSON object ({error.msg} at column {error.colno}): the "
+                                           "file needs one JSON object per line", file=str(path), line=line))
+                continue
         if not isinstance(record, dict):
-            raise DataError(f"expected one JSON object per line, found a {type(record).__name__}",
-                            file=str(path), line=line)
+            report_row_error(DataError(f"expected one JSON object per line, found a {type(record).__name__}",
+                                       file=str(path), line=line))
+            continue
         yield line, record
 
 
@@ -576,20 +590,23 @@ class _ItemTable:
     def add(self, item_id: str, title: str, line: int, *, caption: str = "", summary: str = "") -> None:
         item_id = item_id.strip()
         if not item_id:
-            raise DataError("the item id is empty", file=str(self.path), line=line, field="item_id")
+            report_row_error(DataError("the item id is empty", file=str(self.path), line=line, field="item_id"))
+            return
         title = _clean_text(title)
         if not title:
-            raise DataError(f"item {item_id!r} has an empty title: every item needs one",
-                            file=str(self.path), line=line, field="title")
+            report_row_error(DataError(f"item {item_id!r} has an empty title: every item needs one",
+                                       file=str(self.path), line=line, field="title"))
+            return
         if len(title) > MAX_TITLE_CHARS:
             self._cut_lines.append(line)
             title = title[:MAX_TITLE_CHARS]
         existing = self.items.get(item_id)
         if existing is not None:
             if existing.title != title:
-                raise DataError(f"item id {item_id!r} is on line {self._lines[item_id]} with title "
-                                f"{existing.title!r} and on line {line} with title {title!r}: keep one "
-                                "row per item", file=str(self.path), line=line, field="item_id")
+                report_row_error(DataError(
+                    f"item id {item_id!r} is on line {self._lines[item_id]} with title {existing.title!r} and "
+                    f"on line {line} with title {title!r}: keep one row per item",
+                    file=str(self.path), line=line, field="item_id"))
             return  # an exact repeat carries no new information
         self.items[item_id] = Item(item_id, title, _clean_text(caption), _clean_text(summary))
         self._lines[item_id] = line
@@ -617,8 +634,13 @@ class _Events:
             seconds_per_unit: float = 1.0) -> None:
         if not user or not item:
             name = fields[0] if not user else fields[1]
-            raise DataError(f"the {name} is empty", file=str(self.path), line=line, field=name)
-        seconds = _seconds(when, seconds_per_unit, self.path, line, fields[2])
+            report_row_error(DataError(f"the {name} is empty", file=str(self.path), line=line, field=name))
+            return
+        try:
+            seconds = _seconds(when, seconds_per_unit, self.path, line, fields[2])
+        except DataError as error:
+            report_row_error(error)
+            return
         self._by_user.setdefault(user, []).append((seconds, item))
         self._first_line.setdefault(item, line)
         self._item_field = fields[1]

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from rerank_core.limits import check_limit
+
 __all__ = ["LetterScores", "ScoreCache", "score_token_ids"]
 
 
@@ -193,6 +195,7 @@ def score_token_ids(
         raise ValueError("letter_token_ids is empty: resolve the letters first")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    check_limit("top_other", top_other)
     empty = [index for index, ids in enumerate(prompts) if len(ids) == 0]
     if empty:
         raise ValueError(f"prompt(s) {empty} have no tokens: nothing to score; check the rendered text")

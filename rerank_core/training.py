@@ -36,10 +36,19 @@ from rerank_core.fsutil import atomic_write_text
 from rerank_core.labels import IGNORE_INDEX, LabeledExample, label_example
 from rerank_core.models import LoadedModel
 from rerank_core.progress import CancelFlag
-from rerank_core.prompts import Prompt, PromptError, build_prompt, get_preset
+from rerank_core.prompts import (
+    Prompt,
+    PromptError,
+    PromptPreset,
+    build_prompt,
+    parse_template_kwargs,
+    with_template_kwargs,
+)
 from rerank_core.verbalizer import STRATEGIES
 
 __all__ = [
+    "LOSS_LABELS",
+    "LOSS_TOKENS",
     "MAX_BUDGET_HISTORY_ITEMS",
     "SAMPLE_MODES",
     "TRAINING_PRESETS",
@@ -52,6 +61,7 @@ __all__ = [
     "build_training_samples",
     "check_adapter_target",
     "label_samples",
+    "loss_summary",
     "size_prompt_budget",
     "train_adapter",
     "training_config",
@@ -109,9 +119,12 @@ class TrainConfig:
     eval_every: int = 24
     eval_users: int = 32
     train_on_eos: bool = True
+    # Chat-template options as JSON text (e.g. '{"enable_thinking": false}'), for training and evaluation alike.
+    template_kwargs: str = ""
 
     def __post_init__(self) -> None:
-        get_preset(self.prompt_preset)
+        object.__setattr__(self, "template_kwargs", parse_template_kwargs(self.template_kwargs))
+        self.preset()  # an unknown preset name fails here
         if self.sample_mode not in SAMPLE_MODES:
             raise ValueError(f"sample mode {self.sample_mode!r} is not one of {', '.join(SAMPLE_MODES)}")
         if self.strategy not in STRATEGIES:
@@ -147,6 +160,10 @@ class TrainConfig:
 
     def candidate_config(self) -> CandidateConfig:
         return CandidateConfig(source=self.candidate_source, count=self.candidates, seed=self.seed)
+
+    def preset(self) -> PromptPreset:
+        """The prompt preset with the chat-template options: samples, labels and validation all render with it."""
+        return with_template_kwargs(self.prompt_preset, self.template_kwargs)
 
     def to_json(self) -> dict[str, Any]:
         values = asdict(self)
@@ -296,7 +313,7 @@ def build_training_samples(
         candidates = sampler.for_training(user, history, target, sample_key=str(position))
         try:
             prompt = build_prompt(
-                tokenizer, config.prompt_preset, [dataset.text(item, config.text_field) for item in history],
+                tokenizer, config.preset(), [dataset.text(item, config.text_field) for item in history],
                 [dataset.text(item, config.text_field) for item in candidates.item_ids],
                 max_prompt_tokens=config.max_prompt_tokens)
         except PromptError:
@@ -317,7 +334,7 @@ def label_samples(
     examples: list[LabeledExample] = []
     dropped = {"no_loss_token": 0}
     for sample in samples:
-        example = label_example(tokenizer, config.prompt_preset, sample.prompt.text, sample.answer_letter,
+        example = label_example(tokenizer, config.preset(), sample.prompt.text, sample.answer_letter,
                                 train_on_eos=config.train_on_eos, max_length=max_length)
         if example.loss_tokens == 0:
             dropped["no_loss_token"] += 1
@@ -333,6 +350,26 @@ def validation_users(dataset: Dataset, count: int, seed: int) -> list[str]:
         return users
     chosen = _seeded_rng(seed, "validation-users").choice(len(users), size=count, replace=False)
     return [users[index] for index in sorted(chosen.tolist())]
+
+
+# What total_loss averages over, by train_on_eos; the letter loss is always the answer letter alone.
+LOSS_TOKENS = {True: "letter + end-of-turn tokens", False: "letter token only"}
+LOSS_LABELS = {
+    "letter_loss": "letter loss (answer letter token only; ln N = a uniform guess over the N letters)",
+    "total_loss": "total loss (mean over every loss-carrying token: the letter and, by default, the "
+                  "end-of-turn tokens)",
+}
+
+
+def loss_summary(letter_loss: float | None, total_loss: float | None, uniform_loss: float,
+                 loss_tokens: str = LOSS_TOKENS[True]) -> str:
+    """One line that says which loss is which, with ln N beside the letter loss it is comparable to."""
+    parts = []
+    if letter_loss is not None:
+        parts.append(f"letter loss {letter_loss:.4f} (ln N = {uniform_loss:.4f})")
+    if total_loss is not None:
+        parts.append(f"total loss {total_loss:.4f} ({loss_tokens})")
+    return "; ".join(parts)
 
 
 @dataclass
@@ -351,15 +388,20 @@ class TrainReport:
     wall_time_s: float = 0.0
     train_time_s: float = 0.0
     samples_per_s: float = 0.0
-    final_loss: float | None = None
-    final_letter_loss: float | None = None
+    final_loss: float | None = None  # the total loss (letter + end-of-turn tokens) of the last step
+    final_letter_loss: float | None = None  # the answer letter's loss alone: compare with uniform_loss
     uniform_loss: float = 0.0
+    loss_tokens: str = LOSS_TOKENS[True]  # what final_loss averages over
     validation: dict[str, dict[str, float]] = field(default_factory=dict)
     prompt_budget: dict[str, int] = field(default_factory=dict)
     replica_digests: list[str] = field(default_factory=list)
 
+    @property
+    def loss_line(self) -> str:
+        return loss_summary(self.final_letter_loss, self.final_loss, self.uniform_loss, self.loss_tokens)
+
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "loss_line": self.loss_line, "loss_labels": LOSS_LABELS}
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -494,7 +536,8 @@ class _Validator:
         self.settings = InspectSettings(
             preset=config.prompt_preset, strategy=config.strategy, text_field=config.text_field,
             split="validation", candidates=config.candidate_config(),
-            max_prompt_tokens=config.max_prompt_tokens, use_adapter_preset=False)
+            max_prompt_tokens=config.max_prompt_tokens, use_adapter_preset=False,
+            template_kwargs=config.template_kwargs)
         # The LoRA-injected module (not the PeftModel wrapper) scores with the adapter on as "base".
         self.inspector = Inspector(dataset, replace(loaded, model=peft_model.base_model))
         self.peft_model = peft_model
@@ -551,8 +594,10 @@ def _run_callback(emit: EventSink, cancel: CancelFlag | None, validate: Callable
             report.steps = step
             report.final_loss = float(logs["loss"])
             report.final_letter_loss = logs.get("letter_loss")
+            # "loss" stays for readers of older event logs; it is the total loss.
             emit({"event": "step", "step": step, "total_steps": total, "loss": float(logs["loss"]),
-                  "letter_loss": logs.get("letter_loss"), "uniform_loss": config.uniform_loss,
+                  "total_loss": float(logs["loss"]), "letter_loss": logs.get("letter_loss"),
+                  "loss_tokens": LOSS_TOKENS[config.train_on_eos], "uniform_loss": config.uniform_loss,
                   "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
                   "epoch": logs.get("epoch"), "elapsed": time.monotonic() - started,
                   "eta": elapsed / max(step, 1) * (total - step)})
@@ -580,6 +625,7 @@ def _manifest(loaded: LoadedModel, dataset: Dataset, config: TrainConfig, name: 
         "base_model": {"name": loaded.name, "path": loaded.path, "fingerprint": loaded.fingerprint,
                        "dtype": str(loaded.dtype).replace("torch.", "")},
         "preset": config.prompt_preset,
+        "template_kwargs": config.template_kwargs,
         "strategy": config.strategy,
         "candidates": {"source": config.candidate_source, "count": config.candidates, "seed": config.seed},
         "dataset": {"name": dataset.name, "source": dataset.source, "fingerprint": dataset.fingerprint(),
@@ -628,8 +674,10 @@ def train_adapter(
                   samples ready (samples, dropped) | validation (step) |
                   training (total_steps) | saving
       validation  step (0 = before training), elapsed, NDCG@10, Recall@10, MRR@10
-      step        step, total_steps, loss, letter_loss, uniform_loss (ln N), learning_rate, grad_norm,
-                  epoch, elapsed, eta (seconds)
+      step        step, total_steps, letter_loss (the answer letter token alone: compare it with
+                  uniform_loss = ln N), total_loss (mean over every loss-carrying token: the letter and,
+                  with train_on_eos, the end-of-turn tokens; "loss" repeats it), loss_tokens (which tokens
+                  total_loss covers), learning_rate, grad_norm, epoch, elapsed, eta (seconds)
       done | cancelled (reason) | failed (error)   report (TrainReport.to_json()); done also has path
     """
     from peft import LoraConfig, get_peft_model
@@ -641,7 +689,8 @@ def train_adapter(
     is_main = rank == 0
     folder = adapters_root(root)
     started = time.monotonic()
-    report = TrainReport(adapter=name, world_size=world_size, uniform_loss=config.uniform_loss)
+    report = TrainReport(adapter=name, world_size=world_size, uniform_loss=config.uniform_loss,
+                         loss_tokens=LOSS_TOKENS[config.train_on_eos])
 
     def emit(event: dict[str, Any]) -> None:
         if is_main and on_event is not None:

@@ -79,8 +79,12 @@ def test_diagnose_handlers_check_names_like_inspect(context) -> None:
     assert "Template consistency" in note and letters["letter"].tolist() == list("ABCDE")
 
 
-def test_diagnose_over_users_clamps_the_count(context) -> None:
-    _top1, _mass, summary = diagnose.diagnose_position_bias_users(context, PICKERS, BASE, users=0,
+def test_diagnose_over_users_refuses_a_count_out_of_range(context) -> None:
+    for users in (0, 10_000, None, 2.5):
+        with pytest.raises(ValueError, match="users"):
+            diagnose.diagnose_position_bias_users(context, PICKERS, BASE, users=users,
+                                                  progress=lambda *args, **kwargs: None)
+    _top1, _mass, summary = diagnose.diagnose_position_bias_users(context, PICKERS, BASE, users=1,
                                                                 progress=lambda *args, **kwargs: None)
     assert summary["users"].tolist() == [1]
     chart, table = diagnose.diagnose_letter_mass(context, PICKERS, ["lora-a", BASE], users=2,
