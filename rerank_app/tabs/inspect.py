@@ -7,7 +7,7 @@ from typing import Any
 import gradio as gr
 
 from rerank_app import views
-from rerank_app.context import AppContext
+from rerank_app.context import AppContext, _Lru
 from rerank_app.pickers import PickerControls, Pickers, adapter_choices, endpoint
 from rerank_core.candidates import CANDIDATE_SOURCES, MAX_CANDIDATES
 from rerank_core.data import TEXT_FIELDS
@@ -23,15 +23,23 @@ __all__ = ["OUTPUT_NAMES", "build", "change_dataset", "change_model", "inspect",
 OUTPUT_NAMES = ("summary", "history", "history_note", "candidates", "chart", "prompt", "tokens", "audit",
                 "audit_note", "other_tokens")
 SCORE_OPTIONS = {"concurrency_limit": 4, "concurrency_id": "score"}
+# Built views of cached inspections: a user already scored with the same settings (switching back, a repeated
+# request) costs no table, figure or HTML building. Keyed by the inspection object itself (held in the entry,
+# so its id stays unique): a re-scored inspection, e.g. after an adapter was retrained, is a new object.
+_VIEWS = _Lru(64)
 
 
 def inspect(context: AppContext, pickers: Pickers, adapter: str, user_id: str,
             order: str = "letter") -> tuple[Any, ...]:
     """Everything the tab shows for one user, in OUTPUT_NAMES order."""
     inspection = context.inspect(pickers.dataset, pickers.model, adapter, user_id, pickers.settings())
-    view = views.inspect_view(inspection, context.dataset(pickers.dataset).dataset, context.tokenizer(pickers.model),
-                              model_name=pickers.model, order=order)
-    return tuple(getattr(view, name) for name in OUTPUT_NAMES)
+    key = (id(inspection), pickers.dataset, pickers.model, order)
+    cached = _VIEWS.recall(key)
+    if cached is None or cached[0] is not inspection:
+        view = views.inspect_view(inspection, context.dataset(pickers.dataset).dataset,
+                                  context.tokenizer(pickers.model), model_name=pickers.model, order=order)
+        cached = _VIEWS.remember(key, (inspection, tuple(getattr(view, name) for name in OUTPUT_NAMES)))
+    return cached[1]
 
 
 def inspect_json(context: AppContext, user_id: str, pickers: Pickers = Pickers(),  # noqa: B008 - frozen value
