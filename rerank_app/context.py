@@ -41,6 +41,7 @@ from rerank_core.diagnostics import (
 from rerank_core.inspector import BASE, Inspector, InspectSettings, UserInspection
 from rerank_core.limits import LimitError, whole_number
 from rerank_core.models import LoadedModel, load_model
+from rerank_core.prompts import with_template_kwargs
 from rerank_core.template_check import TemplateConsistency, template_consistency
 
 __all__ = ["AppConfig", "AppContext", "DatasetEntry", "ModelEntry", "SessionError", "make_settings"]
@@ -93,11 +94,12 @@ class ModelEntry:
 
 def make_settings(*, split: str = "test", source: str = "random", preset: str = "seed",
                   strategy: str = "as_trained", text_field: str = "title", count: int = 20, seed: int = 0,
-                  use_adapter_preset: bool = True) -> InspectSettings:
+                  use_adapter_preset: bool = True, template_kwargs: str = "") -> InspectSettings:
     """InspectSettings from the pickers' values; the core makes 20.0 an int and refuses an empty or 1.5 seed."""
     candidates = CandidateConfig(source=source, count=count, seed=seed)
     return InspectSettings(preset=preset, strategy=strategy, text_field=text_field, split=split,
-                           candidates=candidates, use_adapter_preset=bool(use_adapter_preset))
+                           candidates=candidates, use_adapter_preset=bool(use_adapter_preset),
+                           template_kwargs=template_kwargs or "")
 
 
 class _Lru:
@@ -363,9 +365,11 @@ class AppContext:
         with self.running(dataset, model, stop) as (inspector, check):
             return history_influence(inspector, user_id, settings, system, cancel=check)
 
-    def template_consistency(self, model: str, preset: str, count: int) -> TemplateConsistency:
+    def template_consistency(self, model: str, preset: str, count: int,
+                             template_kwargs: str = "") -> TemplateConsistency:
         """Is the inference prompt a token prefix of the training conversation (tokenizer only, no lock)."""
-        return template_consistency(self.tokenizer(model), preset, count=int(count))
+        return template_consistency(self.tokenizer(model), with_template_kwargs(preset, template_kwargs),
+                                    count=int(count))
 
     def letter_mass(self, dataset: str, model: str, adapters: Sequence[str] | None, count: int,
                     settings: InspectSettings, progress: Callable[[int, int], None] | None = None,

@@ -25,7 +25,7 @@ from rerank_core.fsutil import atomic_write_text, process_running
 from rerank_core.inspector import BASE
 from rerank_core.metrics import METRIC_NAMES
 from rerank_core.progress import read_events
-from rerank_core.prompts import PRESETS
+from rerank_core.prompts import PRESETS, PromptError, parse_template_kwargs
 from rerank_core.training import SAMPLE_MODES
 from rerank_core.verbalizer import STRATEGIES
 
@@ -79,7 +79,8 @@ class TrainRequest:
         return argv
 
 
-# TrainConfig fields the form may set → the train command's flag and the value's type (a tuple: choices).
+# TrainConfig fields the form may set → the train command's flag and the value's type (a tuple: choices; dict: a
+# JSON object).
 # Paths are never accepted: the model, data and adapters folders come from the app's registries.
 TRAIN_OPTIONS: dict[str, tuple[str, Any]] = {
     "prompt_preset": ("--preset", tuple(PRESETS)),
@@ -101,11 +102,17 @@ TRAIN_OPTIONS: dict[str, tuple[str, Any]] = {
     "eval_every": ("--eval-every", int),
     "eval_users": ("--eval-users", int),
     "sample_mode": ("--sample-mode", SAMPLE_MODES),
+    "template_kwargs": ("--template-kwargs", dict),
 }
 
 
 def _checked(key: str, kind: Any, value: Any) -> str:
-    """A choice from its list, or a non-negative number: nothing that could read as another flag."""
+    """A choice from its list, a JSON object, or a non-negative number: nothing that could read as another flag."""
+    if kind is dict:
+        try:
+            return parse_template_kwargs(value)  # canonical JSON starts with '{'
+        except PromptError as error:
+            raise JobError(f"fine-tune option {key}: {error}") from None
     if isinstance(kind, tuple):
         if value not in kind:
             raise JobError(f"fine-tune option {key} = {value!r} is not one of {', '.join(kind)}")

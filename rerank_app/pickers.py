@@ -44,12 +44,13 @@ class Pickers:
     count: int = 20
     seed: int = 0
     use_adapter_preset: bool = True
+    template_kwargs: str = ""  # chat-template options as a JSON object; '' for none
 
     def settings(self) -> InspectSettings:
         """The one place the pickers become InspectSettings."""
         return make_settings(split=self.split, source=self.source, preset=self.preset, strategy=self.strategy,
                              text_field=self.text_field, count=self.count, seed=self.seed,
-                             use_adapter_preset=self.use_adapter_preset)
+                             use_adapter_preset=self.use_adapter_preset, template_kwargs=self.template_kwargs)
 
     def or_first(self, context: AppContext) -> Pickers:
         """Blank dataset or model: the first one the app offers (the JSON API's defaults)."""
@@ -75,6 +76,7 @@ class PickerControls:
     count: gr.Slider
     seed: gr.Number
     use_adapter_preset: gr.Checkbox
+    template_kwargs: gr.Textbox
     adapter: gr.Dropdown
     user: gr.Dropdown
     order: gr.Radio

@@ -15,6 +15,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from pandas.io.formats.style import Styler
 
+from rerank_core.answer_slot import AnswerSlot
 from rerank_core.baselines import BASELINE_PRESET
 from rerank_core.data import Dataset
 from rerank_core.fsutil import atomic_write_text
@@ -70,6 +71,10 @@ APP_CSS = """
 .ri-tok.ri-special-tok { background: #f3d9fa; border-color: #ae3ec9; }
 .ri-tok.ri-answer { background: #ffe8cc; border: 2px solid #e8590c; }
 .ri-tok.ri-loss { background: #d3f9d8; border: 2px solid #2f9e44; }
+.ri-inserted { background: #fff3bf; outline: 1px dashed #f08c00; border-radius: 3px; }
+.ri-trimmed { color: #868e96; text-decoration: line-through; }
+.ri-letter-slot { background: #d0ebff; border: 1px solid #4c78a8; border-radius: 3px; padding: 0 3px; }
+.ri-tok.ri-inserted-tok { background: #fff3bf; border-style: dashed; }
 .ri-legend { font-size: 12px; color: #495057; margin: 2px 0 6px 0; }
 .ri-legend span { padding: 0 4px; border-radius: 3px; margin-right: 6px; }
 .ri-progress { width: 100%; background: #e9ecef; border-radius: 6px; height: 18px; overflow: hidden; }
@@ -124,19 +129,49 @@ def empty_figure(message: str = "") -> go.Figure:
 
 # -- Inspect ------------------------------------------------------------------------------------
 
-def prompt_html(tokenizer: Any, rendered: str) -> str:
-    """The rendered prompt as the tokenizer reads it: whitespace made visible, special tokens marked."""
+def _marked(tokenizer: Any, text: str) -> str:
+    """Text with whitespace made visible and special tokens marked."""
     specials = _special_tokens(tokenizer)
     if not specials:
-        return f'<pre class="ri-prompt">{_visible(rendered)}</pre>'
+        return _visible(text)
     pattern = re.compile("|".join(re.escape(token) for token in specials))
     parts, position = [], 0
-    for match in pattern.finditer(rendered):
-        parts.append(_visible(rendered[position:match.start()]))
+    for match in pattern.finditer(text):
+        parts.append(_visible(text[position:match.start()]))
         parts.append(f'<span class="ri-special">{html.escape(match.group())}</span>')
         position = match.end()
-    parts.append(_visible(rendered[position:]))
-    return f'<pre class="ri-prompt">{"".join(parts)}</pre>'
+    parts.append(_visible(text[position:]))
+    return "".join(parts)
+
+
+def prompt_html(tokenizer: Any, rendered: str, slot: AnswerSlot | None = None, letters: str = "") -> str:
+    """The rendered prompt as the tokenizer reads it: whitespace made visible, special tokens marked.
+
+    With an answer slot, the span the template inserts before the letter (appended to the scored prompt)
+    and the generation-prompt text left out of it are marked apart from the prompt, and `letters` shows
+    where the answer letter is emitted.
+    """
+    slot = slot or AnswerSlot()
+    body, inserted = rendered, ""
+    if slot.inserted_text and rendered.endswith(slot.inserted_text):
+        body, inserted = rendered[:len(rendered) - len(slot.inserted_text)], slot.inserted_text
+    parts = [_marked(tokenizer, body)]
+    if slot.trimmed_text and slot.trimmed_text != inserted:
+        parts.append(f'<span class="ri-trimmed" title="in the generation prompt, left out of the scored prompt: '
+                     f'training never puts it before the letter">{_marked(tokenizer, slot.trimmed_text)}</span>')
+    if inserted:
+        parts.append(f'<span class="ri-inserted" title="inserted by the template between the generation prompt '
+                     f'and the letter; part of the scored prompt, no loss in training">'
+                     f'{_marked(tokenizer, inserted)}</span>')
+    if letters and slot.moves_prompt:
+        parts.append(f'<span class="ri-letter-slot" title="the answer letter is emitted here">'
+                     f'{html.escape(letters)}</span>')
+    legend = ""
+    if slot.moves_prompt:
+        legend = ('<div class="ri-legend">prompt · <span class="ri-inserted">inserted before the letter</span>'
+                  '<span class="ri-trimmed">generation prompt left out</span>'
+                  '<span class="ri-letter-slot">answer letter</span></div>')
+    return f'{legend}<pre class="ri-prompt">{"".join(parts)}</pre>'
 
 
 def _token_texts(tokenizer: Any, text: str | None, token_ids: Sequence[int],
@@ -157,8 +192,10 @@ def _token_texts(tokenizer: Any, text: str | None, token_ids: Sequence[int],
 
 def token_html(tokenizer: Any, token_ids: Sequence[int], *, text: str | None = None,
                add_special_tokens: bool = False, letter_ids: Sequence[int] = (),
-               loss_mask: Sequence[bool] | None = None, answer_position: int | None = None) -> str:
-    """Each token with its ID; letter tokens, loss-carrying tokens and the answer position highlighted."""
+               loss_mask: Sequence[bool] | None = None, answer_position: int | None = None,
+               inserted: int = 0) -> str:
+    """Each token with its ID; letter tokens, loss-carrying tokens, the answer position and the last
+    `inserted` tokens (the span the template puts before the letter) highlighted."""
     pieces = _token_texts(tokenizer, text, token_ids, add_special_tokens)
     special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
     decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
@@ -177,6 +214,8 @@ def token_html(tokenizer: Any, token_ids: Sequence[int], *, text: str | None = N
             classes.append("ri-special-tok")
         elif position in labels:
             classes.append("ri-letter")
+        if position >= len(token_ids) - inserted:
+            classes.append("ri-inserted-tok")  # on top of the answer mark: the span ends where logits are read
         title = f"position {position} · id {token_id}"
         if position == answer_position:
             title += " · the letter logits are read after this token"
@@ -188,7 +227,8 @@ def token_html(tokenizer: Any, token_ids: Sequence[int], *, text: str | None = N
     else:
         legend = ('<span class="ri-tok ri-letter">letter token ID</span>'
                   '<span class="ri-tok ri-special-tok">special token</span>'
-                  '<span class="ri-tok ri-answer">answer position (last token)</span>')
+                  '<span class="ri-tok ri-answer">answer position (last token)</span>'
+                  + ('<span class="ri-tok ri-inserted-tok">inserted before the letter</span>' if inserted else ""))
     return (f'<div class="ri-legend">{len(token_ids)} tokens · {legend}</div>'
             f'<div class="ri-tokens">{"".join(cells)}</div>')
 
@@ -299,6 +339,8 @@ def _audit_table(inspection: UserInspection) -> tuple[Styler, str]:
                 f"(rows in red): {', '.join(rows[index]['letter'] for index in flagged[:12])}")
     else:
         note = f"all {len(rows)} letters clean under strategy {strategy!r}"
+    # The template's own quirks (an inserted span, ignored options) in plain words, below the count.
+    note += "".join(f"\n\n{html.escape(line)}" for line in inspection.prepared.answer_slot.notes())
     return styled, note
 
 
@@ -371,11 +413,13 @@ def inspect_view(inspection: UserInspection, dataset: Dataset, tokenizer: Any, *
         history=history, history_note=history_note,
         candidates=_candidates_table(inspection, dataset),
         chart=letter_chart(inspection, dataset, order),
-        prompt=prompt_html(tokenizer, prepared.prompt.rendered),
+        prompt=prompt_html(tokenizer, prepared.prompt.rendered, prepared.answer_slot,
+                           letters=f"{prepared.prompt.letters[0]}…{prepared.prompt.letters[-1]}"),
         tokens=token_html(tokenizer, prepared.token_ids, text=prepared.prompt.rendered,
                           add_special_tokens=not chat,
                           letter_ids=[token.token_id for token in prepared.letter_tokens],
-                          answer_position=len(prepared.token_ids) - 1),
+                          answer_position=len(prepared.token_ids) - 1,
+                          inserted=len(prepared.answer_slot.inserted_ids)),
         audit=audit, audit_note=audit_note,
         other_tokens=_other_tokens_table(inspection, tokenizer))
 

@@ -41,6 +41,19 @@ def test_inspect_handler_returns_every_output_for_the_user(context) -> None:
         inspect_tab.inspect(context, PICKERS, BASE, "nobody")
 
 
+def test_inspect_rebuilds_the_view_only_when_the_inspection_or_the_order_changes(context) -> None:
+    first = inspect_tab.inspect(context, PICKERS, BASE, "u04")
+    assert inspect_tab.inspect(context, PICKERS, BASE, "u04") is first  # scored and built once
+    chart = inspect_tab.OUTPUT_NAMES.index("chart")
+    by_probability = inspect_tab.inspect(context, PICKERS, BASE, "u04", order="probability")
+    assert by_probability is not first and by_probability[chart] is not first[chart]
+    other_user = inspect_tab.inspect(context, PICKERS, BASE, "u05")
+    assert other_user[0] != first[0]
+    context._inspections = type(context._inspections)(256)  # as if re-scored (e.g. a retrained adapter)
+    rescored = inspect_tab.inspect(context, PICKERS, BASE, "u04")
+    assert rescored is not first and rescored[0] == first[0]
+
+
 def test_inspect_json_fills_a_blank_dataset_and_model(context) -> None:
     payload = inspect_tab.inspect_json(context, "u02", Pickers(count=5))
     assert payload["user_id"] == "u02" and len(payload["candidates"]) == 5

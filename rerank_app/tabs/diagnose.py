@@ -81,9 +81,10 @@ def diagnose_history(context: AppContext, pickers: Pickers, system: str, user_id
     return diagnostic_views.history_influence_chart(result), diagnostic_views.history_influence_table(result)
 
 
-def diagnose_template(context: AppContext, model: str, preset: str, count: int) -> tuple[Any, Any, Any]:
-    report = context.template_consistency(model, preset, count)
-    return (diagnostic_views.template_markdown(report), tables.template_tokens_frame(report),
+def diagnose_template(context: AppContext, model: str, preset: str, count: int,
+                      template_kwargs: str = "") -> tuple[Any, Any, Any]:
+    report = context.template_consistency(model, preset, count, template_kwargs)
+    return (diagnostic_views.template_markdown(report, context.tokenizer(model)), tables.template_tokens_frame(report),
             tables.template_letters_frame(report))
 
 
@@ -204,7 +205,8 @@ def build(context: AppContext, controls: PickerControls, demo: gr.Blocks) -> tup
                        [prior_chart, prior_table], api_name="diagnose_letter_prior", **options)
     history_button.click(endpoint(diagnose_history, context), [*pickers, system_box, controls.user],
                          [history_chart, history_table], api_name="diagnose_history", **options)
-    template_button.click(endpoint(diagnose_template, context), [controls.model, controls.preset, controls.count],
+    template_button.click(endpoint(diagnose_template, context),
+                          [controls.model, controls.preset, controls.count, controls.template_kwargs],
                           [template_note, template_tokens, template_letters], api_name="diagnose_template",
                           concurrency_limit=4, concurrency_id="template")
     mass_button.click(endpoint(diagnose_letter_mass, context), [*pickers, mass_adapters, mass_users],

@@ -7,7 +7,7 @@ from typing import Any
 import gradio as gr
 
 from rerank_app import views
-from rerank_app.context import AppContext
+from rerank_app.context import AppContext, _Lru
 from rerank_app.pickers import (
     PICKER_NAMES,
     USER_ERRORS,
@@ -33,15 +33,23 @@ OUTPUT_NAMES = ("summary", "history", "history_note", "candidates", "chart", "pr
 SCORE_OPTIONS = {"concurrency_limit": 4, "concurrency_id": "score"}
 # Side-by-side panels need this much width each; on a narrower window (800 px) they stack, so ids stay whole.
 NARROW_COLUMN = 440
+# Built views of cached inspections: a user already scored with the same settings (switching back, a repeated
+# request) costs no table, figure or HTML building. Keyed by the inspection object itself (held in the entry,
+# so its id stays unique): a re-scored inspection, e.g. after an adapter was retrained, is a new object.
+_VIEWS = _Lru(64)
 
 
 def inspect(context: AppContext, pickers: Pickers, adapter: str, user_id: str,
             order: str = "letter") -> tuple[Any, ...]:
     """Everything the tab shows for one user, in OUTPUT_NAMES order."""
     inspection = context.inspect(pickers.dataset, pickers.model, adapter, user_id, pickers.settings())
-    view = views.inspect_view(inspection, context.dataset(pickers.dataset).dataset, context.tokenizer(pickers.model),
-                              model_name=pickers.model, order=order)
-    return tuple(getattr(view, name) for name in OUTPUT_NAMES)
+    key = (id(inspection), pickers.dataset, pickers.model, order)
+    cached = _VIEWS.recall(key)
+    if cached is None or cached[0] is not inspection:
+        view = views.inspect_view(inspection, context.dataset(pickers.dataset).dataset,
+                                  context.tokenizer(pickers.model), model_name=pickers.model, order=order)
+        cached = _VIEWS.remember(key, (inspection, tuple(getattr(view, name) for name in OUTPUT_NAMES)))
+    return cached[1]
 
 
 # The controls a refused request puts back to their last valid values, in the order of page_outputs().
@@ -105,6 +113,8 @@ def build(context: AppContext) -> tuple[PickerControls, list[Any], gr.Button]:
     with gr.Row():
         source_box = gr.Dropdown(list(CANDIDATE_SOURCES), value="random", label="Candidate source")
         preset_box = gr.Dropdown(list(PRESETS), value="seed", label="Prompt preset")
+        kwargs_box = gr.Textbox("", label="Chat-template options (JSON)", placeholder='{"enable_thinking": false}',
+                                elem_id="template-kwargs", max_lines=1)
         strategy_box = gr.Dropdown(list(STRATEGIES), value="as_trained", label="Verbalizer strategy")
         text_box = gr.Dropdown(list(TEXT_FIELDS), value="title", label="Item text field")
         count_box = gr.Slider(2, MAX_CANDIDATES, value=20, step=1, label="Candidates")
@@ -149,7 +159,7 @@ def build(context: AppContext) -> tuple[PickerControls, list[Any], gr.Button]:
             other_tokens = gr.Dataframe(wrap=True, label="Top non-letter next tokens", interactive=False,
                                         column_widths=["24%", "24%", "20%", "32%"])
     controls = PickerControls(dataset_box, model_box, split_box, source_box, preset_box, strategy_box, text_box,
-                              count_box, seed_box, adapter_preset_box, adapter_box, user_box, order_box,
+                              count_box, seed_box, adapter_preset_box, kwargs_box, adapter_box, user_box, order_box,
                               report_button, report_file)
     components = {"summary": summary, "history": history, "history_note": history_note, "candidates": candidates,
                   "chart": chart, "prompt": prompt, "tokens": tokens, "audit": audit, "audit_note": audit_note,
@@ -181,9 +191,10 @@ def wire(context: AppContext, controls: PickerControls, outputs: list[Any], rand
                 controls.adapter, controls.use_adapter_preset, controls.user, controls.order):
         box.input(page, page_inputs, page_outputs, **on_page)
     controls.count.release(page, page_inputs, page_outputs, **on_page)
-    # Enter in the seed box, and leaving it, both re-score (a seed typed and tabbed away from counts too).
-    controls.seed.submit(page, page_inputs, page_outputs, **on_page)
-    controls.seed.blur(page, page_inputs, page_outputs, **on_page)
+    # Enter in a text or number box, and leaving it, both re-score.
+    for box in (controls.seed, controls.template_kwargs):
+        box.submit(page, page_inputs, page_outputs, **on_page)
+        box.blur(page, page_inputs, page_outputs, **on_page)
     random_button.click(endpoint(random_user, context), [controls.dataset], [controls.user],
                         api_name="random_user").then(page, page_inputs, page_outputs, **on_page)
     controls.dataset.input(endpoint(change_dataset, context), [controls.dataset], [controls.user],
