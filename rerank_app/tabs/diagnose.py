@@ -193,9 +193,6 @@ def build(context: AppContext, controls: PickerControls, demo: gr.Blocks) -> tup
                             [*pickers, system_box, controls.user, orders_box, permutations_box],
                             [bias_note, heatmap, letter_chart, rank_chart, bias_items], api_visibility="private",
                             **options)
-    placeholder_box.submit(endpoint(diagnose_letter_prior, context),
-                           [*pickers, system_box, prior_users, prior_mode, placeholder_box],
-                           [prior_chart, prior_table], api_visibility="private", **options)
     bias_users_button.click(endpoint(diagnose_position_bias_users, context),
                             [*pickers, system_box, bias_users, orders_box, permutations_box],
                             [top1_chart, mass_by_letter, bias_summary], api_name="diagnose_position_bias_users",
@@ -203,6 +200,9 @@ def build(context: AppContext, controls: PickerControls, demo: gr.Blocks) -> tup
     prior_button.click(endpoint(diagnose_letter_prior, context),
                        [*pickers, system_box, prior_users, prior_mode, placeholder_box],
                        [prior_chart, prior_table], api_name="diagnose_letter_prior", **options)
+    placeholder_box.submit(endpoint(diagnose_letter_prior, context),
+                           [*pickers, system_box, prior_users, prior_mode, placeholder_box],
+                           [prior_chart, prior_table], api_visibility="private", **options)
     history_button.click(endpoint(diagnose_history, context), [*pickers, system_box, controls.user],
                          [history_chart, history_table], api_name="diagnose_history", **options)
     template_button.click(endpoint(diagnose_template, context),
