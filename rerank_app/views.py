@@ -17,6 +17,7 @@ from pandas.io.formats.style import Styler
 
 from rerank_core.answer_slot import AnswerSlot
 from rerank_core.baselines import BASELINE_PRESET
+from rerank_core.compare import PRESET_EFFECT
 from rerank_core.data import Dataset
 from rerank_core.fsutil import atomic_write_text
 from rerank_core.inspector import BASE, UserInspection
@@ -514,7 +515,9 @@ def compare_view(per_user: pd.DataFrame, summary: pd.DataFrame, *, movers: int =
         "improved": paired["improved"], "unchanged": paired["unchanged"], "worsened": paired["worsened"]},
         columns=_DIFFERENCE_COLUMNS)
     count_lines = [
-        f"**{html.escape(row.system)}** vs base on NDCG@10 over {row.n} users: improved **{row.improved}**, "
+        f"**{html.escape(row.system)}** vs **{html.escape(row.reference)}**"
+        + (" (the preset's own effect)" if row.comparison == PRESET_EFFECT else "")
+        + f" on NDCG@10 over {row.n} users: improved **{row.improved}**, "
         f"unchanged **{row.unchanged}**, worsened **{row.worsened}** · Δ {row.difference:+.4f} "
         f"(95% CI {row.ci_low:+.4f} .. {row.ci_high:+.4f})"
         for row in paired[paired["metric"] == "NDCG@10"].itertuples()]

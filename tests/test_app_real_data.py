@@ -57,5 +57,5 @@ def test_compare_shows_the_baselines_beside_the_base(context) -> None:
     ndcg = differences[differences.metric == "NDCG@10"].set_index("system")
     assert list(ndcg.index) == ["random", "popularity", "retriever"]  # each paired with the base, with a CI
     assert ndcg["95% CI"].str.startswith("[").all()
-    assert "**popularity** vs base on NDCG@10 over 10 users" in counts
+    assert "**popularity** vs **base** on NDCG@10 over 10 users" in counts
     assert movers.empty  # movers and the scatter stay with LLM systems (no adapter chosen here)

@@ -97,3 +97,13 @@ def replace_preset(**changes) -> InspectSettings:
     from dataclasses import replace
 
     return replace(SETTINGS, **changes)
+
+
+def test_the_compare_tab_names_each_reference(setup):
+    from rerank_app import views
+
+    inspector, users = setup
+    per_user, summary = compare_systems(inspector, users, SETTINGS, ["base", "after"], bootstrap_samples=200)
+    counts = views.compare_view(per_user, summary).counts
+    assert "**after** vs **base @ seed_after** on NDCG@10" in counts
+    assert "**base @ seed_after** vs **base** (the preset's own effect) on NDCG@10" in counts
