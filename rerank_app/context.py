@@ -388,11 +388,11 @@ class AppContext:
         from rerank_core.training import training_config
 
         cleaned = {key: _plain_number(value) for key, value in overrides.items() if value not in (None, "")}
-        # As on the command line, max_samples 0 means every sample.
-        every_sample = cleaned.get("max_samples") == 0
-        config = training_config(training_preset, **{**cleaned, "max_samples": None if every_sample
-                                                     else cleaned.get("max_samples")})
-        return replace(config, max_samples=None) if every_sample else config
+        # As on the command line, max_samples 0 means every sample; a 0 (or empty) prompt budget is sized from
+        # the data (the form shows an unset budget as 0).
+        unset = {name: None for name in ("max_samples", "max_prompt_tokens") if cleaned.get(name) == 0}
+        config = training_config(training_preset, **{**cleaned, **unset})
+        return replace(config, **unset)
 
     def start_finetune(self, name: str, dataset: str, model: str, training_preset: str,
                        overrides: dict[str, Any]) -> Any:
