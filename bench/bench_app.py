@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import app as app_module
-from rerank_app.context import make_settings
+from rerank_app.pickers import make_settings
 from rerank_app.server import build_app, build_context, launch
 from rerank_core.inspector import BASE
 

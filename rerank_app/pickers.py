@@ -7,15 +7,15 @@ import inspect
 import logging
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import gradio as gr
 
-from rerank_app.context import AppContext, make_settings
+from rerank_app.context import AppContext
 from rerank_core.inspector import BASE, InspectSettings
 
-__all__ = ["NO_ADAPTER_LABEL", "PickerControls", "Pickers", "adapter_choices", "endpoint"]
+__all__ = ["NO_ADAPTER_LABEL", "PickerControls", "Pickers", "adapter_choices", "endpoint", "make_settings"]
 
 log = logging.getLogger("rerank_app")
 
@@ -24,31 +24,41 @@ NO_ADAPTER_LABEL = "none (base model)"
 _USER_ERRORS = (ValueError, LookupError, OSError, RuntimeError)
 
 
+# The pickers start at the core's defaults: one declaration, in InspectSettings and CandidateConfig.
+_DEFAULT = InspectSettings()
+
+
 @dataclass(frozen=True)
 class Pickers:
     """The picker values every scoring handler takes (Inspect, Compare, Diagnose); named as the API names them."""
 
     dataset: str = ""
     model: str = ""
-    split: str = "test"
-    source: str = "random"
-    preset: str = "seed"
-    strategy: str = "as_trained"
-    text_field: str = "title"
-    count: int = 20
-    seed: int = 0
-    use_adapter_preset: bool = True
+    split: str = _DEFAULT.split
+    source: str = _DEFAULT.candidates.source
+    preset: str = _DEFAULT.preset
+    strategy: str = _DEFAULT.strategy
+    text_field: str = _DEFAULT.text_field
+    count: int = _DEFAULT.candidates.count
+    seed: int = _DEFAULT.candidates.seed
+    use_adapter_preset: bool = _DEFAULT.use_adapter_preset
 
     def settings(self) -> InspectSettings:
-        """The one place the pickers become InspectSettings."""
-        return make_settings(split=self.split, source=self.source, preset=self.preset, strategy=self.strategy,
-                             text_field=self.text_field, count=self.count, seed=self.seed,
-                             use_adapter_preset=self.use_adapter_preset)
+        """The one place the pickers become InspectSettings (a float from a slider becomes an int)."""
+        candidates = replace(_DEFAULT.candidates, source=self.source, count=int(self.count), seed=int(self.seed))
+        return replace(_DEFAULT, split=self.split, preset=self.preset, strategy=self.strategy,
+                       text_field=self.text_field, candidates=candidates,
+                       use_adapter_preset=bool(self.use_adapter_preset))
 
     def or_first(self, context: AppContext) -> Pickers:
         """Blank dataset or model: the first one the app offers (the JSON API's defaults)."""
         return Pickers(**{**self.__dict__, "dataset": self.dataset or context.dataset_names[0],
                           "model": self.model or context.model_names[0]})
+
+
+def make_settings(**pickers: Any) -> InspectSettings:
+    """InspectSettings from picker values by name, the rest at their defaults (tests and benchmarks)."""
+    return Pickers(**pickers).settings()
 
 
 PICKER_NAMES = tuple(field.name for field in fields(Pickers))
@@ -92,6 +102,8 @@ def endpoint(handler: Callable[..., Any], context: AppContext) -> Callable[..., 
     public_parameters: list[inspect.Parameter] = []
     for parameter in own:
         parameter = parameter.replace(annotation=hints.get(parameter.name, parameter.annotation))
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY:  # Gradio passes every input by position
+            parameter = parameter.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD)
         if parameter.name != "pickers":
             public_parameters.append(parameter)
             continue

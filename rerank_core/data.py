@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 __all__ = [
@@ -13,8 +12,6 @@ __all__ = [
     "Dataset",
     "Item",
     "UserSplit",
-    "bundled_sample_path",
-    "load_dataset",
 ]
 
 TEXT_FIELDS = ("title", "caption", "summary")
@@ -128,14 +125,3 @@ class Dataset:
 
 def _natural_key(text: str) -> tuple[int, int | str]:
     return (0, int(text)) if text.isdigit() else (1, text)
-
-
-def bundled_sample_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "sample_data"
-
-
-def load_dataset(path: str | Path | None = None, data_format: str | None = None) -> Dataset:
-    """Load a dataset folder or file; the format is detected unless data_format names it."""
-    from rerank_core import loaders
-
-    return loaders.load(bundled_sample_path() if path is None else Path(path), data_format)

@@ -22,7 +22,7 @@ from rerank_core.candidates import CandidateConfig, CandidateSampler, CandidateS
 from rerank_core.data import Dataset, UserSplit
 from rerank_core.metrics import METRIC_NAMES, metrics_at, rank_of_truth
 from rerank_core.models import LoadedModel
-from rerank_core.prompts import Prompt, build_prompt, encode_rendered
+from rerank_core.prompts import Prompt, build_prompt, encode_rendered, letters_for
 from rerank_core.scoring import LetterScores, ScoreCache, score_token_ids
 from rerank_core.verbalizer import LetterToken, resolve_letters
 
@@ -162,8 +162,6 @@ class Inspector:
         """Letters resolved once per (preset, strategy, count): they do not depend on the items."""
         key = (settings.preset, settings.strategy, count)
         if key not in self._letters:
-            from rerank_core.prompts import letters_for
-
             self._letters[key] = tuple(resolve_letters(
                 self.tokenizer, settings.preset, letters_for(count), settings.strategy))
         return self._letters[key]
@@ -232,6 +230,7 @@ class Inspector:
             slots.peft_model.delete_adapter(system)
             del slots.infos[system]
         if system not in slots.infos:
+            # peft takes seconds to import: only when an adapter is first scored
             from peft import PeftModel
 
             info = check_adapter(self.loaded, system, self.adapters_root)
@@ -250,15 +249,21 @@ class Inspector:
         return slots.peft_model
 
     def settings_for(self, system: str, settings: InspectSettings) -> tuple[InspectSettings, str]:
-        """An adapter is scored with the preset it was trained with, unless the user overrides it."""
+        """An adapter is scored with the preset and prompt budget it was trained with, unless the user overrides."""
         if system == BASE or not settings.use_adapter_preset:
             return settings, ""
         info = self.loaded.adapters.infos.get(system) or check_adapter(self.loaded, system, self.adapters_root)
+        notes = []
         trained = info.preset
         if trained and trained != settings.preset:
-            note = f"adapter {system!r} was trained with preset {trained!r}; scored with it, not {settings.preset!r}"
-            return replace(settings, preset=trained), note
-        return settings, ""
+            notes.append(f"adapter {system!r} was trained with preset {trained!r}; scored with it, not "
+                         f"{settings.preset!r}")
+            settings = replace(settings, preset=trained)
+        budget = info.max_prompt_tokens
+        if budget and budget != settings.max_prompt_tokens:
+            notes.append(f"prompts cut to {budget} tokens, as in its training (not {settings.max_prompt_tokens})")
+            settings = replace(settings, max_prompt_tokens=budget)
+        return settings, "; ".join(notes)
 
     # -- scoring -----------------------------------------------------------------------------
 

@@ -22,10 +22,12 @@ __all__ = [
     "FORMATS",
     "MAX_FILE_BYTES",
     "MAX_TITLE_CHARS",
+    "bundled_sample_path",
     "detect_format",
     "load",
     "load_amazon",
     "load_csv_pair",
+    "load_dataset",
     "load_movielens_1m",
     "load_movielens_100k",
     "load_movielens_latest_small",
@@ -56,6 +58,15 @@ _ML100K_GENRES = (
     "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
     "War", "Western",
 )
+
+
+def bundled_sample_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "sample_data"
+
+
+def load_dataset(path: str | Path | None = None, data_format: str | None = None) -> Dataset:
+    """Load a dataset folder or file (the bundled sample when None); the format is detected unless named."""
+    return load(bundled_sample_path() if path is None else Path(path), data_format)
 
 
 def load(path: Path, data_format: str | None = None) -> Dataset:

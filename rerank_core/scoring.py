@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from cachetools import LRUCache
 
 __all__ = ["LetterScores", "ScoreCache", "score_token_ids"]
 
@@ -131,24 +131,11 @@ def score_token_ids(
     return [result for result in results if result is not None]
 
 
-class ScoreCache:
-    """Scores keyed by (model, adapter, rendered text, letter IDs): switching back is instant."""
+class ScoreCache(LRUCache):
+    """Scores keyed by (model, adapter, prompt token IDs, letter IDs), least recently used dropped first."""
 
     def __init__(self, capacity: int = 4096) -> None:
-        self.capacity = capacity
-        self._entries: OrderedDict[tuple[Any, ...], LetterScores] = OrderedDict()
-
-    def get(self, key: tuple[Any, ...]) -> LetterScores | None:
-        value = self._entries.get(key)
-        if value is not None:
-            self._entries.move_to_end(key)
-        return value
+        super().__init__(maxsize=capacity)
 
     def put(self, key: tuple[Any, ...], value: LetterScores) -> None:
-        self._entries[key] = value
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._entries)
+        self[key] = value

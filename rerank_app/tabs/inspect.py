@@ -55,6 +55,7 @@ def change_model(context: AppContext, model: str) -> Any:
 def build(context: AppContext) -> tuple[PickerControls, list[Any], gr.Button]:
     """Lay out the pickers and the outputs; returns the pickers (other tabs read them) and the outputs."""
     dataset, model = context.dataset_names[0], context.model_names[0]
+    defaults = Pickers()
     with gr.Row():
         # Custom values allowed where choices grow at run time (uploads, new adapters); the server validates.
         dataset_box = gr.Dropdown(context.dataset_names, value=dataset, label="Dataset", scale=2,
@@ -62,16 +63,17 @@ def build(context: AppContext) -> tuple[PickerControls, list[Any], gr.Button]:
         model_box = gr.Dropdown(context.model_names, value=model, label="Model", scale=2)
         adapter_box = gr.Dropdown(adapter_choices(context, model), value=BASE, label="Adapter (from adapters/)",
                                   scale=2, allow_custom_value=True, elem_id="adapter-picker")
-        split_box = gr.Radio(["test", "validation"], value="test", label="Split", scale=1)
+        split_box = gr.Radio(["test", "validation"], value=defaults.split, label="Split", scale=1)
     with gr.Row():
-        source_box = gr.Dropdown(list(CANDIDATE_SOURCES), value="random", label="Candidate source")
-        preset_box = gr.Dropdown(list(PRESETS), value="seed", label="Prompt preset")
-        strategy_box = gr.Dropdown(list(STRATEGIES), value="as_trained", label="Verbalizer strategy")
-        text_box = gr.Dropdown(list(TEXT_FIELDS), value="title", label="Item text field")
-        count_box = gr.Slider(2, MAX_CANDIDATES, value=20, step=1, label="Candidates")
+        source_box = gr.Dropdown(list(CANDIDATE_SOURCES), value=defaults.source, label="Candidate source")
+        preset_box = gr.Dropdown(list(PRESETS), value=defaults.preset, label="Prompt preset")
+        strategy_box = gr.Dropdown(list(STRATEGIES), value=defaults.strategy, label="Verbalizer strategy")
+        text_box = gr.Dropdown(list(TEXT_FIELDS), value=defaults.text_field, label="Item text field")
+        count_box = gr.Slider(2, MAX_CANDIDATES, value=defaults.count, step=1, label="Candidates")
     with gr.Accordion("More settings", open=False), gr.Row():
-        seed_box = gr.Number(0, precision=0, label="Candidate seed")
-        adapter_preset_box = gr.Checkbox(True, label="Score an adapter with the preset it was trained with")
+        seed_box = gr.Number(defaults.seed, precision=0, label="Candidate seed")
+        adapter_preset_box = gr.Checkbox(defaults.use_adapter_preset,
+                                         label="Score an adapter with the preset it was trained with")
     with gr.Row(equal_height=True):
         user_box = gr.Dropdown(context.user_choices(dataset), value=context.users(dataset)[0],
                                label="User (type to search by id)", filterable=True, allow_custom_value=True,
