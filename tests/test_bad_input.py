@@ -568,19 +568,21 @@ def test_eval_replaces_its_files_whole_and_a_failed_write_keeps_the_old_one(
     shutil.copytree(cli_world["out"], out)
     argv = ["eval", "--data", str(data_folder), "--model", str(model_folder), "--users", "4", "--candidates", "5",
             "--output-dir", str(out)]
-    real_replace = __import__("os").replace
+    real_rename = __import__("os").rename
+    before = {path.name: path.read_text() for path in out.iterdir()}
 
     def full_disk(source, target):
-        if str(target).endswith("summary.json"):
+        if Path(target) == out:  # the new folder cannot move in
             raise OSError(28, "No space left on device")
-        return real_replace(source, target)
+        return real_rename(source, target)
 
-    monkeypatch.setattr("os.replace", full_disk)
+    monkeypatch.setattr("os.rename", full_disk)
     code, err = run_cli(argv, capsys)
     assert code == 2 and "No space left on device" in err
-    assert (out / "summary.json").read_text() == '{"earlier": true}'  # the old file, whole
-    assert sorted(path.name for path in out.iterdir()) == ["per_user.csv", "summary.json"]  # no temp files
-    monkeypatch.setattr("os.replace", real_replace)
+    assert {path.name: path.read_text() for path in out.iterdir()} == before  # the old pair, both whole
+    assert '{"earlier": true}' in before.values()
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".")) == []  # no staging left
+    monkeypatch.setattr("os.rename", real_rename)
     assert run_cli(argv, capsys)[0] == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["users"] == 4 and len((out / "per_user.csv").read_text().splitlines()) == 5
