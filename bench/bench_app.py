@@ -1,8 +1,11 @@
-"""Inspect-update latency of the served app with the default model: 30 users in a row, then 4 concurrent clients.
+"""Inspect-update latency of the served app with the default model: new users, view-only updates, 4 clients.
 
-Run: PYTHONPATH=. .venv/bin/python bench/bench_app.py [--users 30] [--clients 4] [--per-client 10]
+Run: PYTHONPATH=. .venv/bin/python bench/bench_app.py [--rounds 3] [--users 20] [--clients 4] [--per-client 5]
 Each request is the Inspect tab's full round trip through gradio_client (/inspect): prompt, forward pass,
-every table, figure and HTML block, serialised. Users are never repeated, so no result comes from a cache.
+every table, figure and HTML block, serialised. Three ways, in interleaved rounds (bench/method.py), each
+round's figure the p50 of its requests: "new user" (users never requested before, one after another),
+"view only" (the same users again with the same settings: the scores are known, only the view is rebuilt)
+and "4 clients" (concurrent clients, each on users never requested before).
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from method import LoadWatch, Measurement, add_method_args, interleaved, print_ratio, print_summary
 
 import app as app_module
 from rerank_app.pickers import make_settings
@@ -48,11 +54,42 @@ def timed_inspect(client: object, user: str) -> float:
     return time.perf_counter() - begin
 
 
+def concurrent(url: str, users: list[str], clients: int) -> tuple[list[float], list[str], float]:
+    """Each client requests its share of `users` one after another; all clients at once."""
+    from gradio_client import Client
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    per_client = len(users) // clients
+
+    def worker(index: int) -> None:
+        own = Client(url, verbose=False)
+        for user in users[index * per_client:(index + 1) * per_client]:
+            try:
+                elapsed = timed_inspect(own, user)
+            except Exception as error:
+                with lock:
+                    errors.append(f"{user}: {error}")
+                continue
+            with lock:
+                latencies.append(elapsed)
+
+    wall = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(index,)) for index in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return latencies, errors, time.perf_counter() - wall
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--users", type=int, default=30, help="users selected one after another")
+    parser.add_argument("--users", type=int, default=20, help="new users per round, one after another")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients")
-    parser.add_argument("--per-client", type=int, default=10, help="users each concurrent client selects")
+    parser.add_argument("--per-client", type=int, default=5, help="new users each concurrent client selects")
+    add_method_args(parser)
     options = parser.parse_args()
 
     from gradio_client import Client
@@ -66,7 +103,8 @@ def main() -> None:
     print(f"app up in {time.perf_counter() - begin:.1f} s at {url}; model {context.model_names[0]}, "
           f"dataset {context.dataset_names[0]} ({len(context.users(context.dataset_names[0]))} users)")
     users = context.users(context.dataset_names[0])
-    needed = 1 + options.users + options.clients * options.per_client
+    per_round = options.users + options.clients * options.per_client
+    needed = 6 + options.rounds * per_round
     if len(users) < needed:
         raise SystemExit(f"the dataset has {len(users)} users; this run needs {needed} distinct ones")
     client = Client(url, verbose=False)
@@ -81,39 +119,44 @@ def main() -> None:
         core.append(time.perf_counter() - start)
     print(f"core inspect (prompt + forward pass, no UI): median {statistics.median(core):.3f}s over 5 users")
 
-    sequential = [timed_inspect(client, user) for user in users[1:1 + options.users]]
-    report(f"sequential, {options.users} users one after another", sequential)
+    fresh = iter(users[1:1 + options.rounds * per_round])
+    last_new: list[str] = []
 
-    latencies: list[float] = []
-    errors: list[str] = []
-    lock = threading.Lock()
-    offset = 1 + options.users
+    def new_user() -> Measurement:
+        last_new[:] = [next(fresh) for _ in range(options.users)]
+        latencies = [timed_inspect(client, user) for user in last_new]
+        return Measurement(percentile(latencies, 0.5), {"latencies": latencies})
 
-    def worker(index: int) -> None:
-        own = Client(url, verbose=False)
-        chunk = users[offset + index * options.per_client: offset + (index + 1) * options.per_client]
-        for user in chunk:
-            try:
-                elapsed = timed_inspect(own, user)
-            except Exception as error:
-                with lock:
-                    errors.append(f"{user}: {error}")
-                continue
-            with lock:
-                latencies.append(elapsed)
+    def view_only() -> Measurement:
+        # The users the last "new user" round requested (round 1 always runs that way first).
+        latencies = [timed_inspect(client, user) for user in last_new]
+        return Measurement(percentile(latencies, 0.5), {"latencies": latencies})
 
-    wall = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=(index,)) for index in range(options.clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - wall
-    report(f"concurrent, {options.clients} clients x {options.per_client} users", latencies, len(errors))
-    print(f"concurrent throughput: {len(latencies) / wall:.2f} users/s over {wall:.1f} s")
+    def clients() -> Measurement:
+        chunk = [next(fresh) for _ in range(options.clients * options.per_client)]
+        latencies, errors, wall = concurrent(url, chunk, options.clients)
+        return Measurement(percentile(latencies, 0.5) if latencies else float("nan"),
+                           {"latencies": latencies, "errors": errors, "wall": wall})
+
+    def describe(measurement: Measurement) -> str:
+        latencies = measurement.details["latencies"]
+        errors = measurement.details.get("errors", [])
+        return (f"p50 of {len(latencies)}; p95 {percentile(latencies, 0.95):.3f} s, "
+                f"max {max(latencies):.3f} s, errors {len(errors)}")
+
+    with LoadWatch() as watch:
+        results = interleaved({"new user": new_user, "view only": view_only,
+                               f"{options.clients} clients": clients}, options.rounds, watch, describe=describe)
+    demo.close()
+    errors = [error for m in results[f"{options.clients} clients"] for error in m.details["errors"]]
     for error in errors[:5]:
         print(f"  error: {error}")
-    demo.close()
+    for name, measurements in results.items():
+        report(f"{name}, all rounds", [value for m in measurements for value in m.details["latencies"]],
+               len([e for m in measurements for e in m.details.get("errors", [])]))
+    print_summary(results)
+    watch.report()
+    print_ratio("new_user_over_view_only", results["new user"], results["view only"])
     if errors:
         raise SystemExit(1)
 

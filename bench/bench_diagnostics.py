@@ -1,9 +1,10 @@
 """The cost of a full position-bias run with the default model on the bundled sample data.
 
-Prints wall time and forward passes per second for 20 rotations of one user (all rotations in one
-batch, in batches of 5, and one prompt at a time) and for 20 rotations of each of N users (one batch
-per user), with the bias figures the run finds. Each timing starts from an empty score cache.
-Usage: python bench/bench_diagnostics.py [--users 50 (0: one user only)] [--dtype auto] [--device auto]
+20 rotations of one user scored from scratch and with the shared prefix (system prompt, instruction,
+history) run once, the ways in interleaved rounds (bench/method.py), each timing from an empty score
+cache; then, with --users N, 20 rotations of each of N users once (one batch per user; about 20 s per
+user on the 2-core CPU, so it is off by default), with the bias figures the run finds.
+Usage: python bench/bench_diagnostics.py [--rounds 3] [--batch-size N] [--users 0] [--dtype auto]
 """
 
 from __future__ import annotations
@@ -16,6 +17,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "bench"))
+
+from method import (  # noqa: E402
+    LoadWatch,
+    Measurement,
+    add_method_args,
+    interleaved,
+    print_ratio,
+    print_summary,
+)
+
 from rerank_core.candidates import CandidateConfig  # noqa: E402
 from rerank_core.diagnostics import position_bias, position_bias_over_users  # noqa: E402
 from rerank_core.inspector import Inspector, InspectSettings  # noqa: E402
@@ -26,20 +38,24 @@ from rerank_core.scoring import ScoreCache  # noqa: E402
 CANDIDATES = 20
 
 
-def timed_user(inspector: Inspector, user: str, settings: InspectSettings, batch_size: int | None):
+def timed_user(inspector: Inspector, user: str, settings: InspectSettings, batch_size: int | None,
+               share_prefix: bool) -> Measurement:
     inspector.cache = ScoreCache()
+    inspector.share_prefix = share_prefix
     start = time.perf_counter()
     result = position_bias(inspector, user, settings, batch_size=batch_size)
-    return result, time.perf_counter() - start
+    return Measurement(time.perf_counter() - start, {"result": result})
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--users", type=int, default=50,
-                        help="users for the many-user run (default 50; 0 skips it)")
+    parser.add_argument("--users", type=int, default=0,
+                        help="users for the many-user run, measured once (default 0: skipped)")
     parser.add_argument("--preset", default="seed")
+    parser.add_argument("--batch-size", type=int, help="prompts per forward pass (default: all 20 rotations in one)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")
+    add_method_args(parser)
     args = parser.parse_args()
 
     dataset = load_dataset(None)
@@ -52,26 +68,29 @@ def main() -> int:
     print(f"model {loaded.name} ({loaded.dtype}, {loaded.device}), data {dataset.name}, preset {args.preset}, "
           f"{CANDIDATES} candidates, user {user}: {prompt_tokens} prompt tokens")
 
-    print(f"\n1 user x {CANDIDATES} rotations")
-    runs = {}
-    for label, batch_size in (("one batch of 20", None), ("batches of 8", 8), ("batches of 5", 5),
-                              ("one at a time", 1)):
-        result, seconds = timed_user(inspector, user, settings, batch_size)
-        runs[label] = (result, seconds)
-        passes = len(result.orders)
-        print(f"  {label:16s} {seconds:7.2f} s  {passes / seconds:6.2f} passes/s")
-    batched, batched_seconds = runs["one batch of 20"]
-    single, single_seconds = runs["one at a time"]
-    difference = float(abs(batched.position_probs - single.position_probs).max())
-    print(f"  batched vs one at a time: {single_seconds / batched_seconds:.2f}x faster; "
-          f"largest probability difference {difference:.2e}")
-    print(f"  letter A mean probability {batched.letter_means[0]:.3f} (uniform {batched.uniform:.3f}); "
-          f"stability (mean Kendall tau) {batched.stability:.3f}; truth ranks by rotation "
-          f"{batched.truth_ranks}")
+    print(f"\n1 user x {CANDIDATES} rotations, {args.rounds} interleaved rounds")
+    ways = {"from scratch": lambda: timed_user(inspector, user, settings, args.batch_size, False),
+            "prefix reuse": lambda: timed_user(inspector, user, settings, args.batch_size, True)}
+    with LoadWatch() as watch:
+        runs = interleaved(ways, args.rounds, watch,
+                           describe=lambda m: f"{CANDIDATES / m.value:6.2f} passes/s")
+        scratch = runs["from scratch"][0].details["result"]
+        batched = runs["prefix reuse"][0].details["result"]
+        difference = float(abs(batched.position_probs - scratch.position_probs).max())
+        print(f"largest letter-probability difference between the ways ({loaded.dtype}): {difference:.2e}")
+        print(f"letter A mean probability {batched.letter_means[0]:.3f} (uniform {batched.uniform:.3f}); "
+              f"stability (mean Kendall tau) {batched.stability:.3f}; truth ranks by rotation "
+              f"{batched.truth_ranks}")
+        if args.users > 0:
+            many_users(inspector, dataset.users[:args.users], settings)
+    print_summary(runs)
+    watch.report()
+    print_ratio("prefix_reuse_speedup", runs["from scratch"], runs["prefix reuse"])
+    return 0
 
-    if args.users <= 0:
-        return 0
-    users = dataset.users[:args.users]
+
+def many_users(inspector: Inspector, users: list[str], settings: InspectSettings) -> None:
+    """One pass over many users: what a full position-bias study costs, and what it finds."""
     print(f"\n{len(users)} users x {CANDIDATES} rotations (one batch per user)")
     inspector.cache = ScoreCache()
     start = time.perf_counter()
@@ -89,7 +108,6 @@ def main() -> int:
     print(f"  NDCG@10 as shown {metrics['original']['NDCG@10']:.3f}, debiased {metrics['debiased']['NDCG@10']:.3f} "
           f"({difference.difference:+.3f}, 95% CI {difference.low:+.3f} .. {difference.high:+.3f}), "
           f"mean over orders {metrics['over_orders']['NDCG@10']:.3f}")
-    return 0
 
 
 if __name__ == "__main__":

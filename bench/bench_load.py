@@ -1,6 +1,11 @@
-"""Load: 8 gradio_client clients switching users for 60 s while a fine-tune runs; errors, latency, server RSS.
+"""Load: 8 gradio_client clients switching users for 60 s, alone and while a fine-tune runs; errors, latency, RSS.
 
-Run: PYTHONPATH=. .venv/bin/python bench/bench_load.py [--clients 8] [--seconds 60] [--max-samples 64]
+Run: PYTHONPATH=. .venv/bin/python bench/bench_load.py [--rounds 3] [--clients 8] [--seconds 60] [--max-samples 64]
+
+Two ways in interleaved rounds (bench/method.py), each round's figure the p50 latency of its requests: "clients
+alone" and "during a fine-tune" (a fine-tune started through the app, the clients switching users while it is in
+its training loop; the round ends when the fine-tune is done). The load of other work excludes this benchmark's
+own processes (the app and its fine-tunes), which load the 2 cores on purpose.
 
 The app (default model, bundled sample data) runs in its own process so its RSS is its own; its adapters, runs
 and uploads folders are temporary, so the benchmark neither sees nor leaves fine-tunes in the repository. Each
@@ -25,6 +30,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from method import LoadWatch, Measurement, add_method_args, interleaved, print_ratio, print_summary  # noqa: E402
 
 RSS_GROWTH_LIMIT = 0.10
 
@@ -34,7 +42,8 @@ def serve(port: int, work: Path) -> None:
     from rerank_app.context import AppConfig, AppContext, DatasetEntry, ModelEntry
     from rerank_app.jobs import JobRunner
     from rerank_app.server import build_app, launch
-    from rerank_core.loaders import bundled_sample_path, load_dataset
+    from rerank_core.builtin_data import bundled_sample_path
+    from rerank_core.loaders import load_dataset
     from rerank_core.models import embedded_model_folder, load_model
 
     config = AppConfig(adapters_root=work / "adapters", upload_root=work / "uploads", runs_root=work / "runs")
@@ -109,6 +118,7 @@ def main() -> None:
     parser.add_argument("--max-samples", type=int, default=64, help="training samples of the fine-tune")
     parser.add_argument("--malloc-arena-max", type=int, metavar="N",
                         help="run the app with MALLOC_ARENA_MAX=N (glibc keeps one heap per thread by default)")
+    add_method_args(parser)
     parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     options = parser.parse_args()
@@ -120,8 +130,6 @@ def main() -> None:
 
     from rerank_core.loaders import load_dataset
 
-    print(f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at start "
-          "(other work on the machine shares the cores)")
     work = Path(tempfile.mkdtemp(prefix="bench-load-"))
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
@@ -181,21 +189,6 @@ def run(options: argparse.Namespace, url: str, server: subprocess.Popen[bytes], 
 
     inspect_next(client, record=False)  # first figures, first tokenizer calls
     rss_idle = process.memory_info().rss
-
-    name = f"bench-load-{int(time.time())}"
-    status = client.predict(name=name, max_samples=options.max_samples, eval_users=4, eval_every=0,
-                            api_name="/start_finetune")
-    print(f"fine-tune {name!r} started (pid {status['pid']}): quick preset, {options.max_samples} samples, "
-          "4 validation users")
-    # The load starts once the run is in its training loop, so the clients compete with training steps,
-    # not with the run's start-up.
-    waited = time.perf_counter()
-    while status["active"] and status["stage"] != "training" and time.perf_counter() - waited < 600:
-        time.sleep(1.0)
-        status = client.predict(api_name="/finetune_status")
-    print(f"fine-tune in its training loop after {time.perf_counter() - waited:.0f} s "
-          f"({status['state']}, {status['total_steps']} steps)")
-
     clients = [Client(url, verbose=False) for _ in range(options.clients)]
     # One concurrent round first: the server's worker threads and their buffers exist from here on, so the
     # before/after comparison measures growth under load, not the one-time cost of concurrency.
@@ -203,47 +196,81 @@ def run(options: argparse.Namespace, url: str, server: subprocess.Popen[bytes], 
     rss_before = process.memory_info().rss
     monitor = RssMonitor(server.pid)
     monitor.start()
-    deadline = time.monotonic() + options.seconds
+    finetunes: list[dict[str, Any]] = []
 
-    def switch_users(own: Any) -> None:
-        while time.monotonic() < deadline and inspect_next(own, record=True):
-            pass
+    def switch_users() -> Measurement:
+        latencies.clear()
+        errors_before = len(errors)
+        deadline = time.monotonic() + options.seconds
 
-    wall = time.perf_counter()
-    in_parallel(switch_users)
-    wall = time.perf_counter() - wall
+        def work(own: Any) -> None:
+            while time.monotonic() < deadline and inspect_next(own, record=True):
+                pass
+
+        wall = time.perf_counter()
+        in_parallel(work)
+        wall = time.perf_counter() - wall
+        if not latencies:
+            raise SystemExit(f"no request succeeded; errors: {errors[:5]}")
+        return Measurement(percentile(latencies, 0.5), {
+            "requests": len(latencies), "errors": len(errors) - errors_before, "wall": wall,
+            "p95": percentile(latencies, 0.95), "max": max(latencies)})
+
+    def during_finetune() -> Measurement:
+        name = f"bench-load-{int(time.time())}"
+        status = client.predict(name=name, max_samples=options.max_samples, eval_users=4, eval_every=0,
+                                api_name="/start_finetune")
+        # The load starts once the run is in its training loop, so the clients compete with training steps,
+        # not with the run's start-up.
+        waited = time.perf_counter()
+        while status["active"] and status["stage"] != "training" and time.perf_counter() - waited < 600:
+            time.sleep(1.0)
+            status = client.predict(api_name="/finetune_status")
+        measurement = switch_users()
+        during = client.predict(api_name="/finetune_status")
+        finished = during
+        give_up = time.monotonic() + 900
+        while finished["active"] and time.monotonic() < give_up:
+            time.sleep(2.0)
+            finished = client.predict(api_name="/finetune_status")
+        finetunes.append(finished)
+        result = finished.get("result") or {}
+        measurement.details["finetune"] = (
+            f"fine-tune {name} ({options.max_samples} samples): step {during['step']}/{during['total_steps']} "
+            f"when the load ended; final {finished['state']}"
+            + (f", {result['wall_time_s']:.0f} s in all" if result.get("wall_time_s") else "")
+            + (f"; {finished['message']}" if finished["message"] else ""))
+        return measurement
+
+    def describe(measurement: Measurement) -> str:
+        details = measurement.details
+        text = (f"p50 of {details['requests']} requests; p95 {details['p95']:.2f} s, max {details['max']:.2f} s, "
+                f"errors {details['errors']}, {details['requests'] / details['wall']:.2f} users/s")
+        return text + (f"; {details['finetune']}" if "finetune" in details else "")
+
+    print(f"{options.clients} clients for {options.seconds:.0f} s per round; fine-tunes: quick preset, "
+          f"{options.max_samples} samples, 4 validation users")
+    with LoadWatch() as watch:
+        results = interleaved({"clients alone": switch_users, "during a fine-tune": during_finetune},
+                              options.rounds, watch, describe=describe)
     rss_after = process.memory_info().rss
     trajectory = list(monitor.trajectory)
-    during = client.predict(api_name="/finetune_status")
-    finished = during
-    give_up = time.monotonic() + 900
-    while finished["active"] and time.monotonic() < give_up:
-        time.sleep(2.0)
-        finished = client.predict(api_name="/finetune_status")
     monitor.stop.set()
 
     growth = rss_after / rss_before - 1
-    print(f"\nload: {options.clients} clients for {wall:.1f} s while the fine-tune ran")
-    if latencies:
-        print(f"  requests {len(latencies)}, errors {len(errors)}, throughput {len(latencies) / wall:.2f} users/s")
-        print(f"  latency p50 {percentile(latencies, 0.5):.2f} s, p95 {percentile(latencies, 0.95):.2f} s, "
-              f"max {max(latencies):.2f} s")
-    else:
-        print(f"  no request succeeded; errors {len(errors)}")
     for error in errors[:5]:
         print(f"  error: {error}")
-    print(f"  server RSS idle {rss_idle / 2**20:.0f} MiB; before the load (after one concurrent round) "
+    print(f"requests in all {sum(m.details['requests'] for ms in results.values() for m in ms)}, errors {len(errors)}")
+    print(f"server RSS idle {rss_idle / 2**20:.0f} MiB; before the load (after one concurrent round) "
           f"{rss_before / 2**20:.0f} MiB, after {rss_after / 2**20:.0f} MiB ({growth:+.1%}; limit "
           f"+{RSS_GROWTH_LIMIT:.0%}), peak {monitor.server_peak / 2**20:.0f} MiB")
-    print("  server RSS every 10 s of the load (MiB): " + " ".join(f"{rss / 2**20:.0f}" for rss in trajectory))
-    print(f"  fine-tune process peak RSS {monitor.training_peak / 2**20:.0f} MiB")
-    print(f"fine-tune when the load ended: {during['state']}, step {during['step']}/{during['total_steps']}")
-    result = finished.get("result") or {}
-    print(f"fine-tune final: {finished['state']}, {finished['step']}/{finished['total_steps']} steps"
-          + (f", {result['wall_time_s']:.0f} s in all" if result.get("wall_time_s") else "")
-          + (f"; {finished['message']}" if finished["message"] else ""))
-    passed = bool(latencies) and not errors and growth <= RSS_GROWTH_LIMIT and finished["state"] == "done"
+    print("server RSS every 10 s of the load (MiB): " + " ".join(f"{rss / 2**20:.0f}" for rss in trajectory))
+    print(f"fine-tune process peak RSS {monitor.training_peak / 2**20:.0f} MiB")
+    passed = not errors and growth <= RSS_GROWTH_LIMIT and all(run["state"] == "done" for run in finetunes)
     print("PASS" if passed else "FAIL")
+    print_summary(results)
+    watch.report()
+    print_ratio("slowdown_during_finetune", results["during a fine-tune"], results["clients alone"])
     if not passed:
         raise SystemExit(1)
 

@@ -2,7 +2,8 @@
 
 Each way runs in its own process so peak RSS is its own. The seed's way: fp32, one prompt at a
 time, full-vocabulary logits at every position. Ours: auto dtype (bf16 on AVX512-BF16 CPUs),
-batches, logits at the last position only. Usage: python bench/bench_scoring.py [--prompts N]
+batches, logits at the last position only. The ways run in interleaved rounds (bench/method.py).
+Usage: python bench/bench_scoring.py [--prompts N] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -10,13 +11,25 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
+import statistics
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from method import (  # noqa: E402
+    LoadWatch,
+    Measurement,
+    add_method_args,
+    interleaved,
+    median,
+    print_ratio,
+    print_summary,
+    run_fresh,
+)
 
 HISTORY_ITEMS = 10
 CANDIDATES = 20
@@ -87,28 +100,43 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=30, help="prompts per way (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=1,
                         help="our batch size (default %(default)s: batching gains nothing on a small CPU)")
+    add_method_args(parser)
     parser.add_argument("--mode", choices=("seed", "ours"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode:
         print(json.dumps(run_one(args.mode, args.prompts, args.batch_size)))
         return
-    results = {}
-    for mode in ("seed", "ours"):
-        output = subprocess.run(
-            [sys.executable, __file__, "--mode", mode, "--prompts", str(args.prompts),
-             "--batch-size", str(args.batch_size)], check=True, capture_output=True, text=True).stdout
-        results[mode] = json.loads(output.strip().splitlines()[-1])
-    for mode, result in results.items():
-        print(f"{mode:5s} {result['dtype']:15s} prompts/s {result['prompts'] / result['seconds']:.2f}  "
-              f"prompt tokens/s {result['tokens'] / result['seconds']:.0f}  "
-              f"mean prompt tokens {result['tokens'] / result['prompts']:.0f}  "
-              f"peak RSS {result['peak_rss_mb']:.0f} MB")
-    difference = max(abs(a - b) for seed_row, our_row in zip(results["seed"]["probabilities"],
-                                                            results["ours"]["probabilities"])
+
+    def way(mode: str):
+        def run() -> Measurement:
+            result = run_fresh(__file__, ["--mode", mode, "--prompts", str(args.prompts),
+                                          "--batch-size", str(args.batch_size)])
+            return Measurement(result["seconds"], result)
+        return run
+
+    def describe(measurement: Measurement) -> str:
+        result = measurement.details
+        return (f"{result['dtype']:15s} prompt tokens/s {result['tokens'] / result['seconds']:6.0f}  "
+                f"peak RSS {result['peak_rss_mb']:.0f} MB")
+
+    print(f"{args.prompts} prompts per way, {args.rounds} interleaved rounds, a fresh process per way and round")
+    with LoadWatch() as watch:
+        results = interleaved({"seed": way("seed"), "ours": way("ours")}, args.rounds, watch, describe=describe)
+    print_summary(results)
+    for mode, measurements in results.items():
+        first = measurements[0].details
+        print(f"{mode:5s} {first['dtype']:15s} median prompt tokens/s {first['tokens'] / median(measurements):.0f}  "
+              f"mean prompt tokens {first['tokens'] / first['prompts']:.0f}  "
+              f"peak RSS {statistics.median(m.details['peak_rss_mb'] for m in measurements):.0f} MB")
+    difference = max(abs(a - b) for seed, ours in zip(results["seed"], results["ours"])
+                     for seed_row, our_row in zip(seed.details["probabilities"], ours.details["probabilities"])
                      for a, b in zip(seed_row, our_row))
     print(f"max letter probability difference: {difference:.4f}")
-    print(f"peak_rss_ratio_vs_seed: {results['ours']['peak_rss_mb'] / results['seed']['peak_rss_mb']:.2f}")
-    print(f"speedup_vs_seed: {results['seed']['seconds'] / results['ours']['seconds']:.2f}")
+    rss = {mode: statistics.median(m.details["peak_rss_mb"] for m in measurements)
+           for mode, measurements in results.items()}
+    print(f"peak_rss_ratio_vs_seed: {rss['ours'] / rss['seed']:.2f}")
+    watch.report()
+    print_ratio("speedup_vs_seed", results["seed"], results["ours"])
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from rerank_app.jobs import JobRunner
 from rerank_app.tabs import compare, data, diagnose, finetune
 from rerank_app.tabs import inspect as inspect_tab
 from rerank_core.adapters import adapters_root
-from rerank_core.loaders import bundled_sample_path, load_dataset
+from rerank_core.builtin_data import bundled_sample_path
+from rerank_core.loaders import load_dataset
 from rerank_core.models import ModelError, embedded_model_folder, load_model
 
 __all__ = ["SAMPLE_DATASET", "build_app", "build_context", "launch"]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rerank_core.data import Dataset, UserSplit
+from rerank_core.limits import LIMITS, check_limit
 
 __all__ = [
     "CANDIDATE_ORDERS",
@@ -22,7 +23,7 @@ __all__ = [
 CANDIDATE_SOURCES = ("random", "popular", "retriever")
 CANDIDATE_ORDERS = ("shuffled", "retriever")
 # Letters A-Z then a-z label the candidates, so a prompt can hold at most 52.
-MAX_CANDIDATES = 52
+MAX_CANDIDATES = LIMITS["candidates"].high
 
 # Retriever constants. The most recent items say most about the next one (sequential
 # recommendation), so the last few history items vote with halving weights.
@@ -58,12 +59,9 @@ class CandidateConfig:
         if self.order == "retriever" and self.source != "retriever":
             raise ValueError(f"candidate order 'retriever' needs source 'retriever', not {self.source!r}: "
                              "use order 'shuffled' for random or popular candidates")
-        if isinstance(self.count, bool) or not isinstance(self.count, int) \
-                or not 1 <= self.count <= MAX_CANDIDATES:
-            raise ValueError(f"candidate count must be an integer from 1 to {MAX_CANDIDATES} "
-                             f"(one letter A-Z a-z each), got {self.count!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"candidate seed must be an integer, got {self.seed!r}")
+        # A widget's 20.0 or "20" becomes 20; empty, fractional or out-of-range values are refused by name.
+        object.__setattr__(self, "count", check_limit("candidates", self.count))
+        object.__setattr__(self, "seed", check_limit("candidate_seed", self.seed))
 
 
 @dataclass(frozen=True)
@@ -99,10 +97,10 @@ class CandidateSampler:
         self._back_off = _POPULARITY_WEIGHT * counts / max(counts.sum(), 1.0)
         # Most popular first, ties by catalogue order: the retriever's deterministic back-off list.
         self._by_popularity = np.lexsort((np.arange(len(self._ids)), -counts))
+        self._training = training
+        self._tables: tuple[_Neighbours, _Neighbours] | None = None
         if config.source == "retriever":
-            self._transitions = _Neighbours.build(training, len(self._ids), lags=(1,), symmetric=False)
-            self._cooccurrence = _Neighbours.build(
-                training, len(self._ids), lags=tuple(range(1, _COOCCURRENCE_WINDOW + 1)), symmetric=True)
+            self._neighbour_tables()
 
     def for_split(self, split: UserSplit) -> CandidateSet:
         """Eval/inspection candidates for a user's validation or test target."""
@@ -130,6 +128,39 @@ class CandidateSampler:
         else:
             negatives = self._negatives(user_id, excluded, rng)
         return self._with_target(target, negatives, rng)
+
+    def popularity(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Interaction counts in the training part of the split (everything before validation)."""
+        return self._weights[[self._index[item] for item in item_ids]] - 1.0  # undo the add-one smoothing
+
+    def retriever_scores(self, history: Sequence[str], item_ids: Sequence[str]) -> np.ndarray:
+        """The retriever's score of each given item after this history: ranking by it is the retriever's order."""
+        pooled, weights = self._neighbour_votes(history)
+        score = self._back_off + np.bincount(pooled, weights=weights, minlength=len(self._ids))
+        return score[[self._index[item] for item in item_ids]]
+
+    def _neighbour_tables(self) -> tuple[_Neighbours, _Neighbours]:
+        """Next-item transitions and windowed co-occurrence, built on first use (once per sampler)."""
+        if self._tables is None:
+            size = len(self._ids)
+            self._tables = (
+                _Neighbours.build(self._training, size, lags=(1,), symmetric=False),
+                _Neighbours.build(self._training, size, lags=tuple(range(1, _COOCCURRENCE_WINDOW + 1)),
+                                  symmetric=True))
+        return self._tables
+
+    def _neighbour_votes(self, history: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Items the last few history items point to, with their recency- and table-weighted votes."""
+        recent = [self._index[item] for item in reversed(history[-_RECENT_ITEMS:])]
+        weights = [_RECENCY_DECAY ** position for position in range(len(recent))]
+        transitions, cooccurrence = self._neighbour_tables()
+        neighbours, scores = [], []
+        for table, scale in ((transitions, 1.0), (cooccurrence, _COOCCURRENCE_WEIGHT)):
+            for item, weight in zip(recent, weights, strict=True):
+                targets, probabilities = table.row(item)
+                neighbours.append(targets)
+                scores.append(probabilities * (weight * scale))
+        return np.concatenate([np.zeros(0, np.int64), *neighbours]), np.concatenate([np.zeros(0), *scores])
 
     def _rng(self, user_id: str, purpose: str) -> np.random.Generator:
         # hashlib, not hash(): Python salts str hashes per process, and samples must repeat across runs.
@@ -191,16 +222,7 @@ class CandidateSampler:
 
     def _retrieve(self, history: Sequence[str], excluded: set[int], k: int) -> list[int]:
         """Top-k item indices not in excluded, scored from the last few history items."""
-        recent = [self._index[item] for item in reversed(history[-_RECENT_ITEMS:])]
-        weights = [_RECENCY_DECAY ** position for position in range(len(recent))]
-        neighbours, scores = [], []
-        for table, scale in ((self._transitions, 1.0), (self._cooccurrence, _COOCCURRENCE_WEIGHT)):
-            for item, weight in zip(recent, weights, strict=True):
-                targets, probabilities = table.row(item)
-                neighbours.append(targets)
-                scores.append(probabilities * (weight * scale))
-        pooled = np.concatenate([np.zeros(0, np.int64), *neighbours])
-        weights = np.concatenate([np.zeros(0), *scores])
+        pooled, weights = self._neighbour_votes(history)
         if len(pooled) >= _DENSE_SHARE * len(self._ids):
             # Dense neighbourhoods: one catalogue-sized vector is cheaper than sorting the pool.
             pool = np.arange(len(self._ids))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,15 +14,17 @@ from typing import Any
 from tqdm import tqdm
 
 from rerank_core.adapters import check_adapter
+from rerank_core.baselines import BASELINES, with_baselines
 from rerank_core.cli_common import add_common_options, build_inspector, build_settings, int_range
 from rerank_core.cli_diagnose import add_diagnose_command
 from rerank_core.cli_train import add_train_command
 from rerank_core.compare import compare_systems, comparison_table
 from rerank_core.display import visible_text
-from rerank_core.fsutil import write_folder
+from rerank_core.fsutil import atomic_write_text, write_folder
 from rerank_core.inspector import BASE
 from rerank_core.models import load_tokenizer
 from rerank_core.prompts import letters_for
+from rerank_core.report import comparison_report, inspection_report
 from rerank_core.verbalizer import resolve_letters
 
 __all__ = ["build_parser", "main"]
@@ -62,6 +65,9 @@ def command_show(args: argparse.Namespace) -> int:
     settings = build_settings(args, args.split)
     specials = inspector.tokenizer.all_special_tokens
     if inspector.loaded is None:
+        if args.format == "html":
+            raise ValueError("--format html needs scores: give --model (or no --tokenizer) instead of a "
+                             "tokenizer alone")
         prepared = inspector.prepare(args.user, settings)
         payload = {
             "user_id": args.user, "split": args.split, "history": list(prepared.split.history),
@@ -75,6 +81,9 @@ def command_show(args: argparse.Namespace) -> int:
             print(_table(payload["audit"], ["letter", "token", "token_id", "step", "as_trained_id", "flags"]))
         return 0
     result = inspector.inspect(args.user, settings, args.adapter or BASE)
+    if args.format == "html":
+        return _write_or_print(inspection_report(result, inspector.dataset, model=inspector.loaded.name,
+                                                 special_tokens=specials), args.output)
     payload = result.to_json(inspector.dataset)
     if args.format == "json":
         print(json.dumps(payload, indent=2, ensure_ascii=False, default=str))
@@ -113,28 +122,64 @@ def _check_output_dir(out_dir: Path) -> None:
             from None
 
 
+def _write_or_print(text: str, output: str | None) -> int:
+    """A document to a file (written whole, never half) or to stdout."""
+    if output is None:
+        sys.stdout.write(text)
+        return 0
+    atomic_write_text(Path(output), text)
+    print(f"wrote {output}", file=sys.stderr)
+    return 0
+
+
 def command_eval(args: argparse.Namespace) -> int:
+    baselines = _baseline_names(args.baselines)
     inspector = build_inspector(args)
+    shard = inspector.shard
+    is_main = shard is None or shard.is_main
     settings = build_settings(args, args.split)
     users = inspector.dataset.users
     if args.users:
         users = users[:args.users]
+    processes = 1 if shard is None else shard.world_size
+    if processes > len(users):
+        raise ValueError(f"{processes} processes but only {len(users)} user(s) to evaluate: launch at most "
+                         f"{len(users)} processes or evaluate more users (--users)")
     systems = [BASE, *(args.adapter or [])]
     # Bad adapters and an unwritable output folder fail now, not after minutes of scoring.
     for name in systems[1:]:
         check_adapter(inspector.loaded, name, args.adapters_dir)
     out_dir = Path(args.output_dir)
     _check_output_dir(out_dir)
-    with tqdm(total=len(users) * len(systems), desc="scoring", unit="user", file=sys.stderr) as bar:
+    # Every process runs the same comparison; scoring inside it is split across them (Inspector.shard).
+    with tqdm(total=len(users) * len(systems), desc="scoring", unit="user", file=sys.stderr,
+              disable=not is_main) as bar:
         per_user, summary = compare_systems(inspector, users, settings, systems,
                                             progress=lambda done, _total: bar.update(done - bar.n))
+    per_user, summary = with_baselines(inspector, per_user, summary, users, settings, baselines,
+                                       reference=args.reference)
+    if shard is not None:
+        shard.close()
+    if not is_main:
+        return 0
     records = json.loads(summary.to_json(orient="records"))
     write_folder(out_dir, {_EVAL_FILES[0]: per_user.to_csv(index=False), _EVAL_FILES[1]: json.dumps(
-        {"users": len(users), "split": args.split, "rows": records}, indent=2)})
+        {"users": len(users), "split": args.split, "processes": processes, "rows": records}, indent=2)})
     csv_path, summary_path = (out_dir / name for name in _EVAL_FILES)
     print(json.dumps(records, indent=2) if args.format == "json" else comparison_table(summary))
     print(f"\nwrote {csv_path} and {summary_path}", file=sys.stderr)
+    if args.report:
+        _write_or_print(comparison_report(per_user, summary, settings, dataset=inspector.dataset.name,
+                                          model=inspector.loaded.name), args.report)
     return 0
+
+
+def _baseline_names(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip() and part.strip() != "none"]
+    unknown = [name for name in names if name not in BASELINES]
+    if unknown:
+        raise ValueError(f"--baselines: {', '.join(unknown)} is not one of {', '.join(BASELINES)} (or none)")
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--adapter", help="score with this adapter from the adapters folder instead of the base")
     show.add_argument("--ignore-adapter-preset", action="store_true",
                       help="score an adapter with --preset instead of the preset it was trained with")
-    show.add_argument("--format", choices=("text", "json"), default="text", help="output format")
+    show.add_argument("--format", choices=("text", "json", "html"), default="text",
+                      help="output format; html: one self-contained report file (charts inlined, opens offline)")
+    show.add_argument("--output", metavar="FILE", help="write the output to FILE instead of stdout")
     show.set_defaults(handler=command_show)
 
     evaluate = commands.add_parser("eval", help="metrics over many users; base vs adapters with paired CIs",
@@ -172,8 +219,18 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also score this adapter (repeatable); differences are paired with the base")
     evaluate.add_argument("--ignore-adapter-preset", action="store_true",
                           help="score adapters with --preset instead of the preset each was trained with")
+    evaluate.add_argument("--baselines", default="random,popularity,retriever", metavar="NAMES",
+                          help="comma-separated baselines scored on the same candidates: random (expected "
+                               "value), popularity (training-part counts), retriever (co-occurrence order); "
+                               "none for no baselines (default: %(default)s)")
+    evaluate.add_argument("--reference", metavar="RUN",
+                          help="pair every run against this one (base, an adapter or a baseline, e.g. "
+                               "popularity); default: the base")
     evaluate.add_argument("--output-dir", default="eval_out", help="where per_user.csv and summary.json go")
     evaluate.add_argument("--format", choices=("text", "json"), default="text", help="summary format")
+    evaluate.add_argument("--report", metavar="FILE.html",
+                          help="also write a self-contained HTML report (settings, metrics with CIs, charts, "
+                               "movers) that opens offline")
     evaluate.set_defaults(handler=command_eval)
 
     add_train_command(commands)
@@ -184,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if int(os.environ.get("RANK", "0")) > 0:
+        # Under a launcher every process runs the command; one copy of each table (rank 0's) is enough.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:

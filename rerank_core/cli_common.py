@@ -8,6 +8,7 @@ from typing import Any
 
 from rerank_core.candidates import CANDIDATE_ORDERS, CANDIDATE_SOURCES, MAX_CANDIDATES, CandidateConfig
 from rerank_core.data import TEXT_FIELDS, Dataset
+from rerank_core.distributed import process_device, process_shard
 from rerank_core.inspector import Inspector, InspectSettings
 from rerank_core.loaders import FORMATS, load_dataset
 from rerank_core.models import load_model, load_tokenizer
@@ -42,7 +43,9 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tokenizer", metavar="PATH",
                        help="tokenizer folder (tokenizer files or a SentencePiece tokenizer.model) for commands "
                             "that need no weights; `show` then prints the prompt and audit without scores")
-    group.add_argument("--data", metavar="PATH", help="dataset folder or file; default: the bundled sample_data/")
+    group.add_argument("--data", metavar="PATH|NAME",
+                       help="dataset folder or file, or a built-in dataset: sample (synthetic, the default) or "
+                            "ml-100k-real (real MovieLens 100K from the recbole package)")
     group.add_argument("--data-format", choices=FORMATS,
                        help="force the data format instead of detecting it from the file names")
     group.add_argument("--preset", default="seed", choices=sorted(PRESETS),
@@ -92,6 +95,8 @@ def build_inspector(args: argparse.Namespace, *, need_model: bool = True) -> Ins
     dataset = load_data(args)
     if args.tokenizer and not args.model and not need_model:
         return Inspector(dataset, tokenizer=load_tokenizer(args.tokenizer), adapters_root=args.adapters_dir)
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype,
-                        trust_remote_code=args.trust_remote_code)
-    return Inspector(dataset, loaded, adapters_root=args.adapters_dir, batch_size=args.batch_size)
+    # Under torchrun / accelerate launch each process takes its own GPU and scores its share of the prompts.
+    device = process_device(args.device)
+    shard = process_shard(device)
+    loaded = load_model(args.model, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    return Inspector(dataset, loaded, adapters_root=args.adapters_dir, batch_size=args.batch_size, shard=shard)

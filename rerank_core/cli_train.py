@@ -35,7 +35,8 @@ def _add_shared_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and data")
     group.add_argument("--model", metavar="PATH",
                        help="local Hugging Face model folder (default: embedded SmolLM2-135M-Instruct)")
-    group.add_argument("--data", metavar="PATH", help="dataset folder or file (default: the bundled sample_data/)")
+    group.add_argument("--data", metavar="PATH|NAME", help="dataset folder or file, or a built-in dataset: sample "
+                       "(synthetic, the default) or ml-100k-real (real MovieLens 100K from the recbole package)")
     group.add_argument("--data-format", help="force the data format instead of detecting it")
     group.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32 (default: %(default)s)")
     group.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]; under torchrun each process takes "
@@ -48,7 +49,7 @@ def _add_shared_options(parser: argparse.ArgumentParser) -> None:
 
 def _setting_type(item: Setting) -> Any:
     """An argparse type: a bad value stops at parsing (exit 2), naming the option, before anything loads; the text
-    itself is kept, so parse_settings stays the one place that converts it (0 → all samples included)."""
+    itself is kept, so parse_settings stays the one place that converts it (0 → None included)."""
     def parse(text: str) -> str:
         try:
             item.parse(text)
@@ -80,8 +81,9 @@ def add_train_command(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "train", help="LoRA fine-tune on answer letters and save adapters/<name>",
         description="LoRA fine-tune on the answer letters of training samples cut from each user's sequence, "
-                    "then publish adapters/<name> with a manifest. Progress goes to a bar on stderr (loss "
-                    "next to ln(N), the loss of a model that spreads its answer evenly over N candidates) "
+                    "then publish adapters/<name> with a manifest. Progress goes to a bar on stderr (letter_loss, "
+                    "the answer letter's loss, next to ln(N), the loss of a model that spreads its answer evenly "
+                    "over N candidates; total_loss also averages the end-of-turn tokens) "
                     "and, with --events, to a JSON-lines file. Cancel with SIGTERM, SIGINT (Ctrl-C) or by "
                     "creating the --cancel-file: the run stops at the next step and leaves nothing in "
                     "adapters/. Runs unchanged under `torchrun` / `accelerate launch`. Exit status: 0 saved, "
@@ -104,6 +106,8 @@ def add_train_command(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _shown(value: Any) -> str:
+    if value is None:
+        return "0"  # the command line's spelling of None (no sample limit, a data-sized prompt budget)
     return ",".join(value) if isinstance(value, tuple) else str(value)
 
 
@@ -136,7 +140,8 @@ class _ProgressBar:
             self.bar = tqdm(total=event["total_steps"], desc="train", unit="step", file=sys.stderr,
                             dynamic_ncols=True)
         elif kind == "stage":
-            print(f"[{event['stage']}]", file=sys.stderr, flush=True)
+            detail = f" {event['detail']}" if event.get("detail") else ""
+            print(f"[{event['stage']}]{detail}", file=sys.stderr, flush=True)
         elif kind == "validation":
             self.validation = f"{event['NDCG@10']:.3f}"
             if self.bar is None:
@@ -144,8 +149,9 @@ class _ProgressBar:
                       f"Recall@10 {event['Recall@10']:.4f}", file=sys.stderr, flush=True)
         elif kind == "step" and self.bar is not None:
             self.bar.update(event["step"] - self.bar.n)
-            postfix = {"loss": f"{event['loss']:.3f}", "letter": f"{event['letter_loss']:.3f}",
-                       "lnN": f"{event['uniform_loss']:.3f}"}
+            # The letter loss is what ln N bounds; the total also averages the end-of-turn tokens.
+            postfix = {"letter_loss": f"{event['letter_loss']:.3f}", "lnN": f"{event['uniform_loss']:.3f}",
+                       "total_loss": f"{event['total_loss']:.3f}"}
             if self.validation:
                 postfix["val_ndcg10"] = self.validation
             self.bar.set_postfix(postfix, refresh=True)
@@ -215,9 +221,8 @@ def _print_summary(report: Any) -> None:
     print(f"saved adapter {report.adapter!r} to {report.path}")
     print(f"  {report.samples} samples (dropped: {report.dropped}), {report.steps} steps, "
           f"{report.train_time_s:.1f} s training, {report.wall_time_s:.1f} s in all")
-    if report.final_loss is not None:
-        print(f"  final loss {report.final_loss:.4f}, letter loss {report.final_letter_loss:.4f}, "
-              f"ln(N) = {report.uniform_loss:.4f}")
+    if report.loss_line:
+        print(f"  final {report.loss_line}")
     if before and after:
         print("  validation " + ", ".join(f"{name} {before[name]:.4f} -> {after[name]:.4f}" for name in before))
     print(json.dumps({"adapter": report.adapter, "path": report.path, "status": report.status}))

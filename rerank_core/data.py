@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Literal
 
 __all__ = [
+    "MAX_ROW_ERRORS",
     "TEXT_FIELDS",
     "DataError",
+    "DataErrors",
     "Dataset",
     "Item",
     "UserSplit",
+    "collecting_row_errors",
+    "report_row_error",
 ]
 
 TEXT_FIELDS = ("title", "caption", "summary")
@@ -30,6 +37,54 @@ class DataError(ValueError):
         self.file = file
         self.line = line
         self.field = field
+
+
+class DataErrors(DataError):
+    """Several bad rows reported at once; file, line and field are the first row's, `errors` holds each."""
+
+    def __init__(self, errors: Sequence[DataError], *, stopped_early: bool) -> None:
+        stop = f"; reading stopped at the {MAX_ROW_ERRORS}th" if stopped_early else ""
+        ValueError.__init__(self, f"{len(errors)} bad rows{stop}:\n" + "\n".join(f"- {error}" for error in errors))
+        self.errors = list(errors)
+        self.file, self.line, self.field = errors[0].file, errors[0].line, errors[0].field
+
+
+# Bad rows a load reports at once: enough to fix a file in one pass, short enough to read.
+MAX_ROW_ERRORS = 20
+_row_errors: ContextVar[list[DataError] | None] = ContextVar("row_errors", default=None)
+
+
+def report_row_error(error: DataError) -> None:
+    """A bad row: recorded (the caller skips the row and reads on) while collecting, else raised at once."""
+    errors = _row_errors.get()
+    if errors is None:
+        raise error
+    errors.append(error)
+    if len(errors) >= MAX_ROW_ERRORS:
+        raise DataErrors(errors, stopped_early=True)
+
+
+@contextmanager
+def collecting_row_errors() -> Iterator[None]:
+    """Read past bad rows and raise them together (up to MAX_ROW_ERRORS) when the block ends.
+
+    An error raised after bad rows were skipped (no items left, unknown items) is usually their
+    consequence, so the rows are what gets reported.
+    """
+    errors: list[DataError] = []
+    token = _row_errors.set(errors)
+    try:
+        yield
+    except DataErrors:
+        raise
+    except DataError as error:
+        if not errors:
+            raise
+        raise (errors[0] if len(errors) == 1 else DataErrors(errors, stopped_early=False)) from error
+    finally:
+        _row_errors.reset(token)
+    if errors:
+        raise errors[0] if len(errors) == 1 else DataErrors(errors, stopped_early=False)
 
 
 @dataclass(frozen=True)

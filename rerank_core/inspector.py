@@ -20,8 +20,11 @@ from rerank_core.adapters import (
 )
 from rerank_core.candidates import CandidateConfig, CandidateSampler, CandidateSet
 from rerank_core.data import Dataset, UserSplit
+from rerank_core.distributed import ProcessShard
+from rerank_core.limits import check_limit
 from rerank_core.metrics import METRIC_NAMES, metrics_at, rank_of_truth
 from rerank_core.models import LoadedModel
+from rerank_core.progress import CancelCheck, checkpoint
 from rerank_core.prompts import Prompt, build_prompt, encode_rendered, letters_for
 from rerank_core.scoring import LetterScores, ScoreCache, score_token_ids
 from rerank_core.verbalizer import LetterToken, resolve_letters
@@ -45,6 +48,10 @@ class InspectSettings:
     candidates: CandidateConfig = field(default_factory=CandidateConfig)
     max_prompt_tokens: int | None = 1536
     use_adapter_preset: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_tokens is not None:
+            object.__setattr__(self, "max_prompt_tokens", check_limit("max_prompt_tokens", self.max_prompt_tokens))
 
 
 @dataclass(frozen=True)
@@ -139,17 +146,21 @@ class Inspector:
     """A dataset, a tokenizer and optionally a model with adapters; caches samplers, letters and scores."""
 
     def __init__(self, dataset: Dataset, loaded: LoadedModel | None = None, *, tokenizer: Any = None,
-                 adapters_root: str | None = None, batch_size: int = 8) -> None:
+                 adapters_root: str | None = None, batch_size: int = 8, shard: ProcessShard | None = None) -> None:
         if loaded is None and tokenizer is None:
             raise ValueError("an Inspector needs a loaded model or at least a tokenizer")
         self.dataset = dataset
         self.loaded = loaded
         self.tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer
         self.adapters_root = adapters_root
-        self.batch_size = batch_size
+        self.batch_size = check_limit("batch_size", batch_size)
+        # Under torchrun / accelerate launch: every process prepares all prompts, scores its share, gets all.
+        self.shard = shard
         self._samplers: dict[CandidateConfig, CandidateSampler] = {}
         self._letters: dict[tuple[Any, ...], tuple[LetterToken, ...]] = {}
         self.cache = ScoreCache()
+        # Prompts of one call that share a token prefix run it once (scoring.py); off only to measure the gain.
+        self.share_prefix = True
 
     # -- prompts -----------------------------------------------------------------------------
 
@@ -279,22 +290,32 @@ class Inspector:
                  tuple(token.token_id for token in item.letter_tokens)) for item in prepared]
         results: list[LetterScores | None] = [self.cache.get(key) for key in keys]
         missing = [index for index, result in enumerate(results) if result is None]
+        shared = self.shard is not None and self.shard.world_size > 1
+        # Every process sees the same misses (same calls, same cache), so the shares partition them.
+        mine = [missing[i] for i in self.shard.share(len(missing))] if shared else missing
         # Group by letter IDs: one batch shares one letter set.
         groups: dict[tuple[int, ...], list[int]] = {}
-        for index in missing:
+        for index in mine:
             groups.setdefault(keys[index][4], []).append(index)
         for letter_ids, indices in groups.items():
             model = self._activate(system, version)
             if system == BASE and hasattr(model, "disable_adapter"):
                 with model.disable_adapter():
                     scored = score_token_ids(model, self.tokenizer, [prepared[i].token_ids for i in indices],
-                                             letter_ids, batch_size=batch_size or self.batch_size)
+                                             letter_ids, batch_size=batch_size or self.batch_size,
+                                             share_prefix=self.share_prefix)
             else:
                 scored = score_token_ids(model, self.tokenizer, [prepared[i].token_ids for i in indices],
-                                         letter_ids, batch_size=batch_size or self.batch_size)
+                                         letter_ids, batch_size=batch_size or self.batch_size,
+                                         share_prefix=self.share_prefix)
             for index, result in zip(indices, scored):
-                self.cache.put(keys[index], result)
                 results[index] = result
+        if shared and missing:
+            for part in self.shard.gather({index: results[index] for index in mine}):
+                for index, result in part.items():
+                    results[index] = result
+        for index in missing:
+            self.cache.put(keys[index], results[index])
         return [result for result in results if result is not None]
 
     def inspect(self, user_id: str, settings: InspectSettings, system: str = BASE) -> UserInspection:
@@ -306,13 +327,17 @@ class Inspector:
         return UserInspection(system, effective, prepared, scores, rank, metrics_at(rank), note)
 
     def evaluate(self, users: Iterable[str], settings: InspectSettings, system: str = BASE,
-                 progress: ProgressCallback | None = None) -> pd.DataFrame:
-        """Per-user rank, ground-truth probability, letter mass and metrics, in batches."""
+                 progress: ProgressCallback | None = None, cancel: CancelCheck = None) -> pd.DataFrame:
+        """Per-user rank, ground-truth probability, letter mass and metrics, in batches.
+
+        `cancel` is checked before every chunk of users: a stop request raises progress.Cancelled there.
+        """
         effective, _ = self.settings_for(system, settings)
         users = list(users)
         rows = []
         chunk_size = max(self.batch_size * 4, 1)
         for start in range(0, len(users), chunk_size):
+            checkpoint(f"scoring {system}", start, len(users), cancel=cancel)
             chunk = users[start:start + chunk_size]
             prepared = [self.prepare(user, effective) for user in chunk]
             for user, item, scores in zip(chunk, prepared, self._score(system, prepared)):

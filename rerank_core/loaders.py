@@ -16,13 +16,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rerank_core.data import DataError, Dataset, Item
+from rerank_core.builtin_data import BUILTIN_DATASETS, builtin_dataset_path, bundled_sample_path
+from rerank_core.data import DataError, Dataset, Item, collecting_row_errors, report_row_error
 
 __all__ = [
     "FORMATS",
     "MAX_FILE_BYTES",
     "MAX_TITLE_CHARS",
-    "bundled_sample_path",
     "detect_format",
     "load",
     "load_amazon",
@@ -31,6 +31,7 @@ __all__ = [
     "load_movielens_1m",
     "load_movielens_100k",
     "load_movielens_latest_small",
+    "load_recbole",
 ]
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ MAX_TITLE_CHARS = 1000
 # Anything later is a unit mistake (milliseconds or microseconds read as seconds), not a real date.
 _LATEST_TIMESTAMP = datetime(2200, 1, 1, tzinfo=UTC).timestamp()
 
-FORMATS = ("bundled", "csv", "ml-100k", "ml-1m", "ml-latest-small", "amazon")
+FORMATS = ("bundled", "csv", "ml-100k", "ml-1m", "ml-latest-small", "amazon", "recbole")
 
 # The files that identify each folder format, checked in this order by detect_format.
 _SIGNATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -60,26 +61,26 @@ _ML100K_GENRES = (
 )
 
 
-def bundled_sample_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "sample_data"
-
-
 def load_dataset(path: str | Path | None = None, data_format: str | None = None) -> Dataset:
     """Load a dataset folder or file (the bundled sample when None); the format is detected unless named."""
     return load(bundled_sample_path() if path is None else Path(path), data_format)
 
 
 def load(path: Path, data_format: str | None = None) -> Dataset:
-    """Load a dataset folder (or a file inside it); detect the format unless data_format names it."""
+    """Load a dataset folder (or a file inside it) or a built-in dataset by name (an existing path wins)."""
     path = Path(path)
+    if not path.exists() and str(path) in BUILTIN_DATASETS:
+        path = builtin_dataset_path(str(path))
     if not path.exists():
-        raise DataError(f"{path} does not exist: give a dataset folder or a file inside one")
+        raise DataError(f"{path} does not exist: give a dataset folder or a file inside one, or a built-in "
+                        f"dataset's name ({', '.join(BUILTIN_DATASETS)})")
     chosen = detect_format(path) if data_format is None else data_format.strip().lower()
     loader = _LOADERS.get(chosen)
     if loader is None:
         raise DataError(f"unknown data format {data_format!r}: use one of {', '.join(FORMATS)} "
                         "or leave it empty to detect it")
-    return loader(path)
+    with collecting_row_errors():
+        return loader(path)
 
 
 def detect_format(path: Path) -> str:
@@ -91,6 +92,9 @@ def detect_format(path: Path) -> str:
             return data_format
     if any(name.lower().endswith(_JSON_SUFFIXES) for name in names):
         return "amazon"
+    if any(name.endswith(_RECBOLE_SUFFIXES) for name in names):
+        _recbole_files(path)  # a lone .inter or .item names the file that is missing
+        return "recbole"
     for data_format, required in _SIGNATURES:
         present = [name for name in required if name in names]
         if present:
@@ -100,7 +104,8 @@ def detect_format(path: Path) -> str:
                             file=str(folder))
     expected = "; ".join(f"{fmt}: {' + '.join(files)}" for fmt, files in _SIGNATURES)
     raise DataError(f"cannot tell the data format: expected one of {expected}; amazon: a reviews "
-                    "*.jsonl/*.json(.gz) file and a meta_* file", file=str(folder))
+                    "*.jsonl/*.json(.gz) file and a meta_* file; recbole: <name>.inter + <name>.item",
+                    file=str(folder))
 
 
 def load_csv_pair(path: Path) -> Dataset:
@@ -199,10 +204,13 @@ def load_amazon(path: Path) -> Dataset:
         values = []
         for key in (schema.user, schema.item, schema.time):
             if record.get(key) in (None, ""):
-                raise DataError(f"the review has no {key!r} (Amazon {schema.release} reviews need "
-                                f"{schema.user}, {schema.item} and {schema.time})",
-                                file=str(reviews_path), line=line, field=key)
+                report_row_error(DataError(f"the review has no {key!r} (Amazon {schema.release} reviews need "
+                                           f"{schema.user}, {schema.item} and {schema.time})",
+                                           file=str(reviews_path), line=line, field=key))
+                break
             values.append(record[key])
+        if len(values) < 3:
+            continue
         user, item, when = values
         events.add(str(user), str(item), when, line, fields=(schema.user, schema.item, schema.time),
                    seconds_per_unit=schema.seconds_per_unit)
@@ -295,6 +303,125 @@ def _amazon_category(meta: Path) -> str:
     return stem.removeprefix("meta").lstrip("_-")
 
 
+# RecBole atomic files: tab-separated, a typed header ("user_id:token"), token_seq values split on spaces.
+_RECBOLE_SUFFIXES = (".inter", ".item")
+_RECBOLE_TYPES = ("token", "token_seq", "float", "float_seq")
+_RECBOLE_INTER_FIELDS = ("user_id", "item_id", "timestamp")
+# The item file's text columns, in order of preference, as RecBole's converted datasets name them
+# (MovieLens movie_title, Amazon title, Yelp item_name, Steam app_name, ...).
+_RECBOLE_TITLE_FIELDS = ("title", "movie_title", "item_name", "name", "app_name", "book_title", "product_name")
+_RECBOLE_YEAR_FIELDS = ("release_year", "year")
+_RECBOLE_GENRE_FIELDS = ("class", "genre", "genres", "categories", "category")
+
+
+def load_recbole(path: Path) -> Dataset:
+    """RecBole atomic files <name>.inter + <name>.item; title (with the year), genres as caption, both as summary.
+
+    title: the title-like column, with a four-digit release year appended as "(1995)" as MovieLens writes it;
+    caption: the genre/category column joined by commas; summary: "title (year) [genres]".
+    """
+    inter_path, item_path = _recbole_files(path)
+    table = _ItemTable(item_path)
+    columns: dict[str, str] = {}
+    for line, row in _recbole_rows(item_path, ("item_id",)):
+        if not columns:
+            columns = _recbole_text_columns(row, item_path)
+        title = row[columns["title"]]
+        if not title.strip():
+            report_row_error(DataError(f"item {row['item_id']!r} has an empty {columns['title']}: every item "
+                                       "needs a title", file=str(item_path), line=line, field=columns["title"]))
+            continue
+        year = row.get(columns.get("year", ""), "").strip()
+        if len(year) == 4 and year.isdigit():
+            title = f"{_clean_text(title)} ({year})"
+        genres = ", ".join(row.get(columns.get("genre", ""), "").split())
+        table.add(row["item_id"], title, line, caption=genres,
+                  summary=f"{_clean_text(title)} [{genres}]" if genres else "")
+    events = _Events(inter_path)
+    for line, row in _recbole_rows(inter_path, _RECBOLE_INTER_FIELDS):
+        events.add(row["user_id"], row["item_id"], row["timestamp"], line, fields=_RECBOLE_INTER_FIELDS)
+    return _dataset(inter_path.stem, table, events)
+
+
+def _recbole_files(path: Path) -> tuple[Path, Path]:
+    """<name>.inter and <name>.item: named by the given file, or the only pair (or the folder's name) in it."""
+    folder = _folder(path)
+    if path.is_file():
+        stems = [path.stem]
+    else:
+        stems = sorted({entry.stem for entry in folder.iterdir()
+                        if entry.is_file() and entry.suffix in _RECBOLE_SUFFIXES})
+        if len(stems) > 1 and folder.name in stems:
+            stems = [folder.name]  # RecBole's own layout: dataset/ml-100k/ml-100k.inter
+    if len(stems) != 1:
+        raise DataError(f"several RecBole datasets in one folder ({', '.join(stems)}): give one of their "
+                        ".inter files, or the folder named after it", file=str(folder))
+    inter_path, item_path = folder / f"{stems[0]}.inter", folder / f"{stems[0]}.item"
+    missing = [candidate.name for candidate in (inter_path, item_path) if not candidate.is_file()]
+    if missing:
+        raise DataError(f"missing {' and '.join(missing)}: RecBole atomic files need {inter_path.name} "
+                        f"(interactions) and {item_path.name} (item texts) in the same folder", file=str(folder))
+    return inter_path, item_path
+
+
+def _recbole_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
+    """Rows of a tab-separated atomic file keyed by field name (the header's types stripped)."""
+    names: list[str] = []
+    for line, text in _text_lines(path, "utf-8", "a typed header such as user_id:token and one row per record"):
+        text = text.rstrip("\r\n")
+        if not text.strip():
+            continue
+        values = text.split("\t")
+        if not names:
+            names = _recbole_header(values, required, path, line)
+            continue
+        if len(values) != len(names):
+            short = len(values) < len(names)
+            report_row_error(DataError(
+                f"the row has {len(values)} tab-separated field(s) but the header has {len(names)}"
+                + (f": {names[len(values)]!r} is missing" if short else ""),
+                file=str(path), line=line, field=names[len(values)] if short else None))
+            continue
+        yield line, dict(zip(names, values, strict=True))
+
+
+def _recbole_header(cells: list[str], required: tuple[str, ...], path: Path, line: int) -> list[str]:
+    """Field names from a typed header, after checking every cell is name:type and the required ones exist."""
+    if len(cells) == 1 and len(required) > 1:
+        delimiter = next((mark for mark in (",", ";", "|", " ") if mark in cells[0].strip()), None)
+        if delimiter is not None:
+            raise DataError(f"the header is one cell ({cells[0].strip()!r}) that seems to use {delimiter!r} as "
+                            "delimiter: RecBole atomic files are tab-separated", file=str(path), line=line)
+    names = []
+    for cell in cells:
+        name, colon, kind = cell.strip().partition(":")
+        if not colon or not name or kind not in _RECBOLE_TYPES:
+            raise DataError(f"header cell {cell.strip()!r} is not a typed RecBole field name:type with type one "
+                            f"of {', '.join(_RECBOLE_TYPES)} (e.g. user_id:token); cells are tab-separated",
+                            file=str(path), line=line, field=name or cell.strip())
+        names.append(name)
+    missing = [name for name in required if name not in names]
+    if missing:
+        raise DataError(f"missing field {', '.join(repr(name) for name in missing)}: {path.suffix} files need "
+                        f"{', '.join(f'{name}:...' for name in required)}; found {', '.join(cells)}",
+                        file=str(path), line=line, field=missing[0])
+    return names
+
+
+def _recbole_text_columns(row: dict[str, str], path: Path) -> dict[str, str]:
+    """Which item columns give the title, the year and the genres (the first found of each known name)."""
+    chosen = {}
+    for role, known in (("title", _RECBOLE_TITLE_FIELDS), ("year", _RECBOLE_YEAR_FIELDS),
+                        ("genre", _RECBOLE_GENRE_FIELDS)):
+        found = next((name for name in known if name in row), None)
+        if found is not None:
+            chosen[role] = found
+    if "title" not in chosen:
+        raise DataError(f"no title column: the item file needs one of {', '.join(_RECBOLE_TITLE_FIELDS)} "
+                        f"(found {', '.join(row)})", file=str(path), line=1, field="title")
+    return chosen
+
+
 def _folder(path: Path) -> Path:
     return path if path.is_dir() else path.parent
 
@@ -330,10 +457,11 @@ def _text_lines(path: Path, encoding: str, describe: str) -> Iterator[tuple[int,
                 try:
                     text = raw.decode(encoding)
                 except UnicodeDecodeError as error:
-                    raise DataError(f"byte 0x{raw[error.start]:02X} at byte {error.start + 1} of the line "
-                                    f"is not valid {encoding.upper()}: save the file as UTF-8 (it may be "
-                                    "Latin-1 or Windows-1252 now)",
-                                    file=str(path), line=number) from None
+                    report_row_error(DataError(
+                        f"byte 0x{raw[error.start]:02X} at byte {error.start + 1} of the line is not valid "
+                        f"{encoding.upper()}: save the file as UTF-8 (it may be Latin-1 or Windows-1252 now)",
+                        file=str(path), line=number))
+                    text = "\n"  # a blank line in its place keeps the later lines' numbers right
                 if number == 1:
                     text = text.removeprefix("\ufeff")  # spreadsheet programs often add a BOM
                 seen_text = seen_text or not text.isspace()
@@ -365,12 +493,15 @@ def _csv_rows(path: Path, required: tuple[str, ...], optional: tuple[str, ...],
                 needed = 1 + max(columns[name] for name in required)
                 continue
             if len(row) > len(header):
-                raise DataError(f"the row has {len(row)} fields but the header has {len(header)}: "
-                                "quote values that contain commas", file=str(path), line=line)
+                report_row_error(DataError(f"the row has {len(row)} fields but the header has {len(header)}: "
+                                           "quote values that contain commas", file=str(path), line=line))
+                continue
             if len(row) < needed:
                 lacking = next(name for name in required if columns[name] >= len(row))
-                raise DataError(f"the row has {len(row)} field(s) and lacks {lacking!r}: every row needs "
-                                f"{', '.join(required)}", file=str(path), line=line, field=lacking)
+                report_row_error(DataError(f"the row has {len(row)} field(s) and lacks {lacking!r}: every row "
+                                           f"needs {', '.join(required)}", file=str(path), line=line,
+                                           field=lacking))
+                continue
             yield line, {name: row[index].strip() for name, index in columns.items() if index < len(row)}
     except csv.Error as error:
         raise DataError(f"not readable as CSV ({error})", file=str(path), line=reader.line_num) from None
@@ -413,9 +544,10 @@ def _split_lines(path: Path, separator: str, fields: tuple[str, ...],
         if len(values) < len(fields):
             others = [mark for mark in (",", ";", "\t", "|", "::") if mark != separator and mark in text]
             hint = f"; the line seems to use {others[0]!r} instead" if len(values) == 1 and others else ""
-            raise DataError(f"expected {len(fields)} fields separated by {separator!r} "
-                            f"({', '.join(fields)}), found {len(values)}{hint}",
-                            file=str(path), line=line, field=fields[len(values)])
+            report_row_error(DataError(f"expected {len(fields)} fields separated by {separator!r} "
+                                       f"({', '.join(fields)}), found {len(values)}{hint}",
+                                       file=str(path), line=line, field=fields[len(values)]))
+            continue
         yield line, values
 
 
@@ -430,11 +562,13 @@ def _json_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 record = ast.literal_eval(text.strip())
             except (ValueError, SyntaxError, MemoryError, RecursionError):
-                raise DataError(f"not a JSON object ({error.msg} at column {error.colno}): the file "
-                                "needs one JSON object per line", file=str(path), line=line) from None
+                report_row_error(DataError(f"not a JSON object ({error.msg} at column {error.colno}): the "
+                                           "file needs one JSON object per line", file=str(path), line=line))
+                continue
         if not isinstance(record, dict):
-            raise DataError(f"expected one JSON object per line, found a {type(record).__name__}",
-                            file=str(path), line=line)
+            report_row_error(DataError(f"expected one JSON object per line, found a {type(record).__name__}",
+                                       file=str(path), line=line))
+            continue
         yield line, record
 
 
@@ -462,20 +596,23 @@ class _ItemTable:
     def add(self, item_id: str, title: str, line: int, *, caption: str = "", summary: str = "") -> None:
         item_id = item_id.strip()
         if not item_id:
-            raise DataError("the item id is empty", file=str(self.path), line=line, field="item_id")
+            report_row_error(DataError("the item id is empty", file=str(self.path), line=line, field="item_id"))
+            return
         title = _clean_text(title)
         if not title:
-            raise DataError(f"item {item_id!r} has an empty title: every item needs one",
-                            file=str(self.path), line=line, field="title")
+            report_row_error(DataError(f"item {item_id!r} has an empty title: every item needs one",
+                                       file=str(self.path), line=line, field="title"))
+            return
         if len(title) > MAX_TITLE_CHARS:
             self._cut_lines.append(line)
             title = title[:MAX_TITLE_CHARS]
         existing = self.items.get(item_id)
         if existing is not None:
             if existing.title != title:
-                raise DataError(f"item id {item_id!r} is on line {self._lines[item_id]} with title "
-                                f"{existing.title!r} and on line {line} with title {title!r}: keep one "
-                                "row per item", file=str(self.path), line=line, field="item_id")
+                report_row_error(DataError(
+                    f"item id {item_id!r} is on line {self._lines[item_id]} with title {existing.title!r} and "
+                    f"on line {line} with title {title!r}: keep one row per item",
+                    file=str(self.path), line=line, field="item_id"))
             return  # an exact repeat carries no new information
         self.items[item_id] = Item(item_id, title, _clean_text(caption), _clean_text(summary))
         self._lines[item_id] = line
@@ -503,8 +640,13 @@ class _Events:
             seconds_per_unit: float = 1.0) -> None:
         if not user or not item:
             name = fields[0] if not user else fields[1]
-            raise DataError(f"the {name} is empty", file=str(self.path), line=line, field=name)
-        seconds = _seconds(when, seconds_per_unit, self.path, line, fields[2])
+            report_row_error(DataError(f"the {name} is empty", file=str(self.path), line=line, field=name))
+            return
+        try:
+            seconds = _seconds(when, seconds_per_unit, self.path, line, fields[2])
+        except DataError as error:
+            report_row_error(error)
+            return
         self._by_user.setdefault(user, []).append((seconds, item))
         self._first_line.setdefault(item, line)
         self._item_field = fields[1]
@@ -576,4 +718,5 @@ _LOADERS: dict[str, Callable[[Path], Dataset]] = {
     "ml-1m": load_movielens_1m,
     "ml-latest-small": load_movielens_latest_small,
     "amazon": load_amazon,
+    "recbole": load_recbole,
 }

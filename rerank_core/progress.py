@@ -8,11 +8,14 @@ import math
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CancelFlag", "EventLog", "read_events"]
+__all__ = ["CancelCheck", "CancelFlag", "Cancelled", "EventLog", "ProgressCallback", "cancel_requested",
+           "checkpoint", "read_events"]
+
+ProgressCallback = Callable[[int, int], None]
 
 
 def _plain(value: Any) -> Any:
@@ -113,3 +116,37 @@ class CancelFlag:
         finally:
             for number, old in previous.items():
                 signal.signal(number, old)
+
+
+class Cancelled(RuntimeError):
+    """A long run stopped at a boundary because its caller asked; says how far it got."""
+
+    def __init__(self, what: str, done: int, total: int) -> None:
+        super().__init__(f"{what} stopped on request after {done} of {total}")
+        self.what = what
+        self.done = done
+        self.total = total
+
+
+# A stop request: an Event (set = stop), a CancelFlag, or any callable returning True to stop.
+CancelCheck = threading.Event | CancelFlag | Callable[[], bool] | None
+
+
+def cancel_requested(cancel: CancelCheck) -> bool:
+    """Whether `cancel`, whatever its kind, asks to stop now."""
+    if cancel is None:
+        return False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set()
+    if isinstance(cancel, CancelFlag):
+        return cancel.requested
+    return bool(cancel())
+
+
+def checkpoint(what: str, done: int, total: int, *, progress: ProgressCallback | None = None,
+               cancel: CancelCheck = None) -> None:
+    """At a loop boundary: report `done` of `total`, then raise Cancelled if a stop was requested."""
+    if progress is not None:
+        progress(done, total)
+    if cancel_requested(cancel):
+        raise Cancelled(what, done, total)

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from cachetools import LRUCache
 
+from rerank_core.limits import check_limit
+
 __all__ = ["LetterScores", "ScoreCache", "score_token_ids"]
 
 
@@ -32,8 +34,16 @@ class LetterScores:
 _LENGTH_BUCKET = 32
 
 
+# A common prefix shorter than this is not worth a forward pass of its own.
+_MIN_SHARED_PREFIX = 32
+
+
+def _bucket(length: int) -> int:
+    return -(-length // _LENGTH_BUCKET) * _LENGTH_BUCKET
+
+
 def _pad_left(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    longest = -(-max(len(ids) for ids in batch) // _LENGTH_BUCKET) * _LENGTH_BUCKET
+    longest = _bucket(max(len(ids) for ids in batch))
     input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
     for row, ids in enumerate(batch):
@@ -52,13 +62,10 @@ def _fp32_head_weight(head: torch.nn.Module) -> torch.Tensor:
     return cached[1]
 
 
-@torch.inference_mode()
-def _last_position_logits(model: Any, batch: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+def _forward(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+             cache: Any = None, *, keep_cache: bool = False) -> Any:
+    """One forward pass returning the last position's logits (fp32 projection for a bf16 Linear head)."""
     device = next(model.parameters()).device
-    input_ids, attention_mask = _pad_left(batch, pad_id)
-    # Left padding shifts positions; give each row positions counted from its first real token,
-    # so a padded prompt sees exactly the positions it would see alone.
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     head = model.get_output_embeddings()
     handle = None
     # Only a plain Linear: a LoRA-wrapped or quantized head computes more than weight @ x.
@@ -70,17 +77,73 @@ def _last_position_logits(model: Any, batch: Sequence[Sequence[int]], pad_id: in
         handle = head.register_forward_hook(
             lambda module, inputs, output: torch.nn.functional.linear(inputs[0].float(), weight, bias))
     try:
-        output = model(
+        return model(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
             position_ids=position_ids.to(device),
+            cache=cache,
             logits_to_keep=1,
-            use_cache=False,
+            use_cache=keep_cache or cache is not None,
         )
     finally:
         if handle is not None:
             handle.remove()
-    return output.logits[:, -1, :].float()
+
+
+@torch.inference_mode()
+def _last_position_logits(model: Any, batch: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+    input_ids, attention_mask = _pad_left(batch, pad_id)
+    # Left padding shifts positions; give each row positions counted from its first real token,
+    # so a padded prompt sees exactly the positions it would see alone.
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    return _forward(model, input_ids, attention_mask, position_ids).logits[:, -1, :].float()
+
+
+@dataclass(frozen=True)
+class _SharedPrefix:
+    """A prefix's key/value cache (batch 1, left-padded to a length bucket) and its attention mask."""
+
+    layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    attention_mask: torch.Tensor
+    length: int
+
+
+@torch.inference_mode()
+def _run_prefix(model: Any, prefix: Sequence[int], pad_id: int) -> _SharedPrefix | None:
+    """Run the prefix once; None when the model's cache is not the plain kind this path knows how to copy."""
+    from transformers.cache_utils import DynamicLayer
+
+    input_ids, attention_mask = _pad_left([prefix], pad_id)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    cache = _forward(model, input_ids, attention_mask, position_ids, keep_cache=True).cache
+    # Sliding-window or quantized layers keep other state than keys and values: score from scratch.
+    if cache is None or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    return _SharedPrefix(tuple((layer.keys, layer.values) for layer in cache.layers), attention_mask, len(prefix))
+
+
+@torch.inference_mode()
+def _suffix_logits(model: Any, shared: _SharedPrefix, suffixes: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+    """The suffixes run against one copy of the prefix cache per row; pads sit between prefix and suffix."""
+    from transformers.cache_utils import DynamicCache
+
+    rows = len(suffixes)
+    input_ids, suffix_mask = _pad_left(suffixes, pad_id)
+    attention_mask = torch.cat([shared.attention_mask.expand(rows, -1), suffix_mask], dim=1)
+    position_ids = shared.length + (suffix_mask.cumsum(dim=1) - 1).clamp(min=0)
+    cache = DynamicCache(ddp_cache_data=[(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1))
+                                         for keys, values in shared.layers])
+    return _forward(model, input_ids, attention_mask, position_ids, cache).logits[:, -1, :].float()
+
+
+def _common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """Tokens every prompt starts with, leaving each prompt at least one token of its own."""
+    first, last = min(map(tuple, prompts)), max(map(tuple, prompts))  # lexicographic extremes bound the prefix
+    length = 0
+    limit = min(len(ids) for ids in prompts) - 1
+    while length < limit and first[length] == last[length]:
+        length += 1
+    return length
 
 
 def score_token_ids(
@@ -91,12 +154,18 @@ def score_token_ids(
     *,
     batch_size: int = 8,
     top_other: int = 5,
+    share_prefix: bool = True,
 ) -> list[LetterScores]:
-    """Score tokenized prompts: letter logits, softmax over letters, letter mass, top other tokens."""
+    """Score tokenized prompts: letter logits, softmax over letters, letter mass, top other tokens.
+
+    With `share_prefix`, a token prefix common to all prompts (system prompt, instruction, history) runs once
+    and only the rest of each prompt runs against its key/value cache: the same scores, computed once.
+    """
     if not letter_token_ids:
         raise ValueError("letter_token_ids is empty: resolve the letters first")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    check_limit("top_other", top_other)
     empty = [index for index, ids in enumerate(prompts) if len(ids) == 0]
     if empty:
         raise ValueError(f"prompt(s) {empty} have no tokens: nothing to score; check the rendered text")
@@ -105,12 +174,20 @@ def score_token_ids(
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     letter_index = torch.tensor(list(letter_token_ids), dtype=torch.long)
     unique_letter_ids = sorted(set(letter_token_ids))
+    shared = None
+    if share_prefix and len(prompts) > 1:
+        length = _common_prefix_length(prompts)
+        if length >= _MIN_SHARED_PREFIX:
+            shared = _run_prefix(model, prompts[0][:length], pad_id)
     # Sort by length so each batch pads little; results go back in the caller's order.
     order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]))
     results: list[LetterScores | None] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        logits = _last_position_logits(model, [prompts[index] for index in chunk], pad_id).cpu()
+        if shared is None:
+            logits = _last_position_logits(model, [prompts[index] for index in chunk], pad_id).cpu()
+        else:
+            logits = _suffix_logits(model, shared, [prompts[index][shared.length:] for index in chunk], pad_id).cpu()
         full_probs = torch.softmax(logits, dim=-1)
         letter_logits = logits[:, letter_index]
         letter_probs = torch.softmax(letter_logits, dim=-1)

@@ -8,14 +8,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from rerank_core.candidates import CANDIDATE_SOURCES, MAX_CANDIDATES
+from rerank_core.candidates import CANDIDATE_SOURCES
 from rerank_core.data import TEXT_FIELDS
+from rerank_core.limits import LIMITS
 from rerank_core.prompts import PRESETS
 from rerank_core.verbalizer import STRATEGIES
 
-__all__ = ["SAMPLE_MODES", "SETTINGS", "Setting", "parse_settings", "setting"]
+__all__ = ["MAX_BUDGET_HISTORY_ITEMS", "SAMPLE_MODES", "SETTINGS", "Setting", "parse_settings", "setting"]
 
 SAMPLE_MODES = ("prefixes", "random_split")
+# A data-sized prompt budget makes room for at most this many history items (LlamaRec's prompts keep 20).
+MAX_BUDGET_HISTORY_ITEMS = 50
 
 
 @dataclass(frozen=True)
@@ -31,8 +34,7 @@ class Setting:
     high: float | None = None  # inclusive, unless high_open
     low_open: bool = False
     high_open: bool = False
-    zero_is_all: bool = False  # 0 (on the command line, in the form or the API) means "no limit": None
-    optional: bool = False  # None (in code or a JSON hand-over) means "no limit"
+    zero_means: str = ""  # what 0 (on the command line, in the form or the API) means: that setting's None
     form: str = "advanced"  # where the app's Fine-tune form shows it: "main", "advanced", or "" (CLI only)
 
     @property
@@ -43,11 +45,14 @@ class Setting:
         if self.kind is bool or self.kind is tuple:
             return "a comma-separated list of names" if self.kind is tuple else "true or false"
         if self.kind is int and not (self.low_open or self.high_open):
-            return f"a whole number from {_shown(self.low)} to {_shown(self.high)}" + (
-                " (0: all)" if self.zero_is_all else "")
+            return f"a whole number from {_shown(self.low)} to {_shown(self.high)}" + self.zero_note
         low = "(" if self.low_open else "["
         high = ")" if self.high_open else "]"
-        return f"in {low}{_shown(self.low)}, {_shown(self.high)}{high}" + (" (0: all)" if self.zero_is_all else "")
+        return f"in {low}{_shown(self.low)}, {_shown(self.high)}{high}" + self.zero_note
+
+    @property
+    def zero_note(self) -> str:
+        return f" (0: {self.zero_means})" if self.zero_means else ""
 
     def parse(self, value: Any) -> Any:
         """A value from a flag, a form, an API call or a JSON file: typed, checked, 0 → None where 0 means all."""
@@ -63,7 +68,7 @@ class Setting:
             value = str(value)
         else:
             value = self._number(value)
-        if self.zero_is_all and value == 0:
+        if self.zero_means and value == 0:
             return None
         self.check(value)
         return value
@@ -71,7 +76,7 @@ class Setting:
     def check(self, value: Any) -> None:
         """Raise ValueError naming the setting when a typed value is outside its choices or bounds."""
         if value is None:
-            if self.zero_is_all or self.optional:
+            if self.zero_means:
                 return
             raise ValueError(f"{self.name} needs a value: {self.rule}")
         if self.choices and value not in self.choices:
@@ -104,13 +109,15 @@ def _shown(bound: float | None) -> str:
     return str(int(bound)) if float(bound).is_integer() else str(bound)
 
 
-# One line per setting, in the order the form and --help show them. Defaults: TRAINING_PRESETS in training.py.
+# One line per setting, in the order the form and --help show them. Defaults: TRAINING_PRESETS in training.py;
+# bounds shared with inspection (candidates, seed, prompt tokens) come from limits.LIMITS.
 SETTINGS: tuple[Setting, ...] = (
     Setting("prompt_preset", str, "--preset", "prompt preset; *_after put the letter after the item text",
             choices=tuple(PRESETS), form="main"),
-    Setting("candidates", int, "--candidates", "candidates per prompt", low=1, high=MAX_CANDIDATES, form="main"),
+    Setting("candidates", int, "--candidates", "candidates per prompt", low=LIMITS["candidates"].low,
+            high=LIMITS["candidates"].high, form="main"),
     Setting("max_samples", int, "--max-samples", "draw at most this many training samples", low=1, high=10**9,
-            zero_is_all=True, form="main"),
+            zero_means="all of them", form="main"),
     Setting("epochs", float, "--epochs", "passes over the training samples (fractions allowed)", low=0,
             high=1000, low_open=True, form="main"),
     Setting("learning_rate", float, "--lr", "peak learning rate (AdamW, linear decay)", low=0, high=1,
@@ -128,9 +135,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("eval_users", int, "--eval-users", "size of the fixed validation subset (0: no validation)", low=0,
             high=10**6),
     Setting("max_prompt_tokens", int, "--max-prompt-tokens",
-            "drop the oldest history items until the prompt fits this many tokens", low=1, high=10**6,
-            optional=True),
-    Setting("seed", int, "--seed", "seed for samples, candidates and LoRA initialisation", low=0, high=2**32 - 1),
+            "drop the oldest history items until the prompt fits this many tokens",
+            low=LIMITS["max_prompt_tokens"].low, high=LIMITS["max_prompt_tokens"].high,
+            zero_means="size it from the data, room for the candidates plus --history-items"),
+    Setting("history_items", int, "--history-items", "recent history items a data-sized prompt budget makes room "
+            "for", low=0, high=MAX_BUDGET_HISTORY_ITEMS),
+    Setting("seed", int, "--seed", "seed for samples, candidates and LoRA initialisation",
+            low=LIMITS["candidate_seed"].low, high=LIMITS["candidate_seed"].high),
     Setting("strategy", str, "--strategy", "verbalizer strategy for validation and the manifest",
             choices=tuple(STRATEGIES)),
     Setting("candidate_source", str, "--candidate-source", "where negatives come from",

@@ -39,11 +39,15 @@ from rerank_core.models import LoadedModel
 from rerank_core.progress import CancelFlag
 from rerank_core.prompts import Prompt, PromptError, build_prompt
 from rerank_core.scoring import ScoreCache
-from rerank_core.train_settings import SETTINGS, parse_settings, setting
+from rerank_core.train_settings import MAX_BUDGET_HISTORY_ITEMS, SETTINGS, parse_settings, setting
 
 __all__ = [
+    "LOSS_LABELS",
+    "LOSS_TOKENS",
+    "MAX_BUDGET_HISTORY_ITEMS",
     "TRAINING_PRESETS",
     "VALIDATION_METRICS",
+    "PromptBudget",
     "TrainConfig",
     "TrainReport",
     "TrainingError",
@@ -51,15 +55,20 @@ __all__ = [
     "build_training_samples",
     "check_adapter_target",
     "label_samples",
+    "loss_summary",
+    "size_prompt_budget",
     "train_adapter",
     "training_config",
     "validation_users",
+    "with_prompt_budget",
 ]
 
 log = logging.getLogger(__name__)
 
 VALIDATION_METRICS = ("NDCG@10", "Recall@10", "MRR@10")
 EventSink = Callable[[dict[str, Any]], None]
+# Prompts measured to size the budget: enough to see long titles, cheap next to training.
+_BUDGET_PROBES = 64
 _MANIFEST_FORMAT = 1
 _PACKAGES = ("torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "numpy", "pandas")
 
@@ -88,7 +97,9 @@ class TrainConfig:
     warmup: float = 0.05
     max_samples: int | None = 192
     seed: int = 0
-    max_prompt_tokens: int | None = 320
+    # None: sized from the data (PromptBudget): the candidates plus `history_items` recent history items.
+    max_prompt_tokens: int | None = None
+    history_items: int = 5
     prompt_preset: str = "seed_after"
     strategy: str = "as_trained"
     candidates: int = 20
@@ -179,6 +190,58 @@ def _split_points(dataset: Dataset, config: TrainConfig) -> list[tuple[str, int]
     return points
 
 
+@dataclass(frozen=True)
+class PromptBudget:
+    """A prompt budget sized from the data: the longest of some sample prompts with a few recent history items."""
+
+    tokens: int
+    history_items: int
+    candidates: int
+    measured: int
+    median_tokens: int
+
+    def describe(self) -> str:
+        return (f"prompt budget {self.tokens} tokens: the longest of {self.measured} sample prompts with "
+                f"{self.candidates} candidates and the {self.history_items} most recent history items "
+                f"(median {self.median_tokens})")
+
+
+def size_prompt_budget(dataset: Dataset, tokenizer: Any, config: TrainConfig) -> PromptBudget:
+    """Measure seeded sample prompts (candidates plus config.history_items recent items) and take the longest.
+
+    A fixed cap sized for one dataset drops every sample of a dataset with longer titles; this one grows with
+    the texts, and longer histories still get their oldest items dropped to fit.
+    """
+    points = _split_points(dataset, config)
+    if not points:
+        raise TrainingError("no user has the 4 interactions a training sample needs (history, target, "
+                            "validation and test items)")
+    chosen = _seeded_rng(config.seed, "budget").choice(len(points), size=min(_BUDGET_PROBES, len(points)),
+                                                        replace=False)
+    sampler = CandidateSampler(dataset, config.candidate_config())
+    lengths = []
+    for index in sorted(chosen.tolist()):
+        user, position = points[index]
+        sequence = dataset.training_sequence(user)
+        history = tuple(sequence[max(0, position - config.history_items):position])
+        candidates = sampler.for_training(user, history, sequence[position], sample_key=str(position))
+        prompt = build_prompt(
+            tokenizer, config.prompt_preset, [dataset.text(item, config.text_field) for item in history],
+            [dataset.text(item, config.text_field) for item in candidates.item_ids])
+        lengths.append(prompt.token_count)
+    return PromptBudget(tokens=max(lengths), history_items=config.history_items, candidates=config.candidates,
+                        measured=len(lengths), median_tokens=int(np.median(lengths)))
+
+
+def with_prompt_budget(dataset: Dataset, tokenizer: Any,
+                       config: TrainConfig) -> tuple[TrainConfig, PromptBudget | None]:
+    """The config with a data-sized max_prompt_tokens when it has none; a fixed cap is kept (budget None)."""
+    if config.max_prompt_tokens is not None:
+        return config, None
+    budget = size_prompt_budget(dataset, tokenizer, config)
+    return replace(config, max_prompt_tokens=budget.tokens), budget
+
+
 def build_training_samples(
     dataset: Dataset,
     tokenizer: Any,
@@ -191,6 +254,7 @@ def build_training_samples(
     Split points are listed first (cheap), `max_samples` of them drawn with the seed, and only those get
     candidates and a prompt: a small run over a large dataset does not tokenize the whole dataset.
     """
+    config, _ = with_prompt_budget(dataset, tokenizer, config)
     points = _split_points(dataset, config)
     if config.max_samples is not None and len(points) > config.max_samples:
         chosen = _seeded_rng(config.seed, "select").choice(len(points), size=config.max_samples, replace=False)
@@ -248,6 +312,26 @@ def validation_users(dataset: Dataset, count: int, seed: int) -> list[str]:
     return [users[index] for index in sorted(chosen.tolist())]
 
 
+# What total_loss averages over, by train_on_eos; the letter loss is always the answer letter alone.
+LOSS_TOKENS = {True: "letter + end-of-turn tokens", False: "letter token only"}
+LOSS_LABELS = {
+    "letter_loss": "letter loss (answer letter token only; ln N = a uniform guess over the N letters)",
+    "total_loss": "total loss (mean over every loss-carrying token: the letter and, by default, the "
+                  "end-of-turn tokens)",
+}
+
+
+def loss_summary(letter_loss: float | None, total_loss: float | None, uniform_loss: float,
+                 loss_tokens: str = LOSS_TOKENS[True]) -> str:
+    """One line that says which loss is which, with ln N beside the letter loss it is comparable to."""
+    parts = []
+    if letter_loss is not None:
+        parts.append(f"letter loss {letter_loss:.4f} (ln N = {uniform_loss:.4f})")
+    if total_loss is not None:
+        parts.append(f"total loss {total_loss:.4f} ({loss_tokens})")
+    return "; ".join(parts)
+
+
 @dataclass
 class TrainReport:
     """What a run did: samples, drops, time, losses against ln(N), validation before and after."""
@@ -264,14 +348,20 @@ class TrainReport:
     wall_time_s: float = 0.0
     train_time_s: float = 0.0
     samples_per_s: float = 0.0
-    final_loss: float | None = None
-    final_letter_loss: float | None = None
+    final_loss: float | None = None  # the total loss (letter + end-of-turn tokens) of the last step
+    final_letter_loss: float | None = None  # the answer letter's loss alone: compare with uniform_loss
     uniform_loss: float = 0.0
+    loss_tokens: str = LOSS_TOKENS[True]  # what final_loss averages over
     validation: dict[str, dict[str, float]] = field(default_factory=dict)
+    prompt_budget: dict[str, int] = field(default_factory=dict)
     replica_digests: list[str] = field(default_factory=list)
 
+    @property
+    def loss_line(self) -> str:
+        return loss_summary(self.final_letter_loss, self.final_loss, self.uniform_loss, self.loss_tokens)
+
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "loss_line": self.loss_line, "loss_labels": LOSS_LABELS}
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -462,8 +552,10 @@ def _run_callback(emit: EventSink, cancel: CancelFlag | None, validate: Callable
             report.steps = step
             report.final_loss = float(logs["loss"])
             report.final_letter_loss = logs.get("letter_loss")
+            # "loss" stays for readers of older event logs; it is the total loss.
             emit({"event": "step", "step": step, "total_steps": total, "loss": float(logs["loss"]),
-                  "letter_loss": logs.get("letter_loss"), "uniform_loss": config.uniform_loss,
+                  "total_loss": float(logs["loss"]), "letter_loss": logs.get("letter_loss"),
+                  "loss_tokens": LOSS_TOKENS[config.train_on_eos], "uniform_loss": config.uniform_loss,
                   "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
                   "epoch": logs.get("epoch"), "elapsed": time.monotonic() - started,
                   "eta": elapsed / max(step, 1) * (total - step)})
@@ -538,11 +630,14 @@ def train_adapter(
 
     Events passed to `on_event` (each also has "time" and "adapter"), in order:
       start       pid, world_size, config, training_preset, model, dataset, uniform_loss
-      stage       stage = samples | samples ready (samples, dropped) | validation (step) |
+      stage       stage = samples | prompt budget (max_prompt_tokens, detail; when sized from the data) |
+                  samples ready (samples, dropped) | validation (step) |
                   training (total_steps) | saving
       validation  step (0 = before training), elapsed, NDCG@10, Recall@10, MRR@10
-      step        step, total_steps, loss, letter_loss, uniform_loss (ln N), learning_rate, grad_norm,
-                  epoch, elapsed, eta (seconds)
+      step        step, total_steps, letter_loss (the answer letter token alone: compare it with
+                  uniform_loss = ln N), total_loss (mean over every loss-carrying token: the letter and,
+                  with train_on_eos, the end-of-turn tokens; "loss" repeats it), loss_tokens (which tokens
+                  total_loss covers), learning_rate, grad_norm, epoch, elapsed, eta (seconds)
       done | cancelled (reason) | failed (error)   report (TrainReport.to_json()); done also has path
     """
     # transformers and peft take seconds to import: only once a run starts
@@ -555,7 +650,8 @@ def train_adapter(
     is_main = rank == 0
     folder = adapters_root(root)
     started = time.monotonic()
-    report = TrainReport(adapter=name, world_size=world_size, uniform_loss=config.uniform_loss)
+    report = TrainReport(adapter=name, world_size=world_size, uniform_loss=config.uniform_loss,
+                         loss_tokens=LOSS_TOKENS[config.train_on_eos])
 
     def emit(event: dict[str, Any]) -> None:
         if is_main and on_event is not None:
@@ -577,6 +673,11 @@ def train_adapter(
     peft_model = None
     try:
         emit({"event": "stage", "stage": "samples"})
+        config, budget = with_prompt_budget(dataset, loaded.tokenizer, config)
+        if budget is not None:
+            report.prompt_budget = asdict(budget)
+            emit({"event": "stage", "stage": "prompt budget", "max_prompt_tokens": budget.tokens,
+                  "detail": budget.describe()})
         samples, dropped = build_training_samples(dataset, loaded.tokenizer, config, cancel=cancel)
         context = getattr(loaded.model.config, "max_position_embeddings", None)
         examples, unlabelled = label_samples(loaded.tokenizer, samples, config, max_length=context)

@@ -147,7 +147,7 @@ def test_bad_diagnose_requests_are_refused_and_the_app_keeps_serving(served) -> 
     settings = ("toy", "tiny-llama", "test", "random", "seed", "as_trained", "title", 5, 0, True)
     with pytest.raises(Exception, match="not in dataset toy"):
         client.predict(*settings, BASE, "nobody", api_name="/diagnose_history")
-    with pytest.raises(Exception, match="positive integer"):
+    with pytest.raises(Exception, match="orders must be from 1 to 200"):
         client.predict(*settings, BASE, "u01", "permutations", 0, api_name="/diagnose_position_bias")
     # The same name check as Inspect's: only adapters the picker offers.
     with pytest.raises(Exception, match=r"no adapter named '\.\./\.\./etc'"):

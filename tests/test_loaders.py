@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rerank_core import loaders
-from rerank_core.data import DataError
+from rerank_core.data import DataError, DataErrors
 from rerank_core.loaders import load_dataset
 
 
@@ -382,3 +382,24 @@ def test_half_a_format(tmp_path: Path) -> None:
 def test_named_format_with_missing_files(tmp_path: Path) -> None:
     write(tmp_path / "items.csv", ITEMS)
     assert "missing ratings.dat, movies.dat" in str(error_for(tmp_path, "ml-1m"))
+
+
+def test_several_bad_rows_are_reported_together_with_file_line_and_field(tmp_path: Path) -> None:
+    rows = "".join(f"u{row},i1,{'soon' if row % 2 else row}\n" for row in range(1, 9))
+    error = error_for(csv_pair(tmp_path, "user_id,item_id,timestamp\n" + rows,
+                               items="item_id,title\ni1,A\ni2,  \n"))
+    assert isinstance(error, DataErrors)
+    found = [(Path(item.file).name, item.line, item.field) for item in error.errors]
+    # items.csv is read first; every odd user's timestamp is text.
+    assert found == [("items.csv", 3, "title"), *(("interactions.csv", line, "timestamp")
+                                                  for line in (2, 4, 6, 8))]
+    assert (Path(error.file).name, error.line, error.field) == found[0]
+    assert str(error).startswith("5 bad rows:") and str(error).count("\n- ") == 5
+
+
+def test_bad_rows_stop_at_twenty(tmp_path: Path) -> None:
+    rows = "".join(f"u{row},i1,never\n" for row in range(100))
+    error = error_for(csv_pair(tmp_path, "user_id,item_id,timestamp\n" + rows))
+    assert isinstance(error, DataErrors) and len(error.errors) == 20
+    assert [item.line for item in error.errors] == list(range(2, 22))
+    assert "stopped at the 20th" in str(error)

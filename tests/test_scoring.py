@@ -74,10 +74,13 @@ def test_logits_are_computed_at_the_last_position_only(smol_tokenizer, model_and
     shapes = []
     handle = model.lm_head.register_forward_hook(lambda module, args, output: shapes.append(tuple(output.shape)))
     try:
+        score_token_ids(model, smol_tokenizer, prompts[:3], letter_ids(smol_tokenizer), batch_size=3,
+                        share_prefix=False)
         score_token_ids(model, smol_tokenizer, prompts[:3], letter_ids(smol_tokenizer), batch_size=3)
     finally:
         handle.remove()
-    assert shapes == [(3, 1, len(smol_tokenizer))]
+    # From scratch one batch; with a shared prefix one more row for the prefix pass (its logits are unused).
+    assert shapes == [(3, 1, len(smol_tokenizer)), (1, 1, len(smol_tokenizer)), (3, 1, len(smol_tokenizer))]
 
 
 def probabilities(scores: list[LetterScores]) -> torch.Tensor:
@@ -141,3 +144,72 @@ def test_score_cache_is_least_recently_used() -> None:
     cache.put(("a",), dummy(4))  # replacing refreshes, not duplicates
     cache.put(("d",), dummy(5))
     assert len(cache) == 2 and cache.get(("c",)) is None and cache.get(("a",)).letter_mass == 4
+
+
+def shared_prefix_prompts(tokenizer) -> list[list[int]]:
+    """One user's prompt with the candidates rotated and one with a shorter candidate list: a long common
+    prefix (system prompt, instruction, history), suffixes of different lengths."""
+    dataset = make_toy_dataset()
+    titles = [dataset.text(item) for item in sorted(dataset.items)]
+    history, candidates = titles[:12], titles[50:54]
+    prompts = []
+    for shift in range(4):
+        rotated = candidates[shift:] + candidates[:shift]
+        prompts.append(encode_rendered(tokenizer, "seed", build_prompt(tokenizer, "seed", history, rotated).rendered))
+    shorter = build_prompt(tokenizer, "seed", history, [candidates[0][:6], *candidates[1:]])
+    prompts.append(encode_rendered(tokenizer, "seed", shorter.rendered))
+    return prompts
+
+
+def embedded_tokens(model) -> list[int]:
+    """Counts the tokens each forward pass embeds, to see how much the model actually computed."""
+    counts: list[int] = []
+    model.get_input_embeddings().register_forward_hook(lambda module, args, output: counts.append(args[0].numel()))
+    return counts
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 8])
+def test_shared_prefix_scores_equal_scoring_from_scratch_fp32(smol_tokenizer, batch_size: int) -> None:
+    model = build_tiny_llama(smol_tokenizer, seed=3)
+    prompts = shared_prefix_prompts(smol_tokenizer)
+    assert len({len(ids) for ids in prompts}) > 1  # suffixes of different lengths: padding inside the batch
+    ids = letter_ids(smol_tokenizer)
+    counts = embedded_tokens(model)
+    scratch = score_token_ids(model, smol_tokenizer, prompts, ids, batch_size=batch_size, share_prefix=False)
+    scratch_tokens = sum(counts)
+    counts.clear()
+    shared = score_token_ids(model, smol_tokenizer, prompts, ids, batch_size=batch_size)
+    assert sum(counts) < scratch_tokens * 0.7  # the prefix really ran once
+    assert float((probabilities(shared) - probabilities(scratch)).abs().max()) <= 1e-5
+    for alone, reused in zip(scratch, shared):
+        assert reused.letter_logits == pytest.approx(alone.letter_logits, abs=1e-5)
+        assert reused.letter_mass == pytest.approx(alone.letter_mass, abs=1e-6)
+        assert [token_id for _, token_id, _ in reused.top_other] == [token_id for _, token_id, _ in alone.top_other]
+        assert reused.prompt_tokens == alone.prompt_tokens
+
+
+def test_shared_prefix_matches_a_plain_forward_pass_with_a_lora_adapter(smol_tokenizer) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build_tiny_llama(smol_tokenizer, seed=4),
+                           LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      init_lora_weights=False)).eval()
+    prompts = shared_prefix_prompts(smol_tokenizer)
+    ids = letter_ids(smol_tokenizer)
+    shared = score_token_ids(model, smol_tokenizer, prompts, ids, batch_size=3)
+    reference = torch.stack([torch.softmax(reference_last_logits(model, prompt)[ids], dim=-1) for prompt in prompts])
+    assert float((probabilities(shared) - reference).abs().max()) <= 1e-5
+    with model.disable_adapter():  # the base under the same wrapper: a different answer, also reused correctly
+        base = score_token_ids(model, smol_tokenizer, prompts, ids, batch_size=3)
+        base_reference = torch.stack([torch.softmax(reference_last_logits(model, prompt)[ids], dim=-1)
+                                      for prompt in prompts])
+    assert float((probabilities(base) - base_reference).abs().max()) <= 1e-5
+    assert float((probabilities(base) - probabilities(shared)).abs().max()) > 1e-3
+
+
+def test_prompts_without_a_long_common_prefix_are_scored_from_scratch(smol_tokenizer) -> None:
+    model = build_tiny_llama(smol_tokenizer, seed=5)
+    prompts = [[11, 12, 13, 14, 15, 16], [11, 12, 99, 98], [11, 12, 13, 14, 15, 16, 17]]
+    counts = embedded_tokens(model)
+    score_token_ids(model, smol_tokenizer, prompts, letter_ids(smol_tokenizer), batch_size=8)
+    assert counts == [3 * 32]  # one batch, from scratch, padded to the length bucket

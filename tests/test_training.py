@@ -244,8 +244,15 @@ def test_events_manifest_and_check_adapter(smol_tokenizer, tmp_path):
     assert [event["step"] for event in steps] == [1, 2, 3, 4]
     for event in steps:
         assert event["total_steps"] == 4 and event["uniform_loss"] == pytest.approx(math.log(5))
-        assert {"loss", "letter_loss", "learning_rate", "epoch", "elapsed", "eta"} <= event.keys()
+        assert {"total_loss", "letter_loss", "learning_rate", "epoch", "elapsed", "eta"} <= event.keys()
+        # The letter loss is the one ln N bounds; the total also averages the end-of-turn tokens.
+        assert event["loss_tokens"] == "letter + end-of-turn tokens" and event["total_loss"] == event["loss"]
+        assert event["letter_loss"] != event["total_loss"]
     assert steps[-1]["eta"] == 0
+    card = report.to_json()
+    assert card["loss_line"] == (f"letter loss {steps[-1]['letter_loss']:.4f} (ln N = {math.log(5):.4f}); "
+                                 f"total loss {steps[-1]['total_loss']:.4f} (letter + end-of-turn tokens)")
+    assert set(card["loss_labels"]) == {"letter_loss", "total_loss"}
     validations = [event for event in events if event["event"] == "validation"]
     assert [event["step"] for event in validations] == [0, 2, 4]  # before, every 2 steps, after
     assert all(0 <= event["NDCG@10"] <= 1 and 0 <= event["Recall@10"] <= 1 for event in validations)
@@ -370,14 +377,14 @@ def test_cli_help_names_every_training_setting(capsys):
                "target_modules": "--target-modules", "learning_rate": "--lr", "epochs": "--epochs",
                "batch_size": "--batch-size", "grad_accumulation": "--grad-accumulation", "warmup": "--warmup",
                "max_samples": "--max-samples", "seed": "--seed", "max_prompt_tokens": "--max-prompt-tokens",
-               "prompt_preset": "--preset", "strategy": "--strategy", "candidates": "--candidates",
-               "candidate_source": "--candidate-source", "text_field": "--text-field",
+               "history_items": "--history-items", "prompt_preset": "--preset", "strategy": "--strategy",
+               "candidates": "--candidates", "candidate_source": "--candidate-source", "text_field": "--text-field",
                "sample_mode": "--sample-mode", "eval_every": "--eval-every", "eval_users": "--eval-users",
                "train_on_eos": "--train-on-eos"}
     assert options.keys() == TrainConfig.__dataclass_fields__.keys()
     for option in options.values():
         assert f"{option} " in text
-    assert "(quick: 320, full: 1536)" in text and "ln(N)" in text
+    assert "(quick: 0, full: 1536)" in text and "ln(N)" in text
 
 
 def test_cli_in_process_run_publishes_the_adapter(tiny_model_folder, toy_data_folder, tmp_path, capsys):
@@ -412,15 +419,17 @@ def test_compare_systems_pairs_each_adapter_with_the_base(smol_tokenizer, tmp_pa
     settings = InspectSettings(preset="seed", candidates=tiny_config().candidate_config(), max_prompt_tokens=160)
     users = dataset.users[:10]
     per_user, summary = compare_systems(inspector, users, settings, ["base", "compared"])
-    assert len(per_user) == 20 and set(per_user["system"]) == {"base", "compared"}
-    # The adapter is scored with the preset it was trained with, the base with the one asked for.
+    # The adapter is scored with the preset it was trained with, the base with the one asked for and, for a
+    # like-for-like pair, with the adapter's too.
+    assert len(per_user) == 30 and set(per_user["system"]) == {"base", "base @ seed_after", "compared"}
     assert set(per_user[per_user.system == "compared"]["preset"]) == {"seed_after"}
+    assert set(summary[summary.system == "compared"]["reference"]) == {"base @ seed_after"}
     adapter_rows = summary[summary.system == "compared"]
     assert (adapter_rows.ci_low <= adapter_rows.difference + 1e-12).all()
     assert (adapter_rows.difference <= adapter_rows.ci_high + 1e-12).all()
     assert summary[summary.system == "base"]["difference"].isna().all()
     table = comparison_table(summary)
-    assert table.count("\n") == 3 and "| compared | seed_after |" in table
+    assert table.count("\n") == 4 and "| compared | seed_after | base @ seed_after" in table
 
 
 @pytest.mark.slow
@@ -447,3 +456,15 @@ def test_real_model_trains_a_few_steps_and_the_adapter_loads_back(tmp_path):
     tuned_model = PeftModel.from_pretrained(loaded.model, info.path).eval()
     (tuned,) = score_token_ids(tuned_model, loaded.tokenizer, [prepared.token_ids], letter_ids)
     assert base.letter_logits != tuned.letter_logits
+
+
+def test_cli_progress_names_the_letter_loss_beside_ln_n_and_the_total(capsys):
+    from rerank_core.cli_train import _ProgressBar
+
+    bar = _ProgressBar(True)
+    bar({"event": "stage", "stage": "training", "total_steps": 2})
+    bar({"event": "step", "step": 1, "total_steps": 2, "loss": 0.8, "total_loss": 0.8, "letter_loss": 2.44,
+         "uniform_loss": math.log(20)})
+    bar({"event": "done"})
+    err = capsys.readouterr().err
+    assert "letter_loss=2.440, lnN=2.996, total_loss=0.800" in err

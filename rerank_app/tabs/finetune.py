@@ -123,14 +123,14 @@ def finetune_status(context: AppContext) -> dict:
 def _form_component(name: str, value: Any) -> gr.components.Component:
     """The input for one setting, from its declaration: a list for choices, a box for a flag, else a number."""
     item = setting(name)
-    label = name.replace("_", " ") + (" (0: all)" if item.zero_is_all else "")
+    label = name.replace("_", " ") + (f" (0: {item.zero_means.split(',')[0]})" if item.zero_means else "")
     elem_id = f"finetune-{name.replace('_', '-')}"
     if item.choices:
         return gr.Dropdown(list(item.choices), value=value, label=label, elem_id=elem_id)
     if item.kind is bool:
         return gr.Checkbox(value, label=label, elem_id=elem_id)
     return gr.Number(value, precision=0 if item.kind is int else None, label=label, elem_id=elem_id,
-                     minimum=0 if item.zero_is_all else item.low, maximum=item.high)
+                     minimum=0 if item.zero_means else item.low, maximum=item.high)
 
 
 def build(context: AppContext, controls: PickerControls, compare_adapters: gr.Dropdown, demo: gr.Blocks) -> None:

@@ -7,8 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from rerank_core.diagnostics.common import letter_probs
+from rerank_core.diagnostics.common import CancelCheck, ProgressCallback, letter_probs, score_in_chunks
 from rerank_core.inspector import BASE, Inspector, InspectSettings
+from rerank_core.limits import check_limit
 
 __all__ = ["HistoryInfluence", "history_influence"]
 
@@ -85,8 +86,9 @@ class HistoryInfluence:
 
 
 def history_influence(inspector: Inspector, user_id: str, settings: InspectSettings, system: str = BASE, *,
-                      batch_size: int | None = None) -> HistoryInfluence:
-    """Remove each shown history item in turn and re-score; the full prompt and the removals are one batch."""
+                      batch_size: int | None = None, progress: ProgressCallback | None = None,
+                      cancel: CancelCheck = None) -> HistoryInfluence:
+    """Remove each shown history item in turn and re-score, in chunks with a stop check between them."""
     effective, _ = inspector.settings_for(system, settings)
     prepared = inspector.prepare(user_id, effective)
     kept = prepared.shown_history
@@ -94,10 +96,12 @@ def history_influence(inspector: Inspector, user_id: str, settings: InspectSetti
         raise ValueError(f"user {user_id!r}: the prompt shows no history item (all dropped to fit "
                          f"max_prompt_tokens={effective.max_prompt_tokens}); raise the limit or use fewer "
                          "candidates")
+    check_limit("history_items", len(kept))
     variants = [prepared]
     variants += [inspector.variant(prepared, effective, history_ids=kept[:row] + kept[row + 1:])
                  for row in range(len(kept))]
-    probs = letter_probs(inspector.score_prepared(system, variants, batch_size=batch_size or len(variants)))
+    probs = letter_probs(score_in_chunks(inspector, system, variants, f"history influence of user {user_id}",
+                                         batch_size=batch_size, cancel=cancel, progress=progress))
     dropped = prepared.prompt.dropped_history
     return HistoryInfluence(
         system=system, user_id=user_id, preset=prepared.prompt.preset, letters=prepared.prompt.letters,

@@ -8,8 +8,9 @@ from typing import Any
 
 import pandas as pd
 
-from rerank_core.diagnostics.common import ProgressCallback
+from rerank_core.diagnostics.common import CancelCheck, ProgressCallback
 from rerank_core.inspector import BASE, Inspector, InspectSettings
+from rerank_core.limits import check_limit
 
 __all__ = ["LetterMass", "letter_mass"]
 
@@ -40,13 +41,16 @@ class LetterMass:
 
 
 def letter_mass(inspector: Inspector, users: Sequence[str], settings: InspectSettings,
-                systems: Sequence[str] = (BASE,), *, progress: ProgressCallback | None = None) -> LetterMass:
+                systems: Sequence[str] = (BASE,), *, progress: ProgressCallback | None = None,
+                cancel: CancelCheck = None) -> LetterMass:
     """Evaluate every user with every system and keep the letter mass (each adapter with its own preset)."""
     if not users:
         raise ValueError("no users to diagnose: pass at least one user id")
+    check_limit("diagnostic_users", len(users))
+    check_limit("compare_systems", len(systems))
     frames = []
     for index, system in enumerate(systems):
         report = None if progress is None else (
             lambda done, total, index=index: progress(index * total + done, total * len(systems)))
-        frames.append(inspector.evaluate(users, settings, system, progress=report))
+        frames.append(inspector.evaluate(users, settings, system, progress=report, cancel=cancel))
     return LetterMass(pd.concat(frames, ignore_index=True))

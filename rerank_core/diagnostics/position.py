@@ -11,9 +11,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rerank_core.diagnostics.common import ProgressCallback, letter_probs, mean_metrics
+from rerank_core.diagnostics.common import (
+    CancelCheck,
+    ProgressCallback,
+    letter_probs,
+    mean_metrics,
+    score_in_chunks,
+)
 from rerank_core.inspector import BASE, Inspector, InspectSettings, PreparedUser
+from rerank_core.limits import check_limit
 from rerank_core.metrics import METRIC_NAMES, PairedDifference, metrics_at, paired_bootstrap, rank_of_truth
+from rerank_core.progress import checkpoint
 
 __all__ = [
     "ORDER_MODES",
@@ -56,8 +64,8 @@ class OrderSpec:
     def __post_init__(self) -> None:
         if self.mode not in ORDER_MODES:
             raise ValueError(f"order mode {self.mode!r} is not one of {', '.join(ORDER_MODES)}")
-        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
-            raise ValueError(f"order count must be a positive integer, got {self.count!r}")
+        object.__setattr__(self, "count", check_limit("orders", self.count))
+        object.__setattr__(self, "seed", check_limit("order_seed", self.seed))
 
 
 def candidate_orders(count: int, spec: OrderSpec = OrderSpec()) -> list[tuple[int, ...]]:
@@ -201,13 +209,15 @@ def _finite(value: float) -> float | None:
 
 
 def _position_bias_prepared(inspector: Inspector, prepared: PreparedUser, settings: InspectSettings,
-                            system: str, spec: OrderSpec, batch_size: int | None) -> PositionBias:
+                            system: str, spec: OrderSpec, batch_size: int | None, cancel: CancelCheck = None,
+                            progress: ProgressCallback | None = None) -> PositionBias:
     count = len(prepared.candidates.item_ids)
     orders = candidate_orders(count, spec)
     variants = [prepared]  # the identity: exactly the prompt Inspect shows, so its score is shared
     variants += [inspector.variant(prepared, settings, order=order) for order in orders[1:]]
-    # One batch per user: the orders share a length, so padding costs nothing.
-    scores = inspector.score_prepared(system, variants, batch_size=batch_size or len(variants))
+    # The orders share a length, so batching them costs no padding; chunks bound memory and let a stop in.
+    scores = score_in_chunks(inspector, system, variants, f"position bias of user {prepared.split.user_id}",
+                             batch_size=batch_size, cancel=cancel, progress=progress)
     return PositionBias(
         system=system, user_id=prepared.split.user_id, preset=prepared.prompt.preset,
         letters=prepared.prompt.letters, item_ids=prepared.candidates.item_ids,
@@ -216,11 +226,12 @@ def _position_bias_prepared(inspector: Inspector, prepared: PreparedUser, settin
 
 
 def position_bias(inspector: Inspector, user_id: str, settings: InspectSettings, system: str = BASE,
-                  spec: OrderSpec = OrderSpec(), *, batch_size: int | None = None) -> PositionBias:
-    """Score one user's candidates under every order of `spec`; all orders run as one batch by default."""
+                  spec: OrderSpec = OrderSpec(), *, batch_size: int | None = None,
+                  progress: ProgressCallback | None = None, cancel: CancelCheck = None) -> PositionBias:
+    """Score one user's candidates under every order of `spec`, in chunks with a stop check between them."""
     effective, _ = inspector.settings_for(system, settings)
     prepared = inspector.prepare(user_id, effective)
-    return _position_bias_prepared(inspector, prepared, effective, system, spec, batch_size)
+    return _position_bias_prepared(inspector, prepared, effective, system, spec, batch_size, cancel, progress)
 
 
 @dataclass(frozen=True, eq=False)
@@ -315,16 +326,19 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 def position_bias_over_users(inspector: Inspector, users: Sequence[str], settings: InspectSettings,
                              system: str = BASE, spec: OrderSpec = OrderSpec(), *,
-                             batch_size: int | None = None,
-                             progress: ProgressCallback | None = None) -> PositionBiasSummary:
-    """Position bias for each user (one batch per user), summarised over all of them."""
+                             batch_size: int | None = None, progress: ProgressCallback | None = None,
+                             cancel: CancelCheck = None) -> PositionBiasSummary:
+    """Position bias for each user, summarised over all of them; a stop request is honoured between chunks."""
     if not users:
         raise ValueError("no users to diagnose: pass at least one user id")
+    check_limit("diagnostic_users", len(users))
     effective, _ = inspector.settings_for(system, settings)
+    orders_per_user = effective.candidates.count if spec.mode == "rotations" else spec.count
+    check_limit("diagnostic_prompts", len(users) * orders_per_user)
     results = []
-    for done, user_id in enumerate(users, 1):
+    for done, user_id in enumerate(users):
+        checkpoint("position bias over users", done, len(users), progress=progress, cancel=cancel)
         prepared = inspector.prepare(user_id, effective)
-        results.append(_position_bias_prepared(inspector, prepared, effective, system, spec, batch_size))
-        if progress is not None:
-            progress(done, len(users))
+        results.append(_position_bias_prepared(inspector, prepared, effective, system, spec, batch_size, cancel))
+    checkpoint("position bias over users", len(users), len(users), progress=progress)
     return PositionBiasSummary(system, tuple(results))

@@ -9,8 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from rerank_core.diagnostics.common import ProgressCallback, letter_probs
+from rerank_core.diagnostics.common import CancelCheck, ProgressCallback, letter_probs, score_in_chunks
 from rerank_core.inspector import BASE, Inspector, InspectSettings
+from rerank_core.limits import check_limit
 
 __all__ = ["PRIOR_MODES", "LetterPrior", "letter_prior"]
 
@@ -66,21 +67,21 @@ class LetterPrior:
 
 def letter_prior(inspector: Inspector, users: Sequence[str], settings: InspectSettings, system: str = BASE,
                  mode: str = "placeholder", *, placeholder: str = "item",
-                 progress: ProgressCallback | None = None) -> LetterPrior:
+                 progress: ProgressCallback | None = None, cancel: CancelCheck = None) -> LetterPrior:
     """Each user's real history, every candidate text blanked ("") or the same placeholder word."""
     if mode not in PRIOR_MODES:
         raise ValueError(f"letter prior mode {mode!r} is not one of {', '.join(PRIOR_MODES)}")
     if not users:
         raise ValueError("no users to diagnose: pass at least one user id")
+    check_limit("diagnostic_users", len(users))
+    check_limit("placeholder_chars", len(placeholder))
     effective, _ = inspector.settings_for(system, settings)
     text = "" if mode == "blank" else placeholder
     variants = []
-    for done, user_id in enumerate(users, 1):
+    for user_id in users:
         prepared = inspector.prepare(user_id, effective)
         variants.append(inspector.variant(prepared, effective, candidate_texts=[text] * len(prepared.candidate_texts)))
-        if progress is not None:
-            progress(done, len(users))
-    scores = inspector.score_prepared(system, variants)
+    scores = score_in_chunks(inspector, system, variants, "letter prior", cancel=cancel, progress=progress)
     return LetterPrior(system=system, preset=variants[0].prompt.preset, mode=mode, placeholder=text,
                        letters=variants[0].prompt.letters, user_ids=tuple(users), probs=letter_probs(scores),
                        letter_mass=np.array([score.letter_mass for score in scores]))

@@ -1,0 +1,99 @@
+"""Compare is like for like: an adapter meets the base on the adapter's own preset; the preset's effect is a row."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import make_toy_dataset, tiny_loaded
+
+from rerank_core.adapters import MANIFEST_FILE
+from rerank_core.candidates import CandidateConfig
+from rerank_core.compare import PRESET_EFFECT, REFERENCE, SAME_PRESET, compare_systems, comparison_table, movers
+from rerank_core.inspector import Inspector, InspectSettings
+
+SETTINGS = InspectSettings(preset="seed", candidates=CandidateConfig(count=6, seed=2))
+
+
+def publish_adapter(loaded, root, name: str, preset: str) -> None:
+    """A LoRA adapter with random (non-zero) weights, recorded as trained with `preset`."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(5)
+    model = get_peft_model(loaded.model, LoraConfig(r=2, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                    lora_dropout=0.0, init_lora_weights=False))
+    folder = root / name
+    model.save_pretrained(folder)
+    model.unload()
+    (folder / MANIFEST_FILE).write_text(json.dumps({
+        "preset": preset, "base_model": {"name": loaded.name, "fingerprint": loaded.fingerprint}}))
+
+
+@pytest.fixture(scope="module")
+def setup(smol_tokenizer, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    loaded = tiny_loaded(smol_tokenizer)
+    publish_adapter(loaded, root, "after", "seed_after")
+    publish_adapter(loaded, root, "same", "seed")
+    dataset = make_toy_dataset(users=12)
+    return Inspector(dataset, loaded, adapters_root=str(root)), dataset.users
+
+
+def test_an_adapter_with_another_preset_is_paired_with_the_base_on_that_preset(setup):
+    inspector, users = setup
+    per_user, summary = compare_systems(inspector, users, SETTINGS, ["base", "after", "same"],
+                                        bootstrap_samples=200)
+    rows = summary[summary["metric"] == "NDCG@10"].set_index("system")
+    assert list(rows.index) == ["base", "base @ seed_after", "after", "same"]
+    assert rows.loc["base", "comparison"] == REFERENCE and math.isnan(rows.loc["base", "difference"])
+    # The headline for the adapter: the same preset on both sides.
+    assert rows.loc["after", ["preset", "reference", "comparison"]].tolist() == [
+        "seed_after", "base @ seed_after", SAME_PRESET]
+    assert rows.loc["same", ["preset", "reference"]].tolist() == ["seed", "base"]
+    # The preset's own effect, labelled, against the base on the default preset.
+    assert rows.loc["base @ seed_after", ["preset", "reference", "comparison"]].tolist() == [
+        "seed_after", "base", PRESET_EFFECT]
+    # The references are what the base scores on its own with each preset.
+    from dataclasses import replace
+
+    direct = inspector.evaluate(users, replace(SETTINGS, preset="seed_after"), "base")
+    assert rows.loc["after", "reference_mean"] == pytest.approx(direct["NDCG@10"].mean())
+    assert rows.loc["base @ seed_after", "mean"] == pytest.approx(direct["NDCG@10"].mean())
+    adapter = per_user[per_user["system"] == "after"]
+    assert rows.loc["after", "difference"] == pytest.approx(adapter["NDCG@10"].mean() - direct["NDCG@10"].mean())
+    assert set(per_user.groupby("system")["preset"].first().items()) == {
+        ("base", "seed"), ("base @ seed_after", "seed_after"), ("after", "seed_after"), ("same", "seed")}
+    table = comparison_table(summary)
+    assert "| after | seed_after | base @ seed_after (vs reference, same preset) |" in table
+    assert "| base @ seed_after | seed_after | base (preset effect) |" in table
+
+
+def test_without_adapter_presets_nothing_extra_is_scored(setup):
+    inspector, users = setup
+    settings = replace_preset(use_adapter_preset=False)
+    _, summary = compare_systems(inspector, users, settings, ["base", "after"], bootstrap_samples=200)
+    assert list(dict.fromkeys(summary["system"])) == ["base", "after"]
+    assert set(summary["preset"]) == {"seed"}
+
+
+def test_movers_pair_each_run_with_its_own_reference(setup):
+    inspector, users = setup
+    per_user, summary = compare_systems(inspector, users, SETTINGS, ["base", "after"], bootstrap_samples=200)
+    moved = movers(per_user, summary, count=3)
+    assert set(moved.groupby("system")["reference"].first().items()) == {
+        ("after", "base @ seed_after"), ("base @ seed_after", "base")}
+    for row in moved.itertuples():
+        reference = per_user[(per_user["system"] == row.reference) & (per_user["user_id"] == row.user_id)]
+        own = per_user[(per_user["system"] == row.system) & (per_user["user_id"] == row.user_id)]
+        assert row.difference == pytest.approx(float(own["NDCG@10"].iloc[0] - reference["NDCG@10"].iloc[0]))
+        gained = row.difference > 0 or (row.difference == 0
+                                        and row.truth_probability > row.reference_truth_probability)
+        assert (row.change == "improved") == gained
+
+
+def replace_preset(**changes) -> InspectSettings:
+    from dataclasses import replace
+
+    return replace(SETTINGS, **changes)
