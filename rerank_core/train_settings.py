@@ -84,6 +84,8 @@ class Setting:
         if self.kind is tuple and not value:
             raise ValueError(f"{self.name} is empty: name at least one, e.g. q_proj,v_proj")
         if self.kind in (int, float):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{self.name} must be a number, got {value!r}")
             outside = ((self.low is not None and (value < self.low or (self.low_open and value == self.low)))
                        or (self.high is not None and (value > self.high or (self.high_open and value == self.high))))
             if outside or not math.isfinite(value):

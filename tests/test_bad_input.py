@@ -572,7 +572,7 @@ def test_eval_replaces_its_files_whole_and_a_failed_write_keeps_the_old_one(
     before = {path.name: path.read_text() for path in out.iterdir()}
 
     def full_disk(source, target):
-        if Path(target) == out:  # the new folder cannot move in
+        if Path(target) == out and ".staging-" in Path(source).name:  # the new folder cannot move in
             raise OSError(28, "No space left on device")
         return real_rename(source, target)
 
@@ -585,7 +585,10 @@ def test_eval_replaces_its_files_whole_and_a_failed_write_keeps_the_old_one(
     monkeypatch.setattr("os.rename", real_rename)
     assert run_cli(argv, capsys)[0] == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["users"] == 4 and len((out / "per_user.csv").read_text().splitlines()) == 5
+    rows = [line.split(",") for line in (out / "per_user.csv").read_text().splitlines()[1:]]
+    runs = {row[1] for row in rows}  # the base and the baselines eval scores beside it, each on every user
+    assert summary["users"] == 4 and "base" in runs and len(rows) == 4 * len(runs)
+    assert len({row[0] for row in rows}) == 4
     assert sorted(path.name for path in out.iterdir()) == ["per_user.csv", "summary.json"]
 
 
