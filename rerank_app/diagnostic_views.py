@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Sequence
+from typing import Any
 
 import plotly.graph_objects as go
 from pandas.io.formats.style import Styler
@@ -27,6 +28,7 @@ __all__ = [
     "position_bias_markdown",
     "position_heatmap",
     "template_markdown",
+    "template_runs_html",
     "top1_share_chart",
     "truth_rank_chart",
 ]
@@ -202,10 +204,42 @@ def history_influence_table(result: HistoryInfluence) -> Styler:
 
 
 
-def template_markdown(report: TemplateConsistency) -> str:
+# The three runs of the template check, inline-styled so they survive Markdown's HTML sanitizing.
+_RUN_STYLES = {"prompt": "background:#e9ecef", "inserted": "background:#fff3bf;outline:1px dashed #f08c00",
+               "trimmed": "color:#868e96;text-decoration:line-through", "letter": "background:#d0ebff"}
+
+
+def _run(kind: str, text: str, title: str) -> str:
+    shown = html.escape(text).replace(" ", "·").replace("\n", "↵")
+    return (f'<code class="ri-run-{kind}" style="{_RUN_STYLES[kind]}" title="{html.escape(title)}">'
+            f"{shown}</code>")
+
+
+def template_runs_html(tokenizer: Any, report: TemplateConsistency, context_tokens: int = 8) -> str:
+    """The end of the scored prompt, the span the template inserts before the letter, and the letter: three runs."""
+    if report.answer_token is None:
+        return ""
+    slot = report.answer_slot
+    inserted = len(slot.inserted_ids)
+    prompt_end = report.prompt_ids[:len(report.prompt_ids) - inserted][-context_tokens:]
+    runs = [_run("prompt", "…" + tokenizer.decode(list(prompt_end)), "the prompt (its last tokens)")]
+    if slot.trimmed_text and slot.trimmed_text != slot.inserted_text:
+        runs.append(_run("trimmed", slot.trimmed_text, "in the generation prompt, left out of the scored prompt"))
+    if inserted:
+        runs.append(_run("inserted", slot.inserted_text, "inserted by the template before the letter: scored "
+                                                          "prompt, no loss"))
+    runs.append(_run("letter", tokenizer.decode([report.answer_token[1]]), "the answer letter's own token"))
+    legend = ("prompt · inserted before the letter · left out · letter" if slot.moves_prompt
+              else "prompt · letter (nothing inserted)")
+    return " ".join(runs) + f"  <small>({legend})</small>"
+
+
+def template_markdown(report: TemplateConsistency, tokenizer: Any = None) -> str:
     """Status, what the generation prompt adds, and each problem in plain words."""
     status = "✅ consistent" if report.ok and not report.problems else ("⚠️ warnings" if report.ok else "❌ broken")
     lines = [f"**Template consistency · preset `{report.preset}`: {status}**", ""]
+    if tokenizer is not None and report.answer_token is not None:
+        lines += [template_runs_html(tokenizer, report), ""]
     lines.append(f"- inference prompt: {len(report.prompt_ids)} tokens; training conversation: "
                  f"{len(report.full_ids)} tokens")
     if report.generation_prompt is not None:

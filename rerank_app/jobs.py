@@ -84,7 +84,9 @@ class JobStatus:
     elapsed: float | None = None
     eta: float | None = None
     uniform_loss: float | None = None
-    losses: list[tuple[int, float]] = field(default_factory=list)
+    # Per step: the answer letter's loss (what ln N bounds) and the total over every loss-carrying token.
+    letter_losses: list[tuple[int, float]] = field(default_factory=list)
+    total_losses: list[tuple[int, float]] = field(default_factory=list)
     evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     stage: str = ""
     config: dict[str, Any] = field(default_factory=dict)
@@ -300,8 +302,11 @@ def _status_from(folder: Path, job: dict[str, Any], events: list[dict[str, Any]]
             status.elapsed = event.get("elapsed")
             status.eta = event.get("eta")
             status.uniform_loss = event.get("uniform_loss", status.uniform_loss)
-            if event.get("loss") is not None:
-                status.losses.append((status.step, float(event["loss"])))
+            if event.get("letter_loss") is not None:
+                status.letter_losses.append((status.step, float(event["letter_loss"])))
+            total = event.get("total_loss", event.get("loss"))  # event logs from before total_loss say "loss"
+            if total is not None:
+                status.total_losses.append((status.step, float(total)))
         elif kind in ("validation", "eval"):
             values = {name: float(event[name]) for name in METRIC_NAMES if isinstance(event.get(name), int | float)}
             status.evals.append((int(event.get("step") or 0), values))

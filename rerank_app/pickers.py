@@ -15,7 +15,8 @@ import gradio as gr
 from rerank_app.context import AppContext
 from rerank_core.inspector import BASE, InspectSettings
 
-__all__ = ["NO_ADAPTER_LABEL", "PickerControls", "Pickers", "adapter_choices", "endpoint", "make_settings"]
+__all__ = ["NO_ADAPTER_LABEL", "PickerControls", "Pickers", "adapter_choices", "catalogue_key", "endpoint",
+           "make_settings", "refresh_pickers"]
 
 log = logging.getLogger("rerank_app")
 
@@ -42,13 +43,15 @@ class Pickers:
     count: int = _DEFAULT.candidates.count
     seed: int = _DEFAULT.candidates.seed
     use_adapter_preset: bool = _DEFAULT.use_adapter_preset
+    template_kwargs: str = _DEFAULT.template_kwargs  # chat-template options as a JSON object; '' for none
 
     def settings(self) -> InspectSettings:
-        """The one place the pickers become InspectSettings (a float from a slider becomes an int)."""
-        candidates = replace(_DEFAULT.candidates, source=self.source, count=int(self.count), seed=int(self.seed))
+        """The one place the pickers become InspectSettings; the core makes 20.0 an int and refuses an empty or
+        1.5 seed."""
+        candidates = replace(_DEFAULT.candidates, source=self.source, count=self.count, seed=self.seed)
         return replace(_DEFAULT, split=self.split, preset=self.preset, strategy=self.strategy,
                        text_field=self.text_field, candidates=candidates,
-                       use_adapter_preset=bool(self.use_adapter_preset))
+                       use_adapter_preset=bool(self.use_adapter_preset), template_kwargs=self.template_kwargs or "")
 
     def or_first(self, context: AppContext) -> Pickers:
         """Blank dataset or model: the first one the app offers (the JSON API's defaults)."""
@@ -79,14 +82,35 @@ class PickerControls:
     count: gr.Slider
     seed: gr.Number
     use_adapter_preset: gr.Checkbox
+    template_kwargs: gr.Textbox
     adapter: gr.Dropdown
     user: gr.Dropdown
     order: gr.Radio
+    report_button: gr.Button
+    report_file: gr.File
 
     @property
     def pickers(self) -> list[gr.components.Component]:
         """The components behind Pickers, in its field order (the order endpoint() expects them)."""
         return [getattr(self, name) for name in PICKER_NAMES]
+
+
+def catalogue_key(context: AppContext, model: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What the pickers list: the datasets and the model's adapters. A change means the pickers are stale."""
+    return tuple(context.dataset_names), tuple(context.adapter_names(model))
+
+
+def refresh_pickers(context: AppContext, model: str, last: Any) -> tuple[Any, ...]:
+    """New choices for every dataset and adapter picker when datasets or adapters changed (an upload, a
+    fine-tune, the CLI, another page); nothing is sent otherwise. Outputs: single-adapter pickers (2),
+    multi-adapter pickers (2), dataset pickers (2), then the key."""
+    key = catalogue_key(context, model)
+    if key == last:
+        return (gr.skip(),) * 6 + (last,)
+    single = gr.Dropdown(choices=adapter_choices(context, model))
+    multi = gr.Dropdown(choices=context.adapter_names(model))
+    datasets = gr.Dropdown(choices=context.dataset_names)
+    return single, single, multi, multi, datasets, datasets, key
 
 
 def adapter_choices(context: AppContext, model: str) -> list[tuple[str, str]]:

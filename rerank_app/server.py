@@ -14,18 +14,23 @@ import gradio as gr
 from rerank_app import views
 from rerank_app.context import AppConfig, AppContext, DatasetEntry, ModelEntry
 from rerank_app.jobs import JobRunner
+from rerank_app.pickers import endpoint, refresh_pickers
 from rerank_app.tabs import compare, data, diagnose, finetune
 from rerank_app.tabs import inspect as inspect_tab
 from rerank_core.adapters import adapters_root
-from rerank_core.builtin_data import bundled_sample_path
+from rerank_core.builtin_data import MOVIELENS_100K_REAL, builtin_dataset_path, bundled_sample_path
+from rerank_core.data import DataError
 from rerank_core.loaders import load_dataset
 from rerank_core.models import ModelError, embedded_model_folder, load_model
 
-__all__ = ["SAMPLE_DATASET", "build_app", "build_context", "launch"]
+__all__ = ["REAL_DATASET", "SAMPLE_DATASET", "build_app", "build_context", "builtin_datasets", "launch"]
 
 log = logging.getLogger("rerank_app")
 
 SAMPLE_DATASET = "sample"
+REAL_DATASET = "MovieLens 100K (real)"
+# How often an open page checks for new datasets and adapters (a cheap directory listing).
+PICKER_REFRESH_S = 5.0
 
 
 def build_app(context: AppContext) -> gr.Blocks:
@@ -42,9 +47,18 @@ def build_app(context: AppContext) -> gr.Blocks:
             with gr.Tab("Fine-tune", id="finetune"):
                 finetune.build(context, controls, compare_adapters, demo)
             with gr.Tab("Data", id="data"):
-                data.build(context, controls.dataset, demo)
+                data_picker = data.build(context, controls.dataset, demo)
             with gr.Tab("Diagnose", id="diagnose"):
-                diagnose.build(context, controls, demo)
+                diagnose_system, diagnose_adapters = diagnose.build(context, controls, demo)
+        # Every picker follows the datasets and adapters on disk, whoever added them.
+        seen = gr.State(None)
+        outputs = [controls.adapter, diagnose_system, compare_adapters, diagnose_adapters, controls.dataset,
+                   data_picker, seen]
+        refresher = endpoint(refresh_pickers, context)
+        timer = gr.Timer(PICKER_REFRESH_S)
+        for trigger in (timer.tick, demo.load):
+            trigger(refresher, [controls.model, seen], outputs, api_visibility="private", concurrency_limit=None,
+                    show_progress="hidden")
     return demo
 
 
@@ -59,7 +73,7 @@ def build_context(args: argparse.Namespace) -> AppContext:
         path = Path(args.data)
         datasets.append(DatasetEntry(path.name if path.is_dir() else path.parent.name,
                                      load_dataset(path, args.data_format), path))
-    datasets.append(DatasetEntry(SAMPLE_DATASET, load_dataset(None), bundled_sample_path()))
+    datasets.extend(builtin_datasets())
     paths = list(args.model or [])
     try:
         paths.append(str(embedded_model_folder()))
@@ -75,7 +89,20 @@ def build_context(args: argparse.Namespace) -> AppContext:
         models.append(ModelEntry(name, path))
     models[0].loaded = load_model(models[0].path, device=args.device, dtype=args.dtype)
     jobs = JobRunner(config.runs_root, adapters=config.adapters_root)
-    return AppContext(config, datasets, models, jobs=jobs)
+    context = AppContext(config, datasets, models, jobs=jobs)
+    context.restore_uploads()
+    return context
+
+
+def builtin_datasets() -> list[DatasetEntry]:
+    """The synthetic sample (the default), then the real MovieLens 100K when the recbole package is installed."""
+    entries = [DatasetEntry(SAMPLE_DATASET, load_dataset(None), bundled_sample_path())]
+    try:
+        real = builtin_dataset_path(MOVIELENS_100K_REAL)
+        entries.append(DatasetEntry(REAL_DATASET, load_dataset(real, "recbole"), real))
+    except DataError as error:  # the app still serves the sample; the message says how to install recbole
+        log.warning("%s is not offered: %s", REAL_DATASET, error)
+    return entries
 
 
 def _limit_heap_arenas() -> None:

@@ -68,6 +68,12 @@ class AdapterInfo:
         return ((self.manifest or {}).get("training") or {}).get("max_prompt_tokens")
 
     @property
+    def template_kwargs(self) -> str | None:
+        """The chat-template options the adapter was trained with; None when the manifest predates them."""
+        manifest = self.manifest or {}
+        return manifest.get("template_kwargs")
+
+    @property
     def base_name(self) -> str | None:
         return ((self.manifest or {}).get("base_model") or {}).get("name")
 

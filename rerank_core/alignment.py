@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from rerank_core.prompts import PromptError, PromptPreset, encode_rendered, render_inference, render_training
+from rerank_core.prompts import (
+    PromptError,
+    PromptPreset,
+    encode_conversation,
+    encode_rendered,
+    render_inference,
+    render_training,
+)
 
 __all__ = ["TemplateMismatch", "TokenAlignment", "align"]
 
@@ -60,7 +67,7 @@ class TokenAlignment:
 def align(tokenizer: Any, preset: str | PromptPreset, text: str, answer_letter: str) -> TokenAlignment:
     """Tokenize both renderings of one prompt and find the first token where they differ."""
     prompt_ids = tuple(encode_rendered(tokenizer, preset, render_inference(tokenizer, preset, text)))
-    full_ids = tuple(encode_rendered(tokenizer, preset, render_training(tokenizer, preset, text, answer_letter)))
+    full_ids = tuple(encode_conversation(tokenizer, preset, render_training(tokenizer, preset, text, answer_letter)))
     diverge_at = None
     for index, token_id in enumerate(prompt_ids):
         if index >= len(full_ids) or full_ids[index] != token_id:

@@ -20,10 +20,11 @@ from rerank_core.cli_diagnose import add_diagnose_command
 from rerank_core.cli_train import add_train_command
 from rerank_core.compare import compare_systems, comparison_table
 from rerank_core.display import visible_text
+from rerank_core.distributed import close_process_group
 from rerank_core.fsutil import atomic_write_text, write_folder
 from rerank_core.inspector import BASE
 from rerank_core.models import load_tokenizer
-from rerank_core.prompts import letters_for
+from rerank_core.prompts import answer_slot, letters_for, with_template_kwargs
 from rerank_core.report import comparison_report, inspection_report
 from rerank_core.verbalizer import resolve_letters
 
@@ -48,16 +49,25 @@ def _cell(value: Any) -> str:
 
 
 def command_audit(args: argparse.Namespace) -> int:
+    preset = with_template_kwargs(args.preset, args.template_kwargs)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    letters = resolve_letters(tokenizer, args.preset, letters_for(args.candidates), args.strategy)
+    letters = resolve_letters(tokenizer, preset, letters_for(args.candidates), args.strategy)
     rows = [token.to_json() for token in letters]
+    slot = answer_slot(tokenizer, preset)
     if args.format == "json":
-        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        print(json.dumps({"preset": preset.name, "template_kwargs": preset.template_kwargs,
+                          "answer_slot": slot.to_json(), "letters": rows}, indent=2, ensure_ascii=False))
     else:
         print(_table(rows, ["letter", "token", "token_id", "strategy", "step", "as_trained_id", "flags"]))
         flagged = sum(1 for row in rows if row["flags"])
         print(f"\n{flagged} of {len(rows)} letters flagged" if flagged else f"\nall {len(rows)} letters clean")
+        _print_notes(slot.notes())
     return 0
+
+
+def _print_notes(notes: Sequence[str]) -> None:
+    for note in notes:
+        print(f"note: {note}")
 
 
 def command_show(args: argparse.Namespace) -> int:
@@ -73,12 +83,14 @@ def command_show(args: argparse.Namespace) -> int:
             "user_id": args.user, "split": args.split, "history": list(prepared.split.history),
             "candidates": list(prepared.candidates.item_ids), "target_index": prepared.candidates.target_index,
             "rendered_prompt": prepared.prompt.rendered, "prompt_tokens": len(prepared.token_ids),
+            "answer_slot": prepared.answer_slot.to_json(),
             "audit": [token.to_json() for token in prepared.letter_tokens]}
         if args.format == "json":
             print(json.dumps(payload, indent=2, ensure_ascii=False))
         else:
             print(visible_text(prepared.prompt.rendered, specials))
             print(_table(payload["audit"], ["letter", "token", "token_id", "step", "as_trained_id", "flags"]))
+            _print_notes(prepared.answer_slot.notes())
         return 0
     result = inspector.inspect(args.user, settings, args.adapter or BASE)
     if args.format == "html":
@@ -97,6 +109,7 @@ def command_show(args: argparse.Namespace) -> int:
     print(visible_text(payload["rendered_prompt"], specials))
     print("\nletter audit:")
     print(_table(payload["audit"], ["letter", "token", "token_id", "step", "as_trained_id", "flags"]))
+    _print_notes(result.prepared.answer_slot.notes())
     print("\ncandidates:")
     print(_table(payload["candidates"], ["letter", "item_id", "text", "truth", "probability", "rank"]))
     others = ", ".join(f"{row['token']!r} {row['probability']:.3f}" for row in payload["top_other"])
@@ -158,8 +171,6 @@ def command_eval(args: argparse.Namespace) -> int:
                                             progress=lambda done, _total: bar.update(done - bar.n))
     per_user, summary = with_baselines(inspector, per_user, summary, users, settings, baselines,
                                        reference=args.reference)
-    if shard is not None:
-        shard.close()
     if not is_main:
         return 0
     records = json.loads(summary.to_json(orient="records"))
@@ -257,3 +268,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"error: {message}", file=sys.stderr)
         return 2
+    finally:
+        close_process_group()

@@ -50,6 +50,9 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
                        help="force the data format instead of detecting it from the file names")
     group.add_argument("--preset", default="seed", choices=sorted(PRESETS),
                        help="prompt preset (default: %(default)s; *_after put the letter after the item text)")
+    group.add_argument("--template-kwargs", default="", metavar="JSON",
+                       help="chat-template options as a JSON object, e.g. '{\"enable_thinking\": false}' "
+                            "(passed to apply_chat_template for inference and training alike)")
     group.add_argument("--strategy", default="as_trained", choices=STRATEGIES,
                        help="letter→token strategy (default: %(default)s)")
     group.add_argument("--text-field", default="title", choices=TEXT_FIELDS,
@@ -79,7 +82,8 @@ def build_settings(args: argparse.Namespace, split: str = "test") -> InspectSett
                                  order=args.candidate_order)
     return InspectSettings(preset=args.preset, strategy=args.strategy, text_field=args.text_field,
                            split=split, candidates=candidates, max_prompt_tokens=args.max_prompt_tokens,
-                           use_adapter_preset=not getattr(args, "ignore_adapter_preset", False))
+                           use_adapter_preset=not getattr(args, "ignore_adapter_preset", False),
+                           template_kwargs=args.template_kwargs)
 
 
 def load_data(args: argparse.Namespace) -> Dataset:

@@ -120,7 +120,10 @@ def command_template(args: argparse.Namespace) -> int:
 
         inspector = Inspector(load_dataset(args.data, args.data_format), tokenizer=tokenizer)
         text = inspector.prepare(args.user, build_settings(args, args.split)).prompt.text
-    report = template_consistency(tokenizer, args.preset, text=text, letter=args.letter, count=args.candidates)
+    from rerank_core.prompts import with_template_kwargs
+
+    preset = with_template_kwargs(args.preset, args.template_kwargs)
+    report = template_consistency(tokenizer, preset, text=text, letter=args.letter, count=args.candidates)
     around = "the end of the prompt" if report.is_prefix else "the first difference"
     _print(args, report.to_json(), [
         ("verdict", report.explanation), (f"tokens around {around}", frames.template_tokens_frame(report)),

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ProcessShard", "launched_world_size", "process_device", "process_shard"]
+__all__ = ["ProcessShard", "close_process_group", "launched_world_size", "process_device", "process_shard"]
 
 
 def launched_world_size() -> int:
@@ -48,11 +48,6 @@ class ProcessShard:
         dist.all_gather_object(gathered, value)
         return gathered
 
-    def close(self) -> None:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def process_shard(device: str) -> ProcessShard | None:
@@ -68,3 +63,13 @@ def process_shard(device: str) -> ProcessShard | None:
             torch.cuda.set_device(torch.device(device))  # NCCL collectives run on the current device
         dist.init_process_group(backend="nccl" if on_cuda else "gloo")
     return ProcessShard(dist.get_rank(), dist.get_world_size())
+
+
+def close_process_group() -> None:
+    """Leave the launcher's process group at the end of a command (torch warns about one left open)."""
+    if launched_world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -18,6 +18,7 @@ from rerank_core.adapters import (
     list_adapters,
     validate_adapter_name,
 )
+from rerank_core.answer_slot import AnswerSlot
 from rerank_core.candidates import CandidateConfig, CandidateSampler, CandidateSet
 from rerank_core.data import Dataset, UserSplit
 from rerank_core.distributed import ProcessShard
@@ -25,7 +26,16 @@ from rerank_core.limits import check_limit
 from rerank_core.metrics import METRIC_NAMES, metrics_at, rank_of_truth
 from rerank_core.models import LoadedModel
 from rerank_core.progress import CancelCheck, checkpoint
-from rerank_core.prompts import Prompt, build_prompt, encode_rendered, letters_for
+from rerank_core.prompts import (
+    Prompt,
+    PromptPreset,
+    answer_slot,
+    build_prompt,
+    encode_rendered,
+    letters_for,
+    parse_template_kwargs,
+    with_template_kwargs,
+)
 from rerank_core.scoring import LetterScores, ScoreCache, score_token_ids
 from rerank_core.verbalizer import LetterToken, resolve_letters
 
@@ -48,10 +58,18 @@ class InspectSettings:
     candidates: CandidateConfig = field(default_factory=CandidateConfig)
     max_prompt_tokens: int | None = 1536
     use_adapter_preset: bool = True
+    # Chat-template options as JSON text (e.g. '{"enable_thinking": false}'); '' for none.
+    template_kwargs: str = ""
 
     def __post_init__(self) -> None:
         if self.max_prompt_tokens is not None:
             object.__setattr__(self, "max_prompt_tokens", check_limit("max_prompt_tokens", self.max_prompt_tokens))
+        object.__setattr__(self, "template_kwargs", parse_template_kwargs(self.template_kwargs))
+
+    @property
+    def prompt_preset(self) -> PromptPreset:
+        """The preset with the chat-template options: what every rendering of these settings uses."""
+        return with_template_kwargs(self.preset, self.template_kwargs)
 
 
 @dataclass(frozen=True)
@@ -64,6 +82,8 @@ class PreparedUser:
     prompt: Prompt
     token_ids: tuple[int, ...]
     letter_tokens: tuple[LetterToken, ...]
+    # What the scored prompt adds to or cuts from the generation prompt.
+    answer_slot: AnswerSlot = field(default_factory=AnswerSlot)
 
     @property
     def shown_history(self) -> tuple[str, ...]:
@@ -132,6 +152,7 @@ class UserInspection:
             "target_id": prepared.split.target,
             "target_index": prepared.candidates.target_index,
             "rendered_prompt": prepared.prompt.rendered,
+            "answer_slot": prepared.answer_slot.to_json(),
             "prompt_tokens": len(prepared.token_ids),
             "audit": [token.to_json() for token in prepared.letter_tokens],
             "letter_mass": self.scores.letter_mass,
@@ -171,10 +192,10 @@ class Inspector:
 
     def letter_tokens(self, settings: InspectSettings, count: int) -> tuple[LetterToken, ...]:
         """Letters resolved once per (preset, strategy, count): they do not depend on the items."""
-        key = (settings.preset, settings.strategy, count)
+        key = (settings.preset, settings.template_kwargs, settings.strategy, count)
         if key not in self._letters:
             self._letters[key] = tuple(resolve_letters(
-                self.tokenizer, settings.preset, letters_for(count), settings.strategy))
+                self.tokenizer, settings.prompt_preset, letters_for(count), settings.strategy))
         return self._letters[key]
 
     def prepare(self, user_id: str, settings: InspectSettings) -> PreparedUser:
@@ -183,11 +204,12 @@ class Inspector:
         candidates = self.sampler(settings.candidates).for_split(split)
         history_texts = [self.dataset.text(item, settings.text_field) for item in split.history]
         candidate_texts = tuple(self.dataset.text(item, settings.text_field) for item in candidates.item_ids)
-        prompt = build_prompt(self.tokenizer, settings.preset, history_texts, candidate_texts,
+        prompt = build_prompt(self.tokenizer, settings.prompt_preset, history_texts, candidate_texts,
                               max_prompt_tokens=self._prompt_budget(settings))
-        token_ids = tuple(encode_rendered(self.tokenizer, settings.preset, prompt.rendered))
+        token_ids = tuple(encode_rendered(self.tokenizer, settings.prompt_preset, prompt.rendered))
         letters = self.letter_tokens(settings, len(candidate_texts))
-        return PreparedUser(split, candidates, candidate_texts, prompt, token_ids, letters)
+        return PreparedUser(split, candidates, candidate_texts, prompt, token_ids, letters,
+                            answer_slot(self.tokenizer, settings.prompt_preset))
 
     def variant(self, prepared: PreparedUser, settings: InspectSettings, *, history_ids: Sequence[str] | None = None,
                 order: Sequence[int] | None = None, candidate_texts: Sequence[str] | None = None) -> PreparedUser:
@@ -200,8 +222,8 @@ class Inspector:
                  else tuple(candidate_texts))
         target = prepared.candidates.target_index
         history_texts = [self.dataset.text(item, settings.text_field) for item in history_ids]
-        prompt = build_prompt(self.tokenizer, settings.preset, history_texts, texts, max_prompt_tokens=None)
-        token_ids = tuple(encode_rendered(self.tokenizer, settings.preset, prompt.rendered))
+        prompt = build_prompt(self.tokenizer, settings.prompt_preset, history_texts, texts, max_prompt_tokens=None)
+        token_ids = tuple(encode_rendered(self.tokenizer, settings.prompt_preset, prompt.rendered))
         candidates = CandidateSet(item_ids, None if target is None else list(order).index(target))
         return replace(prepared, candidates=candidates, candidate_texts=texts, prompt=prompt, token_ids=token_ids)
 
@@ -260,21 +282,27 @@ class Inspector:
         return slots.peft_model
 
     def settings_for(self, system: str, settings: InspectSettings) -> tuple[InspectSettings, str]:
-        """An adapter is scored with the preset and prompt budget it was trained with, unless the user overrides."""
+        """An adapter is scored with the preset, template options and prompt budget it was trained with, unless
+        the user overrides it."""
         if system == BASE or not settings.use_adapter_preset:
             return settings, ""
         info = self.loaded.adapters.infos.get(system) or check_adapter(self.loaded, system, self.adapters_root)
-        notes = []
+        notes, effective = [], settings
         trained = info.preset
         if trained and trained != settings.preset:
             notes.append(f"adapter {system!r} was trained with preset {trained!r}; scored with it, not "
                          f"{settings.preset!r}")
-            settings = replace(settings, preset=trained)
+            effective = replace(effective, preset=trained)
+        options = info.template_kwargs
+        if options is not None and options != settings.template_kwargs:
+            notes.append(f"adapter {system!r} was trained with template_kwargs {options or '{}'}; scored with them, "
+                         f"not {settings.template_kwargs or '{}'}")
+            effective = replace(effective, template_kwargs=options)
         budget = info.max_prompt_tokens
         if budget and budget != settings.max_prompt_tokens:
             notes.append(f"prompts cut to {budget} tokens, as in its training (not {settings.max_prompt_tokens})")
-            settings = replace(settings, max_prompt_tokens=budget)
-        return settings, "; ".join(notes)
+            effective = replace(effective, max_prompt_tokens=budget)
+        return effective, "; ".join(notes)
 
     # -- scoring -----------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from typing import Any
 from rerank_core.alignment import TemplateMismatch, align
 from rerank_core.prompts import PromptPreset
 
-__all__ = ["IGNORE_INDEX", "LabeledExample", "MaskedToken", "label_example", "mask_preview"]
+__all__ = ["IGNORE_INDEX", "LabeledExample", "MaskedToken", "check_answer_token", "label_example", "mask_preview"]
 
 # The label value PyTorch's cross-entropy (and every Hugging Face causal LM) skips.
 IGNORE_INDEX = -100
@@ -63,6 +63,7 @@ def label_example(
         raise TemplateMismatch(alignment.describe(tokenizer))
     prompt_ids = alignment.prompt_ids
     completion = alignment.completion_ids
+    check_answer_token(tokenizer, completion, answer_letter)
     # Without end-of-turn training the letter is the last token: later tokens would only cost time.
     trained = completion if train_on_eos else completion[:1]
     input_ids = prompt_ids + trained
@@ -70,6 +71,22 @@ def label_example(
     if max_length is not None and len(input_ids) > max_length:
         input_ids, labels = input_ids[:max_length], labels[:max_length]
     return LabeledExample(input_ids=input_ids, labels=labels, prompt_length=len(prompt_ids))
+
+
+def check_answer_token(tokenizer: Any, completion: tuple[int, ...], answer_letter: str) -> None:
+    """The first loss token must be the letter's own token (or a bare word start the letter follows)."""
+    def text(ids: tuple[int, ...]) -> str:
+        return tokenizer.decode(list(ids), skip_special_tokens=False).strip().lower()
+
+    first = text(completion[:1])
+    if first.startswith(answer_letter.lower()) or (not first and text(completion).startswith(answer_letter.lower())):
+        return
+    token = tokenizer.convert_ids_to_tokens(int(completion[0])) if completion else None
+    raise TemplateMismatch(
+        f"the first loss token after the prompt would be {token!r} ({completion[0] if completion else '-'}), not "
+        f"the answer letter {answer_letter!r}: the chat template puts {tokenizer.decode(list(completion))!r} after "
+        "the prompt and the letter is not where training would put the loss. Run `diagnose template` to see the "
+        "renderings; pass template options (--template-kwargs) or choose another preset.")
 
 
 def mask_preview(tokenizer: Any, example: LabeledExample) -> list[MaskedToken]:

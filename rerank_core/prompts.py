@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import string
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
+
+from rerank_core.answer_slot import AnswerSlot, locate_answer
 
 __all__ = [
     "LETTERS",
@@ -13,14 +17,20 @@ __all__ = [
     "Prompt",
     "PromptError",
     "PromptPreset",
+    "answer_slot",
     "build_prompt",
     "custom_preset",
+    "encode_conversation",
     "encode_rendered",
     "get_preset",
     "letter_range",
     "letters_for",
+    "parse_template_kwargs",
+    "render_chat",
+    "render_generation_prompt",
     "render_inference",
     "render_training",
+    "with_template_kwargs",
 ]
 
 LETTERS = string.ascii_uppercase + string.ascii_lowercase
@@ -81,6 +91,8 @@ class PromptPreset:
     chat: bool = True
     max_history: int | None = None
     max_title_tokens: int | None = None
+    # Keyword arguments for the chat template (e.g. {"enable_thinking": false}), as canonical JSON text.
+    template_kwargs: str = ""
 
     @property
     def letter_after(self) -> bool:
@@ -141,6 +153,34 @@ def custom_preset(
                         separator=separator, chat=chat)
 
 
+def parse_template_kwargs(value: str | Mapping[str, Any] | None) -> str:
+    """Canonical JSON of chat-template options ('' for none); a clear error for anything but a JSON object."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        if not value.strip():
+            return ""
+        try:
+            value = json.loads(value)
+        except ValueError as error:
+            raise PromptError(
+                f"template_kwargs is not valid JSON ({error}); give a JSON object such as "
+                '{"enable_thinking": false}') from None
+    if not isinstance(value, Mapping):
+        raise PromptError(
+            f"template_kwargs must be a JSON object of option names and values, such as "
+            f'{{"enable_thinking": false}}, not {type(value).__name__} {json.dumps(value)[:60]}')
+    reserved = sorted(set(value) & {"messages", "add_generation_prompt", "tokenize", "conversation"})
+    if reserved:
+        raise PromptError(f"template_kwargs may not set {', '.join(reserved)}: the renderer sets them itself")
+    return json.dumps(dict(value), sort_keys=True, separators=(",", ":")) if value else ""
+
+
+def with_template_kwargs(preset: str | PromptPreset, template_kwargs: str | Mapping[str, Any] | None) -> PromptPreset:
+    """The preset rendered with these chat-template options."""
+    return replace(get_preset(preset), template_kwargs=parse_template_kwargs(template_kwargs))
+
+
 def get_preset(name_or_preset: str | PromptPreset) -> PromptPreset:
     if isinstance(name_or_preset, PromptPreset):
         return name_or_preset
@@ -171,14 +211,33 @@ def _require_chat_template(tokenizer: Any, preset: PromptPreset) -> None:
             "use the 'llamarec' (or 'llamarec_after') text preset, or give the tokenizer a chat template")
 
 
-def render_inference(tokenizer: Any, preset: str | PromptPreset, text: str) -> str:
-    """What the model reads before answering: chat template with generation prompt, or the raw text."""
+def render_chat(tokenizer: Any, preset: PromptPreset, messages: list[dict[str, str]],
+                add_generation_prompt: bool) -> str:
+    """apply_chat_template with the preset's options; a template that raises names the options and its message."""
+    _require_chat_template(tokenizer, preset)
+    options = preset.template_kwargs
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **(json.loads(options) if options else {}))
+    except Exception as error:  # Jinja's TemplateError, raise_exception(), or a TypeError inside the template
+        given = f" with template_kwargs {options}" if options else ""
+        raise PromptError(f"the chat template failed to render{given}: {type(error).__name__}: {error}") from error
+
+
+def render_generation_prompt(tokenizer: Any, preset: str | PromptPreset, text: str) -> str:
+    """The chat template's own rendering with the generation prompt, before any answer slot is applied."""
     preset = get_preset(preset)
     if not preset.chat:
         return text
-    _require_chat_template(tokenizer, preset)
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    return render_chat(tokenizer, preset, [{"role": "user", "content": text}], True)
+
+
+def render_inference(tokenizer: Any, preset: str | PromptPreset, text: str) -> str:
+    """What the model reads before answering: the generation prompt moved to where training puts the letter."""
+    preset = get_preset(preset)
+    if not preset.chat:
+        return text
+    return answer_slot(tokenizer, preset).apply(render_generation_prompt(tokenizer, preset, text))
 
 
 def render_training(tokenizer: Any, preset: str | PromptPreset, text: str, answer_letter: str) -> str:
@@ -186,16 +245,63 @@ def render_training(tokenizer: Any, preset: str | PromptPreset, text: str, answe
     preset = get_preset(preset)
     if not preset.chat:
         return text + answer_letter + (tokenizer.eos_token or "")
-    _require_chat_template(tokenizer, preset)
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}, {"role": "assistant", "content": answer_letter}],
-        tokenize=False)
+    return render_chat(tokenizer, preset, [{"role": "user", "content": text},
+                                            {"role": "assistant", "content": answer_letter}], False)
+
+
+def encode_conversation(tokenizer: Any, preset: str | PromptPreset, rendered: str) -> list[int]:
+    """Token IDs of a rendering as one string; a chat rendering carries its own special tokens, a text one gets BOS."""
+    preset = get_preset(preset)
+    return list(tokenizer(rendered, add_special_tokens=not preset.chat)["input_ids"])
 
 
 def encode_rendered(tokenizer: Any, preset: str | PromptPreset, rendered: str) -> list[int]:
-    """Token IDs of a rendering; a chat rendering carries its own special tokens, a text one gets BOS."""
+    """Token IDs of an inference rendering: an inserted answer prefix keeps its training-conversation IDs."""
     preset = get_preset(preset)
-    return list(tokenizer(rendered, add_special_tokens=not preset.chat)["input_ids"])
+    if not preset.chat:
+        return encode_conversation(tokenizer, preset, rendered)
+    return answer_slot(tokenizer, preset).encode(
+        lambda part: encode_conversation(tokenizer, preset, part), rendered)
+
+
+# A neutral user turn and three letters: the slot depends on the template, not on the prompt's items.
+_PROBE_TEXT = "Candidate items:\nA. first\nB. second\nAnswer with only one letter."
+_PROBE_LETTERS = ("A", "B", "Z")
+
+
+def answer_slot(tokenizer: Any, preset: str | PromptPreset) -> AnswerSlot:
+    """Where this tokenizer's chat template puts the answer letter, relative to its generation prompt."""
+    preset = get_preset(preset)
+    if not preset.chat:  # a text preset never reaches the chat template
+        return AnswerSlot(template_kwargs=preset.template_kwargs, template_kwargs_ignored=bool(preset.template_kwargs))
+    _require_chat_template(tokenizer, preset)
+    return _cached_slot(tokenizer, str(tokenizer.chat_template), len(tokenizer), preset)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_slot(tokenizer: Any, chat_template: str, vocabulary: int, preset: PromptPreset) -> AnswerSlot:
+    """Cached per tokenizer, template text, vocabulary size and preset: a test may swap the template."""
+    user = [{"role": "user", "content": _PROBE_TEXT}]
+    generation = render_chat(tokenizer, preset, user, True)
+    plain = render_chat(tokenizer, preset, user, False)
+    suffix = len(generation) - len(plain) if generation.startswith(plain) else 0
+    trainings = [render_chat(tokenizer, preset, [*user, {"role": "assistant", "content": letter}], False)
+                 for letter in _PROBE_LETTERS]
+
+    def encode(text: str) -> list[int]:
+        return encode_conversation(tokenizer, preset, text)
+
+    def decode(ids: Sequence[int]) -> str:
+        return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    slot = locate_answer(encode, decode, generation, suffix, trainings, _PROBE_LETTERS) or AnswerSlot()
+    if preset.template_kwargs:
+        without = replace(preset, template_kwargs="")
+        ignored = (generation == render_chat(tokenizer, without, user, True)
+                   and trainings[0] == render_chat(tokenizer, without, [*user, {"role": "assistant", "content": "A"}],
+                                                    False))
+        slot = replace(slot, template_kwargs=preset.template_kwargs, template_kwargs_ignored=ignored)
+    return slot
 
 
 def _cut_title(tokenizer: Any, text: str, max_tokens: int | None) -> str:

@@ -5,11 +5,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rerank_core.alignment import align
-from rerank_core.prompts import PromptPreset, get_preset, letters_for, render_inference, render_training
+from rerank_core.answer_slot import AnswerSlot
+from rerank_core.prompts import (
+    PromptPreset,
+    answer_slot,
+    get_preset,
+    letters_for,
+    render_chat,
+    render_generation_prompt,
+    render_inference,
+    render_training,
+)
 from rerank_core.verbalizer import LetterToken, probe_text, resolve_letters
 
 # Tokens shown on each side of a template divergence: enough to see the block that differs.
@@ -44,6 +54,8 @@ class TemplateConsistency:
     answer_token: tuple[int, int, str] | None  # the token the answer letter becomes in training
     letter_tokens: tuple[LetterToken, ...]  # every letter, seed strategy, audited against as-trained
     problems: tuple[TemplateProblem, ...]
+    # What the scored prompt adds to or cuts from the generation prompt to end where the letter starts.
+    answer_slot: AnswerSlot = field(default_factory=AnswerSlot)
 
     @property
     def is_prefix(self) -> bool:
@@ -81,6 +93,7 @@ class TemplateConsistency:
             "letters": [token.to_json() for token in self.letter_tokens],
             "problems": [{"severity": problem.severity, "kind": problem.kind, "message": problem.message}
                          for problem in self.problems],
+            "answer_slot": self.answer_slot.to_json(),
             "explanation": self.explanation,
         }
 
@@ -95,9 +108,8 @@ def _generation_prompt(tokenizer: Any, preset: PromptPreset, text: str) -> str |
     """What add_generation_prompt appends after the user turn; None for text presets."""
     if not preset.chat:
         return None
-    inference = render_inference(tokenizer, preset, text)
-    plain = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                          add_generation_prompt=False)
+    inference = render_generation_prompt(tokenizer, preset, text)
+    plain = render_chat(tokenizer, preset, [{"role": "user", "content": text}], False)
     return inference[len(plain):] if inference.startswith(plain) else None
 
 
@@ -174,6 +186,9 @@ def template_consistency(tokenizer: Any, preset: str | PromptPreset, *, text: st
         centre = alignment.diverge_at
         problems.append(_mismatch_problem(tokenizer, preset, prompt_text, letter, alignment.diverge_at,
                                           prompt_ids, full_ids))
+    slot = answer_slot(tokenizer, preset)
+    # The template's own quirks come first: they explain the prompt's end before any letter problem.
+    problems[:0] = [TemplateProblem("warning", flag, note) for flag, note in zip(slot.flags, slot.notes(), strict=True)]
     letters = tuple(resolve_letters(tokenizer, preset, letters_for(count), "seed", text=prompt_text))
     not_prefix = [token.letter for token in letters if "template_not_prefix" in token.flags]
     if alignment.is_prefix and not_prefix:
@@ -198,4 +213,5 @@ def template_consistency(tokenizer: Any, preset: str | PromptPreset, *, text: st
         diverge_at=alignment.diverge_at, generation_prompt=_generation_prompt(tokenizer, preset, prompt_text),
         inference_window=_token_rows(tokenizer, prompt_ids, centre - _WINDOW, centre + _WINDOW),
         training_window=_token_rows(tokenizer, full_ids, centre - _WINDOW, centre + _WINDOW),
-        loss_tokens=loss_tokens, answer_token=answer, letter_tokens=letters, problems=tuple(problems))
+        loss_tokens=loss_tokens, answer_token=answer, letter_tokens=letters, problems=tuple(problems),
+        answer_slot=slot)

@@ -3,6 +3,7 @@ from SETTINGS, and every value from any of them is parsed and bounded here."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -65,7 +66,7 @@ class Setting:
                     raise ValueError(f"{self.name} must be true or false, got {value!r}")
                 value = str(value).lower() in ("true", "1")
         elif self.kind is str:
-            value = str(value)
+            value = value if isinstance(value, str) else json.dumps(value)  # a JSON object given as one
         else:
             value = self._number(value)
         if self.zero_means and value == 0:
@@ -116,6 +117,9 @@ def _shown(bound: float | None) -> str:
 SETTINGS: tuple[Setting, ...] = (
     Setting("prompt_preset", str, "--preset", "prompt preset; *_after put the letter after the item text",
             choices=tuple(PRESETS), form="main"),
+    Setting("template_kwargs", str, "--template-kwargs", "chat-template options as a JSON object, e.g. "
+            "'{\"enable_thinking\": false}'; used for training and validation, recorded in the manifest and applied "
+            "when the adapter is evaluated (checked by prompts.parse_template_kwargs)", form="main"),
     Setting("candidates", int, "--candidates", "candidates per prompt", low=LIMITS["candidates"].low,
             high=LIMITS["candidates"].high, form="main"),
     Setting("max_samples", int, "--max-samples", "draw at most this many training samples", low=1, high=10**9,

@@ -37,7 +37,14 @@ from rerank_core.inspector import BASE, Inspector, InspectSettings
 from rerank_core.labels import IGNORE_INDEX, LabeledExample, label_example
 from rerank_core.models import LoadedModel
 from rerank_core.progress import CancelFlag
-from rerank_core.prompts import Prompt, PromptError, build_prompt
+from rerank_core.prompts import (
+    Prompt,
+    PromptError,
+    PromptPreset,
+    build_prompt,
+    parse_template_kwargs,
+    with_template_kwargs,
+)
 from rerank_core.scoring import ScoreCache
 from rerank_core.train_settings import MAX_BUDGET_HISTORY_ITEMS, SETTINGS, parse_settings, setting
 
@@ -109,8 +116,12 @@ class TrainConfig:
     eval_every: int = 24
     eval_users: int = 32
     train_on_eos: bool = True
+    # Chat-template options as JSON text (e.g. '{"enable_thinking": false}'), for training and evaluation alike.
+    template_kwargs: str = ""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "template_kwargs", parse_template_kwargs(self.template_kwargs))
+        self.preset()  # an unknown preset name fails here
         for item in SETTINGS:  # each setting's choices and bounds, as declared once in train_settings
             item.check(getattr(self, item.name))
         self.candidate_config()  # candidate count and seed checks live there
@@ -122,6 +133,10 @@ class TrainConfig:
 
     def candidate_config(self) -> CandidateConfig:
         return CandidateConfig(source=self.candidate_source, count=self.candidates, seed=self.seed)
+
+    def preset(self) -> PromptPreset:
+        """The prompt preset with the chat-template options: samples, labels and validation all render with it."""
+        return with_template_kwargs(self.prompt_preset, self.template_kwargs)
 
     def to_json(self) -> dict[str, Any]:
         values = asdict(self)
@@ -273,7 +288,7 @@ def build_training_samples(
         candidates = sampler.for_training(user, history, target, sample_key=str(position))
         try:
             prompt = build_prompt(
-                tokenizer, config.prompt_preset, [dataset.text(item, config.text_field) for item in history],
+                tokenizer, config.preset(), [dataset.text(item, config.text_field) for item in history],
                 [dataset.text(item, config.text_field) for item in candidates.item_ids],
                 max_prompt_tokens=config.max_prompt_tokens)
         except PromptError:
@@ -294,7 +309,7 @@ def label_samples(
     examples: list[LabeledExample] = []
     dropped = {"no_loss_token": 0}
     for sample in samples:
-        example = label_example(tokenizer, config.prompt_preset, sample.prompt.text, sample.answer_letter,
+        example = label_example(tokenizer, config.preset(), sample.prompt.text, sample.answer_letter,
                                 train_on_eos=config.train_on_eos, max_length=max_length)
         if example.loss_tokens == 0:
             dropped["no_loss_token"] += 1
@@ -496,7 +511,8 @@ class _Validator:
         self.settings = InspectSettings(
             preset=config.prompt_preset, strategy=config.strategy, text_field=config.text_field,
             split="validation", candidates=config.candidate_config(),
-            max_prompt_tokens=config.max_prompt_tokens, use_adapter_preset=False)
+            max_prompt_tokens=config.max_prompt_tokens, use_adapter_preset=False,
+            template_kwargs=config.template_kwargs)
         # The LoRA-injected module (not the PeftModel wrapper) scores with the adapter on as "base".
         self.inspector = Inspector(dataset, replace(loaded, model=peft_model.base_model))
         self.peft_model = peft_model
@@ -584,6 +600,7 @@ def _manifest(loaded: LoadedModel, dataset: Dataset, config: TrainConfig, name: 
         "base_model": {"name": loaded.name, "path": loaded.path, "fingerprint": loaded.fingerprint,
                        "dtype": str(loaded.dtype).replace("torch.", "")},
         "preset": config.prompt_preset,
+        "template_kwargs": config.template_kwargs,
         "strategy": config.strategy,
         "candidates": {"source": config.candidate_source, "count": config.candidates, "seed": config.seed},
         "dataset": {"name": dataset.name, "source": dataset.source, "fingerprint": dataset.fingerprint(),

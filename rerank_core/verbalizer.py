@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from rerank_core.alignment import align
-from rerank_core.prompts import PromptPreset, build_prompt, get_preset
+from rerank_core.prompts import PromptPreset, answer_slot, build_prompt, get_preset
 
 __all__ = ["STRATEGIES", "LetterToken", "VerbalizerError", "probe_text", "resolve_letters"]
 
@@ -90,6 +90,9 @@ def resolve_letters(
         raise VerbalizerError(f"verbalizer strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
     preset = get_preset(preset)
     prompt_text = text if text is not None else probe_text(tokenizer, preset, len(letters))
+    slot = answer_slot(tokenizer, preset)
+    trained_step = ("token after the rendered prompt" if not slot.moves_prompt
+                    else "token where training puts the letter (prompt moved: see the answer slot)")
 
     rows: list[dict[str, Any]] = []
     for letter in letters:
@@ -105,7 +108,7 @@ def resolve_letters(
                 raise VerbalizerError(
                     f"letter {letter!r} has no as-trained token: " + alignment.describe(tokenizer)
                     + " Use the 'seed' or 'encode' strategy to inspect anyway.")
-            token_id, step = as_trained_id, "token after the rendered prompt"
+            token_id, step = as_trained_id, trained_step
         elif strategy == "seed":
             token_id, step = _seed_fallback(tokenizer, letter)
         else:
@@ -116,6 +119,7 @@ def resolve_letters(
             flags.append(MULTI_TOKEN)
         if as_trained_id is not None and token_id != as_trained_id:
             flags.append(DIFFERS)
+        flags.extend(slot.flags)
         rows.append({
             "letter": letter, "token_id": int(token_id), "step": step, "as_trained_id": as_trained_id,
             "flags": flags})

@@ -25,10 +25,24 @@ LLAMA2_CHAT_TEMPLATE = (
 )
 
 
+def inference_only_system(template: str) -> str:
+    """A template whose inference rendering opens with a system turn training never has: no slot can fix it."""
+    return "{% if add_generation_prompt %}<|im_start|>system\nAnswer at once.<|im_end|>\n{% endif %}" + template
+
+
 @pytest.fixture(scope="session")
 def smol_tokenizer():
     """SmolLM2's GPT-2 style BPE tokenizer with its ChatML template (converted once, then cached)."""
     return load_tokenizer()
+
+
+def llama2_folder_at(folder: Path) -> Path:
+    """The real Llama-2 SentencePiece model copied into `folder` with a config that loads it."""
+    shutil.copy(LLAMA2_MODEL, folder / "tokenizer.model")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True}))
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -36,12 +50,7 @@ def llama2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real Llama-2 SentencePiece tokenizer from ../shared/fixtures, as a loadable folder."""
     if not LLAMA2_MODEL.is_file():
         pytest.skip("../shared/fixtures/tokenizers/llama2/tokenizer.model is absent")
-    folder = tmp_path_factory.mktemp("llama2")
-    shutil.copy(LLAMA2_MODEL, folder / "tokenizer.model")
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": True}))
-    return folder
+    return llama2_folder_at(tmp_path_factory.mktemp("llama2"))
 
 
 @pytest.fixture(scope="session")

@@ -77,8 +77,8 @@ def test_compare_on_one_user_and_on_many(served) -> None:
     counts, metrics, differences, scatter, movers, _ = client.predict(
         adapters=["lora-a"], users=10, count=10, api_name="/compare")
     assert json.loads(scatter["plot"])["data"][0]["name"] == "lora-a"
-    assert [row[0] for row in metrics["data"]] == [BASE, "lora-a"]
-    assert len(differences["data"]) == 9 and "improved" in counts
+    assert [row[0] for row in metrics["data"]] == [BASE, "lora-a", "random", "popularity", "retriever"]
+    assert len(differences["data"]) == 9 * 4 and "improved" in counts  # the adapter and 3 baselines vs base
     assert all(row[1] == "lora-a" for row in movers["data"])
     with pytest.raises(Exception, match="at most 3 adapters"):
         client.predict(adapters=["a", "b", "c", "d"], users=10, api_name="/compare")

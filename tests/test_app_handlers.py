@@ -41,6 +41,19 @@ def test_inspect_handler_returns_every_output_for_the_user(context) -> None:
         inspect_tab.inspect(context, PICKERS, BASE, "nobody")
 
 
+def test_inspect_rebuilds_the_view_only_when_the_inspection_or_the_order_changes(context) -> None:
+    first = inspect_tab.inspect(context, PICKERS, BASE, "u04")
+    assert inspect_tab.inspect(context, PICKERS, BASE, "u04") is first  # scored and built once
+    chart = inspect_tab.OUTPUT_NAMES.index("chart")
+    by_probability = inspect_tab.inspect(context, PICKERS, BASE, "u04", order="probability")
+    assert by_probability is not first and by_probability[chart] is not first[chart]
+    other_user = inspect_tab.inspect(context, PICKERS, BASE, "u05")
+    assert other_user[0] != first[0]
+    context._inspections = type(context._inspections)(256)  # as if re-scored (e.g. a retrained adapter)
+    rescored = inspect_tab.inspect(context, PICKERS, BASE, "u04")
+    assert rescored is not first and rescored[0] == first[0]
+
+
 def test_inspect_json_fills_a_blank_dataset_and_model(context) -> None:
     payload = inspect_tab.inspect_json(context, "u02", Pickers(count=5))
     assert payload["user_id"] == "u02" and len(payload["candidates"]) == 5
@@ -79,8 +92,12 @@ def test_diagnose_handlers_check_names_like_inspect(context) -> None:
     assert "Template consistency" in note and letters["letter"].tolist() == list("ABCDE")
 
 
-def test_diagnose_over_users_clamps_the_count(context) -> None:
-    _top1, _mass, summary = diagnose.diagnose_position_bias_users(context, PICKERS, BASE, users=0,
+def test_diagnose_over_users_refuses_a_count_out_of_range(context) -> None:
+    for users in (0, 10_000, None, 2.5):
+        with pytest.raises(ValueError, match="users"):
+            diagnose.diagnose_position_bias_users(context, PICKERS, BASE, users=users,
+                                                  progress=lambda *args, **kwargs: None)
+    _top1, _mass, summary = diagnose.diagnose_position_bias_users(context, PICKERS, BASE, users=1,
                                                                 progress=lambda *args, **kwargs: None)
     assert summary["users"].tolist() == [1]
     chart, table = diagnose.diagnose_letter_mass(context, PICKERS, ["lora-a", BASE], users=2,

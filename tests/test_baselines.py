@@ -98,3 +98,10 @@ def test_baselines_join_the_comparison_and_any_run_can_be_the_reference(tiny_smo
         with_baselines(inspector, per_user, summary, users, settings, names, reference="oracle")
     with pytest.raises(ValueError, match="repeat"):
         with_baselines(inspector, per_user, summary, users, settings, ["random", "random"])
+
+
+def test_an_unknown_baseline_on_the_command_line_stops_before_loading(capsys: pytest.CaptureFixture[str]) -> None:
+    from rerank_core.cli import main
+
+    assert main(["eval", "--baselines", "popularity,oracle", "--users", "1"]) == 2
+    assert "--baselines: oracle is not one of random, popularity, retriever (or none)" in capsys.readouterr().err

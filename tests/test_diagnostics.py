@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_toy_dataset
+from conftest import inference_only_system, make_toy_dataset
 
 from rerank_core.adapters import MANIFEST_FILE
 from rerank_core.candidates import CandidateConfig
@@ -275,36 +275,48 @@ def test_smollm2_templates_are_consistent(smol_tokenizer, preset):
     json.dumps(report.to_json())
 
 
-def test_generation_prompt_with_a_thinking_block_is_flagged(smol_tokenizer):
-    good = template_consistency(smol_tokenizer, "seed")
+def test_inference_only_system_turn_is_a_mismatch(smol_tokenizer):
     broken = copy.deepcopy(smol_tokenizer)
-    broken.chat_template = smol_tokenizer.chat_template.replace(
-        "'<|im_start|>assistant\n'", "'<|im_start|>assistant\n<think>\n'")
-    assert broken.chat_template != smol_tokenizer.chat_template
+    broken.chat_template = inference_only_system(smol_tokenizer.chat_template)
     report = template_consistency(broken, "seed")
     assert not report.ok and not report.is_prefix
-    # Everything up to "assistant\n" agrees; the thinking block starts where the letter should.
-    assert report.diverge_at == len(good.prompt_ids)
-    assert report.generation_prompt == "<|im_start|>assistant\n<think>\n"
     assert report.problems[0].kind == "not_prefix"
-    assert "'<think>\\n'" in report.problems[0].message and "generation prompt" in report.problems[0].message
+    assert "Answer at once." in report.problems[0].message
     inference = {index: token for index, _, token in report.inference_window}
     training = {index: token for index, _, token in report.training_window}
-    assert training[report.diverge_at] == "A" and inference[report.diverge_at] == "<"
+    assert training[report.diverge_at] == "You" and inference[report.diverge_at] == "Answer"
     assert report.loss_tokens == () and report.answer_token is None
 
 
-def test_training_block_before_the_letter_is_flagged(smol_tokenizer):
-    """A template that writes an empty thinking block into the assistant turn trains '<', not the letter."""
+def test_generation_prompt_with_a_thinking_block_is_trimmed_and_explained(smol_tokenizer):
+    good = template_consistency(smol_tokenizer, "seed")
+    thinking = copy.deepcopy(smol_tokenizer)
+    thinking.chat_template = smol_tokenizer.chat_template.replace(
+        "'<|im_start|>assistant\n'", "'<|im_start|>assistant\n<think>\n'")
+    assert thinking.chat_template != smol_tokenizer.chat_template
+    report = template_consistency(thinking, "seed")
+    assert report.ok and report.is_prefix
+    assert report.generation_prompt == "<|im_start|>assistant\n<think>\n"
+    # Scored where the finished turn puts the letter: exactly where the plain ChatML template scores.
+    assert report.prompt_ids == good.prompt_ids and report.answer_token[2] == "A"
+    assert [problem.kind for problem in report.problems] == ["generation_prompt_trimmed"]
+    assert report.problems[0].severity == "warning" and "'<think>\\n'" in report.problems[0].message
+
+
+def test_training_block_before_the_letter_joins_the_scored_prompt(smol_tokenizer):
+    """A template that writes an empty thinking block into the assistant turn: the letter is scored after it."""
     thinking = copy.deepcopy(smol_tokenizer)
     thinking.chat_template = smol_tokenizer.chat_template.replace(
         "message['content'] + '<|im_end|>'",
         "(('<think>\n\n</think>\n\n' + message['content']) if message['role'] == 'assistant' "
         "else message['content']) + '<|im_end|>'")
     report = template_consistency(thinking, "seed")
-    assert report.is_prefix and not report.ok
-    assert [problem.kind for problem in report.problems] == ["answer_not_letter"]
-    assert "<think>" in report.problems[0].message
+    assert report.is_prefix and report.ok
+    assert [problem.kind for problem in report.problems] == ["inserted_before_answer"]
+    assert "'<think>\\n\\n</think>\\n\\n'" in report.problems[0].message
+    assert report.answer_token[2] == "A"
+    assert [token for _, _, token in report.loss_tokens] == ["A", "<|im_end|>", "Ċ"]
+    assert "warning: the chat template puts" in report.explanation
 
 
 def test_llama2_text_preset_trains_the_bare_letter(llama2_tokenizer):
@@ -423,13 +435,12 @@ def test_template_views_mark_the_divergence(smol_tokenizer):
     from rerank_core.diagnostics import tables
 
     broken = copy.deepcopy(smol_tokenizer)
-    broken.chat_template = smol_tokenizer.chat_template.replace(
-        "'<|im_start|>assistant\n'", "'<|im_start|>assistant\n<think>\n'")
+    broken.chat_template = inference_only_system(smol_tokenizer.chat_template)
     report = template_consistency(broken, "seed")
     tokens = tables.template_tokens_frame(report)
     marked = tokens[tokens["note"] == "first difference"]
     assert marked["index"].tolist() == [report.diverge_at]
-    assert marked["training token"].tolist() == ["A"] and not marked["same"].iloc[0]
+    assert marked["training token"].tolist() == ["You"] and not marked["same"].iloc[0]
     assert "❌" in views.template_markdown(report)
     good = template_consistency(smol_tokenizer, "seed")
     assert "✅" in views.template_markdown(good)
@@ -483,8 +494,7 @@ def test_cli_template_exit_status(smol_tokenizer, tmp_path, capsys):
     from rerank_core.cli import main
 
     broken = copy.deepcopy(smol_tokenizer)
-    broken.chat_template = smol_tokenizer.chat_template.replace(
-        "'<|im_start|>assistant\n'", "'<|im_start|>assistant\n<think>\n'")
+    broken.chat_template = inference_only_system(smol_tokenizer.chat_template)
     broken.save_pretrained(tmp_path)
     code, payload = _run_cli(capsys, "diagnose", "template", "--tokenizer", str(tmp_path), "--format", "json")
     assert code == 1 and payload["ok"] is False and payload["problems"][0]["kind"] == "not_prefix"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import copy
 
 import pytest
-from conftest import make_toy_dataset
+from conftest import inference_only_system, make_toy_dataset
 
 from rerank_core.alignment import TemplateMismatch
-from rerank_core.labels import IGNORE_INDEX, label_example, mask_preview
+from rerank_core.labels import IGNORE_INDEX, check_answer_token, label_example, mask_preview
 from rerank_core.prompts import build_prompt, letters_for
 from rerank_core.verbalizer import resolve_letters
 
@@ -116,15 +116,46 @@ def test_wordlevel_labels(wordlevel_tokenizer):
     assert [tokens[i] for i in example.loss_positions] == ["D", "<|im_end|>"]
 
 
-def test_generation_prompt_the_training_rendering_lacks_is_a_loud_mismatch(smol_tokenizer):
+def test_inference_only_text_is_a_loud_mismatch(smol_tokenizer):
+    broken = copy.deepcopy(smol_tokenizer)
+    broken.chat_template = inference_only_system(CHATML_TEMPLATE)
+    text = _prompt_text(broken, "seed_after")
+    with pytest.raises(TemplateMismatch) as raised:
+        label_example(broken, "seed_after", text, "A")
+    message = str(raised.value)
+    assert "not a token prefix" in message and "differ at token" in message
+    assert "Answer" in message  # the divergence is shown token by token
+
+
+def test_generation_prompt_block_training_lacks_is_cut_from_the_prompt(smol_tokenizer):
+    """The generation prompt writes an empty think block; finished turns never do: loss goes on the letter."""
     thinking = copy.deepcopy(smol_tokenizer)
     thinking.chat_template = THINKING_TEMPLATE
     text = _prompt_text(thinking, "seed_after")
-    with pytest.raises(TemplateMismatch) as raised:
-        label_example(thinking, "seed_after", text, "A")
-    message = str(raised.value)
-    assert "not a token prefix" in message and "differ at token" in message
-    assert "think" in message  # the divergence is shown token by token
+    example = label_example(thinking, "seed_after", text, "A")
+    tokens = thinking.convert_ids_to_tokens(list(example.input_ids))
+    assert [tokens[i] for i in example.loss_positions] == ["A", "<|im_end|>", "Ċ"]
+    assert thinking.decode(list(example.input_ids[:example.prompt_length])).endswith("<|im_start|>assistant\n")
+
+
+def test_answer_marker_before_every_letter_is_moved_into_the_prompt(smol_tokenizer):
+    """'Answer: ' written before every letter is the same span for all letters: it joins the scored prompt."""
+    marked = copy.deepcopy(smol_tokenizer)
+    marked.chat_template = CHATML_TEMPLATE.replace(
+        "message['content'] + '<|im_end|>'",
+        "(('Answer: ' + message['content']) if message['role'] == 'assistant' else message['content']) + '<|im_end|>'")
+    text = _prompt_text(marked, "seed_after")
+    example = label_example(marked, "seed_after", text, "B")
+    assert marked.convert_ids_to_tokens(example.input_ids[example.prompt_length]) == "ĠB"
+    assert marked.decode(list(example.input_ids[:example.prompt_length])).endswith("assistant\nAnswer:")
+
+
+def test_first_loss_token_that_is_not_the_letter_is_named(smol_tokenizer):
+    answer, letter_b = smol_tokenizer.convert_tokens_to_ids(["Answer", "B"])
+    check_answer_token(smol_tokenizer, (letter_b, 2), "B")
+    with pytest.raises(TemplateMismatch, match=r"first loss token after the prompt would be 'Answer' \(\d+\), not "
+                                               r"the answer letter 'B'"):
+        check_answer_token(smol_tokenizer, (answer, letter_b), "B")
 
 
 def test_truncation_can_leave_no_loss_token(smol_tokenizer):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_llama, make_toy_dataset, tiny_loaded
+from conftest import build_tiny_llama, inference_only_system, make_toy_dataset, tiny_loaded
 
 from rerank_core.adapters import MANIFEST_FILE, AdapterError, check_adapter, list_adapters, remove_stale
 from rerank_core.alignment import TemplateMismatch
@@ -34,10 +34,9 @@ from rerank_core.training import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-THINKING_TEMPLATE = (
+MISMATCH_TEMPLATE = inference_only_system(
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' }}{% endif %}")
+    "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 @pytest.fixture(autouse=True)
@@ -291,11 +290,11 @@ def test_existing_name_needs_overwrite_and_bad_names_are_refused(smol_tokenizer,
 
 
 def test_template_mismatch_fails_the_run_and_leaves_nothing(smol_tokenizer, tmp_path):
-    thinking = copy.deepcopy(smol_tokenizer)
-    thinking.chat_template = THINKING_TEMPLATE
+    broken = copy.deepcopy(smol_tokenizer)
+    broken.chat_template = MISMATCH_TEMPLATE
     events: list[dict] = []
     with pytest.raises(TemplateMismatch, match="differ at token"):
-        train_adapter(tiny_loaded(thinking), make_toy_dataset(), tiny_config(), "mismatch", root=tmp_path,
+        train_adapter(tiny_loaded(broken), make_toy_dataset(), tiny_config(), "mismatch", root=tmp_path,
                       on_event=events.append)
     assert events[-1]["event"] == "failed" and "TemplateMismatch" in events[-1]["error"]
     assert os.listdir(tmp_path) == []
@@ -380,7 +379,7 @@ def test_cli_help_names_every_training_setting(capsys):
                "history_items": "--history-items", "prompt_preset": "--preset", "strategy": "--strategy",
                "candidates": "--candidates", "candidate_source": "--candidate-source", "text_field": "--text-field",
                "sample_mode": "--sample-mode", "eval_every": "--eval-every", "eval_users": "--eval-users",
-               "train_on_eos": "--train-on-eos"}
+               "train_on_eos": "--train-on-eos", "template_kwargs": "--template-kwargs"}
     assert options.keys() == TrainConfig.__dataclass_fields__.keys()
     for option in options.values():
         assert f"{option} " in text

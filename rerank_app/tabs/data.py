@@ -33,8 +33,8 @@ def upload(context: AppContext, paths: list[str] | None, name: str, chosen_forma
     return text, gr.Dropdown(choices=names, value=entry.name), gr.Dropdown(choices=names)
 
 
-def build(context: AppContext, dataset_picker: gr.Dropdown, demo: gr.Blocks) -> None:
-    """Lay out and wire the tab; an upload is added to dataset_picker (the Inspect tab's)."""
+def build(context: AppContext, dataset_picker: gr.Dropdown, demo: gr.Blocks) -> gr.Dropdown:
+    """Lay out and wire the tab; an upload is added to dataset_picker (the Inspect tab's). Returns its picker."""
     with gr.Row():
         with gr.Column(scale=2):
             shown = gr.Dropdown(context.dataset_names, value=context.dataset_names[0], label="Dataset")
@@ -61,3 +61,4 @@ def build(context: AppContext, dataset_picker: gr.Dropdown, demo: gr.Blocks) -> 
     upload_button.click(endpoint(upload, context), [files, upload_name, data_format],
                         [upload_message, shown, dataset_picker], api_name="upload_data", concurrency_limit=1,
                         concurrency_id="upload")
+    return shown

@@ -129,6 +129,8 @@ def _form_component(name: str, value: Any) -> gr.components.Component:
         return gr.Dropdown(list(item.choices), value=value, label=label, elem_id=elem_id)
     if item.kind is bool:
         return gr.Checkbox(value, label=label, elem_id=elem_id)
+    if item.kind is str:
+        return gr.Textbox(value, label=label, max_lines=1, elem_id=elem_id)
     return gr.Number(value, precision=0 if item.kind is int else None, label=label, elem_id=elem_id,
                      minimum=0 if item.zero_means else item.low, maximum=item.high)
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import gradio as gr
+from cachetools import LRUCache
 
 from rerank_app import views
 from rerank_app.context import AppContext
@@ -13,23 +15,37 @@ from rerank_core.candidates import CANDIDATE_SOURCES, MAX_CANDIDATES
 from rerank_core.data import TEXT_FIELDS
 from rerank_core.inspector import BASE
 from rerank_core.prompts import PRESETS
+from rerank_core.report import inspection_report
 from rerank_core.verbalizer import STRATEGIES
 
-__all__ = ["OUTPUT_NAMES", "build", "change_dataset", "change_model", "inspect", "inspect_json", "random_user"]
+__all__ = ["OUTPUT_NAMES", "build", "change_dataset", "change_model", "inspect", "inspect_json", "inspect_report",
+           "random_user"]
 
 # InspectView fields, in the order of the tab's output components.
 OUTPUT_NAMES = ("summary", "history", "history_note", "candidates", "chart", "prompt", "tokens", "audit",
                 "audit_note", "other_tokens")
 SCORE_OPTIONS = {"concurrency_limit": 4, "concurrency_id": "score"}
+# Built views of cached inspections: a user already scored with the same settings (switching back, a repeated
+# request) costs no table, figure or HTML building. Keyed by the inspection object itself (held in the entry,
+# so its id stays unique): a re-scored inspection, e.g. after an adapter was retrained, is a new object.
+_VIEWS: LRUCache = LRUCache(64)
+_VIEWS_LOCK = threading.Lock()  # handlers run on several threads; the cache's bookkeeping is not thread-safe
 
 
 def inspect(context: AppContext, pickers: Pickers, adapter: str, user_id: str,
             order: str = "letter") -> tuple[Any, ...]:
     """Everything the tab shows for one user, in OUTPUT_NAMES order."""
     inspection = context.inspect(pickers.dataset, pickers.model, adapter, user_id, pickers.settings())
-    view = views.inspect_view(inspection, context.dataset(pickers.dataset).dataset, context.tokenizer(pickers.model),
-                              model_name=pickers.model, order=order)
-    return tuple(getattr(view, name) for name in OUTPUT_NAMES)
+    key = (id(inspection), pickers.dataset, pickers.model, order)
+    with _VIEWS_LOCK:
+        cached = _VIEWS.get(key)
+    if cached is None or cached[0] is not inspection:
+        view = views.inspect_view(inspection, context.dataset(pickers.dataset).dataset,
+                                  context.tokenizer(pickers.model), model_name=pickers.model, order=order)
+        cached = (inspection, tuple(getattr(view, name) for name in OUTPUT_NAMES))
+        with _VIEWS_LOCK:
+            _VIEWS[key] = cached
+    return cached[1]
 
 
 def inspect_json(context: AppContext, user_id: str, pickers: Pickers = Pickers(),  # noqa: B008 - frozen value
@@ -38,6 +54,14 @@ def inspect_json(context: AppContext, user_id: str, pickers: Pickers = Pickers()
     pickers = pickers.or_first(context)
     inspection = context.inspect(pickers.dataset, pickers.model, adapter, user_id, pickers.settings())
     return inspection.to_json(context.dataset(pickers.dataset).dataset)
+
+
+def inspect_report(context: AppContext, pickers: Pickers, adapter: str, user_id: str) -> str:
+    """Everything the tab shows for one user as one self-contained HTML file; returns its path."""
+    inspection = context.inspect(pickers.dataset, pickers.model, adapter, user_id, pickers.settings())
+    document = inspection_report(inspection, context.dataset(pickers.dataset).dataset, model=pickers.model,
+                                 special_tokens=context.tokenizer(pickers.model).all_special_tokens)
+    return views.write_report(document, f"inspect-{inspection.user_id}-{inspection.system}")
 
 
 def random_user(context: AppContext, dataset: str) -> str:
@@ -67,6 +91,8 @@ def build(context: AppContext) -> tuple[PickerControls, list[Any], gr.Button]:
     with gr.Row():
         source_box = gr.Dropdown(list(CANDIDATE_SOURCES), value=defaults.source, label="Candidate source")
         preset_box = gr.Dropdown(list(PRESETS), value=defaults.preset, label="Prompt preset")
+        kwargs_box = gr.Textbox(defaults.template_kwargs, label="Chat-template options (JSON)",
+                                placeholder='{"enable_thinking": false}', elem_id="template-kwargs", max_lines=1)
         strategy_box = gr.Dropdown(list(STRATEGIES), value=defaults.strategy, label="Verbalizer strategy")
         text_box = gr.Dropdown(list(TEXT_FIELDS), value=defaults.text_field, label="Item text field")
         count_box = gr.Slider(2, MAX_CANDIDATES, value=defaults.count, step=1, label="Candidates")
@@ -79,6 +105,8 @@ def build(context: AppContext) -> tuple[PickerControls, list[Any], gr.Button]:
                                label="User (type to search by id)", filterable=True, allow_custom_value=True,
                                scale=4, elem_id="user-picker")
         random_button = gr.Button("Random user", scale=1, elem_id="random-user")
+        report_button = gr.Button("Download report", scale=1, elem_id="inspect-report-button")
+    report_file = gr.File(label="Report (HTML, opens offline)", elem_id="inspect-report")
     summary = gr.Markdown(label="Summary", elem_id="inspect-summary")
     with gr.Row():
         with gr.Column(scale=1):
@@ -109,7 +137,8 @@ def build(context: AppContext) -> tuple[PickerControls, list[Any], gr.Button]:
             other_tokens = gr.Dataframe(label="Top non-letter next tokens", interactive=False,
                                         column_widths=["24%", "24%", "20%", "32%"])
     controls = PickerControls(dataset_box, model_box, split_box, source_box, preset_box, strategy_box, text_box,
-                              count_box, seed_box, adapter_preset_box, adapter_box, user_box, order_box)
+                              count_box, seed_box, adapter_preset_box, kwargs_box, adapter_box, user_box, order_box,
+                              report_button, report_file)
     components = {"summary": summary, "history": history, "history_note": history_note, "candidates": candidates,
                   "chart": chart, "prompt": prompt, "tokens": tokens, "audit": audit, "audit_note": audit_note,
                   "other_tokens": other_tokens}
@@ -135,6 +164,8 @@ def wire(context: AppContext, controls: PickerControls, outputs: list[Any], rand
         box.input(handler, arguments, outputs, api_visibility="private", **SCORE_OPTIONS)
     controls.count.release(handler, arguments, outputs, api_visibility="private", **SCORE_OPTIONS)
     controls.seed.submit(handler, arguments, outputs, api_visibility="private", **SCORE_OPTIONS)
+    controls.template_kwargs.submit(handler, arguments, outputs, api_visibility="private", **SCORE_OPTIONS)
+    controls.template_kwargs.blur(handler, arguments, outputs, api_visibility="private", **SCORE_OPTIONS)
     random_button.click(endpoint(random_user, context), [controls.dataset], [controls.user],
                         api_name="random_user").then(handler, arguments, outputs, api_visibility="private",
                                                      **SCORE_OPTIONS)
@@ -145,4 +176,6 @@ def wire(context: AppContext, controls: PickerControls, outputs: list[Any], rand
                          api_visibility="private").then(handler, arguments, outputs, api_visibility="private",
                                                         **SCORE_OPTIONS)
     demo.load(handler, arguments, outputs, api_visibility="private", **SCORE_OPTIONS)
+    controls.report_button.click(endpoint(inspect_report, context), arguments[:-1], [controls.report_file],
+                                 api_name="inspect_report", **SCORE_OPTIONS)
     gr.api(endpoint(inspect_json, context), api_name="inspect_json", **SCORE_OPTIONS)

@@ -1,0 +1,163 @@
+"""Real data: MovieLens 100K, the base model, a quick adapter and the three baselines on the same candidates.
+
+Run: `PYTHONPATH=. python bench/bench_real.py [--users 200] [--sources random,retriever] [--lr ...]`.
+For each candidate source: base with the `seed` and `seed_after` prompts, the quick adapter trained on
+MovieLens (seed_after), and the random / popularity / retriever baselines, on the same held-out test users
+and candidates; NDCG@10 with its paired bootstrap 95% CI against the base (seed_after) and against
+popularity, Recall@10, MRR@10. Every step prints wall time, CPU time, peak RSS so far and the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pandas as pd
+from bench_finetune import add_overrides, config_from, step_printer, test_users
+
+from rerank_core.baselines import BASELINES, evaluate_baseline, paired_rows
+from rerank_core.builtin_data import MOVIELENS_100K_REAL
+from rerank_core.candidates import CandidateConfig
+from rerank_core.compare import SUMMARY_COLUMNS
+from rerank_core.inspector import BASE, Inspector, InspectSettings
+from rerank_core.loaders import load_dataset
+from rerank_core.models import load_model
+from rerank_core.training import train_adapter
+
+ADAPTER = "movielens-quick"
+# The rows of each table, in order: (label, system, preset); baselines read no prompt.
+LLM_RUNS = (("base (seed)", BASE, "seed"), ("base (seed_after)", BASE, "seed_after"),
+            ("quick adapter", ADAPTER, "seed_after"))
+REFERENCE, POPULARITY = "base (seed_after)", "popularity"
+NOISY_LOAD = 1.0
+
+
+class Steps:
+    """Times each step (wall, CPU) and records the peak RSS so far and the load average after it."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def run(self, name: str, work: Callable[[], Any]) -> Any:
+        load_before = os.getloadavg()[0]
+        wall, cpu = time.monotonic(), time.process_time()
+        result = work()
+        row = {"step": name, "wall_s": round(time.monotonic() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1),
+               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+               "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
+        self.rows.append(row)
+        print(f"[step] {name}: {row['wall_s']} s wall, {row['cpu_s']} CPU s, peak RSS {row['peak_rss_mb']} MB, "
+              f"load {row['load_before']} -> {row['load_after']}", flush=True)
+        return result
+
+
+def cell(row: pd.Series) -> str:
+    if pd.isna(row["difference"]):
+        return "—"
+    return f"{row['difference']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
+
+
+def source_table(per_user: pd.DataFrame, users: list[str]) -> tuple[str, list[dict[str, Any]]]:
+    """Markdown rows for one candidate source: mean, Δ vs the base (seed_after) and Δ vs popularity."""
+    labels = list(dict.fromkeys(per_user["system"]))
+    against = {reference: pd.DataFrame([row for label in labels for row in paired_rows(
+        per_user, users, label, reference, SUMMARY_COLUMNS, 2000, 0)]) for reference in (REFERENCE, POPULARITY)}
+    lines, records = [], []
+    for label in labels:
+        by_metric = {reference: frame[frame.system == label].set_index("metric")
+                     for reference, frame in against.items()}
+        ndcg = by_metric[REFERENCE].loc["NDCG@10"]
+        lines.append(f"| {label} | {ndcg['mean']:.4f} | {cell(ndcg)} | {cell(by_metric[POPULARITY].loc['NDCG@10'])} "
+                     f"| {by_metric[REFERENCE].loc['Recall@10', 'mean']:.4f} "
+                     f"| {by_metric[REFERENCE].loc['MRR@10', 'mean']:.4f} |")
+        records.append({"system": label, **{f"{metric}": float(by_metric[REFERENCE].loc[metric, "mean"])
+                                             for metric in ("NDCG@10", "Recall@10", "MRR@10")},
+                        "vs_base": by_metric[REFERENCE].loc["NDCG@10"][["difference", "ci_low", "ci_high"]].tolist(),
+                        "vs_popularity": by_metric[POPULARITY].loc["NDCG@10"][
+                            ["difference", "ci_low", "ci_high"]].tolist()})
+    return "\n".join(lines), records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=200, help="held-out test users (default %(default)s)")
+    parser.add_argument("--sources", default="random,retriever", help="candidate sources (default %(default)s)")
+    parser.add_argument("--text-field", help="item text (default: the training preset's, title with the year)")
+    parser.add_argument("--history-items", type=int, help="recent history items the prompt budget holds")
+    parser.add_argument("--json-out", help="also write the tables and steps as JSON here")
+    add_overrides(parser)
+    args = parser.parse_args(argv)
+    steps = Steps()
+    print(f"load average at the start: {' '.join(f'{value:.2f}' for value in os.getloadavg())} "
+          f"(on {os.cpu_count()} cores)", flush=True)
+
+    dataset, loaded = steps.run("load data and model", lambda: (load_dataset(MOVIELENS_100K_REAL), load_model()))
+    config = config_from(args, text_field=args.text_field, history_items=args.history_items)
+    print(f"dataset {dataset.name}: {len(dataset.users)} users, {len(dataset.items)} items; model {loaded.name} "
+          f"({str(loaded.dtype).replace('torch.', '')} on {loaded.device})\nconfig: {config.to_json()}", flush=True)
+    root = tempfile.mkdtemp(prefix="bench-real-")
+    printer = step_printer(every=8)
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event.get("detail"):
+            print(f"  [{event['stage']}] {event['detail']}", flush=True)  # the data-sized prompt budget
+        else:
+            printer(event)
+
+    report = steps.run("train quick adapter", lambda: train_adapter(
+        loaded, dataset, config, ADAPTER, root=root, on_event=on_event, training_preset=args.training_preset))
+    print(f"  {report.samples} samples, {report.steps} steps, {report.train_time_s:.0f} s in the training loop; "
+          f"final letter loss {report.final_letter_loss:.3f} vs ln(N) {report.uniform_loss:.3f}; validation "
+          f"before {report.validation.get('before')}, after {report.validation.get('after')}", flush=True)
+    budget = report.prompt_budget.get("tokens", config.max_prompt_tokens)
+
+    users = test_users(dataset, args.users)
+    inspector = Inspector(dataset, loaded, adapters_root=root, batch_size=8)
+    tables: dict[str, list[dict[str, Any]]] = {}
+    for source in [part.strip() for part in args.sources.split(",") if part.strip()]:
+        candidates = CandidateConfig(source=source, count=config.candidates, seed=config.seed)
+        settings = InspectSettings(strategy=config.strategy, text_field=config.text_field, split="test",
+                                   candidates=candidates, max_prompt_tokens=budget, use_adapter_preset=False)
+        frames = [steps.run(f"{source}: baselines", lambda candidates=candidates: pd.concat([evaluate_baseline(
+            dataset, users, "test", candidates, name, inspector.sampler) for name in BASELINES]))]
+        for label, system, preset in LLM_RUNS:
+            run = replace(settings, preset=preset)
+            frame = steps.run(f"{source}: {label}", lambda run=run, system=system:
+                              inspector.evaluate(users, run, system))
+            frames.append(frame.assign(system=label))
+        per_user = pd.concat(frames, ignore_index=True)
+        lines, tables[source] = source_table(per_user, users)
+        print(f"\ncandidates: {source}, {config.candidates} per user, {len(users)} test users "
+              f"(Δ: paired difference, bootstrap 95% CI)\n"
+              "| system | NDCG@10 | Δ vs base (seed_after) | Δ vs popularity | Recall@10 | MRR@10 |\n"
+              f"|---|---|---|---|---|---|\n{lines}\n", flush=True)
+
+    print("steps:")
+    for row in steps.rows:
+        print(f"  {row['step']}: {row['wall_s']} s wall, {row['cpu_s']} CPU s, peak RSS {row['peak_rss_mb']} MB, "
+              f"load {row['load_before']} -> {row['load_after']}")
+    noisy = max(row["load_before"] for row in steps.rows) > NOISY_LOAD
+    print(f"load average at the end: {' '.join(f'{value:.2f}' for value in os.getloadavg())}; run: "
+          f"{'noisy (load above 1.0 before a step): do not publish the times' if noisy else 'quiet'}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({
+            "config": config.to_json(), "prompt_budget": report.prompt_budget, "users": len(users),
+            "train": {"samples": report.samples, "steps": report.steps, "letter_loss": report.final_letter_loss,
+                      "uniform_loss": report.uniform_loss, "validation": report.validation},
+            "tables": tables, "steps": steps.rows, "noisy": noisy}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
