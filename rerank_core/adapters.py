@@ -68,6 +68,11 @@ class AdapterInfo:
         return ((self.manifest or {}).get("training") or {}).get("max_prompt_tokens")
 
     @property
+    def candidate_count(self) -> int | None:
+        """How many candidates each training prompt had (None: a manifest without it)."""
+        return ((self.manifest or {}).get("candidates") or {}).get("count")
+
+    @property
     def template_kwargs(self) -> str | None:
         """The chat-template options the adapter was trained with; None when the manifest predates them."""
         manifest = self.manifest or {}

@@ -298,8 +298,10 @@ class Inspector:
             notes.append(f"adapter {system!r} was trained with template_kwargs {options or '{}'}; scored with them, "
                          f"not {settings.template_kwargs or '{}'}")
             effective = replace(effective, template_kwargs=options)
+        # The training budget was sized for the training candidate count: with another count it does not apply.
         budget = info.max_prompt_tokens
-        if budget and budget != settings.max_prompt_tokens:
+        same_count = info.candidate_count in (None, settings.candidates.count)
+        if budget and same_count and budget != settings.max_prompt_tokens:
             notes.append(f"prompts cut to {budget} tokens, as in its training (not {settings.max_prompt_tokens})")
             effective = replace(effective, max_prompt_tokens=budget)
         return effective, "; ".join(notes)

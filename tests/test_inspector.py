@@ -263,3 +263,8 @@ def test_adapter_is_scored_with_its_training_prompt_budget(smol_tokenizer, tmp_p
     assert inspector.inspect("u03", settings).prepared.prompt.dropped_history == 0  # the base: 1536 tokens
     override = inspector.inspect("u03", replace(settings, use_adapter_preset=False), system="short")
     assert override.settings.max_prompt_tokens == 1536 and override.prepared.prompt.dropped_history == 0
+    # A budget sized for the training candidate count does not apply to prompts with another count.
+    write_adapter(smol_tokenizer, tmp_path, "short5", {**manifest, "candidates": {"count": 5}})
+    assert inspector.inspect("u03", settings, system="short5").settings.max_prompt_tokens == 1536
+    five = replace(settings, candidates=replace(settings.candidates, count=5))
+    assert inspector.inspect("u03", five, system="short5").settings.max_prompt_tokens == 250
