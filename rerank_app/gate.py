@@ -100,6 +100,12 @@ class StopRegistry:
             flag.set()
         return len(flags)
 
+    @property
+    def active(self) -> int:
+        """Long runs in flight, over every session."""
+        with self._lock:
+            return sum(len(flags) for flags in self._runs.values())
+
     def running(self, session: str | None) -> int:
         with self._lock:
             return len(self._runs.get(session or "", ()))

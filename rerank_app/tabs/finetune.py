@@ -156,7 +156,7 @@ def build(context: AppContext, controls: PickerControls, compare_adapters: gr.Dr
     message = gr.Markdown(label="Message", elem_id="finetune-message")
     progress = gr.HTML(views.progress_html(None), elem_id="finetune-progress")
     with gr.Row():
-        loss_plot = gr.Plot(label="Training loss")
+        loss_plot = gr.Plot(label="Training loss", elem_id="finetune-loss")
         eval_plot = gr.Plot(label="Validation NDCG@10")
     result = gr.Markdown(elem_id="finetune-result")
     with gr.Accordion("Preview one training sample (loss-carrying tokens highlighted)", open=False):
