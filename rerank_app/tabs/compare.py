@@ -89,12 +89,12 @@ def build(context: AppContext, controls: PickerControls, tabs: gr.Tabs, inspect_
         one_button = gr.Button("Compare on the Inspect tab's user", variant="primary")
     user_chart = gr.Plot(label="Letter probabilities per system", elem_id="compare-user-chart")
     empty = views.empty_compare_tables()
-    user_table = gr.Dataframe(wrap=True, value=empty["user"],
+    user_table = gr.Dataframe(wrap=True, value=empty["user"], column_widths=["16%", "11%", "9%", "9%", "9%", "46%"],
                               label="Rank of the ground truth and top-3 per system", interactive=False)
     gr.Markdown("### On many users")
     with gr.Row():
         count_box = gr.Slider(10, context.config.max_compare_users, value=min(100, context.config.max_compare_users),
-                              step=10, label="Users (the first N of the dataset)", scale=4)
+                              step=10, label="Users (the first N of the dataset)", scale=4, elem_id="compare-users")
         many_button = gr.Button("Run on N users", variant="primary", scale=1)
         stop_button = gr.Button("Stop", variant="stop", scale=1, elem_id="compare-stop")
         report_button = gr.Button("Download report", scale=1, elem_id="compare-report-button")
@@ -125,7 +125,6 @@ def build(context: AppContext, controls: PickerControls, tabs: gr.Tabs, inspect_
                       concurrency_id="stop", concurrency_limit=None)
     report_button.click(endpoint(compare_report, context), [*base_inputs, count_box], [report_file],
                         api_name="compare_report", concurrency_limit=1, concurrency_id="compare")
-    demo.unload(endpoint(stop_runs, context))
     refresher = endpoint(refresh_adapters, context)
     refresh.click(refresher, [controls.model], [controls.adapter, adapters_box], api_visibility="private")
     demo.load(refresher, [controls.model], [controls.adapter, adapters_box], api_visibility="private")

@@ -215,7 +215,6 @@ def build(context: AppContext, controls: PickerControls, demo: gr.Blocks) -> tup
     stopper = endpoint(stop_runs, context)
     stop_button.click(stopper, None, [stop_note], api_name="stop_diagnostics", concurrency_id="stop",
                       concurrency_limit=None)
-    demo.unload(stopper)  # a closed or reloaded page: its runs stop instead of scoring for nobody
     refresher = endpoint(refresh_adapters, context)
     for trigger in (refresh.click, controls.model.input, demo.load):
         trigger(refresher, [controls.model], [system_box, mass_adapters], api_visibility="private")
