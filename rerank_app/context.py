@@ -52,6 +52,8 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 # A dropdown with every user of a large dataset would be megabytes of JSON; the rest can be typed.
 MAX_USER_CHOICES = 2000
+# Prompts a long run scores between two looks at the gate: an Inspect request waits for at most this many.
+BACKGROUND_CHUNK = 5
 MAX_COMPARE_SYSTEMS = 4
 
 
@@ -334,7 +336,8 @@ class AppContext:
         user_id = self._check_user(dataset, user_id)
         system = self._check_system(model, system)
         with self.running(dataset, model, stop) as (inspector, check):
-            return position_bias(inspector, user_id, settings, system, spec, progress=progress, cancel=check)
+            return position_bias(inspector, user_id, settings, system, spec, batch_size=BACKGROUND_CHUNK,
+                                 progress=progress, cancel=check)
 
     def position_bias_users(self, dataset: str, model: str, system: str | None, count: int,
                             settings: InspectSettings, spec: OrderSpec,
@@ -344,8 +347,8 @@ class AppContext:
         system = self._check_system(model, system)
         users = self.first_users(dataset, count)
         with self.running(dataset, model, stop) as (inspector, check):
-            return position_bias_over_users(inspector, users, settings, system, spec, progress=progress,
-                                            cancel=check)
+            return position_bias_over_users(inspector, users, settings, system, spec, batch_size=BACKGROUND_CHUNK,
+                                            progress=progress, cancel=check)
 
     def letter_prior(self, dataset: str, model: str, system: str | None, count: int, settings: InspectSettings,
                      mode: str, placeholder: str, progress: Callable[[int, int], None] | None = None,
@@ -363,7 +366,7 @@ class AppContext:
         user_id = self._check_user(dataset, user_id)
         system = self._check_system(model, system)
         with self.running(dataset, model, stop) as (inspector, check):
-            return history_influence(inspector, user_id, settings, system, cancel=check)
+            return history_influence(inspector, user_id, settings, system, batch_size=BACKGROUND_CHUNK, cancel=check)
 
     def template_consistency(self, model: str, preset: str, count: int,
                              template_kwargs: str = "") -> TemplateConsistency:
@@ -388,11 +391,11 @@ class AppContext:
         from rerank_core.training import training_config
 
         cleaned = {key: _plain_number(value) for key, value in overrides.items() if value not in (None, "")}
-        # As on the command line, max_samples 0 means every sample.
-        every_sample = cleaned.get("max_samples") == 0
-        config = training_config(training_preset, **{**cleaned, "max_samples": None if every_sample
-                                                     else cleaned.get("max_samples")})
-        return replace(config, max_samples=None) if every_sample else config
+        # As on the command line, max_samples 0 means every sample; a 0 (or empty) prompt budget is sized from
+        # the data (the form shows an unset budget as 0).
+        unset = {name: None for name in ("max_samples", "max_prompt_tokens") if cleaned.get(name) == 0}
+        config = training_config(training_preset, **{**cleaned, **unset})
+        return replace(config, **unset)
 
     def start_finetune(self, name: str, dataset: str, model: str, training_preset: str,
                        overrides: dict[str, Any]) -> Any:

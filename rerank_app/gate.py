@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 __all__ = ["ModelGate", "StopRegistry"]
+
+# After an interactive request, a long run waits this long before taking the model back: a client that
+# inspects user after user sends its next request within it, and so never queues behind a chunk.
+INTERACTIVE_GRACE_S = 0.25
 
 
 class ModelGate:
@@ -17,10 +22,12 @@ class ModelGate:
     never for a whole diagnostic. Adapters switch per scoring call, so stepping aside is safe.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, grace_s: float = INTERACTIVE_GRACE_S) -> None:
         self._condition = threading.Condition()
         self._busy = False
         self._interactive_waiting = 0
+        self._grace_s = grace_s
+        self._interactive_ended = -float("inf")
 
     @contextmanager
     def interactive(self) -> Iterator[None]:
@@ -32,13 +39,15 @@ class ModelGate:
         try:
             yield
         finally:
+            with self._condition:
+                self._interactive_ended = time.monotonic()
             self._release()
 
     @contextmanager
     def background(self) -> Iterator[Callable[[], None]]:
         """Held for a long run; yields step_aside, to call at every chunk boundary."""
         with self._condition:
-            self._condition.wait_for(self._free_for_background)
+            self._wait_for_background_turn()
             self._busy = True
         try:
             yield self._step_aside
@@ -54,13 +63,23 @@ class ModelGate:
     def _free_for_background(self) -> bool:
         return not self._busy and self._interactive_waiting == 0
 
+    def _wait_for_background_turn(self) -> None:
+        """Called holding the condition: until no interactive request waits, runs or ended within the grace."""
+        while True:
+            self._condition.wait_for(self._free_for_background)
+            quiet_for = time.monotonic() - self._interactive_ended
+            if quiet_for >= self._grace_s:
+                return
+            self._condition.wait(self._grace_s - quiet_for)
+
     def _step_aside(self) -> None:
         with self._condition:
-            if not self._interactive_waiting:
+            recent = time.monotonic() - self._interactive_ended < self._grace_s
+            if not self._interactive_waiting and not recent:
                 return
             self._busy = False
             self._condition.notify_all()
-            self._condition.wait_for(self._free_for_background)
+            self._wait_for_background_turn()
             self._busy = True
 
     def _release(self) -> None:
@@ -99,6 +118,12 @@ class StopRegistry:
         for flag in flags:
             flag.set()
         return len(flags)
+
+    @property
+    def active(self) -> int:
+        """Long runs in flight, over every session."""
+        with self._lock:
+            return sum(len(flags) for flags in self._runs.values())
 
     def running(self, session: str | None) -> int:
         with self._lock:

@@ -25,7 +25,7 @@ from rerank_core.fsutil import atomic_write_text, process_running
 from rerank_core.inspector import BASE
 from rerank_core.metrics import METRIC_NAMES
 from rerank_core.progress import read_events
-from rerank_core.prompts import PRESETS, PromptError, parse_template_kwargs
+from rerank_core.prompts import PRESETS, parse_template_kwargs
 from rerank_core.training import SAMPLE_MODES
 from rerank_core.verbalizer import STRATEGIES
 
@@ -111,7 +111,7 @@ def _checked(key: str, kind: Any, value: Any) -> str:
     if kind is dict:
         try:
             return parse_template_kwargs(value)  # canonical JSON starts with '{'
-        except PromptError as error:
+        except ValueError as error:  # PromptError (not a JSON object) or LimitError (too long)
             raise JobError(f"fine-tune option {key}: {error}") from None
     if isinstance(kind, tuple):
         if value not in kind:

@@ -15,14 +15,19 @@ import gradio as gr
 from rerank_app.context import AppContext, make_settings
 from rerank_core.inspector import BASE, InspectSettings
 
-__all__ = ["NO_ADAPTER_LABEL", "PickerControls", "Pickers", "adapter_choices", "catalogue_key", "endpoint",
-           "refresh_pickers"]
+__all__ = ["NO_ADAPTER_LABEL", "USER_ERRORS", "PickerControls", "Pickers", "adapter_choices", "catalogue_key",
+           "endpoint", "refresh_pickers", "user_message"]
 
 log = logging.getLogger("rerank_app")
 
 NO_ADAPTER_LABEL = "none (base model)"
 # Exceptions that mean "this request cannot be served as asked": shown to the user, the app keeps serving.
-_USER_ERRORS = (ValueError, LookupError, OSError, RuntimeError)
+USER_ERRORS = (ValueError, LookupError, OSError, RuntimeError)
+
+
+def user_message(error: BaseException) -> str:
+    """The text a refused request shows: a KeyError's message without the repr quotes."""
+    return str(error.args[0] if isinstance(error, KeyError) and error.args else error)
 
 
 @dataclass(frozen=True)
@@ -149,10 +154,10 @@ def endpoint(handler: Callable[..., Any], context: AppContext) -> Callable[..., 
             return handler(context, *positional, **keywords)
         except gr.Error:
             raise
-        except _USER_ERRORS as error:
-            message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        except USER_ERRORS as error:
+            message = user_message(error)
             log.info("request refused: %s", message)
-            raise gr.Error(str(message), print_exception=False) from error
+            raise gr.Error(message, print_exception=False) from error
 
     event.__signature__ = public  # type: ignore[attr-defined]
     event.__annotations__ = {parameter.name: parameter.annotation for parameter in public_parameters

@@ -22,7 +22,8 @@ from rerank_core.builtin_data import MOVIELENS_100K_REAL, builtin_dataset_path
 from rerank_core.data import DataError, bundled_sample_path, load_dataset
 from rerank_core.models import ModelError, embedded_model_folder, load_model
 
-__all__ = ["REAL_DATASET", "SAMPLE_DATASET", "build_app", "build_context", "builtin_datasets", "launch"]
+__all__ = ["REAL_DATASET", "SAMPLE_DATASET", "build_app", "build_context", "builtin_datasets",
+           "end_session", "launch"]
 
 log = logging.getLogger("rerank_app")
 
@@ -54,11 +55,18 @@ def build_app(context: AppContext) -> gr.Blocks:
         outputs = [controls.adapter, diagnose_system, compare_adapters, diagnose_adapters, controls.dataset,
                    data_picker, seen]
         refresher = endpoint(refresh_pickers, context)
+        # A closed or reloaded page: its long runs stop instead of scoring for nobody.
+        demo.unload(endpoint(end_session, context))
         timer = gr.Timer(PICKER_REFRESH_S)
         for trigger in (timer.tick, demo.load):
             trigger(refresher, [controls.model, seen], outputs, api_visibility="private", concurrency_limit=None,
                     show_progress="hidden")
     return demo
+
+
+def end_session(context: AppContext, request: gr.Request = None) -> None:
+    """A page went away: every long run it started stops at its next chunk."""
+    context.stops.stop(getattr(request, "session_hash", None))
 
 
 def build_context(args: argparse.Namespace) -> AppContext:

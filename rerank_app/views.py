@@ -32,10 +32,12 @@ __all__ = [
     "compare_user_table",
     "compare_view",
     "data_view",
+    "empty_compare_tables",
     "empty_figure",
     "eval_chart",
     "inspect_view",
     "letter_chart",
+    "letter_ticks",
     "loss_chart",
     "progress_html",
     "prompt_html",
@@ -198,7 +200,9 @@ def token_html(tokenizer: Any, token_ids: Sequence[int], *, text: str | None = N
     special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
     decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
     special_ids.update(int(token_id) for token_id in decoder)
-    letters = set(letter_ids)
+    # A letter's label is its last occurrence: an instruction such as "(A-T)" names letters earlier on.
+    last_at = {token_id: position for position, token_id in enumerate(token_ids)}
+    labels = {last_at[token_id] for token_id in set(letter_ids) if token_id in last_at}
     cells = []
     for position, (token_id, piece) in enumerate(zip(token_ids, pieces)):
         classes = ["ri-tok"]
@@ -208,7 +212,7 @@ def token_html(tokenizer: Any, token_ids: Sequence[int], *, text: str | None = N
             classes.append("ri-answer")
         elif token_id in special_ids:
             classes.append("ri-special-tok")
-        elif token_id in letters:
+        elif position in labels:
             classes.append("ri-letter")
         if position >= len(token_ids) - inserted:
             classes.append("ri-inserted-tok")  # on top of the answer mark: the span ends where logits are read
@@ -254,12 +258,25 @@ def letter_chart(inspection: UserInspection, dataset: Dataset, order: str = "let
         title += f" · ground truth {letters[truth]} (orange) ranked {inspection.rank} of {len(letters)}"
     else:
         title += " · ground truth not among the candidates"
+    shown = [letters[index] for index in indices]
+    if truth is not None:
+        # An arrow above the bar: the ground truth stays findable when its probability is near zero.
+        figure.add_annotation(x=letters[truth], y=probabilities[truth], text=f"truth {probabilities[truth]:.3f}",
+                              showarrow=True, arrowhead=2, arrowcolor=TRUTH_COLOR, ax=0, ay=-36,
+                              font={"color": TRUTH_COLOR, "size": 11})
     figure.update_layout(
         title={"text": title, "font": {"size": 14}}, height=_CHART_HEIGHT, template="plotly_white",
         margin={"l": 50, "r": 20, "t": 40, "b": 40}, yaxis_title="probability over letters",
-        xaxis={"type": "category", "title": "candidate letter" if order == "letter" else "letters by probability"},
+        xaxis={"type": "category", "title": "candidate letter" if order == "letter" else "letters by probability",
+               **letter_ticks(shown)},
         showlegend=False)
     return figure
+
+
+def letter_ticks(letters: Sequence[str]) -> dict[str, Any]:
+    """Every letter labelled, however many (plotly would otherwise skip every other one at 52)."""
+    return {"tickmode": "array", "tickvals": list(letters), "ticktext": list(letters), "tickangle": 0,
+            "tickfont": {"size": 10 if len(letters) > 26 else 12}}
 
 
 def _candidates_table(inspection: UserInspection, dataset: Dataset) -> Styler:
@@ -282,8 +299,24 @@ def _history_table(inspection: UserInspection, dataset: Dataset) -> tuple[pd.Dat
     dropped = inspection.prepared.prompt.dropped_history
     note = f"{len(table)} history items, oldest first"
     if dropped:
-        note += f"; the {dropped} oldest were dropped so the prompt fits (max_prompt_tokens or the preset's limit)"
+        note += f"; the {dropped} oldest were dropped: {truncation_reason(inspection)}"
     return table, note
+
+
+def truncation_reason(inspection: UserInspection) -> str:
+    """Which limit cut the history: the preset's item cap, the prompt token budget, or both."""
+    from rerank_core.prompts import get_preset
+
+    preset = get_preset(inspection.settings.preset)
+    history = len(inspection.prepared.split.history)
+    by_preset = preset.max_history is not None and history > preset.max_history
+    kept = len(inspection.prepared.prompt.history_texts)
+    reasons = []
+    if by_preset:
+        reasons.append(f"preset {preset.name!r} shows at most {preset.max_history} history items")
+    if not by_preset or kept < preset.max_history:
+        reasons.append(f"the prompt must fit max_prompt_tokens = {inspection.settings.max_prompt_tokens}")
+    return " and ".join(reasons)
 
 
 def _audit_table(inspection: UserInspection) -> tuple[Styler, str]:
@@ -449,6 +482,14 @@ _DIFFERENCE_COLUMNS = ["system", "metric", "base", "adapter", "Δ", "95% CI", "s
                        "unchanged", "worsened"]
 _MOVER_COLUMNS = ["user_id", "system", "change", "base rank", "rank", "base p(truth)", "p(truth)",
                   "Δ NDCG@10"]
+
+
+def empty_compare_tables() -> dict[str, pd.DataFrame]:
+    """The Compare tables before a run: their real column names, not 1 2 3."""
+    return {"metrics": pd.DataFrame(columns=["system", "preset", "users", *METRIC_NAMES]),
+            "differences": pd.DataFrame(columns=_DIFFERENCE_COLUMNS),
+            "movers": pd.DataFrame(columns=_MOVER_COLUMNS),
+            "user": pd.DataFrame(columns=["system", "preset", "truth rank", "p(truth)", "letter mass", "top-3"])}
 
 
 def compare_view(per_user: pd.DataFrame, summary: pd.DataFrame, *, movers: int = 5) -> CompareView:
@@ -676,7 +717,7 @@ def data_view(dataset: Dataset, *, top: int = 15) -> DataView:
     popularity = go.Figure(go.Scatter(x=list(range(1, len(counts) + 1)), y=counts.to_numpy(), mode="lines",
                                       line={"color": TRUTH_COLOR}))
     popularity.update_layout(title={"text": "Item popularity (items by rank)", "font": {"size": 14}},
-                             xaxis_title="item rank", yaxis={"title": "interactions", "type": "log"},
+                             xaxis_title="item rank", yaxis={"title": "interactions", "type": "log", "dtick": 1},
                              height=_CHART_HEIGHT, template="plotly_white",
                              margin={"l": 50, "r": 20, "t": 40, "b": 40})
     top_items = pd.DataFrame([{"item": item_id, "title": dataset.items[item_id].title, "interactions": int(count)}

@@ -113,3 +113,19 @@ def test_data_and_finetune_handlers(context) -> None:
     assert len(values) == len(finetune.FORM_FIELDS)
     preview = finetune.show_preview(context, "quick", "toy", "tiny-llama", *values)
     assert "ri-loss" in preview
+
+
+def test_a_refused_request_keeps_the_results_and_restores_the_controls(context) -> None:
+    answered = inspect_tab.inspect_page(context, PICKERS, BASE, "u03")
+    count = len(inspect_tab.OUTPUT_NAMES)
+    remembered = answered[count]
+    assert remembered["user"] == "u03" and remembered["count"] == 6
+    assert all(part == gr.skip() for part in answered[count + 1:])
+    for bad in (Pickers(dataset="toy", model="tiny-llama", count=6, seed=None),
+                Pickers(dataset="toy", model="tiny-llama", count=6, seed=1.5)):
+        with pytest.warns(UserWarning, match="candidate seed"):
+            refused = inspect_tab.inspect_page(context, bad, BASE, "u03", "letter", remembered)
+        # Previous results stay on screen; every control goes back to its last valid value.
+        assert all(part == gr.skip() for part in refused[:count + 1])
+        restored = dict(zip(inspect_tab.CONTROL_NAMES, refused[count + 1:], strict=True))
+        assert restored["seed"]["value"] == 0 and restored["user"]["value"] == "u03"

@@ -69,10 +69,10 @@ def test_template_diagnostic_shows_three_coloured_runs(context) -> None:
     assert prompt < inserted < letter
     assert "&lt;think&gt;↵↵&lt;/think&gt;↵↵" in note[inserted:letter]
     assert note[letter:].split(">", 1)[1].startswith("A</code>")
-    assert "inserted_before_answer" in note and "⚠️ warnings" in note
+    assert "inserted_before_answer" in note and "`seed`: warnings" in note
     note, _, _ = diagnose.diagnose_template(context, "tiny-llama", "seed", 5, NO_THINKING)
     assert 'class="ri-run-prompt"' in note and 'class="ri-run-letter"' in note
-    assert 'class="ri-run-inserted"' not in note and "✅ consistent" in note
+    assert 'class="ri-run-inserted"' not in note and "`seed`: OK, consistent" in note
 
 
 def test_fine_tune_form_passes_template_options_to_the_run(context) -> None:

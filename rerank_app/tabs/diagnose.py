@@ -128,22 +128,24 @@ def build(context: AppContext, controls: PickerControls, demo: gr.Blocks) -> tup
     gr.Markdown("### 1. Position bias: the same candidates in other orders")
     with gr.Row():
         orders_box = gr.Radio(list(ORDER_MODES), value="rotations", label="Candidate orders", scale=2)
-        permutations_box = gr.Number(20, precision=0, label="Orders (permutations mode only)", scale=1)
+        permutations_box = gr.Number(20, precision=0, label="Orders (permutations mode only, 1-200)", scale=1,
+                                     elem_id="diagnose-orders")
         bias_button = gr.Button("Run on the Inspect tab's user", variant="primary", scale=1)
     bias_note = gr.Markdown(elem_id="diagnose-bias-note")
     heatmap = gr.Plot(label="Probability of each item at each letter", elem_id="diagnose-heatmap")
     with gr.Row():
         letter_chart = gr.Plot(label="Probability by letter position")
         rank_chart = gr.Plot(label="Ground-truth rank over orders")
-    bias_items = gr.Dataframe(label="Items: as shown vs debiased", interactive=False, max_height=360)
+    bias_items = gr.Dataframe(wrap=True, label="Items: as shown vs debiased", interactive=False, max_height=360)
     with gr.Row():
         bias_users = gr.Slider(1, max_users, value=min(20, max_users), step=1, scale=4,
-                               label="Users (the first N of the dataset)")
-        bias_users_button = gr.Button("Run on N users", variant="primary", scale=1)
+                               label="Users (the first N of the dataset)", elem_id="diagnose-bias-users")
+        bias_users_button = gr.Button("Run on N users", variant="primary", scale=1,
+                                      elem_id="diagnose-bias-users-button")
     with gr.Row():
         top1_chart = gr.Plot(label="Where the top-1 stands")
         mass_by_letter = gr.Plot(label="Probability by letter position over users")
-    bias_summary = gr.Dataframe(label="Position bias per system", interactive=False)
+    bias_summary = gr.Dataframe(wrap=True, label="Position bias per system", interactive=False)
 
     gr.Markdown("### 2. Letter prior: candidate texts hidden")
     with gr.Row():
@@ -153,22 +155,22 @@ def build(context: AppContext, controls: PickerControls, demo: gr.Blocks) -> tup
         prior_button = gr.Button("Run letter prior", variant="primary", scale=1)
     with gr.Row():
         prior_chart = gr.Plot(label="Letter prior")
-        prior_table = gr.Dataframe(label="Letter prior per letter", interactive=False, max_height=360)
+        prior_table = gr.Dataframe(wrap=True, label="Letter prior per letter", interactive=False, max_height=360)
 
     gr.Markdown("### 3. History influence: leave one history item out")
     history_button = gr.Button("Run on the Inspect tab's user", variant="primary")
     with gr.Row():
         history_chart = gr.Plot(label="Influence of each history item")
-        history_table = gr.Dataframe(label="History (most influential rows highlighted)", interactive=False,
+        history_table = gr.Dataframe(wrap=True, label="History (most influential rows highlighted)", interactive=False,
                                      max_height=360, elem_id="diagnose-history-table")
 
     gr.Markdown("### 4. Template consistency: inference prompt vs training conversation (no model run)")
     template_button = gr.Button("Check the Inspect tab's model and preset", variant="primary")
     template_note = gr.Markdown(elem_id="diagnose-template-note")
     with gr.Row():
-        template_tokens = gr.Dataframe(label="Tokens around the end of the prompt or the first difference",
+        template_tokens = gr.Dataframe(wrap=True, label="Tokens around the end of the prompt or the first difference",
                                        interactive=False, max_height=360)
-        template_letters = gr.Dataframe(label="Letter tokens", interactive=False, max_height=360)
+        template_letters = gr.Dataframe(wrap=True, label="Letter tokens", interactive=False, max_height=360)
 
     gr.Markdown("### 5. Letter mass: the letters' share of the full-vocabulary probability")
     with gr.Row():
@@ -178,7 +180,7 @@ def build(context: AppContext, controls: PickerControls, demo: gr.Blocks) -> tup
         mass_button = gr.Button("Run letter mass", variant="primary", scale=1)
     with gr.Row():
         mass_chart = gr.Plot(label="Letter mass per user")
-        mass_table = gr.Dataframe(label="Letter mass per system", interactive=False)
+        mass_table = gr.Dataframe(wrap=True, label="Letter mass per system", interactive=False)
 
     pickers = controls.pickers
     options = {"concurrency_limit": 1, "concurrency_id": "diagnose"}
@@ -186,6 +188,11 @@ def build(context: AppContext, controls: PickerControls, demo: gr.Blocks) -> tup
                       [*pickers, system_box, controls.user, orders_box, permutations_box],
                       [bias_note, heatmap, letter_chart, rank_chart, bias_items],
                       api_name="diagnose_position_bias", **options)
+    # Enter in a box runs its section, as its button does.
+    permutations_box.submit(endpoint(diagnose_position_bias, context),
+                            [*pickers, system_box, controls.user, orders_box, permutations_box],
+                            [bias_note, heatmap, letter_chart, rank_chart, bias_items], api_visibility="private",
+                            **options)
     bias_users_button.click(endpoint(diagnose_position_bias_users, context),
                             [*pickers, system_box, bias_users, orders_box, permutations_box],
                             [top1_chart, mass_by_letter, bias_summary], api_name="diagnose_position_bias_users",
@@ -193,6 +200,9 @@ def build(context: AppContext, controls: PickerControls, demo: gr.Blocks) -> tup
     prior_button.click(endpoint(diagnose_letter_prior, context),
                        [*pickers, system_box, prior_users, prior_mode, placeholder_box],
                        [prior_chart, prior_table], api_name="diagnose_letter_prior", **options)
+    placeholder_box.submit(endpoint(diagnose_letter_prior, context),
+                           [*pickers, system_box, prior_users, prior_mode, placeholder_box],
+                           [prior_chart, prior_table], api_visibility="private", **options)
     history_button.click(endpoint(diagnose_history, context), [*pickers, system_box, controls.user],
                          [history_chart, history_table], api_name="diagnose_history", **options)
     template_button.click(endpoint(diagnose_template, context),
@@ -205,7 +215,6 @@ def build(context: AppContext, controls: PickerControls, demo: gr.Blocks) -> tup
     stopper = endpoint(stop_runs, context)
     stop_button.click(stopper, None, [stop_note], api_name="stop_diagnostics", concurrency_id="stop",
                       concurrency_limit=None)
-    demo.unload(stopper)  # a closed or reloaded page: its runs stop instead of scoring for nobody
     refresher = endpoint(refresh_adapters, context)
     for trigger in (refresh.click, controls.model.input, demo.load):
         trigger(refresher, [controls.model], [system_box, mass_adapters], api_visibility="private")

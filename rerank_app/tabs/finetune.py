@@ -134,8 +134,8 @@ def _form_component(name: str, value: Any) -> gr.components.Component:
         return gr.Dropdown(choices[name], value=value, label=label, elem_id=elem_id)
     if isinstance(value, float) or name in ("epochs", "learning_rate", "lora_dropout", "warmup"):
         return gr.Number(value, label=label, elem_id=elem_id)
-    return gr.Number(value, precision=0, label=label + (" (0: all)" if name == "max_samples" else ""),
-                     elem_id=elem_id)
+    hints = {"max_samples": " (0: all)", "max_prompt_tokens": " (0: sized from the data)"}
+    return gr.Number(value, precision=0, label=label + hints.get(name, ""), elem_id=elem_id)
 
 
 def build(context: AppContext, controls: PickerControls, compare_adapters: gr.Dropdown, demo: gr.Blocks) -> None:
@@ -159,7 +159,7 @@ def build(context: AppContext, controls: PickerControls, compare_adapters: gr.Dr
     message = gr.Markdown(label="Message", elem_id="finetune-message")
     progress = gr.HTML(views.progress_html(None), elem_id="finetune-progress")
     with gr.Row():
-        loss_plot = gr.Plot(label="Training loss")
+        loss_plot = gr.Plot(label="Training loss", elem_id="finetune-loss")
         eval_plot = gr.Plot(label="Validation NDCG@10")
     result = gr.Markdown(elem_id="finetune-result")
     with gr.Accordion("Preview one training sample (loss-carrying tokens highlighted)", open=False):
