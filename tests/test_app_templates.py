@@ -7,7 +7,7 @@ import pytest
 from app_helpers import make_context
 from template_gallery import FAMILIES, build_tokenizer
 
-from rerank_app.jobs import JobError, TrainRequest
+from rerank_app.jobs import TrainRequest
 from rerank_app.pickers import Pickers, endpoint
 from rerank_app.tabs import diagnose, finetune
 from rerank_app.tabs import inspect as inspect_tab
@@ -82,12 +82,10 @@ def test_fine_tune_form_passes_template_options_to_the_run(context) -> None:
     preview = finetune.training_preview(context, "toy", "tiny-llama", candidates=5, template_kwargs=NO_THINKING)
     loss_tokens = [row["token"] for row in preview["tokens"] if row["loss"]]
     assert loss_tokens[0] in "ABCDE" and "<think>" not in loss_tokens
-    argv = TrainRequest(name="run", model_path="m", data_path="d",
-                        options={"template_kwargs": NO_THINKING}).argv(*(context.config.runs_root,) * 3)
-    assert argv[argv.index("--template-kwargs") + 1] == '{"enable_thinking":false}'
-    with pytest.raises(JobError, match="template_kwargs: template_kwargs is not valid JSON"):
-        TrainRequest(name="run", model_path="m", data_path="d",
-                     options={"template_kwargs": "--overwrite"}).argv(*(context.config.runs_root,) * 3)
+    config = TrainRequest(name="run", model_path="m", data_path="d", options={"template_kwargs": NO_THINKING}).config()
+    assert config.template_kwargs == '{"enable_thinking":false}'  # canonical JSON, handed over in the config file
+    with pytest.raises(ValueError, match="template_kwargs is not valid JSON"):
+        TrainRequest(name="run", model_path="m", data_path="d", options={"template_kwargs": "--overwrite"}).config()
 
 
 def test_prompt_view_strikes_out_generation_prompt_text_left_out(smol_tokenizer) -> None:
