@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pandas as pd
 from bench_finetune import add_overrides, config_from, step_printer, test_users
+from method import LoadWatch
 
 from rerank_core.baselines import BASELINES, evaluate_baseline, paired_rows
 from rerank_core.builtin_data import MOVIELENS_100K_REAL
@@ -40,7 +41,6 @@ ADAPTER = "movielens-quick"
 LLM_RUNS = (("base (seed)", BASE, "seed"), ("base (seed_after)", BASE, "seed_after"),
             ("quick adapter", ADAPTER, "seed_after"))
 REFERENCE, POPULARITY = "base (seed_after)", "popularity"
-NOISY_LOAD = 1.0
 
 
 class Steps:
@@ -99,9 +99,25 @@ def main(argv: list[str] | None = None) -> int:
     add_overrides(parser)
     args = parser.parse_args(argv)
     steps = Steps()
-    print(f"load average at the start: {' '.join(f'{value:.2f}' for value in os.getloadavg())} "
-          f"(on {os.cpu_count()} cores)", flush=True)
+    # One pass, not interleaved rounds: the figures here are quality with CIs; the times are one run's.
+    with LoadWatch() as watch:
+        tables, report, config = run_all(args, steps)
+    print("steps:")
+    for row in steps.rows:
+        print(f"  {row['step']}: {row['wall_s']} s wall, {row['cpu_s']} CPU s, peak RSS {row['peak_rss_mb']} MB, "
+              f"load {row['load_before']} -> {row['load_after']}")
+    watch.report()
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({
+            "config": config.to_json(), "prompt_budget": report.prompt_budget, "users": args.users,
+            "train": {"samples": report.samples, "steps": report.steps, "letter_loss": report.final_letter_loss,
+                      "uniform_loss": report.uniform_loss, "validation": report.validation},
+            "tables": tables, "steps": steps.rows, "noisy": watch.noisy}, indent=2))
+    return 0
 
+
+def run_all(args: argparse.Namespace, steps: Steps) -> tuple[dict[str, list[dict[str, Any]]], Any, Any]:
+    """Train, then score every system on each candidate source; returns the tables, the report, the config."""
     dataset, loaded = steps.run("load data and model", lambda: (load_dataset(MOVIELENS_100K_REAL), load_model()))
     config = config_from(args, text_field=args.text_field, history_items=args.history_items)
     print(f"dataset {dataset.name}: {len(dataset.users)} users, {len(dataset.items)} items; model {loaded.name} "
@@ -142,21 +158,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(Δ: paired difference, bootstrap 95% CI)\n"
               "| system | NDCG@10 | Δ vs base (seed_after) | Δ vs popularity | Recall@10 | MRR@10 |\n"
               f"|---|---|---|---|---|---|\n{lines}\n", flush=True)
-
-    print("steps:")
-    for row in steps.rows:
-        print(f"  {row['step']}: {row['wall_s']} s wall, {row['cpu_s']} CPU s, peak RSS {row['peak_rss_mb']} MB, "
-              f"load {row['load_before']} -> {row['load_after']}")
-    noisy = max(row["load_before"] for row in steps.rows) > NOISY_LOAD
-    print(f"load average at the end: {' '.join(f'{value:.2f}' for value in os.getloadavg())}; run: "
-          f"{'noisy (load above 1.0 before a step): do not publish the times' if noisy else 'quiet'}")
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps({
-            "config": config.to_json(), "prompt_budget": report.prompt_budget, "users": len(users),
-            "train": {"samples": report.samples, "steps": report.steps, "letter_loss": report.final_letter_loss,
-                      "uniform_loss": report.uniform_loss, "validation": report.validation},
-            "tables": tables, "steps": steps.rows, "noisy": noisy}, indent=2))
-    return 0
+    return tables, report, config
 
 
 if __name__ == "__main__":
