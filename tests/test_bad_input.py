@@ -580,7 +580,8 @@ def test_eval_replaces_its_files_whole_and_a_failed_write_keeps_the_old_one(
     monkeypatch.setattr("os.replace", real_replace)
     assert run_cli(argv, capsys)[0] == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["users"] == 4 and len((out / "per_user.csv").read_text().splitlines()) == 5
+    # A header, then 4 users for the base and each of the 3 baselines eval scores beside it.
+    assert summary["users"] == 4 and len((out / "per_user.csv").read_text().splitlines()) == 1 + 4 * 4
     assert sorted(path.name for path in out.iterdir()) == ["per_user.csv", "summary.json"]
 
 
