@@ -28,7 +28,7 @@ from rerank_app.context import make_settings
 from rerank_app.server import build_app, build_context, launch
 from rerank_core.inspector import BASE
 
-TARGET_S = 1.0
+TARGETS_S = {"new user": 0.35, "view only": 0.1}  # p50 on a quiet machine (issue 14)
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -39,7 +39,7 @@ def percentile(values: list[float], share: float) -> float:
 def report(label: str, latencies: list[float], errors: int = 0) -> None:
     p50, p95 = percentile(latencies, 0.5), percentile(latencies, 0.95)
     print(f"{label}: n={len(latencies)} p50={p50:.3f}s p95={p95:.3f}s mean={statistics.fmean(latencies):.3f}s "
-          f"max={max(latencies):.3f}s errors={errors}  (p50 is {p50 / TARGET_S:.2f}x the {TARGET_S:.0f} s target)")
+          f"max={max(latencies):.3f}s errors={errors}")
 
 
 def free_port() -> int:
@@ -155,6 +155,9 @@ def main() -> None:
         report(f"{name}, all rounds", [value for m in measurements for value in m.details["latencies"]],
                len([e for m in measurements for e in m.details.get("errors", [])]))
     print_summary(results)
+    for name, target in TARGETS_S.items():
+        middle = statistics.median(m.value for m in results[name])
+        print(f"target {name} p50 <= {target} s: {'met' if middle <= target else 'MISSED'} (median {middle:.3f} s)")
     watch.report()
     print_ratio("new_user_over_view_only", results["new user"], results["view only"])
     if errors:

@@ -1,6 +1,12 @@
 """Load: 8 gradio_client clients switching users for 60 s, alone and while a fine-tune runs; errors, latency, RSS.
 
 Run: PYTHONPATH=. .venv/bin/python bench/bench_load.py [--rounds 3] [--clients 8] [--seconds 60] [--max-samples 64]
+     PYTHONPATH=. .venv/bin/python bench/bench_load.py --case diagnostic [--clients 4] [--seconds 60]
+
+--case diagnostic: the clients inspect alone, and while one more client runs the longest diagnostic the limits
+allow (position bias over 25 users x 200 permuted orders = 5000 scored prompts); each round's figure is the p95
+latency of the inspecting clients, and the target is p95 during the diagnostic <= 2 x p95 alone (interactive
+requests go first: rerank_app/gate.py). The diagnostic is stopped through /stop_diagnostics after each round.
 
 Two ways in interleaved rounds (bench/method.py), each round's figure the p50 latency of its requests: "clients
 alone" and "during a fine-tune" (a fine-tune started through the app, the clients switching users while it is in
@@ -10,7 +16,8 @@ own processes (the app and its fine-tunes), which load the 2 cores on purpose.
 The app (default model, bundled sample data) runs in its own process so its RSS is its own; its adapters, runs
 and uploads folders are temporary, so the benchmark neither sees nor leaves fine-tunes in the repository. Each
 request is the Inspect tab's full round trip (/inspect); users come from one shuffled queue shared by all
-clients, so no request is answered from a cache. The fine-tune is started through the app's /start_finetune
+clients (refilled with a new candidate seed when every user was asked), so no request is answered from a
+cache. The fine-tune is started through the app's /start_finetune
 endpoint, exactly as the Fine-tune tab starts it. Targets: 0 errors; server RSS after <= 1.10 x before.
 """
 
@@ -35,6 +42,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from method import LoadWatch, Measurement, add_method_args, interleaved, print_ratio, print_summary  # noqa: E402
 
 RSS_GROWTH_LIMIT = 0.10
+P95_SLOWDOWN_LIMIT = 2.0
+# The longest diagnostic the core allows: 25 users x 200 orders = LIMITS["diagnostic_prompts"].high prompts.
+LONGEST_DIAGNOSTIC = {"users": 25, "orders": "permutations", "permutations": 200}
 
 
 def serve(port: int, work: Path) -> None:
@@ -115,6 +125,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8, help="concurrent gradio_client clients")
     parser.add_argument("--seconds", type=float, default=60.0, help="how long the clients switch users")
     parser.add_argument("--max-samples", type=int, default=64, help="training samples of the fine-tune")
+    parser.add_argument("--case", choices=("finetune", "diagnostic"), default="finetune",
+                        help="what runs beside the clients: a fine-tune, or the longest diagnostic")
     parser.add_argument("--malloc-arena-max", type=int, metavar="N",
                         help="run the app with MALLOC_ARENA_MAX=N (glibc keeps one heap per thread by default)")
     add_method_args(parser)
@@ -162,14 +174,18 @@ def run(options: argparse.Namespace, url: str, server: subprocess.Popen[bytes], 
     latencies: list[float] = []
     errors: list[str] = []
 
+    candidate_seed = [0]
+
     def inspect_next(own: Any, record: bool) -> bool:
         with lock:
-            if not queue:
-                return False
-            user = queue.pop()
+            if not queue:  # every user asked once: again with new candidates, so still nothing is cached
+                queue.extend(users)
+                random.Random(candidate_seed[0]).shuffle(queue)
+                candidate_seed[0] += 1
+            user, seed = queue.pop(), candidate_seed[0]
         start = time.perf_counter()
         try:
-            own.predict(user_id=user, api_name="/inspect")
+            own.predict(user_id=user, seed=seed, api_name="/inspect")
         except Exception as error:
             with lock:
                 errors.append(f"{user}: {type(error).__name__}: {error}")
@@ -247,6 +263,9 @@ def run(options: argparse.Namespace, url: str, server: subprocess.Popen[bytes], 
                 f"errors {details['errors']}, {details['requests'] / details['wall']:.2f} users/s")
         return text + (f"; {details['finetune']}" if "finetune" in details else "")
 
+    if options.case == "diagnostic":
+        run_diagnostic_case(options, url, client, switch_users, errors)
+        return
     print(f"{options.clients} clients for {options.seconds:.0f} s per round; fine-tunes: quick preset, "
           f"{options.max_samples} samples, 4 validation users")
     with LoadWatch() as watch:
@@ -270,6 +289,65 @@ def run(options: argparse.Namespace, url: str, server: subprocess.Popen[bytes], 
     print_summary(results)
     watch.report()
     print_ratio("slowdown_during_finetune", results["during a fine-tune"], results["clients alone"])
+    if not passed:
+        raise SystemExit(1)
+
+
+def run_diagnostic_case(options: argparse.Namespace, url: str, client: Any, switch_users: Any,
+                        errors: list[str]) -> None:
+    """Inspect p95 alone and beside the longest diagnostic, in interleaved rounds; the ratio is the verdict."""
+    from gradio_client import Client
+
+    from rerank_core.models import embedded_model_folder
+
+    diagnostic = Client(url, verbose=False)  # its own session: /stop_diagnostics stops this client's runs only
+    arguments = {"dataset": "sample", "model": embedded_model_folder().name, "split": "test", "source": "random",
+                 "preset": "seed", "strategy": "as_trained", "text_field": "title", "count": 20, "seed": 0,
+                 "use_adapter_preset": True, "system": "base", **LONGEST_DIAGNOSTIC}
+
+    def p95(measurement: Measurement) -> Measurement:
+        return Measurement(measurement.details["p95"], {**measurement.details, "p50": measurement.value})
+
+    def alone() -> Measurement:
+        return p95(switch_users())
+
+    def beside_diagnostic() -> Measurement:
+        job = diagnostic.submit(api_name="/diagnose_position_bias_users", **arguments)
+        time.sleep(5.0)  # the run holds the model and is scoring when the clients start
+        measurement = p95(switch_users())
+        running = not job.done()
+        stopped = diagnostic.predict(api_name="/stop_diagnostics")
+        try:
+            job.result(timeout=300)
+        except Exception as error:  # a stopped run ends with the core's Cancelled message
+            outcome = str(error).splitlines()[0][:80]
+        else:
+            outcome = "finished"
+        measurement.details["diagnostic"] = (f"diagnostic still running when the round ended: {running}; "
+                                             f"{stopped} -> {outcome}")
+        return measurement
+
+    def describe(measurement: Measurement) -> str:
+        details = measurement.details
+        text = (f"p95 of {details['requests']} requests; p50 {details['p50']:.2f} s, max {details['max']:.2f} s, "
+                f"errors {details['errors']}")
+        return text + (f"; {details['diagnostic']}" if "diagnostic" in details else "")
+
+    print(f"{options.clients} inspecting clients for {options.seconds:.0f} s per round; beside them: position "
+          f"bias over {LONGEST_DIAGNOSTIC['users']} users x {LONGEST_DIAGNOSTIC['permutations']} orders")
+    with LoadWatch() as watch:
+        results = interleaved({"inspect alone": alone, "inspect beside the diagnostic": beside_diagnostic},
+                              options.rounds, watch, describe=describe)
+    for error in errors[:5]:
+        print(f"  error: {error}")
+    print_summary(results)
+    watch.report()
+    ratio = print_ratio("p95_slowdown_beside_diagnostic", results["inspect beside the diagnostic"],
+                        results["inspect alone"])
+    passed = not errors and ratio <= P95_SLOWDOWN_LIMIT
+    print(f"{'PASS' if passed else 'FAIL'} (target: p95 beside the diagnostic <= {P95_SLOWDOWN_LIMIT:.0f} x alone, "
+          "0 errors)")
+    print(f"p95_slowdown_beside_diagnostic: {ratio:.2f}")
     if not passed:
         raise SystemExit(1)
 

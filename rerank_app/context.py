@@ -1,5 +1,6 @@
-"""The app's registry: datasets and models by name, one Inspector per pair, cached results, safe uploads, and the
-diagnostics run under the same name checks and per-pair lock as Inspect."""
+"""The app's registry: datasets and models by name, one Inspector per pair sharing one copy of each model, cached
+results, safe uploads, and the diagnostics under the same name checks, with a per-model gate that serves Inspect
+before long runs."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 
+from rerank_app.gate import ModelGate, StopRegistry
 from rerank_app.jobs import TrainRequest
 from rerank_core.adapters import WEIGHTS_FILE, AdapterError, list_adapters
 from rerank_core.candidates import CandidateConfig
@@ -34,9 +36,12 @@ from rerank_core.diagnostics import (
     letter_mass,
     letter_prior,
     position_bias,
+    position_bias_over_users,
 )
 from rerank_core.inspector import BASE, Inspector, InspectSettings, UserInspection
+from rerank_core.limits import LimitError, whole_number
 from rerank_core.models import LoadedModel, load_model
+from rerank_core.prompts import with_template_kwargs
 from rerank_core.template_check import TemplateConsistency, template_consistency
 
 __all__ = ["AppConfig", "AppContext", "DatasetEntry", "ModelEntry", "SessionError", "make_settings"]
@@ -47,9 +52,9 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 # A dropdown with every user of a large dataset would be megabytes of JSON; the rest can be typed.
 MAX_USER_CHOICES = 2000
+# Prompts a long run scores between two looks at the gate: an Inspect request waits for at most this many.
+BACKGROUND_CHUNK = 5
 MAX_COMPARE_SYSTEMS = 4
-# Users scored per lock hold in a long comparison: Inspect requests get the model between chunks.
-_COMPARE_CHUNK = 8
 
 
 class SessionError(ValueError):
@@ -86,38 +91,17 @@ class ModelEntry:
     name: str
     path: str | None = None
     loaded: LoadedModel | None = None
-    # Once an Inspector owns the loaded model it may wrap it with LoRA layers: never hand it out twice.
-    handed_out: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def make_settings(*, split: str = "test", source: str = "random", preset: str = "seed",
                   strategy: str = "as_trained", text_field: str = "title", count: int = 20, seed: int = 0,
-                  use_adapter_preset: bool = True) -> InspectSettings:
-    """InspectSettings from the pickers' values (a float from a slider becomes an int)."""
-    candidates = CandidateConfig(source=source, count=int(count), seed=int(seed))
+                  use_adapter_preset: bool = True, template_kwargs: str = "") -> InspectSettings:
+    """InspectSettings from the pickers' values; the core makes 20.0 an int and refuses an empty or 1.5 seed."""
+    candidates = CandidateConfig(source=source, count=count, seed=seed)
     return InspectSettings(preset=preset, strategy=strategy, text_field=text_field, split=split,
-                           candidates=candidates, use_adapter_preset=bool(use_adapter_preset))
-
-
-class _FairLock:
-    """First come, first served, so a long comparison that re-locks per chunk cannot starve Inspect."""
-
-    def __init__(self) -> None:
-        self._condition = threading.Condition()
-        self._next_ticket = 0
-        self._serving = 0
-
-    def __enter__(self) -> None:
-        with self._condition:
-            ticket = self._next_ticket
-            self._next_ticket += 1
-            self._condition.wait_for(lambda: self._serving == ticket)
-
-    def __exit__(self, *exc_info: object) -> None:
-        with self._condition:
-            self._serving += 1
-            self._condition.notify_all()
+                           candidates=candidates, use_adapter_preset=bool(use_adapter_preset),
+                           template_kwargs=template_kwargs or "")
 
 
 class _Lru:
@@ -155,7 +139,11 @@ class AppContext:
         self.jobs = jobs
         self._datasets: dict[str, DatasetEntry] = {entry.name: entry for entry in datasets}
         self._models: dict[str, ModelEntry] = {entry.name: entry for entry in models}
-        self._inspectors: dict[tuple[str, str], tuple[Inspector, _FairLock]] = {}
+        # One Inspector per (dataset, model), all Inspectors of a model sharing its one loaded copy (and its
+        # adapter slots); one gate per model decides who runs it next.
+        self._inspectors: dict[tuple[str, str], Inspector] = {}
+        self._gates: dict[str, ModelGate] = {entry.name: ModelGate() for entry in models}
+        self.stops = StopRegistry()
         self._inspections = _Lru(256)
         self._comparisons = _Lru(16)
         self._registry_lock = threading.Lock()
@@ -221,41 +209,38 @@ class AppContext:
 
     # -- inspectors --------------------------------------------------------------------------
 
-    def _inspector(self, dataset: str, model: str) -> tuple[Inspector, _FairLock]:
+    def _inspector(self, dataset: str, model: str) -> Inspector:
         key = (dataset, model)
-        with self._registry_lock:
-            found = self._inspectors.get(key)
-        if found is not None:
-            return found
         data = self.dataset(dataset).dataset
-        entry = self.model_entry(model)
         loaded = self.loaded(model)
-        with entry.lock:
-            with self._registry_lock:
-                found = self._inspectors.get(key)
-            if found is not None:
-                return found
-            if entry.handed_out:
-                # An Inspector wraps its model in PEFT in place, so a second dataset gets its own copy.
-                if not entry.path:
-                    raise SessionError(f"model {model!r} was built in memory and already serves another "
-                                       "dataset; start the app with --model PATH to use it with several")
-                loaded = replace(load_model(entry.path, device=self.config.device, dtype=self.config.dtype),
-                                 name=loaded.name)
-            entry.handed_out = True
-            inspector = Inspector(data, loaded, adapters_root=str(self.config.adapters_root),
-                                  batch_size=self.config.batch_size)
-            found = (inspector, _FairLock())
-            with self._registry_lock:
-                self._inspectors[key] = found
-        return found
+        with self._registry_lock:
+            if key not in self._inspectors:
+                self._inspectors[key] = Inspector(data, loaded, adapters_root=str(self.config.adapters_root),
+                                                  batch_size=self.config.batch_size)
+            return self._inspectors[key]
 
     @contextmanager
     def using(self, dataset: str, model: str) -> Iterator[Inspector]:
-        """The Inspector for (dataset, model), held exclusively: it switches adapters on a shared model."""
-        inspector, lock = self._inspector(dataset, model)
-        with lock:
+        """The Inspector for (dataset, model), its model held for one interactive request (served first)."""
+        inspector = self._inspector(dataset, model)
+        with self._gates[model].interactive():
             yield inspector
+
+    def gate(self, model: str) -> ModelGate:
+        self.model_entry(model)  # an unknown name says which ones exist
+        return self._gates[model]
+
+    @contextmanager
+    def running(self, dataset: str, model: str, stop: threading.Event | None) -> Iterator[tuple[Inspector, Any]]:
+        """The Inspector for a long run and its stop check: at every chunk boundary the run steps aside for
+        waiting interactive requests, then stops if `stop` is set."""
+        inspector = self._inspector(dataset, model)
+        with self._gates[model].background() as step_aside:
+            def check() -> bool:
+                step_aside()
+                return stop is not None and stop.is_set()
+
+            yield inspector, check
 
     def tokenizer(self, model: str) -> Any:
         return self.loaded(model).tokenizer
@@ -282,34 +267,23 @@ class AppContext:
         return [self.inspect(dataset, model, system, user_id, settings) for system in systems]
 
     def compare_users(self, dataset: str, model: str, adapters: Sequence[str], settings: InspectSettings,
-                      count: int, progress: Callable[[int, int], None] | None = None
-                      ) -> tuple[pd.DataFrame, dict[str, Any]]:
+                      count: int, progress: Callable[[int, int], None] | None = None,
+                      stop: threading.Event | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
         """Per-user results and the paired summary over the first `count` users, the baselines (random,
         popularity, retriever) scored on the same candidates beside the LLM systems; cached per request."""
         from rerank_core.baselines import BASELINES, with_baselines
         from rerank_core.compare import compare_systems
 
         systems = self._systems(model, adapters)
-        users = self.users(dataset)[:max(1, min(int(count), self.config.max_compare_users))]
+        users = self.first_users(dataset, count)
         key = ("compare", dataset, model, tuple((system, self._adapter_stamp(system)) for system in systems),
                tuple(users), settings)
         found = self._comparisons.recall(key)
         if found is not None:
             return found
-        total = len(users) * len(systems)
-        done = 0
-        # Score in small chunks, each under the lock, so Inspect requests interleave; the summary
-        # below then reads every score from the Inspector's cache.
-        for system in systems:
-            for start in range(0, len(users), _COMPARE_CHUNK):
-                chunk = users[start:start + _COMPARE_CHUNK]
-                with self.using(dataset, model) as inspector:
-                    inspector.evaluate(chunk, settings, system)
-                done += len(chunk)
-                if progress is not None:
-                    progress(done, total)
-        with self.using(dataset, model) as inspector:
-            per_user, summary = compare_systems(inspector, users, settings, systems)
+        with self.running(dataset, model, stop) as (inspector, check):
+            per_user, summary = compare_systems(inspector, users, settings, systems, progress=progress,
+                                                cancel=check)
             result = with_baselines(inspector, per_user, summary, users, settings, BASELINES)
         return self._comparisons.remember(key, result)
 
@@ -348,58 +322,66 @@ class AppContext:
     # -- diagnostics -------------------------------------------------------------------------
 
     def first_users(self, dataset: str, count: int) -> list[str]:
-        """The first `count` users of the dataset, at least one and at most max_compare_users."""
-        return self.users(dataset)[:max(1, min(int(count), self.config.max_compare_users))]
+        """The first `count` users of the dataset; a count outside 1..max_compare_users is refused by name."""
+        count = whole_number("users", count)
+        if not 1 <= count <= self.config.max_compare_users:
+            raise LimitError(f"users must be from 1 to {self.config.max_compare_users} in this app, got {count}",
+                             field="users")
+        return self.users(dataset)[:count]
 
     def position_bias(self, dataset: str, model: str, system: str | None, user_id: str, settings: InspectSettings,
-                      spec: OrderSpec) -> PositionBias:
+                      spec: OrderSpec, progress: Callable[[int, int], None] | None = None,
+                      stop: threading.Event | None = None) -> PositionBias:
         """One user's candidates in other orders (diagnostics.position_bias)."""
         user_id = self._check_user(dataset, user_id)
         system = self._check_system(model, system)
-        with self.using(dataset, model) as inspector:
-            return position_bias(inspector, user_id, settings, system, spec)
+        with self.running(dataset, model, stop) as (inspector, check):
+            return position_bias(inspector, user_id, settings, system, spec, batch_size=BACKGROUND_CHUNK,
+                                 progress=progress, cancel=check)
 
     def position_bias_users(self, dataset: str, model: str, system: str | None, count: int,
                             settings: InspectSettings, spec: OrderSpec,
-                            progress: Callable[[int, int], None] | None = None) -> PositionBiasSummary:
-        """Position bias over the first `count` users, one user per lock hold so Inspect requests interleave."""
+                            progress: Callable[[int, int], None] | None = None,
+                            stop: threading.Event | None = None) -> PositionBiasSummary:
+        """Position bias over the first `count` users (diagnostics.position_bias_over_users)."""
         system = self._check_system(model, system)
         users = self.first_users(dataset, count)
-        results = []
-        for done, user_id in enumerate(users, 1):
-            with self.using(dataset, model) as inspector:
-                results.append(position_bias(inspector, user_id, settings, system, spec))
-            if progress is not None:
-                progress(done, len(users))
-        return PositionBiasSummary(system, tuple(results))
+        with self.running(dataset, model, stop) as (inspector, check):
+            return position_bias_over_users(inspector, users, settings, system, spec, batch_size=BACKGROUND_CHUNK,
+                                            progress=progress, cancel=check)
 
     def letter_prior(self, dataset: str, model: str, system: str | None, count: int, settings: InspectSettings,
-                     mode: str, placeholder: str, progress: Callable[[int, int], None] | None = None) -> LetterPrior:
+                     mode: str, placeholder: str, progress: Callable[[int, int], None] | None = None,
+                     stop: threading.Event | None = None) -> LetterPrior:
         """The letter prior (candidate texts hidden) over the first `count` users."""
         system = self._check_system(model, system)
         users = self.first_users(dataset, count)
-        with self.using(dataset, model) as inspector:
-            return letter_prior(inspector, users, settings, system, mode, placeholder=placeholder, progress=progress)
+        with self.running(dataset, model, stop) as (inspector, check):
+            return letter_prior(inspector, users, settings, system, mode, placeholder=placeholder, progress=progress,
+                                cancel=check)
 
     def history_influence(self, dataset: str, model: str, system: str | None, user_id: str,
-                          settings: InspectSettings) -> HistoryInfluence:
+                          settings: InspectSettings, stop: threading.Event | None = None) -> HistoryInfluence:
         """Leave one history item out, for one user."""
         user_id = self._check_user(dataset, user_id)
         system = self._check_system(model, system)
-        with self.using(dataset, model) as inspector:
-            return history_influence(inspector, user_id, settings, system)
+        with self.running(dataset, model, stop) as (inspector, check):
+            return history_influence(inspector, user_id, settings, system, batch_size=BACKGROUND_CHUNK, cancel=check)
 
-    def template_consistency(self, model: str, preset: str, count: int) -> TemplateConsistency:
+    def template_consistency(self, model: str, preset: str, count: int,
+                             template_kwargs: str = "") -> TemplateConsistency:
         """Is the inference prompt a token prefix of the training conversation (tokenizer only, no lock)."""
-        return template_consistency(self.tokenizer(model), preset, count=int(count))
+        return template_consistency(self.tokenizer(model), with_template_kwargs(preset, template_kwargs),
+                                    count=int(count))
 
     def letter_mass(self, dataset: str, model: str, adapters: Sequence[str] | None, count: int,
-                    settings: InspectSettings, progress: Callable[[int, int], None] | None = None) -> LetterMass:
+                    settings: InspectSettings, progress: Callable[[int, int], None] | None = None,
+                    stop: threading.Event | None = None) -> LetterMass:
         """The letters' share of the full distribution, base and up to three adapters, over the first users."""
         systems = self._systems(model, adapters or [])
         users = self.first_users(dataset, count)
-        with self.using(dataset, model) as inspector:
-            return letter_mass(inspector, users, settings, systems, progress=progress)
+        with self.running(dataset, model, stop) as (inspector, check):
+            return letter_mass(inspector, users, settings, systems, progress=progress, cancel=check)
 
     # -- fine-tune ---------------------------------------------------------------------------
 
@@ -409,11 +391,11 @@ class AppContext:
         from rerank_core.training import training_config
 
         cleaned = {key: _plain_number(value) for key, value in overrides.items() if value not in (None, "")}
-        # As on the command line, max_samples 0 means every sample.
-        every_sample = cleaned.get("max_samples") == 0
-        config = training_config(training_preset, **{**cleaned, "max_samples": None if every_sample
-                                                     else cleaned.get("max_samples")})
-        return replace(config, max_samples=None) if every_sample else config
+        # As on the command line, max_samples 0 means every sample; a 0 (or empty) prompt budget is sized from
+        # the data (the form shows an unset budget as 0).
+        unset = {name: None for name in ("max_samples", "max_prompt_tokens") if cleaned.get(name) == 0}
+        config = training_config(training_preset, **{**cleaned, **unset})
+        return replace(config, **unset)
 
     def start_finetune(self, name: str, dataset: str, model: str, training_preset: str,
                        overrides: dict[str, Any]) -> Any:
@@ -456,6 +438,27 @@ class AppContext:
         return tokenizer, [token.token_id for token in masked], [token.loss for token in masked], caption
 
     # -- uploads -----------------------------------------------------------------------------
+
+    def restore_uploads(self) -> list[str]:
+        """Datasets uploaded in earlier runs of the app, registered again from their folders in upload_root.
+
+        A folder that no longer loads is skipped with a warning: the others still come back."""
+        root = self.config.upload_root
+        restored = []
+        folders = sorted(path for path in root.iterdir() if path.is_dir() and not path.name.startswith(".")) \
+            if root.is_dir() else []
+        for folder in folders:
+            if folder.name in self._datasets:
+                continue
+            try:
+                dataset = load_dataset(folder)
+            except (DataError, ValueError, OSError) as error:
+                log.warning("upload %s is not offered again: %s", folder.name, error)
+                continue
+            with self._registry_lock:
+                self._datasets[folder.name] = DatasetEntry(name=folder.name, dataset=dataset, path=folder)
+            restored.append(folder.name)
+        return restored
 
     def add_upload(self, files: Sequence[str | os.PathLike[str]], name: str,
                    data_format: str | None = None) -> DatasetEntry:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import html
 from collections.abc import Sequence
+from typing import Any
 
 import plotly.graph_objects as go
 from pandas.io.formats.style import Styler
 
+from rerank_app.views import letter_ticks
 from rerank_core.diagnostics import (
     HistoryInfluence,
     LetterMass,
@@ -27,6 +29,7 @@ __all__ = [
     "position_bias_markdown",
     "position_heatmap",
     "template_markdown",
+    "template_runs_html",
     "top1_share_chart",
     "truth_rank_chart",
 ]
@@ -76,7 +79,7 @@ def position_heatmap(result: PositionBias) -> go.Figure:
         hovertext=hover, hoverinfo="text+z", colorbar={"title": "P"}))
     figure = _layout(figure, f"User {result.user_id} · {result.system}: probability of each item (row, "
                              "★ ground truth) at each letter (column)",
-                     xaxis={"type": "category", "title": "letter position", "side": "top"},
+                     xaxis={"type": "category", "title": "letter position", "side": "top", **letter_ticks(letters)},
                      yaxis={"autorange": "reversed", "type": "category"})
     figure.update_layout(height=max(_HEIGHT, 22 * len(letters) + 90), margin={"l": 260, "r": 20, "t": 70, "b": 20})
     return figure
@@ -95,7 +98,7 @@ def letter_bias_chart(results: Sequence[PositionBias | PositionBiasSummary]) -> 
     first = results[0]
     scope = (f"{len(first.users)} users" if isinstance(first, PositionBiasSummary) else f"user {first.user_id}")
     return _layout(figure, f"Probability by letter position, whatever item stands there ({scope})",
-                   barmode="group", xaxis={"type": "category", "title": "letter position"},
+                   barmode="group", xaxis={"type": "category", "title": "letter position", **letter_ticks(letters)},
                    yaxis_title="mean probability")
 
 
@@ -109,8 +112,8 @@ def truth_rank_chart(results: Sequence[PositionBias]) -> go.Figure:
         figure.add_bar(x=ranks, y=result.truth_rank_counts.tolist(), name=result.system,
                        marker_color=_system_color(index))
     return _layout(figure, f"Ground-truth rank over {len(results[0].orders)} candidate orders",
-                   barmode="group", xaxis={"title": "rank of the ground truth", "dtick": 1},
-                   yaxis_title="orders")
+                   barmode="group", xaxis={"title": "rank of the ground truth", "dtick": 1, "tickformat": "d"},
+                   yaxis={"title": "orders", "tickformat": "d", "rangemode": "tozero"})
 
 
 
@@ -139,7 +142,8 @@ def top1_share_chart(summaries: Sequence[PositionBiasSummary]) -> go.Figure:
                        name=f"{summary.system} (A: {summary.top1_a_rate:.0%})")
     _uniform_line(figure, len(letters))
     return _layout(figure, "Where the top-1 stands, over all users and orders", barmode="group",
-                   xaxis={"type": "category", "title": "letter of the top-1"}, yaxis_title="share of prompts")
+                   xaxis={"type": "category", "title": "letter of the top-1", **letter_ticks(letters)},
+                   yaxis_title="share of prompts")
 
 
 
@@ -159,7 +163,7 @@ def letter_prior_chart(priors: Sequence[LetterPrior]) -> go.Figure:
     first = priors[0]
     what = "blank" if first.mode == "blank" else f"all {first.placeholder!r}"
     return _layout(figure, f"Letter prior: candidate texts {what}, {len(first.user_ids)} users' histories",
-                   barmode="group", xaxis={"type": "category", "title": "letter"},
+                   barmode="group", xaxis={"type": "category", "title": "letter", **letter_ticks(letters)},
                    yaxis_title="mean probability (± std over users)")
 
 
@@ -176,8 +180,11 @@ def history_influence_chart(result: HistoryInfluence) -> go.Figure:
     hover = [f"{position}. {html.escape(text)}" + (" · top-1 changes" if changed else "")
              for position, text, changed in zip(result.positions, result.history_texts, result.top1_changed,
                                                 strict=True)]
-    figure = go.Figure(go.Bar(x=[str(position) for position in result.positions], y=values.tolist(),
-                              marker_color=colors, hovertext=hover, hoverinfo="text+y"))
+    figure = go.Figure()
+    for label, color in (("history item", BAR_COLOR), ("most influential", INFLUENTIAL_COLOR)):
+        rows = [row for row in range(len(values)) if colors[row] == color]
+        figure.add_bar(x=[str(result.positions[row]) for row in rows], y=[float(values[row]) for row in rows],
+                       marker_color=color, hovertext=[hover[row] for row in rows], hoverinfo="text+y", name=label)
     changed = [str(position) for position, flag in zip(result.positions, result.top1_changed, strict=True) if flag]
     if changed:
         figure.add_scatter(x=changed, y=[values[result.positions.index(int(p))] for p in changed], mode="markers",
@@ -185,8 +192,9 @@ def history_influence_chart(result: HistoryInfluence) -> go.Figure:
     what = ("total variation of the letter distribution (no ground truth among the candidates)" if delta is None
             else "Δ P(ground truth) without the item")
     return _layout(figure, f"User {result.user_id} · {result.system}: leave one history item out",
-                   xaxis={"type": "category", "title": "history position (oldest first)"}, yaxis_title=what,
-                   showlegend=bool(changed))
+                   xaxis={"type": "category", "title": "history position (oldest first)",
+                          "categoryorder": "array", "categoryarray": [str(p) for p in result.positions]},
+                   yaxis_title=what, showlegend=True)
 
 
 
@@ -202,10 +210,43 @@ def history_influence_table(result: HistoryInfluence) -> Styler:
 
 
 
-def template_markdown(report: TemplateConsistency) -> str:
+# The three runs of the template check, inline-styled so they survive Markdown's HTML sanitizing.
+_RUN_STYLES = {"prompt": "background:#e9ecef", "inserted": "background:#fff3bf;outline:1px dashed #f08c00",
+               "trimmed": "color:#868e96;text-decoration:line-through", "letter": "background:#d0ebff"}
+
+
+def _run(kind: str, text: str, title: str) -> str:
+    shown = html.escape(text).replace(" ", "·").replace("\n", "↵")
+    return (f'<code class="ri-run-{kind}" style="{_RUN_STYLES[kind]}" title="{html.escape(title)}">'
+            f"{shown}</code>")
+
+
+def template_runs_html(tokenizer: Any, report: TemplateConsistency, context_tokens: int = 8) -> str:
+    """The end of the scored prompt, the span the template inserts before the letter, and the letter: three runs."""
+    if report.answer_token is None:
+        return ""
+    slot = report.answer_slot
+    inserted = len(slot.inserted_ids)
+    prompt_end = report.prompt_ids[:len(report.prompt_ids) - inserted][-context_tokens:]
+    runs = [_run("prompt", "…" + tokenizer.decode(list(prompt_end)), "the prompt (its last tokens)")]
+    if slot.trimmed_text and slot.trimmed_text != slot.inserted_text:
+        runs.append(_run("trimmed", slot.trimmed_text, "in the generation prompt, left out of the scored prompt"))
+    if inserted:
+        runs.append(_run("inserted", slot.inserted_text, "inserted by the template before the letter: scored "
+                                                          "prompt, no loss"))
+    runs.append(_run("letter", tokenizer.decode([report.answer_token[1]]), "the answer letter's own token"))
+    legend = ("prompt · inserted before the letter · left out · letter" if slot.moves_prompt
+              else "prompt · letter (nothing inserted)")
+    return " ".join(runs) + f"  <small>({legend})</small>"
+
+
+def template_markdown(report: TemplateConsistency, tokenizer: Any = None) -> str:
     """Status, what the generation prompt adds, and each problem in plain words."""
-    status = "✅ consistent" if report.ok and not report.problems else ("⚠️ warnings" if report.ok else "❌ broken")
+    # Words, not emoji: a browser without a colour-emoji font shows an empty box for ✅.
+    status = "OK, consistent" if report.ok and not report.problems else ("warnings" if report.ok else "BROKEN")
     lines = [f"**Template consistency · preset `{report.preset}`: {status}**", ""]
+    if tokenizer is not None and report.answer_token is not None:
+        lines += [template_runs_html(tokenizer, report), ""]
     lines.append(f"- inference prompt: {len(report.prompt_ids)} tokens; training conversation: "
                  f"{len(report.full_ids)} tokens")
     if report.generation_prompt is not None:

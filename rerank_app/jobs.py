@@ -25,7 +25,7 @@ from rerank_core.fsutil import atomic_write_text, process_running
 from rerank_core.inspector import BASE
 from rerank_core.metrics import METRIC_NAMES
 from rerank_core.progress import read_events
-from rerank_core.prompts import PRESETS
+from rerank_core.prompts import PRESETS, parse_template_kwargs
 from rerank_core.training import SAMPLE_MODES
 from rerank_core.verbalizer import STRATEGIES
 
@@ -79,7 +79,8 @@ class TrainRequest:
         return argv
 
 
-# TrainConfig fields the form may set → the train command's flag and the value's type (a tuple: choices).
+# TrainConfig fields the form may set → the train command's flag and the value's type (a tuple: choices; dict: a
+# JSON object).
 # Paths are never accepted: the model, data and adapters folders come from the app's registries.
 TRAIN_OPTIONS: dict[str, tuple[str, Any]] = {
     "prompt_preset": ("--preset", tuple(PRESETS)),
@@ -101,11 +102,17 @@ TRAIN_OPTIONS: dict[str, tuple[str, Any]] = {
     "eval_every": ("--eval-every", int),
     "eval_users": ("--eval-users", int),
     "sample_mode": ("--sample-mode", SAMPLE_MODES),
+    "template_kwargs": ("--template-kwargs", dict),
 }
 
 
 def _checked(key: str, kind: Any, value: Any) -> str:
-    """A choice from its list, or a non-negative number: nothing that could read as another flag."""
+    """A choice from its list, a JSON object, or a non-negative number: nothing that could read as another flag."""
+    if kind is dict:
+        try:
+            return parse_template_kwargs(value)  # canonical JSON starts with '{'
+        except ValueError as error:  # PromptError (not a JSON object) or LimitError (too long)
+            raise JobError(f"fine-tune option {key}: {error}") from None
     if isinstance(kind, tuple):
         if value not in kind:
             raise JobError(f"fine-tune option {key} = {value!r} is not one of {', '.join(kind)}")
@@ -135,7 +142,9 @@ class JobStatus:
     elapsed: float | None = None
     eta: float | None = None
     uniform_loss: float | None = None
-    losses: list[tuple[int, float]] = field(default_factory=list)
+    # Per step: the answer letter's loss (what ln N bounds) and the total over every loss-carrying token.
+    letter_losses: list[tuple[int, float]] = field(default_factory=list)
+    total_losses: list[tuple[int, float]] = field(default_factory=list)
     evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     stage: str = ""
     config: dict[str, Any] = field(default_factory=dict)
@@ -353,8 +362,11 @@ def _status_from(folder: Path, job: dict[str, Any], events: list[dict[str, Any]]
             status.elapsed = event.get("elapsed")
             status.eta = event.get("eta")
             status.uniform_loss = event.get("uniform_loss", status.uniform_loss)
-            if event.get("loss") is not None:
-                status.losses.append((status.step, float(event["loss"])))
+            if event.get("letter_loss") is not None:
+                status.letter_losses.append((status.step, float(event["letter_loss"])))
+            total = event.get("total_loss", event.get("loss"))  # event logs from before total_loss say "loss"
+            if total is not None:
+                status.total_losses.append((status.step, float(total)))
         elif kind in ("validation", "eval"):
             values = {name: float(event[name]) for name in METRIC_NAMES if isinstance(event.get(name), int | float)}
             status.evals.append((int(event.get("step") or 0), values))

@@ -15,13 +15,19 @@ import gradio as gr
 from rerank_app.context import AppContext, make_settings
 from rerank_core.inspector import BASE, InspectSettings
 
-__all__ = ["NO_ADAPTER_LABEL", "PickerControls", "Pickers", "adapter_choices", "endpoint"]
+__all__ = ["NO_ADAPTER_LABEL", "USER_ERRORS", "PickerControls", "Pickers", "adapter_choices", "catalogue_key",
+           "endpoint", "refresh_pickers", "user_message"]
 
 log = logging.getLogger("rerank_app")
 
 NO_ADAPTER_LABEL = "none (base model)"
 # Exceptions that mean "this request cannot be served as asked": shown to the user, the app keeps serving.
-_USER_ERRORS = (ValueError, LookupError, OSError, RuntimeError)
+USER_ERRORS = (ValueError, LookupError, OSError, RuntimeError)
+
+
+def user_message(error: BaseException) -> str:
+    """The text a refused request shows: a KeyError's message without the repr quotes."""
+    return str(error.args[0] if isinstance(error, KeyError) and error.args else error)
 
 
 @dataclass(frozen=True)
@@ -38,12 +44,13 @@ class Pickers:
     count: int = 20
     seed: int = 0
     use_adapter_preset: bool = True
+    template_kwargs: str = ""  # chat-template options as a JSON object; '' for none
 
     def settings(self) -> InspectSettings:
         """The one place the pickers become InspectSettings."""
         return make_settings(split=self.split, source=self.source, preset=self.preset, strategy=self.strategy,
                              text_field=self.text_field, count=self.count, seed=self.seed,
-                             use_adapter_preset=self.use_adapter_preset)
+                             use_adapter_preset=self.use_adapter_preset, template_kwargs=self.template_kwargs)
 
     def or_first(self, context: AppContext) -> Pickers:
         """Blank dataset or model: the first one the app offers (the JSON API's defaults)."""
@@ -69,14 +76,35 @@ class PickerControls:
     count: gr.Slider
     seed: gr.Number
     use_adapter_preset: gr.Checkbox
+    template_kwargs: gr.Textbox
     adapter: gr.Dropdown
     user: gr.Dropdown
     order: gr.Radio
+    report_button: gr.Button
+    report_file: gr.File
 
     @property
     def pickers(self) -> list[gr.components.Component]:
         """The components behind Pickers, in its field order (the order endpoint() expects them)."""
         return [getattr(self, name) for name in PICKER_NAMES]
+
+
+def catalogue_key(context: AppContext, model: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What the pickers list: the datasets and the model's adapters. A change means the pickers are stale."""
+    return tuple(context.dataset_names), tuple(context.adapter_names(model))
+
+
+def refresh_pickers(context: AppContext, model: str, last: Any) -> tuple[Any, ...]:
+    """New choices for every dataset and adapter picker when datasets or adapters changed (an upload, a
+    fine-tune, the CLI, another page); nothing is sent otherwise. Outputs: single-adapter pickers (2),
+    multi-adapter pickers (2), dataset pickers (2), then the key."""
+    key = catalogue_key(context, model)
+    if key == last:
+        return (gr.skip(),) * 6 + (last,)
+    single = gr.Dropdown(choices=adapter_choices(context, model))
+    multi = gr.Dropdown(choices=context.adapter_names(model))
+    datasets = gr.Dropdown(choices=context.dataset_names)
+    return single, single, multi, multi, datasets, datasets, key
 
 
 def adapter_choices(context: AppContext, model: str) -> list[tuple[str, str]]:
@@ -126,10 +154,10 @@ def endpoint(handler: Callable[..., Any], context: AppContext) -> Callable[..., 
             return handler(context, *positional, **keywords)
         except gr.Error:
             raise
-        except _USER_ERRORS as error:
-            message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        except USER_ERRORS as error:
+            message = user_message(error)
             log.info("request refused: %s", message)
-            raise gr.Error(str(message), print_exception=False) from error
+            raise gr.Error(message, print_exception=False) from error
 
     event.__signature__ = public  # type: ignore[attr-defined]
     event.__annotations__ = {parameter.name: parameter.annotation for parameter in public_parameters

@@ -14,6 +14,7 @@ import gradio as gr
 from rerank_app import views
 from rerank_app.context import AppConfig, AppContext, DatasetEntry, ModelEntry
 from rerank_app.jobs import JobRunner
+from rerank_app.pickers import endpoint, refresh_pickers
 from rerank_app.tabs import compare, data, diagnose, finetune
 from rerank_app.tabs import inspect as inspect_tab
 from rerank_core.adapters import adapters_root
@@ -21,12 +22,15 @@ from rerank_core.builtin_data import MOVIELENS_100K_REAL, builtin_dataset_path
 from rerank_core.data import DataError, bundled_sample_path, load_dataset
 from rerank_core.models import ModelError, embedded_model_folder, load_model
 
-__all__ = ["REAL_DATASET", "SAMPLE_DATASET", "build_app", "build_context", "builtin_datasets", "launch"]
+__all__ = ["REAL_DATASET", "SAMPLE_DATASET", "build_app", "build_context", "builtin_datasets",
+           "end_session", "launch"]
 
 log = logging.getLogger("rerank_app")
 
 SAMPLE_DATASET = "sample"
 REAL_DATASET = "MovieLens 100K (real)"
+# How often an open page checks for new datasets and adapters (a cheap directory listing).
+PICKER_REFRESH_S = 5.0
 
 
 def build_app(context: AppContext) -> gr.Blocks:
@@ -43,10 +47,26 @@ def build_app(context: AppContext) -> gr.Blocks:
             with gr.Tab("Fine-tune", id="finetune"):
                 finetune.build(context, controls, compare_adapters, demo)
             with gr.Tab("Data", id="data"):
-                data.build(context, controls.dataset, demo)
+                data_picker = data.build(context, controls.dataset, demo)
             with gr.Tab("Diagnose", id="diagnose"):
-                diagnose.build(context, controls, demo)
+                diagnose_system, diagnose_adapters = diagnose.build(context, controls, demo)
+        # Every picker follows the datasets and adapters on disk, whoever added them.
+        seen = gr.State(None)
+        outputs = [controls.adapter, diagnose_system, compare_adapters, diagnose_adapters, controls.dataset,
+                   data_picker, seen]
+        refresher = endpoint(refresh_pickers, context)
+        # A closed or reloaded page: its long runs stop instead of scoring for nobody.
+        demo.unload(endpoint(end_session, context))
+        timer = gr.Timer(PICKER_REFRESH_S)
+        for trigger in (timer.tick, demo.load):
+            trigger(refresher, [controls.model, seen], outputs, api_visibility="private", concurrency_limit=None,
+                    show_progress="hidden")
     return demo
+
+
+def end_session(context: AppContext, request: gr.Request = None) -> None:
+    """A page went away: every long run it started stops at its next chunk."""
+    context.stops.stop(getattr(request, "session_hash", None))
 
 
 def build_context(args: argparse.Namespace) -> AppContext:
@@ -76,7 +96,9 @@ def build_context(args: argparse.Namespace) -> AppContext:
         models.append(ModelEntry(name, path))
     models[0].loaded = load_model(models[0].path, device=args.device, dtype=args.dtype)
     jobs = JobRunner(config.runs_root, adapters=config.adapters_root)
-    return AppContext(config, datasets, models, jobs=jobs)
+    context = AppContext(config, datasets, models, jobs=jobs)
+    context.restore_uploads()
+    return context
 
 
 def builtin_datasets() -> list[DatasetEntry]:

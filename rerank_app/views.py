@@ -5,16 +5,20 @@ from __future__ import annotations
 import html
 import math
 import re
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
 from pandas.io.formats.style import Styler
 
+from rerank_core.answer_slot import AnswerSlot
 from rerank_core.baselines import BASELINE_PRESET
 from rerank_core.data import Dataset
+from rerank_core.fsutil import atomic_write_text
 from rerank_core.inspector import BASE, UserInspection
 from rerank_core.metrics import METRIC_NAMES
 
@@ -28,10 +32,12 @@ __all__ = [
     "compare_user_table",
     "compare_view",
     "data_view",
+    "empty_compare_tables",
     "empty_figure",
     "eval_chart",
     "inspect_view",
     "letter_chart",
+    "letter_ticks",
     "loss_chart",
     "progress_html",
     "prompt_html",
@@ -65,6 +71,10 @@ APP_CSS = """
 .ri-tok.ri-special-tok { background: #f3d9fa; border-color: #ae3ec9; }
 .ri-tok.ri-answer { background: #ffe8cc; border: 2px solid #e8590c; }
 .ri-tok.ri-loss { background: #d3f9d8; border: 2px solid #2f9e44; }
+.ri-inserted { background: #fff3bf; outline: 1px dashed #f08c00; border-radius: 3px; }
+.ri-trimmed { color: #868e96; text-decoration: line-through; }
+.ri-letter-slot { background: #d0ebff; border: 1px solid #4c78a8; border-radius: 3px; padding: 0 3px; }
+.ri-tok.ri-inserted-tok { background: #fff3bf; border-style: dashed; }
 .ri-legend { font-size: 12px; color: #495057; margin: 2px 0 6px 0; }
 .ri-legend span { padding: 0 4px; border-radius: 3px; margin-right: 6px; }
 .ri-progress { width: 100%; background: #e9ecef; border-radius: 6px; height: 18px; overflow: hidden; }
@@ -119,19 +129,49 @@ def empty_figure(message: str = "") -> go.Figure:
 
 # -- Inspect ------------------------------------------------------------------------------------
 
-def prompt_html(tokenizer: Any, rendered: str) -> str:
-    """The rendered prompt as the tokenizer reads it: whitespace made visible, special tokens marked."""
+def _marked(tokenizer: Any, text: str) -> str:
+    """Text with whitespace made visible and special tokens marked."""
     specials = _special_tokens(tokenizer)
     if not specials:
-        return f'<pre class="ri-prompt">{_visible(rendered)}</pre>'
+        return _visible(text)
     pattern = re.compile("|".join(re.escape(token) for token in specials))
     parts, position = [], 0
-    for match in pattern.finditer(rendered):
-        parts.append(_visible(rendered[position:match.start()]))
+    for match in pattern.finditer(text):
+        parts.append(_visible(text[position:match.start()]))
         parts.append(f'<span class="ri-special">{html.escape(match.group())}</span>')
         position = match.end()
-    parts.append(_visible(rendered[position:]))
-    return f'<pre class="ri-prompt">{"".join(parts)}</pre>'
+    parts.append(_visible(text[position:]))
+    return "".join(parts)
+
+
+def prompt_html(tokenizer: Any, rendered: str, slot: AnswerSlot | None = None, letters: str = "") -> str:
+    """The rendered prompt as the tokenizer reads it: whitespace made visible, special tokens marked.
+
+    With an answer slot, the span the template inserts before the letter (appended to the scored prompt)
+    and the generation-prompt text left out of it are marked apart from the prompt, and `letters` shows
+    where the answer letter is emitted.
+    """
+    slot = slot or AnswerSlot()
+    body, inserted = rendered, ""
+    if slot.inserted_text and rendered.endswith(slot.inserted_text):
+        body, inserted = rendered[:len(rendered) - len(slot.inserted_text)], slot.inserted_text
+    parts = [_marked(tokenizer, body)]
+    if slot.trimmed_text and slot.trimmed_text != inserted:
+        parts.append(f'<span class="ri-trimmed" title="in the generation prompt, left out of the scored prompt: '
+                     f'training never puts it before the letter">{_marked(tokenizer, slot.trimmed_text)}</span>')
+    if inserted:
+        parts.append(f'<span class="ri-inserted" title="inserted by the template between the generation prompt '
+                     f'and the letter; part of the scored prompt, no loss in training">'
+                     f'{_marked(tokenizer, inserted)}</span>')
+    if letters and slot.moves_prompt:
+        parts.append(f'<span class="ri-letter-slot" title="the answer letter is emitted here">'
+                     f'{html.escape(letters)}</span>')
+    legend = ""
+    if slot.moves_prompt:
+        legend = ('<div class="ri-legend">prompt · <span class="ri-inserted">inserted before the letter</span>'
+                  '<span class="ri-trimmed">generation prompt left out</span>'
+                  '<span class="ri-letter-slot">answer letter</span></div>')
+    return f'{legend}<pre class="ri-prompt">{"".join(parts)}</pre>'
 
 
 def _token_texts(tokenizer: Any, text: str | None, token_ids: Sequence[int],
@@ -152,13 +192,17 @@ def _token_texts(tokenizer: Any, text: str | None, token_ids: Sequence[int],
 
 def token_html(tokenizer: Any, token_ids: Sequence[int], *, text: str | None = None,
                add_special_tokens: bool = False, letter_ids: Sequence[int] = (),
-               loss_mask: Sequence[bool] | None = None, answer_position: int | None = None) -> str:
-    """Each token with its ID; letter tokens, loss-carrying tokens and the answer position highlighted."""
+               loss_mask: Sequence[bool] | None = None, answer_position: int | None = None,
+               inserted: int = 0) -> str:
+    """Each token with its ID; letter tokens, loss-carrying tokens, the answer position and the last
+    `inserted` tokens (the span the template puts before the letter) highlighted."""
     pieces = _token_texts(tokenizer, text, token_ids, add_special_tokens)
     special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
     decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
     special_ids.update(int(token_id) for token_id in decoder)
-    letters = set(letter_ids)
+    # A letter's label is its last occurrence: an instruction such as "(A-T)" names letters earlier on.
+    last_at = {token_id: position for position, token_id in enumerate(token_ids)}
+    labels = {last_at[token_id] for token_id in set(letter_ids) if token_id in last_at}
     cells = []
     for position, (token_id, piece) in enumerate(zip(token_ids, pieces)):
         classes = ["ri-tok"]
@@ -168,8 +212,10 @@ def token_html(tokenizer: Any, token_ids: Sequence[int], *, text: str | None = N
             classes.append("ri-answer")
         elif token_id in special_ids:
             classes.append("ri-special-tok")
-        elif token_id in letters:
+        elif position in labels:
             classes.append("ri-letter")
+        if position >= len(token_ids) - inserted:
+            classes.append("ri-inserted-tok")  # on top of the answer mark: the span ends where logits are read
         title = f"position {position} · id {token_id}"
         if position == answer_position:
             title += " · the letter logits are read after this token"
@@ -181,7 +227,8 @@ def token_html(tokenizer: Any, token_ids: Sequence[int], *, text: str | None = N
     else:
         legend = ('<span class="ri-tok ri-letter">letter token ID</span>'
                   '<span class="ri-tok ri-special-tok">special token</span>'
-                  '<span class="ri-tok ri-answer">answer position (last token)</span>')
+                  '<span class="ri-tok ri-answer">answer position (last token)</span>'
+                  + ('<span class="ri-tok ri-inserted-tok">inserted before the letter</span>' if inserted else ""))
     return (f'<div class="ri-legend">{len(token_ids)} tokens · {legend}</div>'
             f'<div class="ri-tokens">{"".join(cells)}</div>')
 
@@ -211,12 +258,25 @@ def letter_chart(inspection: UserInspection, dataset: Dataset, order: str = "let
         title += f" · ground truth {letters[truth]} (orange) ranked {inspection.rank} of {len(letters)}"
     else:
         title += " · ground truth not among the candidates"
+    shown = [letters[index] for index in indices]
+    if truth is not None:
+        # An arrow above the bar: the ground truth stays findable when its probability is near zero.
+        figure.add_annotation(x=letters[truth], y=probabilities[truth], text=f"truth {probabilities[truth]:.3f}",
+                              showarrow=True, arrowhead=2, arrowcolor=TRUTH_COLOR, ax=0, ay=-36,
+                              font={"color": TRUTH_COLOR, "size": 11})
     figure.update_layout(
         title={"text": title, "font": {"size": 14}}, height=_CHART_HEIGHT, template="plotly_white",
         margin={"l": 50, "r": 20, "t": 40, "b": 40}, yaxis_title="probability over letters",
-        xaxis={"type": "category", "title": "candidate letter" if order == "letter" else "letters by probability"},
+        xaxis={"type": "category", "title": "candidate letter" if order == "letter" else "letters by probability",
+               **letter_ticks(shown)},
         showlegend=False)
     return figure
+
+
+def letter_ticks(letters: Sequence[str]) -> dict[str, Any]:
+    """Every letter labelled, however many (plotly would otherwise skip every other one at 52)."""
+    return {"tickmode": "array", "tickvals": list(letters), "ticktext": list(letters), "tickangle": 0,
+            "tickfont": {"size": 10 if len(letters) > 26 else 12}}
 
 
 def _candidates_table(inspection: UserInspection, dataset: Dataset) -> Styler:
@@ -239,8 +299,24 @@ def _history_table(inspection: UserInspection, dataset: Dataset) -> tuple[pd.Dat
     dropped = inspection.prepared.prompt.dropped_history
     note = f"{len(table)} history items, oldest first"
     if dropped:
-        note += f"; the {dropped} oldest were dropped so the prompt fits (max_prompt_tokens or the preset's limit)"
+        note += f"; the {dropped} oldest were dropped: {truncation_reason(inspection)}"
     return table, note
+
+
+def truncation_reason(inspection: UserInspection) -> str:
+    """Which limit cut the history: the preset's item cap, the prompt token budget, or both."""
+    from rerank_core.prompts import get_preset
+
+    preset = get_preset(inspection.settings.preset)
+    history = len(inspection.prepared.split.history)
+    by_preset = preset.max_history is not None and history > preset.max_history
+    kept = len(inspection.prepared.prompt.history_texts)
+    reasons = []
+    if by_preset:
+        reasons.append(f"preset {preset.name!r} shows at most {preset.max_history} history items")
+    if not by_preset or kept < preset.max_history:
+        reasons.append(f"the prompt must fit max_prompt_tokens = {inspection.settings.max_prompt_tokens}")
+    return " and ".join(reasons)
 
 
 def _audit_table(inspection: UserInspection) -> tuple[Styler, str]:
@@ -263,6 +339,8 @@ def _audit_table(inspection: UserInspection) -> tuple[Styler, str]:
                 f"(rows in red): {', '.join(rows[index]['letter'] for index in flagged[:12])}")
     else:
         note = f"all {len(rows)} letters clean under strategy {strategy!r}"
+    # The template's own quirks (an inserted span, ignored options) in plain words, below the count.
+    note += "".join(f"\n\n{html.escape(line)}" for line in inspection.prepared.answer_slot.notes())
     return styled, note
 
 
@@ -335,11 +413,13 @@ def inspect_view(inspection: UserInspection, dataset: Dataset, tokenizer: Any, *
         history=history, history_note=history_note,
         candidates=_candidates_table(inspection, dataset),
         chart=letter_chart(inspection, dataset, order),
-        prompt=prompt_html(tokenizer, prepared.prompt.rendered),
+        prompt=prompt_html(tokenizer, prepared.prompt.rendered, prepared.answer_slot,
+                           letters=f"{prepared.prompt.letters[0]}…{prepared.prompt.letters[-1]}"),
         tokens=token_html(tokenizer, prepared.token_ids, text=prepared.prompt.rendered,
                           add_special_tokens=not chat,
                           letter_ids=[token.token_id for token in prepared.letter_tokens],
-                          answer_position=len(prepared.token_ids) - 1),
+                          answer_position=len(prepared.token_ids) - 1,
+                          inserted=len(prepared.answer_slot.inserted_ids)),
         audit=audit, audit_note=audit_note,
         other_tokens=_other_tokens_table(inspection, tokenizer))
 
@@ -402,6 +482,14 @@ _DIFFERENCE_COLUMNS = ["system", "metric", "base", "adapter", "Δ", "95% CI", "s
                        "unchanged", "worsened"]
 _MOVER_COLUMNS = ["user_id", "system", "change", "base rank", "rank", "base p(truth)", "p(truth)",
                   "Δ NDCG@10"]
+
+
+def empty_compare_tables() -> dict[str, pd.DataFrame]:
+    """The Compare tables before a run: their real column names, not 1 2 3."""
+    return {"metrics": pd.DataFrame(columns=["system", "preset", "users", *METRIC_NAMES]),
+            "differences": pd.DataFrame(columns=_DIFFERENCE_COLUMNS),
+            "movers": pd.DataFrame(columns=_MOVER_COLUMNS),
+            "user": pd.DataFrame(columns=["system", "preset", "truth rank", "p(truth)", "letter mass", "top-3"])}
 
 
 def compare_view(per_user: pd.DataFrame, summary: pd.DataFrame, *, movers: int = 5) -> CompareView:
@@ -483,10 +571,12 @@ def progress_html(status: Any) -> str:
     parts = [f"<b>{html.escape(status.name)}</b>: {html.escape(state)}"]
     if status.total_steps:
         parts.append(f"step {status.step}/{status.total_steps}")
-    if status.losses:
-        parts.append(f"loss {status.losses[-1][1]:.4f}")
+    if status.letter_losses:
+        parts.append(f"letter loss {status.letter_losses[-1][1]:.4f}")
     if status.uniform_loss:
         parts.append(f"ln N = {status.uniform_loss:.3f}")
+    if status.total_losses:
+        parts.append(f"total loss {status.total_losses[-1][1]:.4f}")
     if status.eta is not None and status.state in ("running", "cancelling"):
         parts.append(f"ETA {_duration(status.eta)}")
     if status.elapsed is not None:
@@ -504,21 +594,29 @@ def _duration(seconds: float) -> str:
         else f"{seconds // 60}:{seconds % 60:02d}"
 
 
+LETTER_LOSS_NAME = "letter loss (answer letter only)"
+TOTAL_LOSS_NAME = "total loss (letter + end-of-turn tokens)"
+
+
 def loss_chart(status: Any) -> go.Figure:
-    """Training loss per step against ln N, the loss of a model that picks letters uniformly."""
-    if status is None or not status.losses:
+    """The letter loss per step beside ln N (a uniform guess over the letters), and the total loss, both named."""
+    if status is None or not (status.letter_losses or status.total_losses):
         return empty_figure("training loss appears here once steps run")
-    steps, losses = zip(*status.losses)
-    figure = go.Figure(go.Scatter(x=steps, y=losses, mode="lines+markers", name="training loss",
-                                  line={"color": BAR_COLOR}, marker={"size": 4}))
+    figure = go.Figure()
+    for name, points, style in ((LETTER_LOSS_NAME, status.letter_losses, {"color": BAR_COLOR}),
+                                (TOTAL_LOSS_NAME, status.total_losses, {"color": "#868e96", "dash": "dot"})):
+        if points:
+            steps, losses = zip(*points)
+            figure.add_scatter(x=steps, y=losses, mode="lines+markers", name=name, line=style, marker={"size": 4})
     if status.uniform_loss:
         figure.add_hline(y=status.uniform_loss, line_dash="dash", line_color=TRUTH_COLOR,
-                         annotation_text=f"ln N = {status.uniform_loss:.2f} (letters, uniform)",
+                         annotation_text=f"ln N = {status.uniform_loss:.2f}: letter loss of a uniform guess",
                          annotation_position="top right")
-    figure.update_layout(title={"text": "Training loss (answer letter only)", "font": {"size": 14}},
-                         xaxis={"title": "step", "tickformat": "d"}, yaxis_title="loss", height=_CHART_HEIGHT,
-                         template="plotly_white",
-                         margin={"l": 50, "r": 20, "t": 40, "b": 40}, showlegend=False)
+    figure.update_layout(title={"text": "Training loss: compare the letter loss with ln N", "font": {"size": 14}},
+                         xaxis={"title": "step", "tickformat": "d"}, yaxis={"title": "loss", "rangemode": "tozero"},
+                         height=_CHART_HEIGHT, template="plotly_white", margin={"l": 50, "r": 20, "t": 40, "b": 40},
+                         showlegend=True,
+                         legend={"orientation": "h", "y": -0.25, "x": 0, "xanchor": "left"})
     return figure
 
 
@@ -566,8 +664,10 @@ def result_markdown(status: Any) -> str:
              if report.get(key) is not None]
     if report.get("train_time_s"):
         facts.append(f"trained in {_duration(report['train_time_s'])}")
-    if report.get("final_loss") is not None:
-        facts.append(f"final loss {report['final_loss']:.4f} (ln N = {report.get('uniform_loss', 0):.3f})")
+    if report.get("loss_line"):
+        facts.append(f"final {report['loss_line']}")
+    elif report.get("final_loss") is not None:  # a run logged before the letter loss was reported apart
+        facts.append(f"final total loss {report['final_loss']:.4f} (letter + end-of-turn tokens)")
     if facts:
         lines.append(" · ".join(facts))
     if status.config:
@@ -617,10 +717,18 @@ def data_view(dataset: Dataset, *, top: int = 15) -> DataView:
     popularity = go.Figure(go.Scatter(x=list(range(1, len(counts) + 1)), y=counts.to_numpy(), mode="lines",
                                       line={"color": TRUTH_COLOR}))
     popularity.update_layout(title={"text": "Item popularity (items by rank)", "font": {"size": 14}},
-                             xaxis_title="item rank", yaxis={"title": "interactions", "type": "log"},
+                             xaxis_title="item rank", yaxis={"title": "interactions", "type": "log", "dtick": 1},
                              height=_CHART_HEIGHT, template="plotly_white",
                              margin={"l": 50, "r": 20, "t": 40, "b": 40})
     top_items = pd.DataFrame([{"item": item_id, "title": dataset.items[item_id].title, "interactions": int(count)}
                               for item_id, count in counts.head(top).items()],
                              columns=["item", "title", "interactions"])
     return DataView(summary=summary, history_lengths=histogram, popularity=popularity, top_items=top_items)
+
+
+def write_report(document: str, name: str) -> str:
+    """An HTML report written whole into the temp folder Gradio serves files from; returns its path."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")[:80] or "report"
+    path = Path(tempfile.gettempdir()) / "rerank-inspector-reports" / f"{safe}.html"
+    atomic_write_text(path, document)
+    return str(path)

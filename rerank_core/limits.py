@@ -55,6 +55,7 @@ LIMITS: dict[str, Limit] = {
     "history_items": Limit("history items", 1, 200, "leave-one-out re-scores the prompt once per item"),
     "top_other": Limit("top non-letter tokens", 0, 50, "tokens listed beside the letters"),
     "placeholder_chars": Limit("placeholder length", 0, 50, "one short word stands for every candidate"),
+    "template_kwargs_chars": Limit("template_kwargs length", 0, 2_000, "a few chat-template options as JSON"),
 }
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from rerank_core.answer_slot import AnswerSlot, locate_answer
+from rerank_core.limits import check_limit
 
 __all__ = [
     "LETTERS",
@@ -158,6 +159,7 @@ def parse_template_kwargs(value: str | Mapping[str, Any] | None) -> str:
     if value is None:
         return ""
     if isinstance(value, str):
+        check_limit("template_kwargs_chars", len(value))
         if not value.strip():
             return ""
         try:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rerank_core.alignment import align
+from rerank_core.answer_slot import AnswerSlot
 from rerank_core.prompts import (
     PromptPreset,
     answer_slot,
@@ -53,6 +54,8 @@ class TemplateConsistency:
     answer_token: tuple[int, int, str] | None  # the token the answer letter becomes in training
     letter_tokens: tuple[LetterToken, ...]  # every letter, seed strategy, audited against as-trained
     problems: tuple[TemplateProblem, ...]
+    # What the scored prompt adds to or cuts from the generation prompt to end where the letter starts.
+    answer_slot: AnswerSlot = field(default_factory=AnswerSlot)
 
     @property
     def is_prefix(self) -> bool:
@@ -90,6 +93,7 @@ class TemplateConsistency:
             "letters": [token.to_json() for token in self.letter_tokens],
             "problems": [{"severity": problem.severity, "kind": problem.kind, "message": problem.message}
                          for problem in self.problems],
+            "answer_slot": self.answer_slot.to_json(),
             "explanation": self.explanation,
         }
 
@@ -209,4 +213,5 @@ def template_consistency(tokenizer: Any, preset: str | PromptPreset, *, text: st
         diverge_at=alignment.diverge_at, generation_prompt=_generation_prompt(tokenizer, preset, prompt_text),
         inference_window=_token_rows(tokenizer, prompt_ids, centre - _WINDOW, centre + _WINDOW),
         training_window=_token_rows(tokenizer, full_ids, centre - _WINDOW, centre + _WINDOW),
-        loss_tokens=loss_tokens, answer_token=answer, letter_tokens=letters, problems=tuple(problems))
+        loss_tokens=loss_tokens, answer_token=answer, letter_tokens=letters, problems=tuple(problems),
+        answer_slot=slot)

@@ -50,7 +50,7 @@ def test_diagnose_endpoints_take_names_and_ids_not_paths(served) -> None:
     assert set(endpoints) >= DIAGNOSE_ENDPOINTS
     parameters = {name: [parameter["parameter_name"] for parameter in endpoints[name]["parameters"]]
                   for name in DIAGNOSE_ENDPOINTS}
-    assert parameters["/diagnose_template"] == ["model", "preset", "count"]
+    assert parameters["/diagnose_template"] == ["model", "preset", "count", "template_kwargs"]
     assert parameters["/diagnose_position_bias"][:2] == ["dataset", "model"]
     assert {"system", "user_id", "orders", "permutations"} <= set(parameters["/diagnose_position_bias"])
     assert {"system", "users"} <= set(parameters["/diagnose_position_bias_users"])
@@ -61,7 +61,7 @@ def test_diagnose_endpoints_take_names_and_ids_not_paths(served) -> None:
 def test_position_bias_for_one_user_matches_the_core(served) -> None:
     context, client = served
     note, heatmap, letters, ranks, items = client.predict(
-        "toy", "tiny-llama", "test", "random", "seed", "as_trained", "title", 6, 0, True, BASE, "u03",
+        "toy", "tiny-llama", "test", "random", "seed", "as_trained", "title", 6, 0, True, "", BASE, "u03",
         "rotations", 20, api_name="/diagnose_position_bias")
     z = _values(_figure(heatmap)["data"][0]["z"])
     assert len(z) == 6 and all(len(row) == 6 for row in z)
@@ -84,7 +84,7 @@ def test_position_bias_for_one_user_matches_the_core(served) -> None:
 def test_position_bias_over_users_summarises_every_user_and_order(served) -> None:
     _, client = served
     top1, mass, summary = client.predict(
-        "toy", "tiny-llama", "test", "random", "seed", "as_trained", "title", 5, 0, True, "lora-a", 3,
+        "toy", "tiny-llama", "test", "random", "seed", "as_trained", "title", 5, 0, True, "", "lora-a", 3,
         "permutations", 4, api_name="/diagnose_position_bias_users")
     (row,) = summary["data"]
     columns = summary["headers"]
@@ -97,7 +97,7 @@ def test_position_bias_over_users_summarises_every_user_and_order(served) -> Non
 def test_letter_prior_gives_one_row_per_letter(served) -> None:
     _, client = served
     chart, table = client.predict(
-        "toy", "tiny-llama", "test", "random", "seed", "as_trained", "title", 5, 0, True, BASE, 4, "blank", "",
+        "toy", "tiny-llama", "test", "random", "seed", "as_trained", "title", 5, 0, True, "", BASE, 4, "blank", "",
         api_name="/diagnose_letter_prior")
     assert [row[0] for row in table["data"]] == ["A", "B", "C", "D", "E"]
     assert sum(row[table["headers"].index(BASE)] for row in table["data"]) == pytest.approx(1.0, abs=1e-3)
@@ -107,13 +107,15 @@ def test_letter_prior_gives_one_row_per_letter(served) -> None:
 def test_history_influence_has_a_row_per_prompt_history_item_and_highlights_the_influential(served) -> None:
     context, client = served
     chart, table = client.predict(
-        "toy", "tiny-llama", "test", "random", "seed", "as_trained", "title", 6, 0, True, BASE, "u03",
+        "toy", "tiny-llama", "test", "random", "seed", "as_trained", "title", 6, 0, True, "", BASE, "u03",
         api_name="/diagnose_history")
     with context.using("toy", "tiny-llama") as inspector:
         prepared = inspector.prepare("u03", make_settings(count=6))
     shown = prepared.split.history[prepared.prompt.dropped_history:]
     assert [row[1] for row in table["data"]] == list(shown)
-    assert len(_values(_figure(chart)["data"][0]["y"])) == len(shown)
+    traces = _figure(chart)["data"]
+    assert [trace["name"] for trace in traces] == ["history item", "most influential"]  # a legend says which
+    assert sum(len(_values(trace["y"])) for trace in traces) == len(shown)
     influential = [index for index, row in enumerate(table["data"]) if row[table["headers"].index("influential")]]
     assert 1 <= len(influential) <= 3
     styling = table["metadata"]["styling"]
@@ -124,7 +126,7 @@ def test_history_influence_has_a_row_per_prompt_history_item_and_highlights_the_
 def test_template_consistency_is_ok_for_smollm2_with_the_seed_preset(served) -> None:
     _, client = served
     note, tokens, letters = client.predict("tiny-llama", "seed", 20, api_name="/diagnose_template")
-    assert "preset `seed`: ✅ consistent" in note and "the answer letter 'A' becomes token" in note
+    assert "preset `seed`: OK, consistent" in note and "the answer letter 'A' becomes token" in note
     assert [row[0] for row in letters["data"]] == [chr(ord("A") + index) for index in range(20)]
     notes = [row[tokens["headers"].index("note")] for row in tokens["data"]]
     assert "answer letter" in notes and "first difference" not in notes
@@ -135,7 +137,7 @@ def test_template_consistency_is_ok_for_smollm2_with_the_seed_preset(served) -> 
 def test_letter_mass_compares_the_base_with_adapters(served) -> None:
     _, client = served
     chart, table = client.predict(
-        "toy", "tiny-llama", "test", "random", "seed", "as_trained", "title", 5, 0, True, ["lora-a"], 4,
+        "toy", "tiny-llama", "test", "random", "seed", "as_trained", "title", 5, 0, True, "", ["lora-a"], 4,
         api_name="/diagnose_letter_mass")
     assert [row[0] for row in table["data"]] == [BASE, "lora-a"]
     assert all(row[1] == 4 and 0.0 <= row[2] <= 1.0 for row in table["data"])
@@ -144,7 +146,7 @@ def test_letter_mass_compares_the_base_with_adapters(served) -> None:
 
 def test_bad_diagnose_requests_are_refused_and_the_app_keeps_serving(served) -> None:
     _, client = served
-    settings = ("toy", "tiny-llama", "test", "random", "seed", "as_trained", "title", 5, 0, True)
+    settings = ("toy", "tiny-llama", "test", "random", "seed", "as_trained", "title", 5, 0, True, "")
     with pytest.raises(Exception, match="not in dataset toy"):
         client.predict(*settings, BASE, "nobody", api_name="/diagnose_history")
     with pytest.raises(Exception, match="orders must be from 1 to 200"):

@@ -41,6 +41,19 @@ def test_inspect_handler_returns_every_output_for_the_user(context) -> None:
         inspect_tab.inspect(context, PICKERS, BASE, "nobody")
 
 
+def test_inspect_rebuilds_the_view_only_when_the_inspection_or_the_order_changes(context) -> None:
+    first = inspect_tab.inspect(context, PICKERS, BASE, "u04")
+    assert inspect_tab.inspect(context, PICKERS, BASE, "u04") is first  # scored and built once
+    chart = inspect_tab.OUTPUT_NAMES.index("chart")
+    by_probability = inspect_tab.inspect(context, PICKERS, BASE, "u04", order="probability")
+    assert by_probability is not first and by_probability[chart] is not first[chart]
+    other_user = inspect_tab.inspect(context, PICKERS, BASE, "u05")
+    assert other_user[0] != first[0]
+    context._inspections = type(context._inspections)(256)  # as if re-scored (e.g. a retrained adapter)
+    rescored = inspect_tab.inspect(context, PICKERS, BASE, "u04")
+    assert rescored is not first and rescored[0] == first[0]
+
+
 def test_inspect_json_fills_a_blank_dataset_and_model(context) -> None:
     payload = inspect_tab.inspect_json(context, "u02", Pickers(count=5))
     assert payload["user_id"] == "u02" and len(payload["candidates"]) == 5
@@ -79,8 +92,12 @@ def test_diagnose_handlers_check_names_like_inspect(context) -> None:
     assert "Template consistency" in note and letters["letter"].tolist() == list("ABCDE")
 
 
-def test_diagnose_over_users_clamps_the_count(context) -> None:
-    _top1, _mass, summary = diagnose.diagnose_position_bias_users(context, PICKERS, BASE, users=0,
+def test_diagnose_over_users_refuses_a_count_out_of_range(context) -> None:
+    for users in (0, 10_000, None, 2.5):
+        with pytest.raises(ValueError, match="users"):
+            diagnose.diagnose_position_bias_users(context, PICKERS, BASE, users=users,
+                                                  progress=lambda *args, **kwargs: None)
+    _top1, _mass, summary = diagnose.diagnose_position_bias_users(context, PICKERS, BASE, users=1,
                                                                 progress=lambda *args, **kwargs: None)
     assert summary["users"].tolist() == [1]
     chart, table = diagnose.diagnose_letter_mass(context, PICKERS, ["lora-a", BASE], users=2,
@@ -96,3 +113,19 @@ def test_data_and_finetune_handlers(context) -> None:
     assert len(values) == len(finetune.FORM_FIELDS)
     preview = finetune.show_preview(context, "quick", "toy", "tiny-llama", *values)
     assert "ri-loss" in preview
+
+
+def test_a_refused_request_keeps_the_results_and_restores_the_controls(context) -> None:
+    answered = inspect_tab.inspect_page(context, PICKERS, BASE, "u03")
+    count = len(inspect_tab.OUTPUT_NAMES)
+    remembered = answered[count]
+    assert remembered["user"] == "u03" and remembered["count"] == 6
+    assert all(part == gr.skip() for part in answered[count + 1:])
+    for bad in (Pickers(dataset="toy", model="tiny-llama", count=6, seed=None),
+                Pickers(dataset="toy", model="tiny-llama", count=6, seed=1.5)):
+        with pytest.warns(UserWarning, match="candidate seed"):
+            refused = inspect_tab.inspect_page(context, bad, BASE, "u03", "letter", remembered)
+        # Previous results stay on screen; every control goes back to its last valid value.
+        assert all(part == gr.skip() for part in refused[:count + 1])
+        restored = dict(zip(inspect_tab.CONTROL_NAMES, refused[count + 1:], strict=True))
+        assert restored["seed"]["value"] == 0 and restored["user"]["value"] == "u03"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -78,12 +80,116 @@ def test_fine_tune_from_the_form_shows_progress_and_lists_the_adapter(browser, s
         box.press("Tab")
     page.locator("#start-finetune").click()
     # The page polls the run: the result card appears without a reload, with the loss curve drawn.
-    page.locator("#finetune-result").get_by_text("is ready").wait_for(timeout=180_000)
+    try:
+        page.locator("#finetune-result").get_by_text("is ready").wait_for(timeout=180_000)
+    except Exception:
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "debug-finetune.png"), full_page=True)
+        print("MESSAGE", page.locator("#finetune-message").inner_text(), context.jobs.status())
+        raise
     assert "step 4/4" in page.locator("#finetune-progress").inner_text()
     status = context.jobs.status()
     assert status.state == "done" and status.evals == []  # the form's "eval users 0" reached the run
+    # Both losses drawn and named in the legend; ln N beside the letter loss.
+    loss = page.locator("#finetune-loss")
+    loss.locator(".js-plotly-plot").wait_for(timeout=30_000)
+    legend = loss.inner_text()
+    assert "letter loss (answer letter only)" in legend and "total loss (letter + end-of-turn tokens)" in legend
+    assert "ln N" in legend
     page.screenshot(path=str(ARTIFACTS / "browser-finetune.png"), full_page=True)
     page.get_by_role("tab", name="Inspect").click()
     page.locator("#adapter-picker input").click()
     page.get_by_role("option", name="from-the-form").wait_for(timeout=10_000)
     page.close()
+
+
+def test_a_long_diagnostic_does_not_freeze_inspect_and_stops_on_request(browser, served) -> None:
+    """The freeze case: the longest allowed position-bias run, while another client inspects."""
+    from gradio_client import Client
+
+    context, url = served
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(url)
+    page.locator("#inspect-summary").get_by_text("User u00").wait_for(timeout=60_000)
+    page.get_by_role("tab", name="Diagnose").click()
+    page.get_by_role("radio", name="permutations").check()
+    orders = page.locator("#diagnose-orders input")
+    orders.fill("200")
+    users = page.locator("#diagnose-bias-users input[type=number]")
+    users.fill("25")  # 25 users x 200 orders: the 5000 scored prompts the limits allow
+    users.press("Enter")
+    page.locator("#diagnose-bias-users-button").click()
+    deadline = 0
+    while not context.stops.active and deadline < 600:
+        page.wait_for_timeout(100)
+        deadline += 1
+    assert deadline < 600, "the long diagnostic did not start"
+    # Another client: answered while the diagnostic is still running.
+    other = Client(url, verbose=False)
+    answer = other.predict(user_id="u05", api_name="/inspect_json")
+    assert answer["user_id"] == "u05"
+    assert context.stops.active, "the diagnostic ended first"
+    page.locator("#diagnose-stop").click()
+    page.locator("#diagnose-stop-note").get_by_text("Stop requested for 1").wait_for(timeout=30_000)
+    for _ in range(300):
+        if not context.stops.active:
+            break
+        page.wait_for_timeout(100)
+    assert not context.stops.active
+    # Started again, then the page is closed: the run stops with it.
+    page.locator("#diagnose-bias-users-button").click()
+    for _ in range(600):
+        if context.stops.active:
+            break
+        page.wait_for_timeout(100)
+    page.close()
+    for _ in range(600):
+        if not context.stops.active:
+            break
+        threading.Event().wait(0.1)
+    assert not context.stops.active, "closing did not stop it"
+
+
+def test_a_refused_request_keeps_the_page_and_restores_the_seed(browser, served) -> None:
+    _, url = served
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(url)
+    page.locator("#inspect-summary").get_by_text("User u00").wait_for(timeout=60_000)
+    page.get_by_text("More settings", exact=True).click()
+    seed = page.locator("#candidate-seed input")
+    seed.wait_for(state="visible")
+    seed.fill("")
+    seed.press("Enter")
+    page.get_by_text("candidate seed is empty").first.wait_for(timeout=30_000)
+    # The previous results stay, with no error badge; the seed is back to its last valid value.
+    assert "User u00" in page.locator("#inspect-summary").inner_text()
+    assert page.locator("#letter-chart .js-plotly-plot g.point").count() == 20
+    page.wait_for_function("() => document.querySelector('#candidate-seed input').value === '0'", timeout=30_000)
+    page.close()
+
+
+def test_narrow_layout_and_the_report_opened_from_disk(browser, served) -> None:
+    _, url = served
+    page = browser.new_page(viewport={"width": 800, "height": 1100})
+    page.goto(url)
+    page.locator("#inspect-summary").get_by_text("User u00").wait_for(timeout=60_000)
+    page.locator("#letter-chart .js-plotly-plot").wait_for(timeout=30_000)
+    table = page.locator("#candidates-table")
+    first_item = table.get_by_text("i0", exact=False).first
+    box = first_item.bounding_box()
+    assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 800  # readable, not cut off
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "browser-inspect-800px.png"), full_page=True)
+    page.locator("#inspect-report-button").click()
+    link = page.locator("#inspect-report a").first
+    link.wait_for(timeout=60_000)
+    report = Path(tempfile.gettempdir()) / "rerank-inspector-reports" / "inspect-u00-base.html"
+    assert report.is_file()
+    page.close()
+    offline = browser.new_page(viewport={"width": 1200, "height": 900})
+    offline.goto(report.as_uri())
+    chart = offline.locator("#letters .main-svg").first
+    chart.wait_for(timeout=30_000)
+    assert offline.locator("#letters g.point").count() == 20  # plotly.js inlined: the chart renders offline
+    offline.screenshot(path=str(ARTIFACTS / "report-inspect.png"), full_page=False)
+    offline.close()

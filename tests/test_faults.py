@@ -231,7 +231,7 @@ def test_a_torn_event_line_does_not_stop_the_app_from_starting(tmp_path: Path) -
                                        b'[1, 2]\n{"event": "step", "step": 2, "total_steps": 5, "loss": 1.2}\n')
     status = JobRunner(tmp_path / "runs", adapters=tmp_path / "adapters").status()
     assert status.state == "failed" and "nothing was published" in status.message
-    assert status.losses == [(2, 1.2)] and status.total_steps == 5 and status.uniform_loss == 1.6
+    assert status.total_losses == [(2, 1.2)] and status.total_steps == 5 and status.uniform_loss == 1.6
     assert [event["event"] for event in read_events(run / "events.jsonl")] == ["start", "step"]
 
 
@@ -257,7 +257,7 @@ def test_app_restarts_and_sigkill_mid_run_then_a_new_run_succeeds(smol_tokenizer
     restarted = JobRunner(runs, adapters=root)  # the app restarted; the run, in its own session, goes on
     attached = restarted.status()
     assert attached.state == "running" and attached.job_id == started.job_id and attached.pid == started.pid
-    assert attached.step >= 1 and attached.total_steps > attached.step and attached.losses
+    assert attached.step >= 1 and attached.total_steps > attached.step and attached.letter_losses
     with pytest.raises(JobBusy, match="'long-run' is still running"):
         restarted.start(request("second"))
 

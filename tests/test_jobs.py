@@ -75,7 +75,7 @@ def test_restart_marks_a_vanished_run_failed_and_cleans_its_staging(tmp_path: Pa
     runner = JobRunner(tmp_path / "runs", adapters=tmp_path / "adapters")
     status = runner.status()
     assert status.state == "failed" and status.name == "old-run" and "is gone" in status.message
-    assert status.step == 2 and status.losses == [(2, 2.0)]
+    assert status.step == 2 and status.total_losses == [(2, 2.0)]
     assert json.loads((tmp_path / "runs" / "20250101-000000-aaaaaa" / "job.json").read_text())["state"] == "failed"
     assert not stale.exists()
 
@@ -111,7 +111,7 @@ def test_a_real_fine_tune_runs_to_done_and_publishes_its_adapter(context) -> Non
     assert status.state == "running" and status.pid
     status = runner.wait(timeout=180)
     assert status.state == "done", status.message + status.log_tail
-    assert status.losses and status.total_steps == 4 and status.step == 4
+    assert status.letter_losses and status.total_losses and status.total_steps == 4 and status.step == 4
     assert status.uniform_loss == pytest.approx(math.log(10))
     assert status.result["path"] == str(context.config.adapters_root / "tiny-done")
     assert "tiny-done" in context.adapter_names("tiny-llama")

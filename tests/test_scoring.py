@@ -213,3 +213,20 @@ def test_prompts_without_a_long_common_prefix_are_scored_from_scratch(smol_token
     counts = embedded_tokens(model)
     score_token_ids(model, smol_tokenizer, prompts, letter_ids(smol_tokenizer), batch_size=8)
     assert counts == [3 * 32]  # one batch, from scratch, padded to the length bucket
+
+
+def test_bf16_scoring_keeps_the_residual_stream_in_fp32_and_removes_its_hooks(smol_tokenizer) -> None:
+    model = build_tiny_llama(smol_tokenizer, seed=6).to(torch.bfloat16)
+    layer = model.model.layers[1]
+    seen: list[torch.dtype] = []
+    layer.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    prompts = toy_prompts(smol_tokenizer, count=2)
+    scores = score_token_ids(model, smol_tokenizer, prompts, letter_ids(smol_tokenizer), share_prefix=False)
+    assert seen == [torch.float32]  # the residual reaching layer 2 was added in fp32
+    assert all(math.isclose(sum(score.letter_probs), 1.0, abs_tol=1e-5) for score in scores)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompts[0]])).logits  # a plain forward afterwards: no hook left
+    assert seen[-1] == torch.bfloat16 and logits.dtype == torch.bfloat16
+    reference = build_tiny_llama(smol_tokenizer, seed=6)  # the same weights in fp32
+    exact = score_token_ids(reference, smol_tokenizer, prompts, letter_ids(smol_tokenizer), share_prefix=False)
+    assert float((probabilities(scores) - probabilities(exact)).abs().max()) < 0.01

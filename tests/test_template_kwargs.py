@@ -38,13 +38,14 @@ def qwen3(smol_tokenizer):
     ('"enable_thinking"', "template_kwargs must be a JSON object"),
     ("7", "template_kwargs must be a JSON object"),
     ('{"add_generation_prompt": false}', "template_kwargs may not set add_generation_prompt"),
+    ('{"system": "' + "x" * 2_000 + '"}', "template_kwargs length must be from 0 to 2000"),
 ])
 def test_bad_template_kwargs_are_refused_naming_the_option(given: str, message: str) -> None:
-    with pytest.raises(PromptError, match=message):
+    with pytest.raises(ValueError, match=message):  # PromptError, or LimitError for the length
         parse_template_kwargs(given)
-    with pytest.raises(PromptError, match="template_kwargs"):
+    with pytest.raises(ValueError, match="template_kwargs"):
         InspectSettings(template_kwargs=given)
-    with pytest.raises(PromptError, match="template_kwargs"):
+    with pytest.raises(ValueError, match="template_kwargs"):
         replace(TRAINING_PRESETS["quick"], template_kwargs=given)
 
 

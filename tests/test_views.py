@@ -173,19 +173,26 @@ def test_data_view_counts_users_items_and_popularity() -> None:
 def test_fine_tune_views_follow_the_job_status() -> None:
     assert "No fine-tune" in views.progress_html(None)
     status = JobStatus(job_id="j", name="my-lora", state="running", step=5, total_steps=20, uniform_loss=2.9957,
-                       losses=[(1, 3.2), (5, 2.5)], evals=[(0, {"NDCG@10": 0.2, "Recall@10": 0.5})], eta=61.0,
+                       letter_losses=[(1, 3.2), (5, 2.5)], total_losses=[(1, 1.1), (5, 0.8)],
+                       evals=[(0, {"NDCG@10": 0.2, "Recall@10": 0.5})], eta=61.0,
                        stage="training")
     bar = views.progress_html(status)
     assert 'style="width: 25.0%"' in bar and "step 5/20" in bar and "ETA 1:01" in bar
+    assert "letter loss 2.5000 · ln N = 2.996 · total loss 0.8000" in bar
     loss = views.loss_chart(status)
-    assert list(loss.data[0].y) == [3.2, 2.5]
+    # The letter loss (the one ln N bounds) and the total, each on its own named trace.
+    assert [trace.name for trace in loss.data] == ["letter loss (answer letter only)",
+                                                   "total loss (letter + end-of-turn tokens)"]
+    assert list(loss.data[0].y) == [3.2, 2.5] and list(loss.data[1].y) == [1.1, 0.8]
     assert loss.layout.shapes[0].y0 == pytest.approx(2.9957)
     assert [trace.name for trace in views.eval_chart(status).data] == ["validation NDCG@10", "validation Recall@10"]
     assert views.result_markdown(status) == ""
     done = replace(status, state="done", result={"validation": {"before": {"NDCG@10": 0.2}, "after": {"NDCG@10": 0.5}},
-                                                 "samples": 300, "steps": 75})
+                                                 "samples": 300, "steps": 75, "loss_line": "letter loss 2.4400 "
+                                                 "(ln N = 2.9957); total loss 0.8100 (letter + end-of-turn tokens)"})
     card = views.result_markdown(done)
     assert "`my-lora` is ready" in card and "| NDCG@10 | 0.200 | 0.500 | +0.3000 |" in card
+    assert "final letter loss 2.4400 (ln N = 2.9957); total loss 0.8100 (letter + end-of-turn tokens)" in card
     failed = replace(status, state="failed", message="boom <x>")
     assert "failed" in views.result_markdown(failed) and "&lt;x&gt;" in views.result_markdown(failed)
 

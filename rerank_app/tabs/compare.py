@@ -10,8 +10,11 @@ from rerank_app import views
 from rerank_app.context import AppContext
 from rerank_app.pickers import PickerControls, Pickers, adapter_choices, endpoint
 from rerank_app.tabs import inspect as inspect_tab
+from rerank_app.views import write_report
+from rerank_core.report import comparison_report
 
-__all__ = ["build", "compare", "compare_user", "open_user", "refresh_adapters", "select_row"]
+__all__ = ["build", "compare", "compare_report", "compare_user", "open_user", "refresh_adapters", "select_row",
+           "stop_runs"]
 
 
 def compare_user(context: AppContext, pickers: Pickers, adapters: list[str], user_id: str) -> tuple[Any, Any]:
@@ -20,18 +23,35 @@ def compare_user(context: AppContext, pickers: Pickers, adapters: list[str], use
     return views.compare_user_chart(inspections), views.compare_user_table(inspections)
 
 
-def compare(context: AppContext, pickers: Pickers, adapters: list[str], users: int,
+def compare(context: AppContext, pickers: Pickers, adapters: list[str], users: int, request: gr.Request = None,
             progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008 - Gradio's idiom
-    """Metrics, paired differences, scatter and movers over the first N users; the movers fill the opener."""
+    """Metrics, paired differences, scatter and movers over the first N users; the movers fill the opener.
+
+    Stop (or closing the page) ends the run at the next chunk of users."""
     progress(0.0, desc="scoring")
-    per_user, summary = context.compare_users(
-        pickers.dataset, pickers.model, adapters, pickers.settings(), users,
-        progress=lambda done, total: progress(done / total, desc=f"scored {done} of {total}"))
+    with context.stops.run(getattr(request, "session_hash", None)) as stop:
+        per_user, summary = context.compare_users(
+            pickers.dataset, pickers.model, adapters, pickers.settings(), users,
+            progress=lambda done, total: progress(done / total, desc=f"scored {done} of {total}"), stop=stop)
     view = views.compare_view(per_user, summary)
     choices = [(f"{row['user_id']} · {row['system']} · {row['change']}", f"{row['user_id']}|{row['system']}")
                for row in view.movers.to_dict(orient="records")]
     return (view.counts, view.metrics, view.differences, view.scatter, view.movers,
             gr.Dropdown(choices=choices, value=choices[0][1] if choices else None))
+
+
+def compare_report(context: AppContext, pickers: Pickers, adapters: list[str], users: int) -> Any:
+    """The comparison (cached after a run) as one self-contained HTML file, shown for download."""
+    per_user, summary = context.compare_users(pickers.dataset, pickers.model, adapters, pickers.settings(), users)
+    path = write_report(comparison_report(per_user, summary, pickers.settings(), dataset=pickers.dataset,
+                                          model=pickers.model), f"compare-{pickers.dataset}-{int(users)}-users")
+    return gr.File(path, visible=True)
+
+
+def stop_runs(context: AppContext, request: gr.Request = None) -> str:
+    """This page's long runs stop at their next chunk."""
+    stopped = context.stops.stop(getattr(request, "session_hash", None))
+    return f"Stop requested for {stopped} running job(s)." if stopped else "Nothing is running."
 
 
 def refresh_adapters(context: AppContext, model: str) -> tuple[Any, Any]:
@@ -68,20 +88,28 @@ def build(context: AppContext, controls: PickerControls, tabs: gr.Tabs, inspect_
     with gr.Row():
         one_button = gr.Button("Compare on the Inspect tab's user", variant="primary")
     user_chart = gr.Plot(label="Letter probabilities per system", elem_id="compare-user-chart")
-    user_table = gr.Dataframe(label="Rank of the ground truth and top-3 per system", interactive=False)
+    empty = views.empty_compare_tables()
+    user_table = gr.Dataframe(wrap=True, value=empty["user"], column_widths=["16%", "11%", "9%", "9%", "9%", "46%"],
+                              label="Rank of the ground truth and top-3 per system", interactive=False)
     gr.Markdown("### On many users")
     with gr.Row():
         count_box = gr.Slider(10, context.config.max_compare_users, value=min(100, context.config.max_compare_users),
-                              step=10, label="Users (the first N of the dataset)", scale=4)
+                              step=10, label="Users (the first N of the dataset)", scale=4, elem_id="compare-users")
         many_button = gr.Button("Run on N users", variant="primary", scale=1)
+        stop_button = gr.Button("Stop", variant="stop", scale=1, elem_id="compare-stop")
+        report_button = gr.Button("Download report", scale=1, elem_id="compare-report-button")
+    stop_note = gr.Markdown(elem_id="compare-stop-note")
+    report_file = gr.File(label="Report (HTML, opens offline)", elem_id="compare-report", visible=False)
     counts = gr.Markdown(label="Improved / unchanged / worsened")
-    metrics = gr.Dataframe(label="Metrics per system", interactive=False)
-    differences = gr.Dataframe(label="Paired difference to the base (95% bootstrap CI)", interactive=False,
+    metrics = gr.Dataframe(wrap=True, value=empty["metrics"], label="Metrics per system", interactive=False)
+    differences = gr.Dataframe(wrap=True, value=empty["differences"],
+                               label="Paired difference to the base (95% bootstrap CI)", interactive=False,
                                max_height=360)
     with gr.Row():
         scatter = gr.Plot(label="Ground-truth probability: base vs adapter", elem_id="compare-scatter")
         with gr.Column():
-            movers = gr.Dataframe(label="Most improved and most worsened users (select a row to open it)",
+            movers = gr.Dataframe(wrap=True, value=empty["movers"],
+                                  label="Most improved and most worsened users (select a row to open it)",
                                   interactive=False, max_height=360)
             with gr.Row():
                 open_box = gr.Dropdown([], label="Open in Inspect", scale=3)
@@ -93,6 +121,10 @@ def build(context: AppContext, controls: PickerControls, tabs: gr.Tabs, inspect_
     many_button.click(endpoint(compare, context), [*base_inputs, count_box],
                       [counts, metrics, differences, scatter, movers, open_box], api_name="compare",
                       concurrency_limit=1, concurrency_id="compare")
+    stop_button.click(endpoint(stop_runs, context), None, [stop_note], api_name="stop_compare",
+                      concurrency_id="stop", concurrency_limit=None)
+    report_button.click(endpoint(compare_report, context), [*base_inputs, count_box], [report_file],
+                        api_name="compare_report", concurrency_limit=1, concurrency_id="compare")
     refresher = endpoint(refresh_adapters, context)
     refresh.click(refresher, [controls.model], [controls.adapter, adapters_box], api_visibility="private")
     demo.load(refresher, [controls.model], [controls.adapter, adapters_box], api_visibility="private")

@@ -33,8 +33,8 @@ def upload(context: AppContext, paths: list[str] | None, name: str, chosen_forma
     return text, gr.Dropdown(choices=names, value=entry.name), gr.Dropdown(choices=names)
 
 
-def build(context: AppContext, dataset_picker: gr.Dropdown, demo: gr.Blocks) -> None:
-    """Lay out and wire the tab; an upload is added to dataset_picker (the Inspect tab's)."""
+def build(context: AppContext, dataset_picker: gr.Dropdown, demo: gr.Blocks) -> gr.Dropdown:
+    """Lay out and wire the tab; an upload is added to dataset_picker (the Inspect tab's). Returns its picker."""
     with gr.Row():
         with gr.Column(scale=2):
             shown = gr.Dropdown(context.dataset_names, value=context.dataset_names[0], label="Dataset")
@@ -52,7 +52,7 @@ def build(context: AppContext, dataset_picker: gr.Dropdown, demo: gr.Blocks) -> 
     with gr.Row():
         lengths = gr.Plot(label="History lengths")
         popularity = gr.Plot(label="Item popularity")
-    top_items = gr.Dataframe(label="Most popular items", interactive=False, max_height=320)
+    top_items = gr.Dataframe(wrap=True, label="Most popular items", interactive=False, max_height=320)
 
     stats_outputs = [summary, lengths, popularity, top_items]
     stats = endpoint(statistics, context)
@@ -61,3 +61,7 @@ def build(context: AppContext, dataset_picker: gr.Dropdown, demo: gr.Blocks) -> 
     upload_button.click(endpoint(upload, context), [files, upload_name, data_format],
                         [upload_message, shown, dataset_picker], api_name="upload_data", concurrency_limit=1,
                         concurrency_id="upload")
+    upload_name.submit(endpoint(upload, context), [files, upload_name, data_format],
+                       [upload_message, shown, dataset_picker], api_visibility="private", concurrency_limit=1,
+                       concurrency_id="upload")
+    return shown

@@ -12,66 +12,96 @@ from rerank_app.pickers import PickerControls, Pickers, adapter_choices, endpoin
 from rerank_core.diagnostics import ORDER_MODES, PRIOR_MODES, OrderSpec, tables
 from rerank_core.inspector import BASE
 
-__all__ = ["build", "diagnose_history", "diagnose_letter_mass", "diagnose_letter_prior", "diagnose_position_bias",
-           "diagnose_position_bias_users", "diagnose_template", "refresh_adapters"]
+__all__ = [
+    "build",
+    "diagnose_history",
+    "diagnose_letter_mass",
+    "diagnose_letter_prior",
+    "diagnose_position_bias",
+    "diagnose_position_bias_users",
+    "diagnose_template",
+    "refresh_adapters",
+    "stop_runs",
+]
 
 
 def _order_spec(orders: str, permutations: int | None) -> OrderSpec:
-    return OrderSpec(mode=orders, count=permutations if permutations is None else int(permutations))
+    return OrderSpec(mode=orders, count=permutations)
 
 
 def _reporter(progress: Any) -> Any:
     return lambda done, total: progress(done / total, desc=f"{done} of {total}")
 
 
+def _session(request: gr.Request | None) -> str | None:
+    return getattr(request, "session_hash", None)
+
+
 def diagnose_position_bias(context: AppContext, pickers: Pickers, system: str, user_id: str,
-                           orders: str = "rotations", permutations: int = 20) -> tuple[Any, ...]:
+                           orders: str = "rotations", permutations: int = 20, request: gr.Request = None,
+                           progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
     """One user's candidates in other orders: note, heatmap, letter and rank charts, items table."""
-    result = context.position_bias(pickers.dataset, pickers.model, system, user_id, pickers.settings(),
-                                   _order_spec(orders, permutations))
+    progress(0.0, desc="scoring")
+    with context.stops.run(_session(request)) as stop:
+        result = context.position_bias(pickers.dataset, pickers.model, system, user_id, pickers.settings(),
+                                       _order_spec(orders, permutations), progress=_reporter(progress), stop=stop)
     return (diagnostic_views.position_bias_markdown(result), diagnostic_views.position_heatmap(result),
             diagnostic_views.letter_bias_chart([result]), diagnostic_views.truth_rank_chart([result]),
             tables.position_items_frame(result))
 
 
 def diagnose_position_bias_users(context: AppContext, pickers: Pickers, system: str, users: int = 20,
-                                 orders: str = "rotations", permutations: int = 20,
+                                 orders: str = "rotations", permutations: int = 20, request: gr.Request = None,
                                  progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
     """Position bias over the first N users: top-1 positions, probability by letter, summary row."""
     progress(0.0, desc="scoring")
-    summary = context.position_bias_users(
-        pickers.dataset, pickers.model, system, users, pickers.settings(), _order_spec(orders, permutations),
-        progress=lambda done, total: progress(done / total, desc=f"scored {done} of {total} users"))
+    with context.stops.run(_session(request)) as stop:
+        summary = context.position_bias_users(
+            pickers.dataset, pickers.model, system, users, pickers.settings(), _order_spec(orders, permutations),
+            progress=lambda done, total: progress(done / total, desc=f"scored {done} of {total} users"), stop=stop)
     return (diagnostic_views.top1_share_chart([summary]), diagnostic_views.letter_bias_chart([summary]),
             tables.position_summary_frame([summary]))
 
 
 def diagnose_letter_prior(context: AppContext, pickers: Pickers, system: str, users: int = 20,
-                          mode: str = "placeholder", placeholder: str = "item",
+                          mode: str = "placeholder", placeholder: str = "item", request: gr.Request = None,
                           progress: gr.Progress = gr.Progress()) -> tuple[Any, Any]:  # noqa: B008
     progress(0.0, desc="preparing prompts")
-    prior = context.letter_prior(pickers.dataset, pickers.model, system, users, pickers.settings(), mode,
-                                 placeholder, progress=_reporter(progress))
+    with context.stops.run(_session(request)) as stop:
+        prior = context.letter_prior(pickers.dataset, pickers.model, system, users, pickers.settings(), mode,
+                                     placeholder, progress=_reporter(progress), stop=stop)
     return diagnostic_views.letter_prior_chart([prior]), tables.letter_prior_frame([prior])
 
 
-def diagnose_history(context: AppContext, pickers: Pickers, system: str, user_id: str) -> tuple[Any, Any]:
-    result = context.history_influence(pickers.dataset, pickers.model, system, user_id, pickers.settings())
+def diagnose_history(context: AppContext, pickers: Pickers, system: str, user_id: str,
+                     request: gr.Request = None) -> tuple[Any, Any]:
+    with context.stops.run(_session(request)) as stop:
+        result = context.history_influence(pickers.dataset, pickers.model, system, user_id, pickers.settings(),
+                                           stop=stop)
     return diagnostic_views.history_influence_chart(result), diagnostic_views.history_influence_table(result)
 
 
-def diagnose_template(context: AppContext, model: str, preset: str, count: int) -> tuple[Any, Any, Any]:
-    report = context.template_consistency(model, preset, count)
-    return (diagnostic_views.template_markdown(report), tables.template_tokens_frame(report),
+def diagnose_template(context: AppContext, model: str, preset: str, count: int,
+                      template_kwargs: str = "") -> tuple[Any, Any, Any]:
+    report = context.template_consistency(model, preset, count, template_kwargs)
+    return (diagnostic_views.template_markdown(report, context.tokenizer(model)), tables.template_tokens_frame(report),
             tables.template_letters_frame(report))
 
 
 def diagnose_letter_mass(context: AppContext, pickers: Pickers, adapters: list[str] | None = None, users: int = 20,
+                         request: gr.Request = None,
                          progress: gr.Progress = gr.Progress()) -> tuple[Any, Any]:  # noqa: B008
     progress(0.0, desc="scoring")
-    report = context.letter_mass(pickers.dataset, pickers.model, adapters, users, pickers.settings(),
-                                 progress=_reporter(progress))
+    with context.stops.run(_session(request)) as stop:
+        report = context.letter_mass(pickers.dataset, pickers.model, adapters, users, pickers.settings(),
+                                     progress=_reporter(progress), stop=stop)
     return diagnostic_views.letter_mass_chart(report), tables.letter_mass_frame(report)
+
+
+def stop_runs(context: AppContext, request: gr.Request = None) -> str:
+    """The Stop button, and a page that closes: every long run of this browser session stops at its next chunk."""
+    stopped = context.stops.stop(_session(request))
+    return f"Stop requested for {stopped} running job(s)." if stopped else "Nothing is running."
 
 
 def refresh_adapters(context: AppContext, model: str) -> tuple[Any, Any]:
@@ -79,12 +109,16 @@ def refresh_adapters(context: AppContext, model: str) -> tuple[Any, Any]:
             gr.Dropdown(choices=context.adapter_names(model), value=[]))
 
 
-def build(context: AppContext, controls: PickerControls, demo: gr.Blocks) -> None:
-    """Lay out and wire the tab; each section runs on its own button."""
+def build(context: AppContext, controls: PickerControls, demo: gr.Blocks) -> tuple[gr.Dropdown, gr.Dropdown]:
+    """Lay out and wire the tab; each section runs on its own button. Returns the system and adapters pickers."""
     model = context.model_names[0]
     max_users = context.config.max_compare_users
     gr.Markdown("Uses the dataset, model, prompt settings and user chosen in the **Inspect** tab. "
-                "Each section runs on its own button.")
+                "Each section runs on its own button; a long run shows its progress, and Stop (or closing the "
+                "page) ends it at the next chunk.")
+    with gr.Row():
+        stop_button = gr.Button("Stop running diagnostics", variant="stop", scale=1, elem_id="diagnose-stop")
+        stop_note = gr.Markdown(elem_id="diagnose-stop-note")
     with gr.Row():
         system_box = gr.Dropdown(adapter_choices(context, model), value=BASE, allow_custom_value=True, scale=4,
                                  label="System for position bias, letter prior and history influence",
@@ -94,22 +128,24 @@ def build(context: AppContext, controls: PickerControls, demo: gr.Blocks) -> Non
     gr.Markdown("### 1. Position bias: the same candidates in other orders")
     with gr.Row():
         orders_box = gr.Radio(list(ORDER_MODES), value="rotations", label="Candidate orders", scale=2)
-        permutations_box = gr.Number(20, precision=0, label="Orders (permutations mode only)", scale=1)
+        permutations_box = gr.Number(20, precision=0, label="Orders (permutations mode only, 1-200)", scale=1,
+                                     elem_id="diagnose-orders")
         bias_button = gr.Button("Run on the Inspect tab's user", variant="primary", scale=1)
     bias_note = gr.Markdown(elem_id="diagnose-bias-note")
     heatmap = gr.Plot(label="Probability of each item at each letter", elem_id="diagnose-heatmap")
     with gr.Row():
         letter_chart = gr.Plot(label="Probability by letter position")
         rank_chart = gr.Plot(label="Ground-truth rank over orders")
-    bias_items = gr.Dataframe(label="Items: as shown vs debiased", interactive=False, max_height=360)
+    bias_items = gr.Dataframe(wrap=True, label="Items: as shown vs debiased", interactive=False, max_height=360)
     with gr.Row():
         bias_users = gr.Slider(1, max_users, value=min(20, max_users), step=1, scale=4,
-                               label="Users (the first N of the dataset)")
-        bias_users_button = gr.Button("Run on N users", variant="primary", scale=1)
+                               label="Users (the first N of the dataset)", elem_id="diagnose-bias-users")
+        bias_users_button = gr.Button("Run on N users", variant="primary", scale=1,
+                                      elem_id="diagnose-bias-users-button")
     with gr.Row():
         top1_chart = gr.Plot(label="Where the top-1 stands")
         mass_by_letter = gr.Plot(label="Probability by letter position over users")
-    bias_summary = gr.Dataframe(label="Position bias per system", interactive=False)
+    bias_summary = gr.Dataframe(wrap=True, label="Position bias per system", interactive=False)
 
     gr.Markdown("### 2. Letter prior: candidate texts hidden")
     with gr.Row():
@@ -119,22 +155,22 @@ def build(context: AppContext, controls: PickerControls, demo: gr.Blocks) -> Non
         prior_button = gr.Button("Run letter prior", variant="primary", scale=1)
     with gr.Row():
         prior_chart = gr.Plot(label="Letter prior")
-        prior_table = gr.Dataframe(label="Letter prior per letter", interactive=False, max_height=360)
+        prior_table = gr.Dataframe(wrap=True, label="Letter prior per letter", interactive=False, max_height=360)
 
     gr.Markdown("### 3. History influence: leave one history item out")
     history_button = gr.Button("Run on the Inspect tab's user", variant="primary")
     with gr.Row():
         history_chart = gr.Plot(label="Influence of each history item")
-        history_table = gr.Dataframe(label="History (most influential rows highlighted)", interactive=False,
+        history_table = gr.Dataframe(wrap=True, label="History (most influential rows highlighted)", interactive=False,
                                      max_height=360, elem_id="diagnose-history-table")
 
     gr.Markdown("### 4. Template consistency: inference prompt vs training conversation (no model run)")
     template_button = gr.Button("Check the Inspect tab's model and preset", variant="primary")
     template_note = gr.Markdown(elem_id="diagnose-template-note")
     with gr.Row():
-        template_tokens = gr.Dataframe(label="Tokens around the end of the prompt or the first difference",
+        template_tokens = gr.Dataframe(wrap=True, label="Tokens around the end of the prompt or the first difference",
                                        interactive=False, max_height=360)
-        template_letters = gr.Dataframe(label="Letter tokens", interactive=False, max_height=360)
+        template_letters = gr.Dataframe(wrap=True, label="Letter tokens", interactive=False, max_height=360)
 
     gr.Markdown("### 5. Letter mass: the letters' share of the full-vocabulary probability")
     with gr.Row():
@@ -144,7 +180,7 @@ def build(context: AppContext, controls: PickerControls, demo: gr.Blocks) -> Non
         mass_button = gr.Button("Run letter mass", variant="primary", scale=1)
     with gr.Row():
         mass_chart = gr.Plot(label="Letter mass per user")
-        mass_table = gr.Dataframe(label="Letter mass per system", interactive=False)
+        mass_table = gr.Dataframe(wrap=True, label="Letter mass per system", interactive=False)
 
     pickers = controls.pickers
     options = {"concurrency_limit": 1, "concurrency_id": "diagnose"}
@@ -152,6 +188,11 @@ def build(context: AppContext, controls: PickerControls, demo: gr.Blocks) -> Non
                       [*pickers, system_box, controls.user, orders_box, permutations_box],
                       [bias_note, heatmap, letter_chart, rank_chart, bias_items],
                       api_name="diagnose_position_bias", **options)
+    # Enter in a box runs its section, as its button does.
+    permutations_box.submit(endpoint(diagnose_position_bias, context),
+                            [*pickers, system_box, controls.user, orders_box, permutations_box],
+                            [bias_note, heatmap, letter_chart, rank_chart, bias_items], api_visibility="private",
+                            **options)
     bias_users_button.click(endpoint(diagnose_position_bias_users, context),
                             [*pickers, system_box, bias_users, orders_box, permutations_box],
                             [top1_chart, mass_by_letter, bias_summary], api_name="diagnose_position_bias_users",
@@ -159,14 +200,22 @@ def build(context: AppContext, controls: PickerControls, demo: gr.Blocks) -> Non
     prior_button.click(endpoint(diagnose_letter_prior, context),
                        [*pickers, system_box, prior_users, prior_mode, placeholder_box],
                        [prior_chart, prior_table], api_name="diagnose_letter_prior", **options)
+    placeholder_box.submit(endpoint(diagnose_letter_prior, context),
+                           [*pickers, system_box, prior_users, prior_mode, placeholder_box],
+                           [prior_chart, prior_table], api_visibility="private", **options)
     history_button.click(endpoint(diagnose_history, context), [*pickers, system_box, controls.user],
                          [history_chart, history_table], api_name="diagnose_history", **options)
-    template_button.click(endpoint(diagnose_template, context), [controls.model, controls.preset, controls.count],
+    template_button.click(endpoint(diagnose_template, context),
+                          [controls.model, controls.preset, controls.count, controls.template_kwargs],
                           [template_note, template_tokens, template_letters], api_name="diagnose_template",
                           concurrency_limit=4, concurrency_id="template")
     mass_button.click(endpoint(diagnose_letter_mass, context), [*pickers, mass_adapters, mass_users],
                       [mass_chart, mass_table], api_name="diagnose_letter_mass", **options)
 
+    stopper = endpoint(stop_runs, context)
+    stop_button.click(stopper, None, [stop_note], api_name="stop_diagnostics", concurrency_id="stop",
+                      concurrency_limit=None)
     refresher = endpoint(refresh_adapters, context)
     for trigger in (refresh.click, controls.model.input, demo.load):
         trigger(refresher, [controls.model], [system_box, mass_adapters], api_visibility="private")
+    return system_box, mass_adapters

@@ -20,7 +20,7 @@ __all__ = ["FORM_FIELDS", "build", "cancel", "cancel_finetune", "fill_preset", "
            "start", "start_finetune", "status_json", "tick", "training_preview"]
 
 # Form fields (TrainConfig names): shown by default, then behind "Advanced".
-_MAIN_FIELDS = ("prompt_preset", "candidates", "max_samples", "epochs", "learning_rate")
+_MAIN_FIELDS = ("prompt_preset", "template_kwargs", "candidates", "max_samples", "epochs", "learning_rate")
 _ADVANCED_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "batch_size", "grad_accumulation", "warmup",
                     "eval_every", "eval_users", "max_prompt_tokens", "seed", "strategy", "candidate_source",
                     "text_field", "sample_mode")
@@ -84,12 +84,12 @@ def start_finetune(context: AppContext, name: str, dataset: str = "", model: str
                    max_samples: int | None = None, epochs: float | None = None, learning_rate: float | None = None,
                    lora_r: int | None = None, batch_size: int | None = None, eval_users: int | None = None,
                    eval_every: int | None = None, seed: int | None = None,
-                   max_prompt_tokens: int | None = None) -> dict:
+                   max_prompt_tokens: int | None = None, template_kwargs: str | None = None) -> dict:
     """Start a fine-tune (one at a time); options left out keep the training preset's values."""
     options = {"prompt_preset": prompt_preset, "candidates": candidates, "max_samples": max_samples,
                "epochs": epochs, "learning_rate": learning_rate, "lora_r": lora_r, "batch_size": batch_size,
                "eval_users": eval_users, "eval_every": eval_every, "seed": seed,
-               "max_prompt_tokens": max_prompt_tokens}
+               "max_prompt_tokens": max_prompt_tokens, "template_kwargs": template_kwargs}
     status = context.start_finetune(name, dataset or context.dataset_names[0], model or context.model_names[0],
                                     training_preset, {key: value for key, value in options.items()
                                                       if value is not None})
@@ -98,10 +98,11 @@ def start_finetune(context: AppContext, name: str, dataset: str = "", model: str
 
 def training_preview(context: AppContext, dataset: str = "", model: str = "", training_preset: str = "quick",
                      prompt_preset: str | None = None, candidates: int | None = None,
-                     max_prompt_tokens: int | None = None, seed: int | None = None) -> dict:
+                     max_prompt_tokens: int | None = None, seed: int | None = None,
+                     template_kwargs: str | None = None) -> dict:
     """One training sample of these settings: every token with its ID and whether it carries loss."""
     options = {"prompt_preset": prompt_preset, "candidates": candidates, "max_prompt_tokens": max_prompt_tokens,
-               "seed": seed}
+               "seed": seed, "template_kwargs": template_kwargs}
     tokenizer, token_ids, loss_mask, caption = context.training_preview(
         dataset or context.dataset_names[0], model or context.model_names[0], training_preset,
         {key: value for key, value in options.items() if value is not None})
@@ -126,12 +127,15 @@ def _form_component(name: str, value: Any) -> gr.components.Component:
                "candidate_source": list(CANDIDATE_SOURCES), "text_field": list(TEXT_FIELDS),
                "sample_mode": list(SAMPLE_MODES)}
     elem_id = f"finetune-{name.replace('_', '-')}"
+    if name == "template_kwargs":
+        return gr.Textbox(value, label="chat-template options (JSON)", placeholder='{"enable_thinking": false}',
+                          max_lines=1, elem_id=elem_id)
     if name in choices:
         return gr.Dropdown(choices[name], value=value, label=label, elem_id=elem_id)
     if isinstance(value, float) or name in ("epochs", "learning_rate", "lora_dropout", "warmup"):
         return gr.Number(value, label=label, elem_id=elem_id)
-    return gr.Number(value, precision=0, label=label + (" (0: all)" if name == "max_samples" else ""),
-                     elem_id=elem_id)
+    hints = {"max_samples": " (0: all)", "max_prompt_tokens": " (0: sized from the data)"}
+    return gr.Number(value, precision=0, label=label + hints.get(name, ""), elem_id=elem_id)
 
 
 def build(context: AppContext, controls: PickerControls, compare_adapters: gr.Dropdown, demo: gr.Blocks) -> None:
@@ -155,7 +159,7 @@ def build(context: AppContext, controls: PickerControls, compare_adapters: gr.Dr
     message = gr.Markdown(label="Message", elem_id="finetune-message")
     progress = gr.HTML(views.progress_html(None), elem_id="finetune-progress")
     with gr.Row():
-        loss_plot = gr.Plot(label="Training loss")
+        loss_plot = gr.Plot(label="Training loss", elem_id="finetune-loss")
         eval_plot = gr.Plot(label="Validation NDCG@10")
     result = gr.Markdown(elem_id="finetune-result")
     with gr.Accordion("Preview one training sample (loss-carrying tokens highlighted)", open=False):

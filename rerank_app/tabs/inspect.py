@@ -7,29 +7,68 @@ from typing import Any
 import gradio as gr
 
 from rerank_app import views
-from rerank_app.context import AppContext
-from rerank_app.pickers import PickerControls, Pickers, adapter_choices, endpoint
+from rerank_app.context import AppContext, _Lru
+from rerank_app.pickers import (
+    PICKER_NAMES,
+    USER_ERRORS,
+    PickerControls,
+    Pickers,
+    adapter_choices,
+    endpoint,
+    user_message,
+)
 from rerank_core.candidates import CANDIDATE_SOURCES, MAX_CANDIDATES
 from rerank_core.data import TEXT_FIELDS
 from rerank_core.inspector import BASE
 from rerank_core.prompts import PRESETS
+from rerank_core.report import inspection_report
 from rerank_core.verbalizer import STRATEGIES
 
-__all__ = ["OUTPUT_NAMES", "build", "change_dataset", "change_model", "inspect", "inspect_json", "random_user"]
+__all__ = ["CONTROL_NAMES", "OUTPUT_NAMES", "build", "change_dataset", "change_model", "inspect", "inspect_json",
+           "inspect_page", "inspect_report", "random_user"]
 
 # InspectView fields, in the order of the tab's output components.
 OUTPUT_NAMES = ("summary", "history", "history_note", "candidates", "chart", "prompt", "tokens", "audit",
                 "audit_note", "other_tokens")
 SCORE_OPTIONS = {"concurrency_limit": 4, "concurrency_id": "score"}
+# Side-by-side panels need this much width each; on a narrower window (800 px) they stack, so ids stay whole.
+NARROW_COLUMN = 440
+# Built views of cached inspections: a user already scored with the same settings (switching back, a repeated
+# request) costs no table, figure or HTML building. Keyed by the inspection object itself (held in the entry,
+# so its id stays unique): a re-scored inspection, e.g. after an adapter was retrained, is a new object.
+_VIEWS = _Lru(64)
 
 
 def inspect(context: AppContext, pickers: Pickers, adapter: str, user_id: str,
             order: str = "letter") -> tuple[Any, ...]:
     """Everything the tab shows for one user, in OUTPUT_NAMES order."""
     inspection = context.inspect(pickers.dataset, pickers.model, adapter, user_id, pickers.settings())
-    view = views.inspect_view(inspection, context.dataset(pickers.dataset).dataset, context.tokenizer(pickers.model),
-                              model_name=pickers.model, order=order)
-    return tuple(getattr(view, name) for name in OUTPUT_NAMES)
+    key = (id(inspection), pickers.dataset, pickers.model, order)
+    cached = _VIEWS.recall(key)
+    if cached is None or cached[0] is not inspection:
+        view = views.inspect_view(inspection, context.dataset(pickers.dataset).dataset,
+                                  context.tokenizer(pickers.model), model_name=pickers.model, order=order)
+        cached = _VIEWS.remember(key, (inspection, tuple(getattr(view, name) for name in OUTPUT_NAMES)))
+    return cached[1]
+
+
+# The controls a refused request puts back to their last valid values, in the order of page_outputs().
+CONTROL_NAMES = (*PICKER_NAMES, "adapter", "user")
+
+
+def inspect_page(context: AppContext, pickers: Pickers, adapter: str, user_id: str, order: str = "letter",
+                 last_valid: dict | None = None) -> tuple[Any, ...]:
+    """The page's Inspect: a refused request keeps the previous results on screen, says why in a toast and
+    puts every control back to its last valid value; an answered one remembers the controls' values.
+    Outputs: OUTPUT_NAMES, the remembered values, then CONTROL_NAMES."""
+    try:
+        outputs = inspect(context, pickers, adapter, user_id, order)
+    except USER_ERRORS as error:
+        gr.Warning(user_message(error), title="Request refused")
+        restored = [gr.skip() if last_valid is None else gr.update(value=last_valid[name]) for name in CONTROL_NAMES]
+        return (*(gr.skip() for _ in OUTPUT_NAMES), gr.skip(), *restored)
+    valid = {**{name: getattr(pickers, name) for name in PICKER_NAMES}, "adapter": adapter, "user": user_id}
+    return (*outputs, valid, *(gr.skip() for _ in CONTROL_NAMES))
 
 
 def inspect_json(context: AppContext, user_id: str, pickers: Pickers = Pickers(),  # noqa: B008 - frozen value
@@ -38,6 +77,14 @@ def inspect_json(context: AppContext, user_id: str, pickers: Pickers = Pickers()
     pickers = pickers.or_first(context)
     inspection = context.inspect(pickers.dataset, pickers.model, adapter, user_id, pickers.settings())
     return inspection.to_json(context.dataset(pickers.dataset).dataset)
+
+
+def inspect_report(context: AppContext, pickers: Pickers, adapter: str, user_id: str) -> Any:
+    """Everything the tab shows for one user as one self-contained HTML file, shown for download."""
+    inspection = context.inspect(pickers.dataset, pickers.model, adapter, user_id, pickers.settings())
+    document = inspection_report(inspection, context.dataset(pickers.dataset).dataset, model=pickers.model,
+                                 special_tokens=context.tokenizer(pickers.model).all_special_tokens)
+    return gr.File(views.write_report(document, f"inspect-{inspection.user_id}-{inspection.system}"), visible=True)
 
 
 def random_user(context: AppContext, dataset: str) -> str:
@@ -66,48 +113,54 @@ def build(context: AppContext) -> tuple[PickerControls, list[Any], gr.Button]:
     with gr.Row():
         source_box = gr.Dropdown(list(CANDIDATE_SOURCES), value="random", label="Candidate source")
         preset_box = gr.Dropdown(list(PRESETS), value="seed", label="Prompt preset")
+        kwargs_box = gr.Textbox("", label="Chat-template options (JSON)", placeholder='{"enable_thinking": false}',
+                                elem_id="template-kwargs", max_lines=1)
         strategy_box = gr.Dropdown(list(STRATEGIES), value="as_trained", label="Verbalizer strategy")
         text_box = gr.Dropdown(list(TEXT_FIELDS), value="title", label="Item text field")
         count_box = gr.Slider(2, MAX_CANDIDATES, value=20, step=1, label="Candidates")
     with gr.Accordion("More settings", open=False), gr.Row():
-        seed_box = gr.Number(0, precision=0, label="Candidate seed")
+        seed_box = gr.Number(0, precision=0, label="Candidate seed (0-4294967295)", elem_id="candidate-seed")
         adapter_preset_box = gr.Checkbox(True, label="Score an adapter with the preset it was trained with")
     with gr.Row(equal_height=True):
         user_box = gr.Dropdown(context.user_choices(dataset), value=context.users(dataset)[0],
                                label="User (type to search by id)", filterable=True, allow_custom_value=True,
                                scale=4, elem_id="user-picker")
         random_button = gr.Button("Random user", scale=1, elem_id="random-user")
+        report_button = gr.Button("Download report", scale=1, elem_id="inspect-report-button")
+    report_file = gr.File(label="Report (HTML, opens offline)", elem_id="inspect-report", visible=False)
     summary = gr.Markdown(label="Summary", elem_id="inspect-summary")
     with gr.Row():
-        with gr.Column(scale=1):
+        with gr.Column(scale=1, min_width=NARROW_COLUMN):
             order_box = gr.Radio(list(views.CHART_ORDERS), value="letter", label="Order bars by",
                                  elem_id="chart-order")
             chart = gr.Plot(label="Letter probabilities", elem_id="letter-chart")
-        with gr.Column(scale=1):
-            candidates = gr.Dataframe(label="Candidates (★ = ground truth)", interactive=False, max_height=420,
+        with gr.Column(scale=1, min_width=NARROW_COLUMN):
+            candidates = gr.Dataframe(wrap=True,
+                                      label="Candidates (★ = ground truth)", interactive=False, max_height=420,
                                       column_widths=["14%", "12%", "36%", "10%", "15%", "13%"],
                                       elem_id="candidates-table")
     with gr.Row():
-        with gr.Column():
+        with gr.Column(min_width=NARROW_COLUMN):
             history_note = gr.Markdown(label="History note")
-            history = gr.Dataframe(label="History", interactive=False, max_height=360,
+            history = gr.Dataframe(wrap=True, label="History", interactive=False, max_height=360,
                                    column_widths=["8%", "14%", "58%", "20%"], elem_id="history-table")
-        with gr.Column():
+        with gr.Column(min_width=NARROW_COLUMN):
             audit_note = gr.Markdown(label="Audit note", elem_id="audit-note")
-            audit = gr.Dataframe(label="Letter audit", interactive=False, max_height=360,
+            audit = gr.Dataframe(wrap=True, label="Letter audit", interactive=False, max_height=360,
                                  column_widths=["14%", "10%", "9%", "17%", "12%", "38%"],
                                  elem_id="audit-table")
     with gr.Row():
-        with gr.Column(scale=3), gr.Tabs():
+        with gr.Column(scale=3, min_width=NARROW_COLUMN), gr.Tabs():
             with gr.Tab("Rendered prompt (whitespace and special tokens visible)"):
                 prompt = gr.HTML(label="Rendered prompt", elem_id="rendered-prompt")
             with gr.Tab("Tokens with IDs"):
                 tokens = gr.HTML(label="Tokens", elem_id="token-view")
-        with gr.Column(scale=1):
-            other_tokens = gr.Dataframe(label="Top non-letter next tokens", interactive=False,
+        with gr.Column(scale=1, min_width=NARROW_COLUMN):
+            other_tokens = gr.Dataframe(wrap=True, label="Top non-letter next tokens", interactive=False,
                                         column_widths=["24%", "24%", "20%", "32%"])
     controls = PickerControls(dataset_box, model_box, split_box, source_box, preset_box, strategy_box, text_box,
-                              count_box, seed_box, adapter_preset_box, adapter_box, user_box, order_box)
+                              count_box, seed_box, adapter_preset_box, kwargs_box, adapter_box, user_box, order_box,
+                              report_button, report_file)
     components = {"summary": summary, "history": history, "history_note": history_note, "candidates": candidates,
                   "chart": chart, "prompt": prompt, "tokens": tokens, "audit": audit, "audit_note": audit_note,
                   "other_tokens": other_tokens}
@@ -124,23 +177,31 @@ def wire(context: AppContext, controls: PickerControls, outputs: list[Any], rand
     """Every picker re-scores in one round trip."""
     handler = endpoint(inspect, context)
     arguments = inputs(controls)
+    # The page's own events keep the last answered controls, to restore them after a refused request.
+    last_valid = gr.State(None)
+    page = endpoint(inspect_page, context)
+    page_inputs = [*arguments, last_valid]
+    page_outputs = [*outputs, last_valid, *(getattr(controls, name) for name in CONTROL_NAMES)]
     # The same handler as the UI's, with named parameters for gradio_client; registered first so it owns
     # the name /inspect (the UI's own events are private).
     api_trigger = gr.Button(visible=False)
     api_trigger.click(handler, arguments, outputs, api_name="inspect", **SCORE_OPTIONS)
+    on_page = {"api_visibility": "private", **SCORE_OPTIONS}
     for box in (controls.split, controls.source, controls.preset, controls.strategy, controls.text_field,
                 controls.adapter, controls.use_adapter_preset, controls.user, controls.order):
-        box.input(handler, arguments, outputs, api_visibility="private", **SCORE_OPTIONS)
-    controls.count.release(handler, arguments, outputs, api_visibility="private", **SCORE_OPTIONS)
-    controls.seed.submit(handler, arguments, outputs, api_visibility="private", **SCORE_OPTIONS)
+        box.input(page, page_inputs, page_outputs, **on_page)
+    controls.count.release(page, page_inputs, page_outputs, **on_page)
+    # Enter in a text or number box, and leaving it, both re-score.
+    for box in (controls.seed, controls.template_kwargs):
+        box.submit(page, page_inputs, page_outputs, **on_page)
+        box.blur(page, page_inputs, page_outputs, **on_page)
     random_button.click(endpoint(random_user, context), [controls.dataset], [controls.user],
-                        api_name="random_user").then(handler, arguments, outputs, api_visibility="private",
-                                                     **SCORE_OPTIONS)
+                        api_name="random_user").then(page, page_inputs, page_outputs, **on_page)
     controls.dataset.input(endpoint(change_dataset, context), [controls.dataset], [controls.user],
-                           api_visibility="private").then(handler, arguments, outputs, api_visibility="private",
-                                                          **SCORE_OPTIONS)
+                           api_visibility="private").then(page, page_inputs, page_outputs, **on_page)
     controls.model.input(endpoint(change_model, context), [controls.model], [controls.adapter],
-                         api_visibility="private").then(handler, arguments, outputs, api_visibility="private",
-                                                        **SCORE_OPTIONS)
-    demo.load(handler, arguments, outputs, api_visibility="private", **SCORE_OPTIONS)
+                         api_visibility="private").then(page, page_inputs, page_outputs, **on_page)
+    demo.load(page, page_inputs, page_outputs, **on_page)
+    controls.report_button.click(endpoint(inspect_report, context), arguments[:-1], [controls.report_file],
+                                 api_name="inspect_report", **SCORE_OPTIONS)
     gr.api(endpoint(inspect_json, context), api_name="inspect_json", **SCORE_OPTIONS)

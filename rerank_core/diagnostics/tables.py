@@ -96,9 +96,9 @@ def template_tokens_frame(report: TemplateConsistency) -> pd.DataFrame:
     for index in sorted(set(inference) | set(training)):
         left, right = inference.get(index), training.get(index)
         rows.append({
-            "index": index, "inference token": "" if left is None else left[1],
+            "index": index, "inference token": "" if left is None else visible_token(left[1]),
             "inference id": None if left is None else left[0],
-            "training token": "" if right is None else right[1],
+            "training token": "" if right is None else visible_token(right[1]),
             "training id": None if right is None else right[0],
             "same": left == right, "loss": index in loss,
             "note": "first difference" if index == report.diverge_at else
@@ -112,9 +112,18 @@ def template_tokens_frame(report: TemplateConsistency) -> pd.DataFrame:
 def template_letters_frame(report: TemplateConsistency) -> pd.DataFrame:
     """Per letter: the bare-letter (seed) token and the token training teaches, with audit flags."""
     return pd.DataFrame([{
-        "letter": token.letter, "seed token": token.token, "seed id": token.token_id,
-        "as-trained token": token.as_trained_token, "as-trained id": token.as_trained_id,
-        "flags": ", ".join(token.flags)} for token in report.letter_tokens])
+        "letter": token.letter, "seed token": visible_token(token.token), "seed id": token.token_id,
+        "as-trained token": visible_token(token.as_trained_token), "as-trained id": token.as_trained_id,
+        "flags": ", ".join(token.flags) or "ok"} for token in report.letter_tokens])
+
+
+# Byte-level BPE spells a newline, a space and a tab as these letters; Inspect shows ↵ · ⇥ for them.
+_BYTE_LEVEL_MARKS = str.maketrans({"Ċ": "↵", "Ġ": "·", "ĉ": "⇥"})
+
+
+def visible_token(token: str | None) -> str | None:
+    """A vocabulary token as Inspect shows it: ↵ for a newline, · for a space, ⇥ for a tab."""
+    return None if token is None else token.translate(_BYTE_LEVEL_MARKS)
 
 
 def letter_mass_frame(report: LetterMass) -> pd.DataFrame:
