@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from method import LoadWatch, Measurement, add_method_args, interleaved, print_ratio, print_summary
 
 import app as app_module
-from rerank_app.context import make_settings
+from rerank_app.pickers import make_settings
 from rerank_app.server import build_app, build_context, launch
 from rerank_core.inspector import BASE
 

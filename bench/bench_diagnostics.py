@@ -29,9 +29,9 @@ from method import (  # noqa: E402
 )
 
 from rerank_core.candidates import CandidateConfig  # noqa: E402
-from rerank_core.data import load_dataset  # noqa: E402
 from rerank_core.diagnostics import position_bias, position_bias_over_users  # noqa: E402
 from rerank_core.inspector import Inspector, InspectSettings  # noqa: E402
+from rerank_core.loaders import load_dataset  # noqa: E402
 from rerank_core.models import load_model  # noqa: E402
 from rerank_core.scoring import ScoreCache  # noqa: E402
 

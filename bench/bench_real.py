@@ -33,9 +33,9 @@ from rerank_core.baselines import BASELINES, evaluate_baseline, paired_rows
 from rerank_core.builtin_data import MOVIELENS_100K_REAL
 from rerank_core.candidates import CandidateConfig
 from rerank_core.compare import SUMMARY_COLUMNS
-from rerank_core.data import load_dataset
 from rerank_core.distributed import launched_world_size, process_shard
 from rerank_core.inspector import BASE, Inspector, InspectSettings
+from rerank_core.loaders import load_dataset
 from rerank_core.models import load_model
 from rerank_core.training import train_adapter
 

@@ -9,9 +9,7 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -19,12 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from cachetools import LRUCache, cachedmethod
+from cachetools.keys import hashkey
 
 from rerank_app.gate import ModelGate, StopRegistry
 from rerank_app.jobs import TrainRequest
-from rerank_core.adapters import WEIGHTS_FILE, AdapterError, list_adapters
-from rerank_core.candidates import CandidateConfig
-from rerank_core.data import DataError, Dataset, load_dataset
+from rerank_core.adapters import WEIGHTS_FILE, AdapterError, list_adapters, new_staging_folder, remove_stale
+from rerank_core.baselines import BASELINES, with_baselines
+from rerank_core.compare import compare_systems
+from rerank_core.data import DataError, Dataset
 from rerank_core.diagnostics import (
     HistoryInfluence,
     LetterMass,
@@ -39,12 +40,15 @@ from rerank_core.diagnostics import (
     position_bias_over_users,
 )
 from rerank_core.inspector import BASE, Inspector, InspectSettings, UserInspection
+from rerank_core.labels import mask_preview
 from rerank_core.limits import LimitError, whole_number
+from rerank_core.loaders import load_dataset
 from rerank_core.models import LoadedModel, load_model
 from rerank_core.prompts import with_template_kwargs
 from rerank_core.template_check import TemplateConsistency, template_consistency
+from rerank_core.training import build_training_samples, label_samples, training_config
 
-__all__ = ["AppConfig", "AppContext", "DatasetEntry", "ModelEntry", "SessionError", "make_settings"]
+__all__ = ["AppConfig", "AppContext", "DatasetEntry", "ModelEntry", "SessionError"]
 
 log = logging.getLogger(__name__)
 
@@ -94,38 +98,6 @@ class ModelEntry:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def make_settings(*, split: str = "test", source: str = "random", preset: str = "seed",
-                  strategy: str = "as_trained", text_field: str = "title", count: int = 20, seed: int = 0,
-                  use_adapter_preset: bool = True, template_kwargs: str = "") -> InspectSettings:
-    """InspectSettings from the pickers' values; the core makes 20.0 an int and refuses an empty or 1.5 seed."""
-    candidates = CandidateConfig(source=source, count=count, seed=seed)
-    return InspectSettings(preset=preset, strategy=strategy, text_field=text_field, split=split,
-                           candidates=candidates, use_adapter_preset=bool(use_adapter_preset),
-                           template_kwargs=template_kwargs or "")
-
-
-class _Lru:
-    """A small thread-safe least-recently-used cache: handlers run on several threads at once."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._entries: OrderedDict[Any, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def remember(self, key: Any, value: Any) -> Any:
-        with self._lock:
-            self._entries[key] = value
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
-        return value
-
-    def recall(self, key: Any) -> Any:
-        with self._lock:
-            value = self._entries.get(key)
-            if value is not None:
-                self._entries.move_to_end(key)
-            return value
 
 
 class AppContext:
@@ -137,6 +109,7 @@ class AppContext:
             raise SessionError("the app needs at least one dataset and one model")
         self.config = config
         self.jobs = jobs
+        remove_stale(config.upload_root)  # an upload interrupted by a crash left its staging folder
         self._datasets: dict[str, DatasetEntry] = {entry.name: entry for entry in datasets}
         self._models: dict[str, ModelEntry] = {entry.name: entry for entry in models}
         # One Inspector per (dataset, model), all Inspectors of a model sharing its one loaded copy (and its
@@ -144,8 +117,10 @@ class AppContext:
         self._inspectors: dict[tuple[str, str], Inspector] = {}
         self._gates: dict[str, ModelGate] = {entry.name: ModelGate() for entry in models}
         self.stops = StopRegistry()
-        self._inspections = _Lru(256)
-        self._comparisons = _Lru(16)
+        # Handlers run on several threads at once: the caches' bookkeeping is locked, the scoring is not.
+        self._inspections: LRUCache = LRUCache(256)
+        self._comparisons: LRUCache = LRUCache(16)
+        self._cache_lock = threading.Lock()
         self._registry_lock = threading.Lock()
 
     # -- registries --------------------------------------------------------------------------
@@ -252,13 +227,14 @@ class AppContext:
         """One user scored by one system; cached, so switching back is instant."""
         user_id = self._check_user(dataset, user_id)
         system = self._check_system(model, system)
-        key = ("inspect", dataset, model, system, self._adapter_stamp(system), user_id, settings)
-        found = self._inspections.recall(key)
-        if found is not None:
-            return found
+        return self._inspect(dataset, model, system, self._adapter_stamp(system), user_id, settings)
+
+    @cachedmethod(lambda self: self._inspections, lock=lambda self: self._cache_lock)
+    def _inspect(self, dataset: str, model: str, system: str, stamp: tuple[int, int] | None, user_id: str,
+                 settings: InspectSettings) -> UserInspection:
+        """The adapter's stamp is part of the cache key, so an adapter replaced under its name is scored anew."""
         with self.using(dataset, model) as inspector:
-            result = inspector.inspect(user_id, settings, system)
-        return self._inspections.remember(key, result)
+            return inspector.inspect(user_id, settings, system)
 
     def compare_user(self, dataset: str, model: str, adapters: Sequence[str], user_id: str,
                      settings: InspectSettings) -> list[UserInspection]:
@@ -271,21 +247,24 @@ class AppContext:
                       stop: threading.Event | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
         """Per-user results and the paired summary over the first `count` users, the baselines (random,
         popularity, retriever) scored on the same candidates beside the LLM systems; cached per request."""
-        from rerank_core.baselines import BASELINES, with_baselines
-        from rerank_core.compare import compare_systems
-
         systems = self._systems(model, adapters)
-        users = self.first_users(dataset, count)
-        key = ("compare", dataset, model, tuple((system, self._adapter_stamp(system)) for system in systems),
-               tuple(users), settings)
-        found = self._comparisons.recall(key)
-        if found is not None:
-            return found
+        stamped = tuple((system, self._adapter_stamp(system)) for system in systems)
+        users = tuple(self.first_users(dataset, count))
+        return self._compare_users(dataset, model, stamped, users, settings, progress, stop)
+
+    @cachedmethod(lambda self: self._comparisons, lock=lambda self: self._cache_lock,
+                  key=lambda self, dataset, model, stamped, users, settings, progress, stop: hashkey(
+                      dataset, model, stamped, users, settings))
+    def _compare_users(self, dataset: str, model: str, stamped: tuple[tuple[str, Any], ...], users: tuple[str, ...],
+                       settings: InspectSettings, progress: Callable[[int, int], None] | None,
+                       stop: threading.Event | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Systems come with their adapter stamps, part of the cache key like the users and the settings; a
+        stopped run raises, so nothing half-done is cached."""
+        systems = [system for system, _ in stamped]
         with self.running(dataset, model, stop) as (inspector, check):
-            per_user, summary = compare_systems(inspector, users, settings, systems, progress=progress,
+            per_user, summary = compare_systems(inspector, list(users), settings, systems, progress=progress,
                                                 cancel=check)
-            result = with_baselines(inspector, per_user, summary, users, settings, BASELINES)
-        return self._comparisons.remember(key, result)
+            return with_baselines(inspector, per_user, summary, list(users), settings, BASELINES)
 
     def _systems(self, model: str, adapters: Sequence[str]) -> list[str]:
         chosen = [name for name in dict.fromkeys(adapters or []) if name and name != BASE]
@@ -385,45 +364,23 @@ class AppContext:
 
     # -- fine-tune ---------------------------------------------------------------------------
 
-    @staticmethod
-    def train_config(training_preset: str, overrides: dict[str, Any]) -> Any:
-        """The training preset with the form's values; raises ValueError naming a bad setting."""
-        from rerank_core.training import training_config
-
-        cleaned = {key: _plain_number(value) for key, value in overrides.items() if value not in (None, "")}
-        # As on the command line, max_samples 0 means every sample; a 0 (or empty) prompt budget is sized from
-        # the data (the form shows an unset budget as 0).
-        unset = {name: None for name in ("max_samples", "max_prompt_tokens") if cleaned.get(name) == 0}
-        config = training_config(training_preset, **{**cleaned, **unset})
-        return replace(config, **unset)
-
     def start_finetune(self, name: str, dataset: str, model: str, training_preset: str,
                        overrides: dict[str, Any]) -> Any:
-        """Start `python -m rerank_core train` for this dataset and model; only settings that differ from
-        the preset go on its command line."""
-        from rerank_core.training import TRAINING_PRESETS
-
+        """Start `python -m rerank_core train` for this dataset and model; a bad setting raises ValueError naming it
+        before anything starts (the runner checks the request, then hands the settings over as a JSON file)."""
         if self.jobs is None:
             raise SessionError("this app was started without a fine-tune runner")
-        config = self.train_config(training_preset, overrides)
         entry = self.dataset(dataset)
         if entry.path is None:
             raise SessionError(f"dataset {dataset!r} exists only in memory; a fine-tune subprocess needs it on disk")
-        preset = TRAINING_PRESETS[training_preset]
-        options = {key: getattr(config, key) for key in overrides if getattr(config, key) != getattr(preset, key)}
-        if "max_samples" in options and options["max_samples"] is None:
-            options["max_samples"] = 0  # the train command's "all samples"
         request = TrainRequest(name=str(name or "").strip(), model_path=self.model_path(model),
-                               data_path=str(entry.path), training_preset=training_preset, options=options)
+                               data_path=str(entry.path), training_preset=training_preset, options=overrides)
         return self.jobs.start(request)
 
     def training_preview(self, dataset: str, model: str, training_preset: str,
                          overrides: dict[str, Any]) -> tuple[Any, list[int], list[bool], str]:
         """One training sample of these settings: tokenizer, token IDs, loss flags (labels.mask_preview), caption."""
-        from rerank_core.labels import mask_preview
-        from rerank_core.training import build_training_samples, label_samples
-
-        config = self.train_config(training_preset, overrides)
+        config = training_config(training_preset, **overrides)
         data = self.dataset(dataset).dataset
         tokenizer = self.tokenizer(model)
         samples, _ = build_training_samples(data, tokenizer, replace(config, max_samples=1))
@@ -475,7 +432,8 @@ class AppContext:
                                 f"{self.config.max_upload_bytes / 1024**2:g} MiB upload limit: upload a subset",
                                 file=_safe_name(source.name, "file"))
         base = _safe_name(name, "upload")
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+        # Named by this process, like an adapter's: remove_stale clears it at the next start if we die mid-copy.
+        staging = new_staging_folder(root)
         try:
             for source in sources:
                 shutil.copyfile(source, staging / _safe_name(source.name, "file"))
@@ -497,11 +455,6 @@ class AppContext:
         with self._registry_lock:
             self._datasets[entry.name] = entry
         return entry
-
-
-def _plain_number(value: Any) -> Any:
-    """Gradio numbers arrive as floats: 300.0 becomes 300 so integer settings stay integers."""
-    return int(value) if isinstance(value, float) and value.is_integer() and abs(value) >= 1 else value
 
 
 def _safe_name(name: str, fallback: str) -> str:

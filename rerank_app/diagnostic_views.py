@@ -235,8 +235,9 @@ def template_runs_html(tokenizer: Any, report: TemplateConsistency, context_toke
         runs.append(_run("inserted", slot.inserted_text, "inserted by the template before the letter: scored "
                                                           "prompt, no loss"))
     runs.append(_run("letter", tokenizer.decode([report.answer_token[1]]), "the answer letter's own token"))
-    legend = ("prompt · inserted before the letter · left out · letter" if slot.moves_prompt
-              else "prompt · letter (nothing inserted)")
+    shown = ["prompt", "left out" if slot.trimmed_text and slot.trimmed_text != slot.inserted_text else "",
+             "inserted before the letter" if inserted else "", "letter"]
+    legend = " · ".join(part for part in shown if part) + ("" if slot.moves_prompt else " (nothing inserted)")
     return " ".join(runs) + f"  <small>({legend})</small>"
 
 

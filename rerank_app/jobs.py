@@ -18,24 +18,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rerank_core.adapters import adapters_root, list_adapters, remove_stale, validate_adapter_name
-from rerank_core.candidates import CANDIDATE_SOURCES
-from rerank_core.data import TEXT_FIELDS
+from rerank_core.adapters import adapters_root, remove_stale, validate_adapter_name
 from rerank_core.fsutil import atomic_write_text, process_running
-from rerank_core.inspector import BASE
 from rerank_core.metrics import METRIC_NAMES
 from rerank_core.progress import read_events
-from rerank_core.prompts import PRESETS, parse_template_kwargs
-from rerank_core.training import SAMPLE_MODES
-from rerank_core.verbalizer import STRATEGIES
+from rerank_core.training import TrainConfig, check_adapter_target, training_config
 
-__all__ = ["TRAIN_OPTIONS", "JobBusy", "JobError", "JobRunner", "JobStatus", "TrainRequest"]
+__all__ = ["JobBusy", "JobError", "JobRunner", "JobStatus", "TrainRequest"]
 
 log = logging.getLogger(__name__)
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 _JOB_FILE = "job.json"
 _EVENTS_FILE = "events.jsonl"
+_CONFIG_FILE = "config.json"
 _CANCEL_FILE = "cancel"
 _LOG_FILE = "train.log"
 _TERMINAL = ("done", "cancelled", "failed")
@@ -58,72 +54,18 @@ class TrainRequest:
     model_path: str
     data_path: str
     training_preset: str = "quick"
-    options: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)  # setting → value as the form or the API gives it
 
-    def argv(self, events: Path, cancel_file: Path, adapters: Path) -> list[str]:
-        """The command line; every option is type-checked here, so no value can become another flag."""
-        validate_adapter_name(self.name)
-        if self.training_preset not in ("quick", "full"):
-            raise JobError(f"training preset {self.training_preset!r} is not one of quick, full")
-        argv = [sys.executable, "-m", "rerank_core", "train", "--name", self.name,
-                "--training-preset", self.training_preset, "--model", self.model_path,
-                "--data", self.data_path, "--adapters-dir", str(adapters),
-                "--events", str(events), "--cancel-file", str(cancel_file), "--no-progress"]
-        for key, value in self.options.items():
-            if value is None or value == "":
-                continue
-            if key not in TRAIN_OPTIONS:
-                raise JobError(f"unknown fine-tune option {key!r}: use one of {', '.join(TRAIN_OPTIONS)}")
-            flag, kind = TRAIN_OPTIONS[key]
-            argv += [flag, _checked(key, kind, value)]
-        return argv
+    def config(self) -> TrainConfig:
+        """The training preset with the options; a bad or unknown setting raises ValueError naming it."""
+        return training_config(self.training_preset, **self.options)
 
-
-# TrainConfig fields the form may set → the train command's flag and the value's type (a tuple: choices; dict: a
-# JSON object).
-# Paths are never accepted: the model, data and adapters folders come from the app's registries.
-TRAIN_OPTIONS: dict[str, tuple[str, Any]] = {
-    "prompt_preset": ("--preset", tuple(PRESETS)),
-    "strategy": ("--strategy", STRATEGIES),
-    "text_field": ("--text-field", TEXT_FIELDS),
-    "candidates": ("--candidates", int),
-    "candidate_source": ("--candidate-source", CANDIDATE_SOURCES),
-    "seed": ("--seed", int),
-    "max_prompt_tokens": ("--max-prompt-tokens", int),
-    "max_samples": ("--max-samples", int),
-    "epochs": ("--epochs", float),
-    "learning_rate": ("--lr", float),
-    "lora_r": ("--lora-r", int),
-    "lora_alpha": ("--lora-alpha", int),
-    "lora_dropout": ("--lora-dropout", float),
-    "batch_size": ("--batch-size", int),
-    "grad_accumulation": ("--grad-accumulation", int),
-    "warmup": ("--warmup", float),
-    "eval_every": ("--eval-every", int),
-    "eval_users": ("--eval-users", int),
-    "sample_mode": ("--sample-mode", SAMPLE_MODES),
-    "template_kwargs": ("--template-kwargs", dict),
-}
-
-
-def _checked(key: str, kind: Any, value: Any) -> str:
-    """A choice from its list, a JSON object, or a non-negative number: nothing that could read as another flag."""
-    if kind is dict:
-        try:
-            return parse_template_kwargs(value)  # canonical JSON starts with '{'
-        except ValueError as error:  # PromptError (not a JSON object) or LimitError (too long)
-            raise JobError(f"fine-tune option {key}: {error}") from None
-    if isinstance(kind, tuple):
-        if value not in kind:
-            raise JobError(f"fine-tune option {key} = {value!r} is not one of {', '.join(kind)}")
-        return str(value)
-    try:
-        number = kind(value)
-    except (TypeError, ValueError):
-        raise JobError(f"fine-tune option {key} = {value!r} is not a number") from None
-    if isinstance(value, bool) or number < 0 or (kind is int and number != float(value)):
-        raise JobError(f"fine-tune option {key} = {value!r} must be a non-negative {kind.__name__}")
-    return str(number)
+    def argv(self, config_file: Path, events: Path, cancel_file: Path, adapters: Path) -> list[str]:
+        """The command line: paths only; every setting goes over in config_file (TrainConfig.to_json)."""
+        return [sys.executable, "-m", "rerank_core", "train", "--name", validate_adapter_name(self.name),
+                "--training-preset", self.training_preset, "--config", str(config_file), "--model", self.model_path,
+                "--data", self.data_path, "--adapters-dir", str(adapters), "--events", str(events),
+                "--cancel-file", str(cancel_file), "--no-progress"]
 
 
 @dataclass
@@ -179,11 +121,8 @@ class JobRunner:
 
     def start(self, request: TrainRequest) -> JobStatus:
         """Launch the training subprocess, or raise JobBusy naming the run that is going."""
-        name = validate_adapter_name(request.name)
-        if name == BASE:
-            raise JobError(f"{BASE!r} names the model without an adapter in every picker: choose another name")
-        if any(info.name == name for info in list_adapters(self.adapters)):
-            raise JobError(f"adapter {name!r} already exists in {self.adapters}: choose another name")
+        name = check_adapter_target(request.name, self.adapters).name
+        config = request.config()
         with self._lock, self._file_lock():
             current = self._status_locked()
             if current.active:
@@ -192,7 +131,8 @@ class JobRunner:
             remove_stale(self.adapters)
             folder = self.runs_root / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
             folder.mkdir(parents=True)
-            argv = request.argv(folder / _EVENTS_FILE, folder / _CANCEL_FILE, self.adapters)
+            atomic_write_text(folder / _CONFIG_FILE, json.dumps(config.to_json(), indent=2))
+            argv = request.argv(folder / _CONFIG_FILE, folder / _EVENTS_FILE, folder / _CANCEL_FILE, self.adapters)
             # Offline by design: the run never waits on a model hub it cannot reach.
             env = {"HF_HUB_OFFLINE": "1", **os.environ, **self._env, "PYTHONUNBUFFERED": "1",
                    "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO_ROOT), os.environ.get("PYTHONPATH")]))}

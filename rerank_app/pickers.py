@@ -7,16 +7,16 @@ import inspect
 import logging
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import gradio as gr
 
-from rerank_app.context import AppContext, make_settings
+from rerank_app.context import AppContext
 from rerank_core.inspector import BASE, InspectSettings
 
 __all__ = ["NO_ADAPTER_LABEL", "USER_ERRORS", "PickerControls", "Pickers", "adapter_choices", "catalogue_key",
-           "endpoint", "refresh_pickers", "user_message"]
+           "endpoint", "make_settings", "refresh_pickers", "user_message"]
 
 log = logging.getLogger("rerank_app")
 
@@ -30,32 +30,43 @@ def user_message(error: BaseException) -> str:
     return str(error.args[0] if isinstance(error, KeyError) and error.args else error)
 
 
+# The pickers start at the core's defaults: one declaration, in InspectSettings and CandidateConfig.
+_DEFAULT = InspectSettings()
+
+
 @dataclass(frozen=True)
 class Pickers:
     """The picker values every scoring handler takes (Inspect, Compare, Diagnose); named as the API names them."""
 
     dataset: str = ""
     model: str = ""
-    split: str = "test"
-    source: str = "random"
-    preset: str = "seed"
-    strategy: str = "as_trained"
-    text_field: str = "title"
-    count: int = 20
-    seed: int = 0
-    use_adapter_preset: bool = True
-    template_kwargs: str = ""  # chat-template options as a JSON object; '' for none
+    split: str = _DEFAULT.split
+    source: str = _DEFAULT.candidates.source
+    preset: str = _DEFAULT.preset
+    strategy: str = _DEFAULT.strategy
+    text_field: str = _DEFAULT.text_field
+    count: int = _DEFAULT.candidates.count
+    seed: int = _DEFAULT.candidates.seed
+    use_adapter_preset: bool = _DEFAULT.use_adapter_preset
+    template_kwargs: str = _DEFAULT.template_kwargs  # chat-template options as a JSON object; '' for none
 
     def settings(self) -> InspectSettings:
-        """The one place the pickers become InspectSettings."""
-        return make_settings(split=self.split, source=self.source, preset=self.preset, strategy=self.strategy,
-                             text_field=self.text_field, count=self.count, seed=self.seed,
-                             use_adapter_preset=self.use_adapter_preset, template_kwargs=self.template_kwargs)
+        """The one place the pickers become InspectSettings; the core makes 20.0 an int and refuses an empty or
+        1.5 seed."""
+        candidates = replace(_DEFAULT.candidates, source=self.source, count=self.count, seed=self.seed)
+        return replace(_DEFAULT, split=self.split, preset=self.preset, strategy=self.strategy,
+                       text_field=self.text_field, candidates=candidates,
+                       use_adapter_preset=bool(self.use_adapter_preset), template_kwargs=self.template_kwargs or "")
 
     def or_first(self, context: AppContext) -> Pickers:
         """Blank dataset or model: the first one the app offers (the JSON API's defaults)."""
         return Pickers(**{**self.__dict__, "dataset": self.dataset or context.dataset_names[0],
                           "model": self.model or context.model_names[0]})
+
+
+def make_settings(**pickers: Any) -> InspectSettings:
+    """InspectSettings from picker values by name, the rest at their defaults (tests and benchmarks)."""
+    return Pickers(**pickers).settings()
 
 
 PICKER_NAMES = tuple(field.name for field in fields(Pickers))
@@ -120,6 +131,8 @@ def endpoint(handler: Callable[..., Any], context: AppContext) -> Callable[..., 
     public_parameters: list[inspect.Parameter] = []
     for parameter in own:
         parameter = parameter.replace(annotation=hints.get(parameter.name, parameter.annotation))
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY:  # Gradio passes every input by position
+            parameter = parameter.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD)
         if parameter.name != "pickers":
             public_parameters.append(parameter)
             continue

@@ -168,9 +168,12 @@ def prompt_html(tokenizer: Any, rendered: str, slot: AnswerSlot | None = None, l
                      f'{html.escape(letters)}</span>')
     legend = ""
     if slot.moves_prompt:
-        legend = ('<div class="ri-legend">prompt · <span class="ri-inserted">inserted before the letter</span>'
-                  '<span class="ri-trimmed">generation prompt left out</span>'
-                  '<span class="ri-letter-slot">answer letter</span></div>')
+        keys = ["prompt · ",
+                '<span class="ri-trimmed">generation prompt left out</span>'
+                if slot.trimmed_text and slot.trimmed_text != inserted else "",
+                '<span class="ri-inserted">inserted before the letter</span>' if inserted else "",
+                '<span class="ri-letter-slot">answer letter</span>' if letters else ""]
+        legend = f'<div class="ri-legend">{"".join(keys)}</div>'
     return f'{legend}<pre class="ri-prompt">{"".join(parts)}</pre>'
 
 

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rerank_core.fsutil import process_running
+from safetensors import SafetensorError, safe_open
+
+from rerank_core.fsutil import process_running, replace_folder
 from rerank_core.models import LoadedModel
 
 __all__ = [
@@ -59,6 +61,16 @@ class AdapterInfo:
     @property
     def strategy(self) -> str | None:
         return (self.manifest or {}).get("strategy")
+
+    @property
+    def max_prompt_tokens(self) -> int | None:
+        """The prompt budget the adapter was trained with (None: no limit, or a manifest without it)."""
+        return ((self.manifest or {}).get("training") or {}).get("max_prompt_tokens")
+
+    @property
+    def candidate_count(self) -> int | None:
+        """How many candidates each training prompt had (None: a manifest without it)."""
+        return ((self.manifest or {}).get("candidates") or {}).get("count")
 
     @property
     def template_kwargs(self) -> str | None:
@@ -159,8 +171,6 @@ def _check_config(folder: Path) -> None:
 
 def _check_shapes(loaded: LoadedModel, folder: Path) -> None:
     """Every LoRA matrix must fit the module it adapts; catches adapters for other sizes and corrupt files."""
-    from safetensors import SafetensorError, safe_open
-
     modules = dict(loaded.model.named_modules())
     try:
         with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as weights:
@@ -202,16 +212,7 @@ def publish_adapter(staging: Path, name: str, root: str | os.PathLike[str] | Non
         return target
     if not overwrite:
         raise AdapterError(f"adapter {name!r} already exists in {folder}; choose another name or allow overwrite")
-    # Two renames: the old folder is set aside first, and restored if the new one cannot move in.
-    aside = Path(tempfile.mkdtemp(prefix=f"{_REPLACED_PREFIX}{os.getpid()}-{name}-", dir=folder))
-    aside.rmdir()
-    os.rename(target, aside)
-    try:
-        os.rename(staging, target)
-    except OSError:
-        os.rename(aside, target)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
+    replace_folder(staging, target, aside_prefix=f"{_REPLACED_PREFIX}{os.getpid()}-{name}-")
     return target
 
 

@@ -13,6 +13,7 @@ __all__ = [
     "RECBOLE_REQUIREMENT",
     "SAMPLE",
     "builtin_dataset_path",
+    "bundled_sample_path",
     "recbole_movielens_100k_path",
 ]
 
@@ -26,6 +27,11 @@ BUILTIN_DATASETS = {
     MOVIELENS_100K_REAL: "MovieLens 100K (real): 943 users, 1682 movies, 100,000 ratings, from the recbole "
                          "package's RecBole atomic files",
 }
+
+
+def bundled_sample_path() -> Path:
+    """sample_data/ beside the code: the synthetic dataset and its seeded generator."""
+    return Path(__file__).resolve().parent.parent / "sample_data"
 
 
 def recbole_movielens_100k_path() -> Path:
@@ -46,8 +52,6 @@ def recbole_movielens_100k_path() -> Path:
 def builtin_dataset_path(name: str) -> Path:
     """The folder of a built-in dataset, by the name the CLI's --data and the app's picker use."""
     if name == SAMPLE:
-        from rerank_core.data import bundled_sample_path
-
         return bundled_sample_path()
     if name == MOVIELENS_100K_REAL:
         return recbole_movielens_100k_path()

@@ -86,6 +86,7 @@ class CandidateSampler:
         # A sorted catalogue makes index-based draws identical in every process.
         self._ids: list[str] = sorted(dataset.items)
         self._index = {item_id: i for i, item_id in enumerate(self._ids)}
+        self._touched_by_user: dict[str, frozenset[int]] = {}
         training = [np.fromiter((self._index[item] for item in dataset.training_sequence(user)),
                                 dtype=np.int64) for user in dataset.users]
         counts = np.bincount(np.concatenate(training) if training else np.zeros(0, np.int64),
@@ -166,11 +167,16 @@ class CandidateSampler:
         key = f"{self.config.seed}|{self.config.source}|{user_id}|{purpose}".encode()
         return np.random.default_rng(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
 
-    def _touched(self, user_id: str) -> set[int]:
-        if user_id not in self.dataset.sequences:
-            raise KeyError(f"user {user_id!r} is not in dataset {self.dataset.name}: "
-                           "pick one of dataset.users")
-        return {self._index[item] for item in self.dataset.touched(user_id)}
+    def _touched(self, user_id: str) -> frozenset[int]:
+        """Every item the user touched, as catalogue indices; built once per user (training asks per sample)."""
+        found = self._touched_by_user.get(user_id)
+        if found is None:
+            if user_id not in self.dataset.sequences:
+                raise KeyError(f"user {user_id!r} is not in dataset {self.dataset.name}: "
+                               "pick one of dataset.users")
+            found = self._touched_by_user[user_id] = frozenset(
+                self._index[item] for item in self.dataset.touched(user_id))
+        return found
 
     def _check_room(self, user_id: str, excluded: int, needed: int, what: str) -> None:
         available = len(self._ids) - excluded

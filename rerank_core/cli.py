@@ -11,108 +11,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from rerank_core.adapters import check_adapter
-from rerank_core.candidates import CANDIDATE_ORDERS, CANDIDATE_SOURCES, MAX_CANDIDATES, CandidateConfig
+from rerank_core.baselines import BASELINES, with_baselines
+from rerank_core.cli_common import add_common_options, build_inspector, build_settings, int_range
 from rerank_core.cli_diagnose import add_diagnose_command
 from rerank_core.cli_train import add_train_command
-from rerank_core.data import TEXT_FIELDS, Dataset, load_dataset
+from rerank_core.compare import compare_systems, comparison_table
 from rerank_core.display import visible_text
-from rerank_core.distributed import close_process_group, process_device, process_shard
-from rerank_core.inspector import BASE, Inspector, InspectSettings
-from rerank_core.loaders import FORMATS
-from rerank_core.models import load_model, load_tokenizer
-from rerank_core.prompts import PRESETS, answer_slot, letters_for, with_template_kwargs
-from rerank_core.verbalizer import STRATEGIES, resolve_letters
+from rerank_core.distributed import close_process_group
+from rerank_core.fsutil import atomic_write_text, write_folder
+from rerank_core.inspector import BASE
+from rerank_core.models import load_tokenizer
+from rerank_core.prompts import answer_slot, letters_for, with_template_kwargs
+from rerank_core.report import comparison_report, inspection_report
+from rerank_core.verbalizer import resolve_letters
 
-__all__ = ["add_common_options", "build_inspector", "build_settings", "main"]
+__all__ = ["build_parser", "main"]
 
 log = logging.getLogger("rerank_core")
-
-
-def _int_range(low: int, high: int | None = None) -> Any:
-    """An argparse type: a bad value stops at parsing, with the option's name, before anything loads."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low or (high is not None and value > high):
-            allowed = f"from {low} to {high}" if high is not None else f"of at least {low}"
-            raise argparse.ArgumentTypeError(f"{value} is out of range: use a whole number {allowed}")
-        return value
-
-    return parse
-
-
-def add_common_options(parser: argparse.ArgumentParser) -> None:
-    """Options every command shares, so a result seen in the app can be reproduced exactly."""
-    group = parser.add_argument_group("model, data and prompt")
-    group.add_argument("--model", metavar="PATH",
-                       help="local Hugging Face model folder (safetensors); default: embedded SmolLM2-135M-Instruct")
-    group.add_argument("--tokenizer", metavar="PATH",
-                       help="tokenizer folder (tokenizer files or a SentencePiece tokenizer.model) for commands "
-                            "that need no weights; `show` then prints the prompt and audit without scores")
-    group.add_argument("--data", metavar="PATH|NAME",
-                       help="dataset folder or file, or a built-in dataset: sample (synthetic, the default) or "
-                            "ml-100k-real (real MovieLens 100K from the recbole package)")
-    group.add_argument("--data-format", choices=FORMATS,
-                       help="force the data format instead of detecting it from the file names")
-    group.add_argument("--preset", default="seed", choices=sorted(PRESETS),
-                       help="prompt preset (default: %(default)s; *_after put the letter after the item text)")
-    group.add_argument("--template-kwargs", default="", metavar="JSON",
-                       help="chat-template options as a JSON object, e.g. '{\"enable_thinking\": false}' "
-                            "(passed to apply_chat_template for inference and training alike)")
-    group.add_argument("--strategy", default="as_trained", choices=STRATEGIES,
-                       help="letter→token strategy (default: %(default)s)")
-    group.add_argument("--text-field", default="title", choices=TEXT_FIELDS,
-                       help="which item text stands for an item (default: %(default)s)")
-    group.add_argument("--candidates", type=_int_range(1, MAX_CANDIDATES), default=20, metavar="N",
-                       help="number of candidates, 1-52 (default: %(default)s)")
-    group.add_argument("--candidate-source", default="random", choices=CANDIDATE_SOURCES,
-                       help="where negatives come from (default: %(default)s)")
-    group.add_argument("--candidate-order", default="shuffled", choices=CANDIDATE_ORDERS,
-                       help="shuffled (seeded) or the retriever's ranking (default: %(default)s)")
-    group.add_argument("--seed", type=int, default=0, help="seed for candidates and sampling (default: %(default)s)")
-    group.add_argument("--max-prompt-tokens", type=_int_range(1), default=1536, metavar="N",
-                       help="drop oldest history items until the prompt fits (default: %(default)s)")
-    group.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32 (default: %(default)s)")
-    group.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: %(default)s)")
-    group.add_argument("--batch-size", type=_int_range(1), default=8,
-                       help="prompts per forward pass (default: %(default)s)")
-    group.add_argument("--trust-remote-code", action="store_true",
-                       help="allow model folders to run their own Python code (off by default)")
-    group.add_argument("--adapters-dir", metavar="PATH",
-                       help="adapters folder (default: adapters/ beside the code, or $RERANK_ADAPTERS_DIR)")
-
-
-def build_settings(args: argparse.Namespace, split: str = "test") -> InspectSettings:
-    """InspectSettings from the common options."""
-    candidates = CandidateConfig(source=args.candidate_source, count=args.candidates, seed=args.seed,
-                                 order=args.candidate_order)
-    return InspectSettings(preset=args.preset, strategy=args.strategy, text_field=args.text_field,
-                           split=split, candidates=candidates, max_prompt_tokens=args.max_prompt_tokens,
-                           use_adapter_preset=not getattr(args, "ignore_adapter_preset", False),
-                           template_kwargs=args.template_kwargs)
-
-
-def load_data(args: argparse.Namespace) -> Dataset:
-    dataset = load_dataset(args.data, args.data_format)
-    if dataset.short_users:
-        log.warning("%d user(s) with fewer than 3 interactions are left out of the split: %s",
-                    len(dataset.short_users), ", ".join(dataset.short_users[:10]))
-    return dataset
-
-
-def build_inspector(args: argparse.Namespace, *, need_model: bool = True) -> Inspector:
-    """An Inspector from the common options; with --tokenizer and no model, one without weights."""
-    dataset = load_data(args)
-    if args.tokenizer and not args.model and not need_model:
-        return Inspector(dataset, tokenizer=load_tokenizer(args.tokenizer), adapters_root=args.adapters_dir)
-    # Under torchrun / accelerate launch each process takes its own GPU and scores its share of the prompts.
-    device = process_device(args.device)
-    shard = process_shard(device)
-    loaded = load_model(args.model, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    return Inspector(dataset, loaded, adapters_root=args.adapters_dir, batch_size=args.batch_size, shard=shard)
 
 
 def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -176,8 +94,6 @@ def command_show(args: argparse.Namespace) -> int:
         return 0
     result = inspector.inspect(args.user, settings, args.adapter or BASE)
     if args.format == "html":
-        from rerank_core.report import inspection_report
-
         return _write_or_print(inspection_report(result, inspector.dataset, model=inspector.loaded.name,
                                                  special_tokens=specials), args.output)
     payload = result.to_json(inspector.dataset)
@@ -203,25 +119,33 @@ def command_show(args: argparse.Namespace) -> int:
     return 0
 
 
+# What eval writes: one folder, replaced as a whole, so the CSV and its summary always belong together.
+_EVAL_FILES = ("per_user.csv", "summary.json")
+
+
+def _check_output_dir(out_dir: Path) -> None:
+    """Refuse, before any scoring, a folder eval could not create or that holds files it would replace."""
+    if out_dir.exists() and (not out_dir.is_dir() or set(path.name for path in out_dir.iterdir()) - set(_EVAL_FILES)):
+        raise ValueError(f"--output-dir {out_dir} holds other files; eval replaces the folder as a whole: "
+                         "choose a new or empty folder")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"--output-dir {out_dir} cannot be created ({error.strerror}): choose a writable folder") \
+            from None
+
+
 def _write_or_print(text: str, output: str | None) -> int:
     """A document to a file (written whole, never half) or to stdout."""
     if output is None:
         sys.stdout.write(text)
         return 0
-    from rerank_core.fsutil import atomic_write_text
-
     atomic_write_text(Path(output), text)
     print(f"wrote {output}", file=sys.stderr)
     return 0
 
 
 def command_eval(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from rerank_core.baselines import with_baselines
-    from rerank_core.compare import compare_systems, comparison_table
-    from rerank_core.fsutil import atomic_write_text
-
     baselines = _baseline_names(args.baselines)
     inspector = build_inspector(args)
     shard = inspector.shard
@@ -239,11 +163,7 @@ def command_eval(args: argparse.Namespace) -> int:
     for name in systems[1:]:
         check_adapter(inspector.loaded, name, args.adapters_dir)
     out_dir = Path(args.output_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OSError(f"--output-dir {out_dir} cannot be created ({error.strerror}): choose a writable folder") \
-            from None
+    _check_output_dir(out_dir)
     # Every process runs the same comparison; scoring inside it is split across them (Inspector.shard).
     with tqdm(total=len(users) * len(systems), desc="scoring", unit="user", file=sys.stderr,
               disable=not is_main) as bar:
@@ -253,24 +173,19 @@ def command_eval(args: argparse.Namespace) -> int:
                                        reference=args.reference)
     if not is_main:
         return 0
-    csv_path, summary_path = out_dir / "per_user.csv", out_dir / "summary.json"
-    atomic_write_text(csv_path, per_user.to_csv(index=False))
     records = json.loads(summary.to_json(orient="records"))
-    atomic_write_text(summary_path, json.dumps({"users": len(users), "split": args.split, "processes": processes,
-                                                "rows": records}, indent=2))
+    write_folder(out_dir, {_EVAL_FILES[0]: per_user.to_csv(index=False), _EVAL_FILES[1]: json.dumps(
+        {"users": len(users), "split": args.split, "processes": processes, "rows": records}, indent=2)})
+    csv_path, summary_path = (out_dir / name for name in _EVAL_FILES)
     print(json.dumps(records, indent=2) if args.format == "json" else comparison_table(summary))
     print(f"\nwrote {csv_path} and {summary_path}", file=sys.stderr)
     if args.report:
-        from rerank_core.report import comparison_report
-
         _write_or_print(comparison_report(per_user, summary, settings, dataset=inspector.dataset.name,
                                           model=inspector.loaded.name), args.report)
     return 0
 
 
 def _baseline_names(text: str) -> list[str]:
-    from rerank_core.baselines import BASELINES
-
     names = [part.strip() for part in text.split(",") if part.strip() and part.strip() != "none"]
     unknown = [name for name in names if name not in BASELINES]
     if unknown:
@@ -308,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="metrics over many users; base vs adapters with paired CIs",
                                    description="Score many users, write a per-user CSV and a JSON summary.")
     add_common_options(evaluate)
-    evaluate.add_argument("--users", type=_int_range(0), default=200,
+    evaluate.add_argument("--users", type=int_range(0), default=200,
                           help="first N users (0 = all; default %(default)s)")
     evaluate.add_argument("--split", choices=("test", "validation"), default="test", help="which target")
     evaluate.add_argument("--adapter", action="append", metavar="NAME",
@@ -343,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
+        # transformers takes seconds to import: only when a command runs, not for --help
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()

@@ -10,7 +10,20 @@ from typing import Any
 
 import pandas as pd
 
+from rerank_core.cli_common import add_common_options, build_inspector, build_settings
+from rerank_core.diagnostics import (
+    OrderSpec,
+    history_influence,
+    letter_mass,
+    letter_prior,
+    position_bias,
+    position_bias_over_users,
+)
+from rerank_core.diagnostics import tables as frames
 from rerank_core.inspector import BASE, Inspector
+from rerank_core.loaders import load_dataset
+from rerank_core.models import load_tokenizer
+from rerank_core.template_check import template_consistency
 
 __all__ = ["add_diagnose_command"]
 
@@ -45,9 +58,6 @@ def _progress(label: str) -> Callable[[int, int], None] | None:
 
 
 def command_position_bias(args: argparse.Namespace) -> int:
-    from rerank_core.cli import build_inspector, build_settings
-    from rerank_core.diagnostics import OrderSpec, position_bias, position_bias_over_users
-    from rerank_core.diagnostics import tables as frames
 
     inspector = build_inspector(args)
     settings = build_settings(args, args.split)
@@ -78,9 +88,6 @@ def command_position_bias(args: argparse.Namespace) -> int:
 
 
 def command_letter_prior(args: argparse.Namespace) -> int:
-    from rerank_core.cli import build_inspector, build_settings
-    from rerank_core.diagnostics import letter_prior
-    from rerank_core.diagnostics import tables as frames
 
     inspector = build_inspector(args)
     settings = build_settings(args, args.split)
@@ -93,9 +100,6 @@ def command_letter_prior(args: argparse.Namespace) -> int:
 
 
 def command_history(args: argparse.Namespace) -> int:
-    from rerank_core.cli import build_inspector, build_settings
-    from rerank_core.diagnostics import history_influence
-    from rerank_core.diagnostics import tables as frames
 
     inspector = build_inspector(args)
     settings = build_settings(args, args.split)
@@ -109,15 +113,10 @@ def command_history(args: argparse.Namespace) -> int:
 
 
 def command_template(args: argparse.Namespace) -> int:
-    from rerank_core.diagnostics import tables as frames
-    from rerank_core.models import load_tokenizer
-    from rerank_core.template_check import template_consistency
 
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     text = None
     if args.user:
-        from rerank_core.cli import build_settings
-        from rerank_core.data import load_dataset
 
         inspector = Inspector(load_dataset(args.data, args.data_format), tokenizer=tokenizer)
         text = inspector.prepare(args.user, build_settings(args, args.split)).prompt.text
@@ -133,9 +132,6 @@ def command_template(args: argparse.Namespace) -> int:
 
 
 def command_letter_mass(args: argparse.Namespace) -> int:
-    from rerank_core.cli import build_inspector, build_settings
-    from rerank_core.diagnostics import letter_mass
-    from rerank_core.diagnostics import tables as frames
 
     inspector = build_inspector(args)
     settings = build_settings(args, args.split)
@@ -146,7 +142,6 @@ def command_letter_mass(args: argparse.Namespace) -> int:
 
 def add_diagnose_command(subparsers: Any) -> None:
     """Register `diagnose {position-bias,letter-prior,history,template,letter-mass}`."""
-    from rerank_core.cli import add_common_options
 
     diagnose = subparsers.add_parser(
         "diagnose", help="position bias, letter prior, history influence, template consistency, letter mass",

@@ -9,71 +9,35 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
-from rerank_core.training import TRAINING_PRESETS, TrainConfig
+import torch
+from tqdm import tqdm
 
-__all__ = ["EXIT_CANCELLED", "EXIT_FAILED", "add_train_command", "main", "run_train"]
+from rerank_core.loaders import load_dataset
+from rerank_core.models import load_model
+from rerank_core.progress import CancelFlag, EventLog
+from rerank_core.train_settings import SETTINGS, Setting, parse_settings
+from rerank_core.training import TRAINING_PRESETS, TrainConfig, check_adapter_target, train_adapter, training_config
+
+__all__ = ["EXIT_BAD_SETTINGS", "EXIT_CANCELLED", "EXIT_FAILED", "add_train_command", "main", "run_train"]
 
 EXIT_FAILED = 1
+# As every other command: a bad setting or a taken name is refused before anything loads.
+EXIT_BAD_SETTINGS = 2
 # 128 + SIGINT, the shell's convention for a run the user stopped.
 EXIT_CANCELLED = 130
 
-# TrainConfig field -> (option, type, help). The defaults shown come from the chosen --training-preset.
-_CONFIG_OPTIONS: dict[str, tuple[str, Any, str]] = {
-    "lora_r": ("--lora-r", int, "LoRA rank r"),
-    "lora_alpha": ("--lora-alpha", int, "LoRA alpha (the update is scaled by alpha / r)"),
-    "lora_dropout": ("--lora-dropout", float, "dropout on the LoRA input"),
-    "target_modules": ("--target-modules", str, "comma-separated module names LoRA adapts, e.g. q_proj,v_proj"),
-    "learning_rate": ("--lr", float, "peak learning rate (AdamW, linear decay)"),
-    "epochs": ("--epochs", float, "passes over the training samples (fractions allowed)"),
-    "batch_size": ("--batch-size", int, "samples per step and process"),
-    "grad_accumulation": ("--grad-accumulation", int, "micro-batches summed into one optimizer step"),
-    "warmup": ("--warmup", float, "linear warm-up: below 1 a share of all steps, 1 or more a number of steps"),
-    "max_samples": ("--max-samples", int, "draw at most this many training samples (0: all of them)"),
-    "max_prompt_tokens": ("--max-prompt-tokens", int,
-                          "drop the oldest history items until the prompt fits this many tokens "
-                          "(0: size it from the data, room for the candidates plus --history-items)"),
-    "history_items": ("--history-items", int,
-                      "recent history items a data-sized prompt budget makes room for"),
-    "sample_mode": ("--sample-mode", str,
-                    "prefixes: every prefix of each training sequence (LlamaRec); "
-                    "random_split: one seeded split point per user (the research code)"),
-    "eval_every": ("--eval-every", int, "validation NDCG@10/Recall@10 every N steps (0: only before and after)"),
-    "eval_users": ("--eval-users", int, "size of the fixed validation subset (0: no validation)"),
-}
-
 
 def _add_shared_options(parser: argparse.ArgumentParser) -> None:
-    """The options every command has, named as in cli.py, but defaulting to the training preset's values.
-
-    cli.add_common_options defaults suit inspection (preset seed, 1536 prompt tokens, 8 prompts per
-    forward pass); for training they would silently override the quick preset's seed_after, data-sized
-    prompt budget and 4.
-    """
-    quick = TRAINING_PRESETS["quick"]
-    group = parser.add_argument_group("model, data and prompt (defaults: the training preset's)")
+    """Model, data and device options, named as in cli_common; the prompt and candidate options are settings."""
+    group = parser.add_argument_group("model and data")
     group.add_argument("--model", metavar="PATH",
                        help="local Hugging Face model folder (default: embedded SmolLM2-135M-Instruct)")
     group.add_argument("--data", metavar="PATH|NAME", help="dataset folder or file, or a built-in dataset: sample "
                        "(synthetic, the default) or ml-100k-real (real MovieLens 100K from the recbole package)")
     group.add_argument("--data-format", help="force the data format instead of detecting it")
-    group.add_argument("--preset", help="prompt preset: seed, seed_after, llamarec, llamarec_after "
-                       f"(quick: {quick.prompt_preset}; *_after put the letter after the item text)")
-    group.add_argument("--template-kwargs", metavar="JSON",
-                       help="chat-template options as a JSON object, e.g. '{\"enable_thinking\": false}'; used for "
-                            "training and validation, recorded in the manifest and applied when the adapter is "
-                            "evaluated (default: none)")
-    group.add_argument("--strategy", help=f"verbalizer strategy for validation and the manifest: as_trained, seed, "
-                       f"encode (quick: {quick.strategy})")
-    group.add_argument("--candidates", type=int, metavar="N",
-                       help=f"candidates per prompt, 1-52 (quick: {quick.candidates})")
-    group.add_argument("--candidate-source", help=f"negatives: random, popular or retriever "
-                       f"(quick: {quick.candidate_source})")
-    group.add_argument("--text-field", help=f"item text in prompts: title, caption or summary "
-                       f"(quick: {quick.text_field})")
-    group.add_argument("--seed", type=int, help=f"seed for samples, candidates and LoRA initialisation "
-                       f"(quick: {quick.seed})")
     group.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32 (default: %(default)s)")
     group.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]; under torchrun each process takes "
                        "the GPU of its LOCAL_RANK (default: %(default)s)")
@@ -83,9 +47,37 @@ def _add_shared_options(parser: argparse.ArgumentParser) -> None:
                        help="adapters folder (default: adapters/ beside the code, or $RERANK_ADAPTERS_DIR)")
 
 
+def _setting_type(item: Setting) -> Any:
+    """An argparse type: a bad value stops at parsing (exit 2), naming the option, before anything loads; the text
+    itself is kept, so parse_settings stays the one place that converts it (0 → None included)."""
+    def parse(text: str) -> str:
+        try:
+            item.parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return text
+
+    parse.__name__ = item.kind.__name__  # argparse names the type in its "invalid ... value" message
+    return parse
+
+
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    """One flag per training setting, from train_settings.SETTINGS; a flag not given keeps the preset's value."""
+    quick, full = TRAINING_PRESETS["quick"], TRAINING_PRESETS["full"]
+    group = parser.add_argument_group("training settings (defaults: the training preset's)")
+    for item in SETTINGS:
+        defaults = f"quick: {_shown(getattr(quick, item.name))}, full: {_shown(getattr(full, item.name))}"
+        text = f"{item.help}; {item.rule} ({defaults})"
+        if item.kind is bool:
+            group.add_argument(item.flag, dest=item.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=text)
+        else:
+            group.add_argument(item.flag, dest=item.name, type=_setting_type(item), default=None,
+                               metavar=item.name.upper(), help=text)
+
+
 def add_train_command(subparsers: Any) -> argparse.ArgumentParser:
     """Register `train` (with every option it reads) on a subparsers object; sets handler=run_train."""
-    quick, full = TRAINING_PRESETS["quick"], TRAINING_PRESETS["full"]
     parser = subparsers.add_parser(
         "train", help="LoRA fine-tune on answer letters and save adapters/<name>",
         description="LoRA fine-tune on the answer letters of training samples cut from each user's sequence, "
@@ -95,22 +87,20 @@ def add_train_command(subparsers: Any) -> argparse.ArgumentParser:
                     "and, with --events, to a JSON-lines file. Cancel with SIGTERM, SIGINT (Ctrl-C) or by "
                     "creating the --cancel-file: the run stops at the next step and leaves nothing in "
                     "adapters/. Runs unchanged under `torchrun` / `accelerate launch`. Exit status: 0 saved, "
-                    f"{EXIT_FAILED} failed, {EXIT_CANCELLED} cancelled. Settings not given come from "
-                    "--training-preset.")
+                    f"{EXIT_FAILED} failed, {EXIT_BAD_SETTINGS} bad settings (nothing loaded), {EXIT_CANCELLED} "
+                    "cancelled. Settings not given come from --config, then from --training-preset.")
     _add_shared_options(parser)
     parser.add_argument("--name", required=True, help="adapter folder name: letters, digits, '.', '_', '-'")
     parser.add_argument("--training-preset", choices=sorted(TRAINING_PRESETS), default="quick",
                         help="quick: a few minutes on a 2-core CPU with the default model; full: GPU sizing")
+    parser.add_argument("--config", metavar="FILE",
+                        help="every setting from a JSON file (TrainConfig.to_json, as the app hands a run over); "
+                             "flags given beside it win")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing adapter of that name")
     parser.add_argument("--events", metavar="FILE", help="write progress events as JSON lines to FILE")
     parser.add_argument("--cancel-file", metavar="FILE", help="stop at the next step once FILE exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    for name, (option, kind, text) in _CONFIG_OPTIONS.items():
-        parser.add_argument(option, dest=name, type=kind, default=None,
-                            help=f"{text} (quick: {_shown(getattr(quick, name))}, "
-                                 f"full: {_shown(getattr(full, name))})")
-    parser.add_argument("--train-on-eos", dest="train_on_eos", action=argparse.BooleanOptionalAction,
-                        default=None, help="also train the end-of-turn token(s) after the letter (quick: on)")
+    _add_settings(parser)
     parser.set_defaults(handler=run_train)
     return parser
 
@@ -122,22 +112,16 @@ def _shown(value: Any) -> str:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The training preset, with every option the user gave replacing its value."""
-    from rerank_core.training import training_config
-
-    overrides: dict[str, Any] = {name: getattr(args, name, None) for name in _CONFIG_OPTIONS}
-    if overrides["target_modules"] is not None:
-        overrides["target_modules"] = tuple(part.strip() for part in overrides["target_modules"].split(",")
-                                            if part.strip())
-    shared = {"prompt_preset": "preset", "strategy": "strategy", "candidates": "candidates",
-              "candidate_source": "candidate_source", "text_field": "text_field", "seed": "seed",
-              "train_on_eos": "train_on_eos", "template_kwargs": "template_kwargs"}
-    overrides.update({field_name: getattr(args, option, None) for field_name, option in shared.items()})
-    # 0 means "no limit" for max_samples and "size from the data" for max_prompt_tokens: both None in TrainConfig.
-    zeroed = [name for name in ("max_samples", "max_prompt_tokens") if overrides[name] == 0]
-    config = training_config(args.training_preset, **{name: None if name in zeroed else value
-                                                      for name, value in overrides.items()})
-    return replace(config, **dict.fromkeys(zeroed)) if zeroed else config
+    """--config's settings (or the training preset), with every setting flag the user gave replacing its value."""
+    given = {item.name: getattr(args, item.name, None) for item in SETTINGS}
+    if args.config:
+        try:
+            base = TrainConfig.from_json(json.loads(Path(args.config).read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError, TypeError) as error:
+            raise ValueError(f"--config {args.config} cannot be read as training settings: {error}") from None
+    else:
+        base = training_config(args.training_preset)
+    return replace(base, **parse_settings(given))
 
 
 class _ProgressBar:
@@ -151,8 +135,6 @@ class _ProgressBar:
     def __call__(self, event: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        from tqdm import tqdm
-
         kind = event["event"]
         if kind == "stage" and event.get("stage") == "training":
             self.bar = tqdm(total=event["total_steps"], desc="train", unit="step", file=sys.stderr,
@@ -180,11 +162,6 @@ class _ProgressBar:
 
 def run_train(args: argparse.Namespace) -> int:
     """The `train` command: load, train, publish; returns the exit status."""
-    from rerank_core.data import load_dataset
-    from rerank_core.models import load_model
-    from rerank_core.progress import CancelFlag, EventLog
-    from rerank_core.training import check_adapter_target, train_adapter
-
     events = EventLog(args.events) if args.events else None
     bar = _ProgressBar(not args.no_progress)
     finished: list[str] = []
@@ -197,11 +174,13 @@ def run_train(args: argparse.Namespace) -> int:
         bar(event)
 
     cancel = CancelFlag(args.cancel_file)
+    checked = False
     try:
         with cancel.handling_signals():
             try:
                 config = config_from_args(args)
                 check_adapter_target(args.name, args.adapters_dir, overwrite=args.overwrite)  # before loading
+                checked = True
                 dataset = load_dataset(args.data, args.data_format)
                 loaded = load_model(args.model, device=_process_device(args.device), dtype=args.dtype or "auto",
                                     trust_remote_code=args.trust_remote_code)
@@ -215,7 +194,7 @@ def run_train(args: argparse.Namespace) -> int:
                     print("cancelled", file=sys.stderr)
                     return EXIT_CANCELLED
                 print(f"error: {error}", file=sys.stderr)
-                return EXIT_FAILED
+                return EXIT_FAILED if checked else EXIT_BAD_SETTINGS
     finally:
         if events is not None:
             events.close()
@@ -228,8 +207,6 @@ def run_train(args: argparse.Namespace) -> int:
 
 def _process_device(requested: str | None) -> str:
     """Under torchrun each process loads onto its own GPU, not all onto cuda:0."""
-    import torch
-
     device = requested or "auto"
     local_rank = os.environ.get("LOCAL_RANK")
     if local_rank is not None and device in ("auto", "cuda") and torch.cuda.is_available():

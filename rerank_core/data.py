@@ -7,7 +7,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 __all__ = [
@@ -18,9 +17,7 @@ __all__ = [
     "Dataset",
     "Item",
     "UserSplit",
-    "bundled_sample_path",
     "collecting_row_errors",
-    "load_dataset",
     "report_row_error",
 ]
 
@@ -183,14 +180,3 @@ class Dataset:
 
 def _natural_key(text: str) -> tuple[int, int | str]:
     return (0, int(text)) if text.isdigit() else (1, text)
-
-
-def bundled_sample_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "sample_data"
-
-
-def load_dataset(path: str | Path | None = None, data_format: str | None = None) -> Dataset:
-    """Load a dataset folder or file; the format is detected unless data_format names it."""
-    from rerank_core import loaders
-
-    return loaders.load(bundled_sample_path() if path is None else Path(path), data_format)

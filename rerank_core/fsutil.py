@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["atomic_write_text", "process_running", "user_cache_dir"]
+__all__ = ["atomic_write_text", "process_running", "replace_folder", "user_cache_dir", "write_folder"]
 
 
 def user_cache_dir() -> Path:
@@ -29,6 +31,39 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def replace_folder(staging: Path, target: Path, *, aside_prefix: str) -> None:
+    """Rename a complete folder to target; an existing target is set aside first and restored if the new one cannot
+    move in, so a reader sees the old folder or the new one, never a mix of both."""
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=aside_prefix, dir=target.parent))
+    aside.rmdir()
+    os.rename(target, aside)
+    try:
+        os.rename(staging, target)
+    except OSError:
+        os.rename(aside, target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def write_folder(target: str | os.PathLike[str], files: Mapping[str, str]) -> None:
+    """Files that belong together (a CSV and its summary) written into a staging folder renamed into place: a
+    reader never sees one without the others. The target holds these files only and is replaced as a whole."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    try:
+        for name, text in files.items():
+            (staging / name).write_text(text, encoding="utf-8")
+        staging.chmod(0o755)
+        replace_folder(staging, target, aside_prefix=f".{target.name}.replaced-")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
         raise
 
 

@@ -32,6 +32,7 @@ from rerank_core.prompts import (
     answer_slot,
     build_prompt,
     encode_rendered,
+    letters_for,
     parse_template_kwargs,
     with_template_kwargs,
 )
@@ -193,8 +194,6 @@ class Inspector:
         """Letters resolved once per (preset, strategy, count): they do not depend on the items."""
         key = (settings.preset, settings.template_kwargs, settings.strategy, count)
         if key not in self._letters:
-            from rerank_core.prompts import letters_for
-
             self._letters[key] = tuple(resolve_letters(
                 self.tokenizer, settings.prompt_preset, letters_for(count), settings.strategy))
         return self._letters[key]
@@ -264,6 +263,7 @@ class Inspector:
             slots.peft_model.delete_adapter(system)
             del slots.infos[system]
         if system not in slots.infos:
+            # peft takes seconds to import: only when an adapter is first scored
             from peft import PeftModel
 
             info = check_adapter(self.loaded, system, self.adapters_root)
@@ -282,7 +282,8 @@ class Inspector:
         return slots.peft_model
 
     def settings_for(self, system: str, settings: InspectSettings) -> tuple[InspectSettings, str]:
-        """An adapter is scored with the preset and template options it was trained with, unless overridden."""
+        """An adapter is scored with the preset, template options and prompt budget it was trained with, unless
+        the user overrides it."""
         if system == BASE or not settings.use_adapter_preset:
             return settings, ""
         info = self.loaded.adapters.infos.get(system) or check_adapter(self.loaded, system, self.adapters_root)
@@ -297,6 +298,12 @@ class Inspector:
             notes.append(f"adapter {system!r} was trained with template_kwargs {options or '{}'}; scored with them, "
                          f"not {settings.template_kwargs or '{}'}")
             effective = replace(effective, template_kwargs=options)
+        # The training budget was sized for the training candidate count: with another count it does not apply.
+        budget = info.max_prompt_tokens
+        same_count = info.candidate_count in (None, settings.candidates.count)
+        if budget and same_count and budget != settings.max_prompt_tokens:
+            notes.append(f"prompts cut to {budget} tokens, as in its training (not {settings.max_prompt_tokens})")
+            effective = replace(effective, max_prompt_tokens=budget)
         return effective, "; ".join(notes)
 
     # -- scoring -----------------------------------------------------------------------------

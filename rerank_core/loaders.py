@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rerank_core.builtin_data import BUILTIN_DATASETS, builtin_dataset_path
+from rerank_core.builtin_data import BUILTIN_DATASETS, builtin_dataset_path, bundled_sample_path
 from rerank_core.data import DataError, Dataset, Item, collecting_row_errors, report_row_error
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "load",
     "load_amazon",
     "load_csv_pair",
+    "load_dataset",
     "load_movielens_1m",
     "load_movielens_100k",
     "load_movielens_latest_small",
@@ -58,6 +59,11 @@ _ML100K_GENRES = (
     "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
     "War", "Western",
 )
+
+
+def load_dataset(path: str | Path | None = None, data_format: str | None = None) -> Dataset:
+    """Load a dataset folder or file (the bundled sample when None); the format is detected unless named."""
+    return load(bundled_sample_path() if path is None else Path(path), data_format)
 
 
 def load(path: Path, data_format: str | None = None) -> Dataset:

@@ -126,6 +126,7 @@ def embedded_model_folder() -> Path:
 
 
 def _convert_embedded(target: Path) -> None:
+    # transformers takes seconds to import: only when a model or tokenizer loads
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = _gguf_folder()
@@ -159,6 +160,7 @@ def _check_folder(path: Path, what: str) -> None:
 
 def load_tokenizer(path: str | os.PathLike[str] | None = None) -> Any:
     """A tokenizer from a folder (HF tokenizer files or a SentencePiece tokenizer.model), or the embedded one."""
+    # transformers takes seconds to import: only when a model or tokenizer loads
     from transformers import AutoTokenizer
 
     folder = embedded_model_folder() if path is None else Path(path)
@@ -166,6 +168,7 @@ def load_tokenizer(path: str | os.PathLike[str] | None = None) -> Any:
     has_config = (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file()
     try:
         if not has_config and (folder / "tokenizer.model").is_file():
+            # transformers takes seconds to import: only when a model or tokenizer loads
             from transformers import LlamaTokenizer
 
             # The constructor ignores vocab_file in transformers 5 (an empty vocabulary); from_pretrained
@@ -206,6 +209,7 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     """A causal LM and its tokenizer from a local folder (safetensors only), or the embedded default."""
+    # transformers takes seconds to import: only when a model or tokenizer loads
     from transformers import AutoModelForCausalLM
 
     folder = embedded_model_folder() if path is None else Path(path)

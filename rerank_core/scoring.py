@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from cachetools import LRUCache
 
 from rerank_core.limits import check_limit
 
@@ -107,13 +107,14 @@ def _forward(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
             lambda module, inputs, output: torch.nn.functional.linear(arrived[0].float(), weight, bias)))
         handles.extend(_fp32_residual_hooks(model, head.weight.dtype))
     try:
+        # `cache` only when there is one: a model with its own code may not know the argument.
         return model(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
             position_ids=position_ids.to(device),
-            cache=cache,
             logits_to_keep=1,
             use_cache=keep_cache or cache is not None,
+            **({} if cache is None else {"cache": cache}),
         )
     finally:
         for handle in handles:
@@ -145,9 +146,9 @@ def _run_prefix(model: Any, prefix: Sequence[int], pad_id: int) -> _SharedPrefix
 
     input_ids, attention_mask = _pad_left([prefix], pad_id)
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    cache = _forward(model, input_ids, attention_mask, position_ids, keep_cache=True).cache
-    # Sliding-window or quantized layers keep other state than keys and values: score from scratch.
-    if cache is None or any(type(layer) is not DynamicLayer for layer in cache.layers):
+    cache = getattr(_forward(model, input_ids, attention_mask, position_ids, keep_cache=True), "cache", None)
+    # No cache, or sliding-window or quantized layers that keep other state than keys and values: from scratch.
+    if cache is None or any(type(layer) is not DynamicLayer for layer in getattr(cache, "layers", [None])):
         return None
     return _SharedPrefix(tuple((layer.keys, layer.values) for layer in cache.layers), attention_mask, len(prefix))
 
@@ -238,24 +239,11 @@ def score_token_ids(
     return [result for result in results if result is not None]
 
 
-class ScoreCache:
-    """Scores keyed by (model, adapter, rendered text, letter IDs): switching back is instant."""
+class ScoreCache(LRUCache):
+    """Scores keyed by (model, adapter, prompt token IDs, letter IDs), least recently used dropped first."""
 
     def __init__(self, capacity: int = 4096) -> None:
-        self.capacity = capacity
-        self._entries: OrderedDict[tuple[Any, ...], LetterScores] = OrderedDict()
-
-    def get(self, key: tuple[Any, ...]) -> LetterScores | None:
-        value = self._entries.get(key)
-        if value is not None:
-            self._entries.move_to_end(key)
-        return value
+        super().__init__(maxsize=capacity)
 
     def put(self, key: tuple[Any, ...], value: LetterScores) -> None:
-        self._entries[key] = value
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._entries)
+        self[key] = value

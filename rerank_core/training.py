@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,10 @@ from rerank_core.adapters import (
     remove_stale,
     validate_adapter_name,
 )
-from rerank_core.candidates import CANDIDATE_SOURCES, CandidateConfig, CandidateSampler, CandidateSet
+from rerank_core.candidates import CandidateConfig, CandidateSampler, CandidateSet
 from rerank_core.data import Dataset
 from rerank_core.fsutil import atomic_write_text
+from rerank_core.inspector import BASE, Inspector, InspectSettings
 from rerank_core.labels import IGNORE_INDEX, LabeledExample, label_example
 from rerank_core.models import LoadedModel
 from rerank_core.progress import CancelFlag
@@ -44,13 +45,13 @@ from rerank_core.prompts import (
     parse_template_kwargs,
     with_template_kwargs,
 )
-from rerank_core.verbalizer import STRATEGIES
+from rerank_core.scoring import ScoreCache
+from rerank_core.train_settings import MAX_BUDGET_HISTORY_ITEMS, SETTINGS, parse_settings, setting
 
 __all__ = [
     "LOSS_LABELS",
     "LOSS_TOKENS",
     "MAX_BUDGET_HISTORY_ITEMS",
-    "SAMPLE_MODES",
     "TRAINING_PRESETS",
     "VALIDATION_METRICS",
     "PromptBudget",
@@ -71,12 +72,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# "prefixes": every prefix of the training sequence (LlamaRec); "random_split": one seeded split per user (seed).
-SAMPLE_MODES = ("prefixes", "random_split")
 VALIDATION_METRICS = ("NDCG@10", "Recall@10", "MRR@10")
 EventSink = Callable[[dict[str, Any]], None]
-# A data-sized prompt budget makes room for at most this many history items (LlamaRec's prompts keep 20).
-MAX_BUDGET_HISTORY_ITEMS = 50
 # Prompts measured to size the budget: enough to see long titles, cheap next to training.
 _BUDGET_PROBES = 64
 _MANIFEST_FORMAT = 1
@@ -125,32 +122,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "template_kwargs", parse_template_kwargs(self.template_kwargs))
         self.preset()  # an unknown preset name fails here
-        if self.sample_mode not in SAMPLE_MODES:
-            raise ValueError(f"sample mode {self.sample_mode!r} is not one of {', '.join(SAMPLE_MODES)}")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"verbalizer strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
-        if self.candidate_source not in CANDIDATE_SOURCES:
-            raise ValueError(f"candidate source {self.candidate_source!r} is not one of "
-                             f"{', '.join(CANDIDATE_SOURCES)}")
-        positive = {"lora_r": self.lora_r, "lora_alpha": self.lora_alpha, "learning_rate": self.learning_rate,
-                    "epochs": self.epochs, "batch_size": self.batch_size,
-                    "grad_accumulation": self.grad_accumulation, "candidates": self.candidates}
-        for name, value in positive.items():
-            if not value > 0:
-                raise ValueError(f"{name} must be positive, got {value}")
-        for name in ("max_samples", "max_prompt_tokens"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be at least 1 or None (no limit), got {value}")
-        if isinstance(self.history_items, bool) or not 0 <= self.history_items <= MAX_BUDGET_HISTORY_ITEMS:
-            raise ValueError(f"history_items must be a whole number from 0 to {MAX_BUDGET_HISTORY_ITEMS}, "
-                             f"got {self.history_items!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.warmup < 0 or self.eval_every < 0 or self.eval_users < 0:
-            raise ValueError("warmup, eval_every and eval_users must not be negative (0 turns them off)")
-        if not self.target_modules:
-            raise ValueError("target_modules is empty: name the projections LoRA adapts, e.g. q_proj,v_proj")
+        for item in SETTINGS:  # each setting's choices and bounds, as declared once in train_settings
+            item.check(getattr(self, item.name))
         self.candidate_config()  # candidate count and seed checks live there
 
     @property
@@ -170,6 +143,12 @@ class TrainConfig:
         values["target_modules"] = list(self.target_modules)
         return values
 
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> TrainConfig:
+        """The inverse of to_json (the app's job hands its settings over this way); every value is checked."""
+        return cls(**{name: setting(name).parse(value) if value is not None else None
+                      for name, value in values.items()})
+
 
 # quick: findings.md's setting (letter after the text, lr 1e-3, batch 4) sized for a 2-core CPU and the 135M
 # default model: 192 samples of ~310 tokens (20 candidates, about 5 history items) lift test NDCG@10 on the
@@ -183,16 +162,12 @@ TRAINING_PRESETS: dict[str, TrainConfig] = {
 }
 
 
-def training_config(preset: str = "quick", **overrides: Any) -> TrainConfig:
-    """A training preset with some settings replaced (None values keep the preset's)."""
+def training_config(preset: str = "quick", **values: Any) -> TrainConfig:
+    """A training preset with some settings replaced: values as a flag, the form or the API gives them (checked
+    and typed by train_settings; None or "" keeps the preset's, 0 for max_samples means all samples)."""
     if preset not in TRAINING_PRESETS:
         raise ValueError(f"training preset {preset!r} is not one of {', '.join(TRAINING_PRESETS)}")
-    known = {item.name for item in fields(TrainConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return replace(TRAINING_PRESETS[preset], **{key: value for key, value in overrides.items()
-                                                if value is not None})
+    return replace(TRAINING_PRESETS[preset], **parse_settings(values))
 
 
 @dataclass(frozen=True)
@@ -455,6 +430,7 @@ def _answer_loss(model: Any, inputs: dict[str, torch.Tensor],
 
 def _make_trainer(*args: Any, **kwargs: Any) -> Any:
     """A Trainer that computes the answer loss itself and logs the letter loss beside it."""
+    # transformers takes seconds to import: only once a run starts, not for `train --help`
     from transformers import Trainer
 
     class AnswerLossTrainer(Trainer):
@@ -504,6 +480,7 @@ def _package_versions() -> dict[str, str]:
 
 def _lora_digest(peft_model: Any) -> str:
     """A hash of the trained LoRA weights: equal on every replica of a correct data-parallel run."""
+    # peft takes seconds to import: only once a run starts
     from peft import get_peft_model_state_dict
 
     digest = hashlib.sha256()
@@ -531,8 +508,6 @@ class _Validator:
 
     def __init__(self, dataset: Dataset, loaded: LoadedModel, peft_model: Any, config: TrainConfig,
                  cancel: CancelFlag | None) -> None:
-        from rerank_core.inspector import Inspector, InspectSettings
-
         self.users = validation_users(dataset, config.eval_users, config.seed)
         self.settings = InspectSettings(
             preset=config.prompt_preset, strategy=config.strategy, text_field=config.text_field,
@@ -545,8 +520,6 @@ class _Validator:
         self.cancel = cancel
 
     def __call__(self) -> dict[str, float]:
-        from rerank_core.scoring import ScoreCache
-
         def check(done: int, total: int) -> None:
             if self.cancel is not None and self.cancel.requested:
                 raise _Cancelled
@@ -563,6 +536,7 @@ class _Validator:
 
 def _run_callback(emit: EventSink, cancel: CancelFlag | None, validate: Callable[[], dict[str, float]] | None,
                   config: TrainConfig, report: TrainReport, started: float) -> Any:
+    # transformers takes seconds to import: only once a run starts
     from transformers import TrainerCallback
 
     class RunCallback(TrainerCallback):
@@ -612,6 +586,7 @@ def _run_callback(emit: EventSink, cancel: CancelFlag | None, validate: Callable
 
 
 def _has_lora_layers(model: Any) -> bool:
+    # peft takes seconds to import: only once a run starts
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return any(isinstance(module, BaseTunerLayer) for module in model.modules())
@@ -643,6 +618,8 @@ def _manifest(loaded: LoadedModel, dataset: Dataset, config: TrainConfig, name: 
 def check_adapter_target(name: str, root: str | os.PathLike[str] | None = None, *, overwrite: bool = False) -> Path:
     """adapters/<name>, if the name is valid and free (or may be overwritten): checked before any work."""
     validate_adapter_name(name)
+    if name == BASE:
+        raise AdapterError(f"{BASE!r} names the model without an adapter in every picker: choose another name")
     target = adapters_root(root) / name
     if target.exists() and not overwrite:
         raise AdapterError(f"adapter {name!r} already exists in {target.parent}; choose another name or pass "
@@ -681,6 +658,7 @@ def train_adapter(
                   total_loss covers), learning_rate, grad_norm, epoch, elapsed, eta (seconds)
       done | cancelled (reason) | failed (error)   report (TrainReport.to_json()); done also has path
     """
+    # transformers and peft take seconds to import: only once a run starts
     from peft import LoraConfig, get_peft_model
     from transformers import TrainingArguments, set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback

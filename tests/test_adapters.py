@@ -145,3 +145,11 @@ def test_adapters_root_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     monkeypatch.setenv("RERANK_ADAPTERS_DIR", str(tmp_path))
     assert adapters_module.adapters_root() == tmp_path
     assert adapters_module.adapters_root(tmp_path / "x") == tmp_path / "x"
+
+
+def test_the_adapters_folder_is_in_the_repository_with_a_readme() -> None:
+    """The layout names adapters/ as where adapters go: it exists in a fresh checkout, saying what belongs there."""
+    repo = Path(__file__).resolve().parent.parent
+    tracked = subprocess.run(["git", "ls-files", "adapters"], cwd=repo, capture_output=True, text=True).stdout
+    assert tracked.split() == ["adapters/README.md"]
+    assert "rerank_manifest.json" in (repo / "adapters" / "README.md").read_text()

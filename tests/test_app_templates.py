@@ -7,7 +7,7 @@ import pytest
 from app_helpers import make_context
 from template_gallery import FAMILIES, build_tokenizer
 
-from rerank_app.jobs import JobError, TrainRequest
+from rerank_app.jobs import TrainRequest
 from rerank_app.pickers import Pickers, endpoint
 from rerank_app.tabs import diagnose, finetune
 from rerank_app.tabs import inspect as inspect_tab
@@ -36,6 +36,7 @@ def test_inspect_marks_the_inserted_span_apart_from_prompt_and_letter(context) -
     letter = prompt.index('<span class="ri-letter-slot" title=')
     assert inserted < letter and "think" in prompt[inserted:letter]
     assert "A…E" in prompt[letter:]
+    assert "left out" not in prompt  # nothing of this generation prompt is cut
     assert "think" not in prompt[:inserted].rsplit("assistant", 1)[-1]
     # In the token view the span's four tokens (<think>, \n\n, </think>, \n\n) are marked too.
     assert shown["tokens"].count("ri-inserted-tok") == 4 + 1  # four tokens and the legend
@@ -81,9 +82,21 @@ def test_fine_tune_form_passes_template_options_to_the_run(context) -> None:
     preview = finetune.training_preview(context, "toy", "tiny-llama", candidates=5, template_kwargs=NO_THINKING)
     loss_tokens = [row["token"] for row in preview["tokens"] if row["loss"]]
     assert loss_tokens[0] in "ABCDE" and "<think>" not in loss_tokens
-    argv = TrainRequest(name="run", model_path="m", data_path="d",
-                        options={"template_kwargs": NO_THINKING}).argv(*(context.config.runs_root,) * 3)
-    assert argv[argv.index("--template-kwargs") + 1] == '{"enable_thinking":false}'
-    with pytest.raises(JobError, match="template_kwargs: template_kwargs is not valid JSON"):
-        TrainRequest(name="run", model_path="m", data_path="d",
-                     options={"template_kwargs": "--overwrite"}).argv(*(context.config.runs_root,) * 3)
+    config = TrainRequest(name="run", model_path="m", data_path="d", options={"template_kwargs": NO_THINKING}).config()
+    assert config.template_kwargs == '{"enable_thinking":false}'  # canonical JSON, handed over in the config file
+    with pytest.raises(ValueError, match="template_kwargs is not valid JSON"):
+        TrainRequest(name="run", model_path="m", data_path="d", options={"template_kwargs": "--overwrite"}).config()
+
+
+def test_prompt_view_strikes_out_generation_prompt_text_left_out(smol_tokenizer) -> None:
+    """DeepSeek-R1: the generation prompt's `<think>\\n` is not in the scored prompt; the view says so."""
+    from rerank_app import views
+    from rerank_core.prompts import answer_slot, render_inference
+
+    tokenizer = build_tokenizer(next(family for family in FAMILIES if family.name == "DeepSeek-R1 distill"),
+                                smol_tokenizer, None)
+    slot = answer_slot(tokenizer, "seed")
+    shown = views.prompt_html(tokenizer, render_inference(tokenizer, "seed", "hello"), slot, letters="A…E")
+    struck = shown.index('<span class="ri-trimmed" title=')
+    assert "think" in shown[struck:] and shown.index('<span class="ri-letter-slot" title=') > struck
+    assert "left out" in shown and "inserted before the letter" not in shown

@@ -19,13 +19,15 @@ import torch
 from app_helpers import custom_code_model, make_adapter, make_context, save_tiny_model, write_csv_dataset
 from conftest import build_tiny_llama, make_toy_dataset
 
-from rerank_app.context import SessionError, make_settings
-from rerank_app.jobs import JobError, TrainRequest
+from rerank_app.context import SessionError
+from rerank_app.jobs import TrainRequest
+from rerank_app.pickers import make_settings
 from rerank_core import cli, loaders
 from rerank_core.adapters import AdapterError, check_adapter, list_adapters, publish_adapter, validate_adapter_name
 from rerank_core.candidates import CandidateConfig, CandidateSampler
-from rerank_core.data import DataError, load_dataset
+from rerank_core.data import DataError
 from rerank_core.inspector import Inspector, InspectSettings
+from rerank_core.loaders import load_dataset
 from rerank_core.models import ModelError, load_model, load_tokenizer
 from rerank_core.prompts import PromptError, build_prompt, letters_for
 from rerank_core.verbalizer import resolve_letters
@@ -378,7 +380,7 @@ def test_bad_adapter_names_are_refused_on_every_surface(name: str, loaded, tmp_p
     for attempt in (lambda: validate_adapter_name(name), lambda: check_adapter(loaded, name, root),
                     lambda: publish_adapter(staging, name, root, overwrite=True),
                     lambda: TrainRequest(name, str(model_folder), str(data_folder)).argv(
-                        tmp_path / "events", tmp_path / "cancel", root)):
+                        tmp_path / "config", tmp_path / "events", tmp_path / "cancel", root)):
         with pytest.raises(AdapterError, match=says):
             attempt()
     if name in CLI_ADAPTER_NAMES:  # one model load each: a few stand for the rest
@@ -531,17 +533,18 @@ def test_bad_cli_option_exits_2_naming_it(name: str, argv: list[str], says: tupl
     (["--name", "ok", "--preset", "bogus"], "prompt preset 'bogus' is not one of"),
     (["--name", "ok", "--lora-dropout", "1.5"], "lora_dropout must be in [0, 1)"),
     (["--name", "kept"], "adapter 'kept' already exists"),
-], ids=["name with ..", "53 candidates", "unknown preset", "dropout out of range", "name taken"])
+    (["--name", "base"], "'base' names the model without an adapter"),
+], ids=["name with ..", "53 candidates", "unknown preset", "dropout out of range", "name taken", "name base"])
 def test_bad_train_option_fails_with_the_reason_and_leaves_adapters_alone(
         extra: list[str], says: str, cli_world, data_folder: Path, model_folder: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
-    from rerank_core.cli_train import EXIT_FAILED
+    from rerank_core.cli_train import EXIT_BAD_SETTINGS
 
     before = snapshot(cli_world["adapters"])
     code, err = run_cli(["train", "--model", str(model_folder), "--data", str(data_folder), "--dtype", "fp32",
                          "--adapters-dir", str(cli_world["adapters"]), "--no-progress", "--max-samples", "4",
                          *extra], capsys)
-    assert code == EXIT_FAILED and says in err
+    assert code == EXIT_BAD_SETTINGS == 2 and says in err  # refused before anything loads, like every command
     assert snapshot(cli_world["adapters"]) == before
     assert [path.name for path in cli_world["adapters"].iterdir()] == ["kept"]
 
@@ -565,23 +568,27 @@ def test_eval_replaces_its_files_whole_and_a_failed_write_keeps_the_old_one(
     shutil.copytree(cli_world["out"], out)
     argv = ["eval", "--data", str(data_folder), "--model", str(model_folder), "--users", "4", "--candidates", "5",
             "--output-dir", str(out)]
-    real_replace = __import__("os").replace
+    real_rename = __import__("os").rename
+    before = {path.name: path.read_text() for path in out.iterdir()}
 
     def full_disk(source, target):
-        if str(target).endswith("summary.json"):
+        if Path(target) == out and ".staging-" in Path(source).name:  # the new folder cannot move in
             raise OSError(28, "No space left on device")
-        return real_replace(source, target)
+        return real_rename(source, target)
 
-    monkeypatch.setattr("os.replace", full_disk)
+    monkeypatch.setattr("os.rename", full_disk)
     code, err = run_cli(argv, capsys)
     assert code == 2 and "No space left on device" in err
-    assert (out / "summary.json").read_text() == '{"earlier": true}'  # the old file, whole
-    assert sorted(path.name for path in out.iterdir()) == ["per_user.csv", "summary.json"]  # no temp files
-    monkeypatch.setattr("os.replace", real_replace)
+    assert {path.name: path.read_text() for path in out.iterdir()} == before  # the old pair, both whole
+    assert '{"earlier": true}' in before.values()
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".")) == []  # no staging left
+    monkeypatch.setattr("os.rename", real_rename)
     assert run_cli(argv, capsys)[0] == 0
     summary = json.loads((out / "summary.json").read_text())
-    # A header, then 4 users for the base and each of the 3 baselines eval scores beside it.
-    assert summary["users"] == 4 and len((out / "per_user.csv").read_text().splitlines()) == 1 + 4 * 4
+    rows = [line.split(",") for line in (out / "per_user.csv").read_text().splitlines()[1:]]
+    runs = {row[1] for row in rows}  # the base and the baselines eval scores beside it, each on every user
+    assert summary["users"] == 4 and "base" in runs and len(rows) == 4 * len(runs)
+    assert len({row[0] for row in rows}) == 4
     assert sorted(path.name for path in out.iterdir()) == ["per_user.csv", "summary.json"]
 
 
@@ -670,8 +677,8 @@ def test_bad_upload_content_names_the_file_as_the_user_knows_it(app_context, tmp
 
 def test_bad_fine_tune_form_values_are_refused_before_anything_starts(app_context) -> None:
     cases = [
-        ({"lora_r": -1}, "lora_r must be positive"),
-        ({"learning_rate": 0}, "learning_rate must be positive"),
+        ({"lora_r": -1}, "lora_r must be a whole number from 1 to 4096, got -1"),
+        ({"learning_rate": 0}, r"learning_rate must be in \(0, 1\], got 0"),
         ({"lora_dropout": 1.5}, r"lora_dropout must be in \[0, 1\)"),
         ({"prompt_preset": "bogus"}, "prompt preset 'bogus' is not one of"),
         ({"output_dir": "/tmp/x"}, "unknown training setting"),
@@ -683,7 +690,7 @@ def test_bad_fine_tune_form_values_are_refused_before_anything_starts(app_contex
     for name in ("../evil", "a/b", "x\ny"):
         with pytest.raises(AdapterError, match="is not allowed"):
             app_context.start_finetune(name, "toy", "tiny-llama", "quick", {"max_samples": 4})
-    with pytest.raises(JobError, match="adapter 'kept' already exists"):
+    with pytest.raises(AdapterError, match="adapter 'kept' already exists"):
         app_context.start_finetune("kept", "toy", "tiny-llama", "quick", {"max_samples": 4})
     assert snapshot(app_context.config.runs_root) == runs_before
     assert not app_context.jobs.status().active

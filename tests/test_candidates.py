@@ -162,3 +162,17 @@ def test_retriever_dense_and_sparse_scoring_agree(monkeypatch: pytest.MonkeyPatc
         sampler = CandidateSampler(dataset, CandidateConfig(source="retriever", count=12, order="retriever"))
         results.append([sampler.for_split(dataset.split_user(user)) for user in dataset.users])
     assert results[0] == results[1]
+
+
+def test_training_reads_each_users_touched_items_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """for_training runs once per sample (every prefix of a sequence): the touched set is built once per user."""
+    dataset = make_dataset()
+    sampler = CandidateSampler(dataset, CandidateConfig(source="random", count=10))
+    calls: list[str] = []
+    touched = dataset.touched
+    monkeypatch.setattr(dataset, "touched", lambda user: calls.append(user) or touched(user))
+    sequence = dataset.training_sequence("u5")
+    first = [sampler.for_training("u5", sequence[:end], sequence[end], sample_key=str(end)) for end in (2, 3, 4)]
+    assert calls == ["u5"]
+    fresh = CandidateSampler(dataset, CandidateConfig(source="random", count=10))
+    assert first == [fresh.for_training("u5", sequence[:end], sequence[end], sample_key=str(end)) for end in (2, 3, 4)]

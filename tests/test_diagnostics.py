@@ -509,7 +509,7 @@ def test_cli_template_exit_status(smol_tokenizer, tmp_path, capsys):
 @pytest.mark.slow
 def test_real_model_position_bias_and_history():
     """SmolLM2-135M on the bundled sample: the identity order is exactly what Inspect shows."""
-    from rerank_core.data import load_dataset
+    from rerank_core.loaders import load_dataset
     from rerank_core.models import load_model
 
     dataset = load_dataset(None)

@@ -297,3 +297,51 @@ def test_prompt_lengths_share_a_few_padded_shapes(smol_tokenizer) -> None:
     with torch.no_grad():  # the padded prompt's last position sees exactly what the prompt alone gives
         alone = model(input_ids=torch.tensor([prompts[1]])).logits[0, -1, letters].float()
     assert scores[1].letter_logits == pytest.approx(alone.tolist(), abs=1e-4)
+
+
+def test_eval_outputs_appear_together_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """eval's CSV and summary go into one staging folder renamed into place: never one without the other."""
+    from rerank_core.cli import _check_output_dir
+    from rerank_core.fsutil import write_folder
+
+    def snapshot(folder: Path) -> dict[str, str]:
+        return {path.name: path.read_text() for path in folder.iterdir()}
+
+    out = tmp_path / "eval_out"
+    write_folder(out, {"per_user.csv": "old csv", "summary.json": "old summary"})
+    assert snapshot(out) == {"per_user.csv": "old csv", "summary.json": "old summary"}
+    real_rename = os.rename
+
+    def rename_fails_into_place(source, target):
+        if Path(target) == out and ".staging-" in Path(source).name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_rename(source, target)
+
+    monkeypatch.setattr(os, "rename", rename_fails_into_place)
+    with pytest.raises(OSError, match="No space left"):
+        write_folder(out, {"per_user.csv": "new csv", "summary.json": "new summary"})
+    monkeypatch.undo()
+    assert snapshot(out) == {"per_user.csv": "old csv", "summary.json": "old summary"}  # the old pair, whole
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["eval_out"]  # no staging or set-aside left
+    write_folder(out, {"per_user.csv": "new csv", "summary.json": "new summary"})
+    assert snapshot(out) == {"per_user.csv": "new csv", "summary.json": "new summary"}
+    _check_output_dir(out)  # a previous eval's folder may be replaced ...
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds other files"):
+        _check_output_dir(out)  # ... a folder with anything else may not
+
+
+def test_an_interrupted_uploads_staging_folder_is_removed_at_the_next_start(tmp_path: Path, smol_tokenizer) -> None:
+    from app_helpers import make_context
+
+    context = make_context(tmp_path, smol_tokenizer)
+    uploads = context.config.upload_root
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = uploads / f".staging-{dead.pid}-x1"  # the name add_upload gives, from a process that died mid-copy
+    stale.mkdir(parents=True)
+    (stale / "items.csv").write_text("half a fi")
+    alive = uploads / f".staging-{os.getpid()}-x2"  # a copy still in progress in a running app
+    alive.mkdir()
+    type(context)(context.config, [context.dataset("toy")], [context.model_entry("tiny-llama")], jobs=context.jobs)
+    assert not stale.exists() and alive.exists()

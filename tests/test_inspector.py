@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -247,3 +248,23 @@ def test_plain_peft_adapter_loads_with_a_warning(smol_tokenizer, tmp_path: Path,
                for record in caplog.records)
     assert result.settings.preset == "seed" and result.preset_note == ""
     assert sum(result.scores.letter_probs) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_adapter_is_scored_with_its_training_prompt_budget(smol_tokenizer, tmp_path: Path) -> None:
+    """The manifest's max_prompt_tokens applies as its preset does: the prompt the adapter was trained on."""
+    loaded = tiny_loaded(smol_tokenizer)
+    manifest = {**manifest_for(loaded, preset="seed"), "training": {"max_prompt_tokens": 250}}
+    write_adapter(smol_tokenizer, tmp_path, "short", manifest)
+    inspector = Inspector(make_toy_dataset(), loaded, adapters_root=str(tmp_path))
+    settings = InspectSettings(preset="seed")
+    adapted = inspector.inspect("u03", settings, system="short")
+    assert adapted.settings.max_prompt_tokens == 250 and "250 tokens" in adapted.preset_note
+    assert len(adapted.prepared.token_ids) <= 250 and adapted.prepared.prompt.dropped_history > 0
+    assert inspector.inspect("u03", settings).prepared.prompt.dropped_history == 0  # the base: 1536 tokens
+    override = inspector.inspect("u03", replace(settings, use_adapter_preset=False), system="short")
+    assert override.settings.max_prompt_tokens == 1536 and override.prepared.prompt.dropped_history == 0
+    # A budget sized for the training candidate count does not apply to prompts with another count.
+    write_adapter(smol_tokenizer, tmp_path, "short5", {**manifest, "candidates": {"count": 5}})
+    assert inspector.inspect("u03", settings, system="short5").settings.max_prompt_tokens == 1536
+    five = replace(settings, candidates=replace(settings.candidates, count=5))
+    assert inspector.inspect("u03", five, system="short5").settings.max_prompt_tokens == 250

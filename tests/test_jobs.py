@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from app_helpers import TINY_TRAINING, make_context, wait_for_job
 
-from rerank_app.jobs import JobBusy, JobError, JobRunner, TrainRequest
+from rerank_app.jobs import JobBusy, JobRunner, TrainRequest
 from rerank_core.adapters import AdapterError, list_adapters
 
 
@@ -33,29 +33,37 @@ def _staging_folders(context) -> list[str]:
     return [path.name for path in root.iterdir() if path.name.startswith(".")] if root.is_dir() else []
 
 
-def test_command_line_takes_only_checked_values(tmp_path: Path) -> None:
+def test_the_run_gets_paths_on_its_command_line_and_checked_settings_in_a_file(tmp_path: Path) -> None:
     request = TrainRequest("my-lora", "/models/m", "/data/d", options={
         "learning_rate": 0.002, "prompt_preset": "seed_after", "max_samples": 0, "lora_r": 8.0})
-    argv = request.argv(tmp_path / "events.jsonl", tmp_path / "cancel", tmp_path / "adapters")
+    argv = request.argv(tmp_path / "config.json", tmp_path / "events.jsonl", tmp_path / "cancel",
+                        tmp_path / "adapters")
     assert argv[1:4] == ["-m", "rerank_core", "train"]
     joined = " ".join(argv)
-    for part in ("--name my-lora", "--model /models/m", "--data /data/d", "--lr 0.002", "--preset seed_after",
-                 "--max-samples 0", "--lora-r 8", f"--events {tmp_path / 'events.jsonl'}", "--no-progress"):
+    for part in ("--name my-lora", "--model /models/m", "--data /data/d", f"--config {tmp_path / 'config.json'}",
+                 f"--events {tmp_path / 'events.jsonl'}", "--no-progress"):
         assert part in joined
+    assert "--lr" not in joined and "--max-samples" not in joined  # settings go in the file, not the argv
+    config = request.config()
+    assert (config.learning_rate, config.prompt_preset, config.max_samples, config.lora_r) == (
+        0.002, "seed_after", None, 8)
+    assert isinstance(config.lora_r, int)
     refused = [
         ({"name": "../evil"}, AdapterError, "not allowed"),
-        ({"options": {"output_dir": "/tmp/x"}}, JobError, "unknown fine-tune option"),
-        ({"options": {"prompt_preset": "--overwrite"}}, JobError, "not one of"),
-        ({"options": {"lora_r": -3}}, JobError, "non-negative int"),
-        ({"options": {"lora_r": 2.5}}, JobError, "non-negative int"),
-        ({"options": {"epochs": True}}, JobError, "non-negative"),
-        ({"options": {"epochs": "1; rm -rf /"}}, JobError, "not a number"),
-        ({"training_preset": "huge"}, JobError, "quick, full"),
+        ({"options": {"output_dir": "/tmp/x"}}, ValueError, "unknown training setting"),
+        ({"options": {"prompt_preset": "--overwrite"}}, ValueError, "prompt preset '--overwrite' is not one of"),
+        ({"options": {"lora_r": -3}}, ValueError, "lora_r must be a whole number from 1 to 4096"),
+        ({"options": {"lora_r": 2.5}}, ValueError, "lora_r must be a whole number"),
+        ({"options": {"epochs": True}}, ValueError, "epochs must be a number"),
+        ({"options": {"epochs": "1; rm -rf /"}}, ValueError, "epochs must be a number"),
+        ({"training_preset": "huge"}, ValueError, "quick, full"),
     ]
     for changes, error, message in refused:
         fields = {"name": "ok", "model_path": "/m", "data_path": "/d", **changes}
         with pytest.raises(error, match=message):
-            TrainRequest(**fields).argv(tmp_path / "e", tmp_path / "c", tmp_path / "a")
+            request = TrainRequest(**fields)
+            request.config()
+            request.argv(tmp_path / "f", tmp_path / "e", tmp_path / "c", tmp_path / "a")
 
 
 def _write_job(folder: Path, pid: int, events: list[dict]) -> None:
@@ -115,9 +123,9 @@ def test_a_real_fine_tune_runs_to_done_and_publishes_its_adapter(context) -> Non
     assert status.uniform_loss == pytest.approx(math.log(10))
     assert status.result["path"] == str(context.config.adapters_root / "tiny-done")
     assert "tiny-done" in context.adapter_names("tiny-llama")
-    with pytest.raises(JobError, match="already exists"):
+    with pytest.raises(AdapterError, match="already exists"):
         runner.start(_request(context, "tiny-done"))
-    with pytest.raises(JobError, match="without an adapter"):
+    with pytest.raises(AdapterError, match="without an adapter"):
         runner.start(_request(context, "base"))
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from rerank_core import loaders
-from rerank_core.data import DataError, DataErrors, load_dataset
+from rerank_core.data import DataError, DataErrors
+from rerank_core.loaders import load_dataset
 
 
 def write(path: Path, text: str, encoding: str = "utf-8") -> Path:

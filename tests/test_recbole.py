@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from rerank_core import builtin_data, loaders
-from rerank_core.data import DataError, load_dataset
+from rerank_core.data import DataError
+from rerank_core.loaders import load_dataset
 
 ITEM = ("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
         "1\tToy Story\t1995\tAnimation Children's Comedy\n"
@@ -121,7 +122,7 @@ def test_builtin_names_and_an_existing_folder_of_that_name(tmp_path: Path, monke
 @pytest.mark.slow
 def test_real_movielens_100k_from_the_recbole_package_without_importing_it() -> None:
     # A fresh interpreter: finding and loading the files must not import recbole (it pulls in its trainers).
-    script = ("import sys; from rerank_core.data import load_dataset; d = load_dataset('ml-100k-real'); "
+    script = ("import sys; from rerank_core.loaders import load_dataset; d = load_dataset('ml-100k-real'); "
               "print(len(d.users), len(d.items), sum(map(len, d.sequences.values())), d.items['1'].title, "
               "'recbole' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,

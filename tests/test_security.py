@@ -16,7 +16,8 @@ from conftest import make_toy_dataset
 from gradio_client import Client, handle_file
 
 import app as app_module
-from rerank_app.context import AppConfig, AppContext, DatasetEntry, ModelEntry, make_settings
+from rerank_app.context import AppConfig, AppContext, DatasetEntry, ModelEntry
+from rerank_app.pickers import make_settings
 from rerank_app.server import build_app, launch
 from rerank_core.data import Dataset, Item
 from rerank_core.models import ModelError, load_model, load_tokenizer

@@ -406,7 +406,7 @@ def test_cli_in_process_run_publishes_the_adapter(tiny_model_folder, toy_data_fo
 
     status = main(["train", "--model", str(tiny_model_folder), "--data", str(toy_data_folder), "--adapters-dir",
                    str(root), "--name", "cli-run", "--events", str(events_file), "--no-progress"])
-    assert status == 1  # the name is taken and --overwrite was not given
+    assert status == 2  # the name is taken and --overwrite was not given: refused before loading
     assert read_events(events_file)[-1]["event"] == "failed"
     assert "already exists" in read_events(events_file)[-1]["error"]
 
@@ -435,7 +435,7 @@ def test_compare_systems_pairs_each_adapter_with_the_base(smol_tokenizer, tmp_pa
 def test_real_model_trains_a_few_steps_and_the_adapter_loads_back(tmp_path):
     from peft import PeftModel
 
-    from rerank_core.data import load_dataset
+    from rerank_core.loaders import load_dataset
     from rerank_core.models import EMBEDDED_MODEL_NAME, load_model
     from rerank_core.scoring import score_token_ids
 

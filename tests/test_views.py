@@ -12,8 +12,9 @@ from app_helpers import make_adapter, make_context
 from conftest import make_toy_dataset
 
 from rerank_app import views
-from rerank_app.context import SessionError, make_settings
+from rerank_app.context import SessionError
 from rerank_app.jobs import JobStatus
+from rerank_app.pickers import make_settings
 from rerank_core.compare import compare_systems
 from rerank_core.data import DataError, Dataset, Item
 from rerank_core.inspector import BASE, Inspector, InspectSettings
@@ -206,7 +207,7 @@ def test_training_preview_highlights_the_answer_tokens(context) -> None:
     assert not any(loss_mask[:len(loss_mask) - len(carried)])
     fragment = views.training_sample_html(tokenizer, token_ids, loss_mask, caption)
     assert fragment.count("ri-tok ri-loss") == len(carried) + 1  # the legend shows one too
-    with pytest.raises(ValueError, match="learning_rate must be positive"):
+    with pytest.raises(ValueError, match=r"learning_rate must be in \(0, 1\]"):
         context.training_preview("toy", "tiny-llama", "quick", {"learning_rate": 0})
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+import typing
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import gradio as gr
@@ -10,20 +12,15 @@ import gradio as gr
 from rerank_app import views
 from rerank_app.context import AppContext
 from rerank_app.pickers import PickerControls, adapter_choices, endpoint
-from rerank_core.candidates import CANDIDATE_SOURCES
-from rerank_core.data import TEXT_FIELDS
-from rerank_core.prompts import PRESETS
-from rerank_core.training import SAMPLE_MODES, TRAINING_PRESETS
-from rerank_core.verbalizer import STRATEGIES
+from rerank_core.train_settings import SETTINGS, setting
+from rerank_core.training import TRAINING_PRESETS
 
 __all__ = ["FORM_FIELDS", "build", "cancel", "cancel_finetune", "fill_preset", "finetune_status", "show_preview",
            "start", "start_finetune", "status_json", "tick", "training_preview"]
 
-# Form fields (TrainConfig names): shown by default, then behind "Advanced".
-_MAIN_FIELDS = ("prompt_preset", "template_kwargs", "candidates", "max_samples", "epochs", "learning_rate")
-_ADVANCED_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "batch_size", "grad_accumulation", "warmup",
-                    "eval_every", "eval_users", "max_prompt_tokens", "seed", "strategy", "candidate_source",
-                    "text_field", "sample_mode")
+# The form shows every setting train_settings gives a place in it: "main" ones first, the rest under "Advanced".
+_MAIN_FIELDS = tuple(item.name for item in SETTINGS if item.form == "main")
+_ADVANCED_FIELDS = tuple(item.name for item in SETTINGS if item.form == "advanced")
 FORM_FIELDS = _MAIN_FIELDS + _ADVANCED_FIELDS
 # Outputs of tick() before the adapter pickers and the seen-state.
 _TICK_OUTPUTS = 6
@@ -79,33 +76,35 @@ def fill_preset(preset: str) -> list[Any]:
     return [getattr(config, name) for name in FORM_FIELDS]
 
 
+def _with_settings(function: Callable[..., dict]) -> Callable[..., dict]:
+    """Give an API handler that takes **settings one optional keyword per form setting (what gradio_client shows
+    and checks), each defaulting to None: left out, it keeps the training preset's value."""
+    signature = inspect.signature(function)
+    fixed = [parameter for parameter in signature.parameters.values()
+             if parameter.kind is not inspect.Parameter.VAR_KEYWORD]
+    settings = [inspect.Parameter(item.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                  annotation=item.kind | None) for item in map(setting, FORM_FIELDS)]
+    function.__signature__ = signature.replace(parameters=[*fixed, *settings])  # type: ignore[attr-defined]
+    function.__annotations__ = {**typing.get_type_hints(function),
+                                **{parameter.name: parameter.annotation for parameter in settings}}
+    return function
+
+
+@_with_settings
 def start_finetune(context: AppContext, name: str, dataset: str = "", model: str = "",
-                   training_preset: str = "quick", prompt_preset: str | None = None, candidates: int | None = None,
-                   max_samples: int | None = None, epochs: float | None = None, learning_rate: float | None = None,
-                   lora_r: int | None = None, batch_size: int | None = None, eval_users: int | None = None,
-                   eval_every: int | None = None, seed: int | None = None,
-                   max_prompt_tokens: int | None = None, template_kwargs: str | None = None) -> dict:
-    """Start a fine-tune (one at a time); options left out keep the training preset's values."""
-    options = {"prompt_preset": prompt_preset, "candidates": candidates, "max_samples": max_samples,
-               "epochs": epochs, "learning_rate": learning_rate, "lora_r": lora_r, "batch_size": batch_size,
-               "eval_users": eval_users, "eval_every": eval_every, "seed": seed,
-               "max_prompt_tokens": max_prompt_tokens, "template_kwargs": template_kwargs}
+                   training_preset: str = "quick", **settings: Any) -> dict:
+    """Start a fine-tune (one at a time); settings left out keep the training preset's values."""
     status = context.start_finetune(name, dataset or context.dataset_names[0], model or context.model_names[0],
-                                    training_preset, {key: value for key, value in options.items()
-                                                      if value is not None})
+                                    training_preset, settings)
     return status_json(status)
 
 
+@_with_settings
 def training_preview(context: AppContext, dataset: str = "", model: str = "", training_preset: str = "quick",
-                     prompt_preset: str | None = None, candidates: int | None = None,
-                     max_prompt_tokens: int | None = None, seed: int | None = None,
-                     template_kwargs: str | None = None) -> dict:
+                     **settings: Any) -> dict:
     """One training sample of these settings: every token with its ID and whether it carries loss."""
-    options = {"prompt_preset": prompt_preset, "candidates": candidates, "max_prompt_tokens": max_prompt_tokens,
-               "seed": seed, "template_kwargs": template_kwargs}
     tokenizer, token_ids, loss_mask, caption = context.training_preview(
-        dataset or context.dataset_names[0], model or context.model_names[0], training_preset,
-        {key: value for key, value in options.items() if value is not None})
+        dataset or context.dataset_names[0], model or context.model_names[0], training_preset, settings)
     tokens = tokenizer.convert_ids_to_tokens(token_ids)
     return {"caption": caption, "tokens": [{"token": token, "token_id": token_id, "loss": loss}
                                            for token, token_id, loss in zip(tokens, token_ids, loss_mask)]}
@@ -122,20 +121,18 @@ def finetune_status(context: AppContext) -> dict:
 
 
 def _form_component(name: str, value: Any) -> gr.components.Component:
-    label = name.replace("_", " ")
-    choices = {"prompt_preset": list(PRESETS), "strategy": list(STRATEGIES),
-               "candidate_source": list(CANDIDATE_SOURCES), "text_field": list(TEXT_FIELDS),
-               "sample_mode": list(SAMPLE_MODES)}
+    """The input for one setting, from its declaration: a list for choices, a box for a flag, else a number."""
+    item = setting(name)
+    label = name.replace("_", " ") + (f" (0: {item.zero_means.split(',')[0]})" if item.zero_means else "")
     elem_id = f"finetune-{name.replace('_', '-')}"
-    if name == "template_kwargs":
-        return gr.Textbox(value, label="chat-template options (JSON)", placeholder='{"enable_thinking": false}',
-                          max_lines=1, elem_id=elem_id)
-    if name in choices:
-        return gr.Dropdown(choices[name], value=value, label=label, elem_id=elem_id)
-    if isinstance(value, float) or name in ("epochs", "learning_rate", "lora_dropout", "warmup"):
-        return gr.Number(value, label=label, elem_id=elem_id)
-    hints = {"max_samples": " (0: all)", "max_prompt_tokens": " (0: sized from the data)"}
-    return gr.Number(value, precision=0, label=label + hints.get(name, ""), elem_id=elem_id)
+    if item.choices:
+        return gr.Dropdown(list(item.choices), value=value, label=label, elem_id=elem_id)
+    if item.kind is bool:
+        return gr.Checkbox(value, label=label, elem_id=elem_id)
+    if item.kind is str:
+        return gr.Textbox(value, label=label, max_lines=1, elem_id=elem_id)
+    return gr.Number(value, precision=0 if item.kind is int else None, label=label, elem_id=elem_id,
+                     minimum=0 if item.zero_means else item.low, maximum=item.high)
 
 
 def build(context: AppContext, controls: PickerControls, compare_adapters: gr.Dropdown, demo: gr.Blocks) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import gradio as gr
+from cachetools import LRUCache
 
 from rerank_app import views
-from rerank_app.context import AppContext, _Lru
+from rerank_app.context import AppContext
 from rerank_app.pickers import (
     PICKER_NAMES,
     USER_ERRORS,
@@ -36,7 +38,8 @@ NARROW_COLUMN = 440
 # Built views of cached inspections: a user already scored with the same settings (switching back, a repeated
 # request) costs no table, figure or HTML building. Keyed by the inspection object itself (held in the entry,
 # so its id stays unique): a re-scored inspection, e.g. after an adapter was retrained, is a new object.
-_VIEWS = _Lru(64)
+_VIEWS: LRUCache = LRUCache(64)
+_VIEWS_LOCK = threading.Lock()  # handlers run on several threads; the cache's bookkeeping is not thread-safe
 
 
 def inspect(context: AppContext, pickers: Pickers, adapter: str, user_id: str,
@@ -44,11 +47,14 @@ def inspect(context: AppContext, pickers: Pickers, adapter: str, user_id: str,
     """Everything the tab shows for one user, in OUTPUT_NAMES order."""
     inspection = context.inspect(pickers.dataset, pickers.model, adapter, user_id, pickers.settings())
     key = (id(inspection), pickers.dataset, pickers.model, order)
-    cached = _VIEWS.recall(key)
+    with _VIEWS_LOCK:
+        cached = _VIEWS.get(key)
     if cached is None or cached[0] is not inspection:
         view = views.inspect_view(inspection, context.dataset(pickers.dataset).dataset,
                                   context.tokenizer(pickers.model), model_name=pickers.model, order=order)
-        cached = _VIEWS.remember(key, (inspection, tuple(getattr(view, name) for name in OUTPUT_NAMES)))
+        cached = (inspection, tuple(getattr(view, name) for name in OUTPUT_NAMES))
+        with _VIEWS_LOCK:
+            _VIEWS[key] = cached
     return cached[1]
 
 
@@ -102,6 +108,7 @@ def change_model(context: AppContext, model: str) -> Any:
 def build(context: AppContext) -> tuple[PickerControls, list[Any], gr.Button]:
     """Lay out the pickers and the outputs; returns the pickers (other tabs read them) and the outputs."""
     dataset, model = context.dataset_names[0], context.model_names[0]
+    defaults = Pickers()
     with gr.Row():
         # Custom values allowed where choices grow at run time (uploads, new adapters); the server validates.
         dataset_box = gr.Dropdown(context.dataset_names, value=dataset, label="Dataset", scale=2,
@@ -109,18 +116,20 @@ def build(context: AppContext) -> tuple[PickerControls, list[Any], gr.Button]:
         model_box = gr.Dropdown(context.model_names, value=model, label="Model", scale=2)
         adapter_box = gr.Dropdown(adapter_choices(context, model), value=BASE, label="Adapter (from adapters/)",
                                   scale=2, allow_custom_value=True, elem_id="adapter-picker")
-        split_box = gr.Radio(["test", "validation"], value="test", label="Split", scale=1)
+        split_box = gr.Radio(["test", "validation"], value=defaults.split, label="Split", scale=1)
     with gr.Row():
-        source_box = gr.Dropdown(list(CANDIDATE_SOURCES), value="random", label="Candidate source")
-        preset_box = gr.Dropdown(list(PRESETS), value="seed", label="Prompt preset")
-        kwargs_box = gr.Textbox("", label="Chat-template options (JSON)", placeholder='{"enable_thinking": false}',
-                                elem_id="template-kwargs", max_lines=1)
-        strategy_box = gr.Dropdown(list(STRATEGIES), value="as_trained", label="Verbalizer strategy")
-        text_box = gr.Dropdown(list(TEXT_FIELDS), value="title", label="Item text field")
-        count_box = gr.Slider(2, MAX_CANDIDATES, value=20, step=1, label="Candidates")
+        source_box = gr.Dropdown(list(CANDIDATE_SOURCES), value=defaults.source, label="Candidate source")
+        preset_box = gr.Dropdown(list(PRESETS), value=defaults.preset, label="Prompt preset")
+        kwargs_box = gr.Textbox(defaults.template_kwargs, label="Chat-template options (JSON)",
+                                placeholder='{"enable_thinking": false}', elem_id="template-kwargs", max_lines=1)
+        strategy_box = gr.Dropdown(list(STRATEGIES), value=defaults.strategy, label="Verbalizer strategy")
+        text_box = gr.Dropdown(list(TEXT_FIELDS), value=defaults.text_field, label="Item text field")
+        count_box = gr.Slider(2, MAX_CANDIDATES, value=defaults.count, step=1, label="Candidates")
     with gr.Accordion("More settings", open=False), gr.Row():
-        seed_box = gr.Number(0, precision=0, label="Candidate seed (0-4294967295)", elem_id="candidate-seed")
-        adapter_preset_box = gr.Checkbox(True, label="Score an adapter with the preset it was trained with")
+        seed_box = gr.Number(defaults.seed, precision=0, label="Candidate seed (0-4294967295)",
+                             elem_id="candidate-seed")
+        adapter_preset_box = gr.Checkbox(defaults.use_adapter_preset,
+                                         label="Score an adapter with the preset it was trained with")
     with gr.Row(equal_height=True):
         user_box = gr.Dropdown(context.user_choices(dataset), value=context.users(dataset)[0],
                                label="User (type to search by id)", filterable=True, allow_custom_value=True,

@@ -1,0 +1,106 @@
+"""What every `python -m rerank_core` command shares: the model, data and prompt options and what they build."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from rerank_core.candidates import CANDIDATE_ORDERS, CANDIDATE_SOURCES, MAX_CANDIDATES, CandidateConfig
+from rerank_core.data import TEXT_FIELDS, Dataset
+from rerank_core.distributed import process_device, process_shard
+from rerank_core.inspector import Inspector, InspectSettings
+from rerank_core.loaders import FORMATS, load_dataset
+from rerank_core.models import load_model, load_tokenizer
+from rerank_core.prompts import PRESETS
+from rerank_core.verbalizer import STRATEGIES
+
+__all__ = ["add_common_options", "build_inspector", "build_settings", "int_range", "load_data"]
+
+log = logging.getLogger("rerank_core")
+
+
+def int_range(low: int, high: int | None = None) -> Any:
+    """An argparse type: a bad value stops at parsing, with the option's name, before anything loads."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            allowed = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range: use a whole number {allowed}")
+        return value
+
+    return parse
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    """Options every command shares, so a result seen in the app can be reproduced exactly."""
+    group = parser.add_argument_group("model, data and prompt")
+    group.add_argument("--model", metavar="PATH",
+                       help="local Hugging Face model folder (safetensors); default: embedded SmolLM2-135M-Instruct")
+    group.add_argument("--tokenizer", metavar="PATH",
+                       help="tokenizer folder (tokenizer files or a SentencePiece tokenizer.model) for commands "
+                            "that need no weights; `show` then prints the prompt and audit without scores")
+    group.add_argument("--data", metavar="PATH|NAME",
+                       help="dataset folder or file, or a built-in dataset: sample (synthetic, the default) or "
+                            "ml-100k-real (real MovieLens 100K from the recbole package)")
+    group.add_argument("--data-format", choices=FORMATS,
+                       help="force the data format instead of detecting it from the file names")
+    group.add_argument("--preset", default="seed", choices=sorted(PRESETS),
+                       help="prompt preset (default: %(default)s; *_after put the letter after the item text)")
+    group.add_argument("--template-kwargs", default="", metavar="JSON",
+                       help="chat-template options as a JSON object, e.g. '{\"enable_thinking\": false}' "
+                            "(passed to apply_chat_template for inference and training alike)")
+    group.add_argument("--strategy", default="as_trained", choices=STRATEGIES,
+                       help="letter→token strategy (default: %(default)s)")
+    group.add_argument("--text-field", default="title", choices=TEXT_FIELDS,
+                       help="which item text stands for an item (default: %(default)s)")
+    group.add_argument("--candidates", type=int_range(1, MAX_CANDIDATES), default=20, metavar="N",
+                       help="number of candidates, 1-52 (default: %(default)s)")
+    group.add_argument("--candidate-source", default="random", choices=CANDIDATE_SOURCES,
+                       help="where negatives come from (default: %(default)s)")
+    group.add_argument("--candidate-order", default="shuffled", choices=CANDIDATE_ORDERS,
+                       help="shuffled (seeded) or the retriever's ranking (default: %(default)s)")
+    group.add_argument("--seed", type=int, default=0, help="seed for candidates and sampling (default: %(default)s)")
+    group.add_argument("--max-prompt-tokens", type=int_range(1), default=1536, metavar="N",
+                       help="drop oldest history items until the prompt fits (default: %(default)s)")
+    group.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32 (default: %(default)s)")
+    group.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: %(default)s)")
+    group.add_argument("--batch-size", type=int_range(1), default=8,
+                       help="prompts per forward pass (default: %(default)s)")
+    group.add_argument("--trust-remote-code", action="store_true",
+                       help="allow model folders to run their own Python code (off by default)")
+    group.add_argument("--adapters-dir", metavar="PATH",
+                       help="adapters folder (default: adapters/ beside the code, or $RERANK_ADAPTERS_DIR)")
+
+
+def build_settings(args: argparse.Namespace, split: str = "test") -> InspectSettings:
+    """InspectSettings from the common options."""
+    candidates = CandidateConfig(source=args.candidate_source, count=args.candidates, seed=args.seed,
+                                 order=args.candidate_order)
+    return InspectSettings(preset=args.preset, strategy=args.strategy, text_field=args.text_field,
+                           split=split, candidates=candidates, max_prompt_tokens=args.max_prompt_tokens,
+                           use_adapter_preset=not getattr(args, "ignore_adapter_preset", False),
+                           template_kwargs=args.template_kwargs)
+
+
+def load_data(args: argparse.Namespace) -> Dataset:
+    dataset = load_dataset(args.data, args.data_format)
+    if dataset.short_users:
+        log.warning("%d user(s) with fewer than 3 interactions are left out of the split: %s",
+                    len(dataset.short_users), ", ".join(dataset.short_users[:10]))
+    return dataset
+
+
+def build_inspector(args: argparse.Namespace, *, need_model: bool = True) -> Inspector:
+    """An Inspector from the common options; with --tokenizer and no model, one without weights."""
+    dataset = load_data(args)
+    if args.tokenizer and not args.model and not need_model:
+        return Inspector(dataset, tokenizer=load_tokenizer(args.tokenizer), adapters_root=args.adapters_dir)
+    # Under torchrun / accelerate launch each process takes its own GPU and scores its share of the prompts.
+    device = process_device(args.device)
+    shard = process_shard(device)
+    loaded = load_model(args.model, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    return Inspector(dataset, loaded, adapters_root=args.adapters_dir, batch_size=args.batch_size, shard=shard)
