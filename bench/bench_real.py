@@ -1,6 +1,8 @@
 """Real data: MovieLens 100K, the base model, a quick adapter and the three baselines on the same candidates.
 
-Run: `PYTHONPATH=. python bench/bench_real.py [--users 200] [--sources random,retriever] [--lr ...]`.
+Run: `PYTHONPATH=. python bench/bench_real.py [--users 200] [--sources random,retriever] [--lr ...]`, or spread
+over N CPU processes with `torchrun --nproc_per_node N bench/bench_real.py --adapters-root DIR ...` (the
+fine-tune is data-parallel, scoring is split by Inspector's shard; rank 0 prints).
 For each candidate source: base with the `seed` and `seed_after` prompts, the quick adapter trained on
 MovieLens (seed_after), and the random / popularity / retriever baselines, on the same held-out test users
 and candidates; NDCG@10 with its paired bootstrap 95% CI against the base (seed_after) and against
@@ -25,11 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pandas as pd
 from bench_finetune import add_overrides, config_from, step_printer, test_users
+from method import LoadWatch
 
 from rerank_core.baselines import BASELINES, evaluate_baseline, paired_rows
 from rerank_core.builtin_data import MOVIELENS_100K_REAL
 from rerank_core.candidates import CandidateConfig
 from rerank_core.compare import SUMMARY_COLUMNS
+from rerank_core.distributed import launched_world_size, process_shard
 from rerank_core.inspector import BASE, Inspector, InspectSettings
 from rerank_core.loaders import load_dataset
 from rerank_core.models import load_model
@@ -40,7 +44,6 @@ ADAPTER = "movielens-quick"
 LLM_RUNS = (("base (seed)", BASE, "seed"), ("base (seed_after)", BASE, "seed_after"),
             ("quick adapter", ADAPTER, "seed_after"))
 REFERENCE, POPULARITY = "base (seed_after)", "popularity"
-NOISY_LOAD = 1.0
 
 
 class Steps:
@@ -96,17 +99,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-field", help="item text (default: the training preset's, title with the year)")
     parser.add_argument("--history-items", type=int, help="recent history items the prompt budget holds")
     parser.add_argument("--json-out", help="also write the tables and steps as JSON here")
+    parser.add_argument("--adapters-root", help="where the adapter is written (needed under torchrun: one path "
+                                                "for every process; default: a new temporary folder)")
     add_overrides(parser)
     args = parser.parse_args(argv)
+    if launched_world_size() > 1 and not args.adapters_root:
+        parser.error("under torchrun give --adapters-root: every process must load the adapter rank 0 writes")
+    if int(os.environ.get("RANK", "0")) > 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - rank 0 prints the tables
     steps = Steps()
-    print(f"load average at the start: {' '.join(f'{value:.2f}' for value in os.getloadavg())} "
-          f"(on {os.cpu_count()} cores)", flush=True)
+    # One pass, not interleaved rounds: the figures here are quality with CIs; the times are one run's.
+    with LoadWatch() as watch:
+        tables, report, config = run_all(args, steps)
+    print("steps:")
+    for row in steps.rows:
+        print(f"  {row['step']}: {row['wall_s']} s wall, {row['cpu_s']} CPU s, peak RSS {row['peak_rss_mb']} MB, "
+              f"load {row['load_before']} -> {row['load_after']}")
+    watch.report()
+    if args.json_out and int(os.environ.get("RANK", "0")) == 0:
+        Path(args.json_out).write_text(json.dumps({
+            "config": config.to_json(), "prompt_budget": report.prompt_budget, "users": args.users,
+            "train": {"samples": report.samples, "steps": report.steps, "letter_loss": report.final_letter_loss,
+                      "uniform_loss": report.uniform_loss, "validation": report.validation},
+            "tables": tables, "steps": steps.rows, "noisy": watch.noisy}, indent=2))
+    return 0
 
+
+def run_all(args: argparse.Namespace, steps: Steps) -> tuple[dict[str, list[dict[str, Any]]], Any, Any]:
+    """Train, then score every system on each candidate source; returns the tables, the report, the config."""
     dataset, loaded = steps.run("load data and model", lambda: (load_dataset(MOVIELENS_100K_REAL), load_model()))
     config = config_from(args, text_field=args.text_field, history_items=args.history_items)
     print(f"dataset {dataset.name}: {len(dataset.users)} users, {len(dataset.items)} items; model {loaded.name} "
           f"({str(loaded.dtype).replace('torch.', '')} on {loaded.device})\nconfig: {config.to_json()}", flush=True)
-    root = tempfile.mkdtemp(prefix="bench-real-")
+    root = args.adapters_root or tempfile.mkdtemp(prefix="bench-real-")
     printer = step_printer(every=8)
 
     def on_event(event: dict[str, Any]) -> None:
@@ -123,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     budget = report.prompt_budget.get("tokens", config.max_prompt_tokens)
 
     users = test_users(dataset, args.users)
-    inspector = Inspector(dataset, loaded, adapters_root=root, batch_size=8)
+    # Under torchrun the Trainer has joined the process group; scoring splits over the same processes.
+    inspector = Inspector(dataset, loaded, adapters_root=root, batch_size=8, shard=process_shard("cpu"))
     tables: dict[str, list[dict[str, Any]]] = {}
     for source in [part.strip() for part in args.sources.split(",") if part.strip()]:
         candidates = CandidateConfig(source=source, count=config.candidates, seed=config.seed)
@@ -142,21 +168,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(Δ: paired difference, bootstrap 95% CI)\n"
               "| system | NDCG@10 | Δ vs base (seed_after) | Δ vs popularity | Recall@10 | MRR@10 |\n"
               f"|---|---|---|---|---|---|\n{lines}\n", flush=True)
-
-    print("steps:")
-    for row in steps.rows:
-        print(f"  {row['step']}: {row['wall_s']} s wall, {row['cpu_s']} CPU s, peak RSS {row['peak_rss_mb']} MB, "
-              f"load {row['load_before']} -> {row['load_after']}")
-    noisy = max(row["load_before"] for row in steps.rows) > NOISY_LOAD
-    print(f"load average at the end: {' '.join(f'{value:.2f}' for value in os.getloadavg())}; run: "
-          f"{'noisy (load above 1.0 before a step): do not publish the times' if noisy else 'quiet'}")
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps({
-            "config": config.to_json(), "prompt_budget": report.prompt_budget, "users": len(users),
-            "train": {"samples": report.samples, "steps": report.steps, "letter_loss": report.final_letter_loss,
-                      "uniform_loss": report.uniform_loss, "validation": report.validation},
-            "tables": tables, "steps": steps.rows, "noisy": noisy}, indent=2))
-    return 0
+    return tables, report, config
 
 
 if __name__ == "__main__":

@@ -282,7 +282,8 @@ def test_app_restarts_and_sigkill_mid_run_then_a_new_run_succeeds(smol_tokenizer
 
 def test_prompt_lengths_share_a_few_padded_shapes(smol_tokenizer) -> None:
     """bench_load.py found RSS growing ~3 MiB per new prompt length (oneDNN compiles kernels per shape in bf16);
-    the scorer pads to a multiple of 32 tokens, so 8 lengths make 3 shapes, and results do not change."""
+    the scorer pads to a multiple of 32 tokens, so 8 lengths make 3 shapes, and results do not change. These prompts
+    share their first 300 tokens, so the from-scratch path is asked for: prefix reuse has its own shapes and test."""
     model = tiny_loaded(smol_tokenizer).model
     shapes: set[tuple[int, ...]] = set()
     handle = model.model.embed_tokens.register_forward_hook(
@@ -290,7 +291,7 @@ def test_prompt_lengths_share_a_few_padded_shapes(smol_tokenizer) -> None:
     prompts = [list(range(1000, 1000 + length)) for length in (300, 317, 320, 321, 340, 352, 353, 380)]
     letters = [smol_tokenizer.convert_tokens_to_ids(letter) for letter in "ABCD"]
     try:
-        scores = score_token_ids(model, smol_tokenizer, prompts, letters, batch_size=1)
+        scores = score_token_ids(model, smol_tokenizer, prompts, letters, batch_size=1, share_prefix=False)
     finally:
         handle.remove()
     assert shapes == {(1, 320), (1, 352), (1, 384)}
