@@ -16,7 +16,7 @@ def launched_world_size() -> int:
 
 def process_device(requested: str | None) -> str:
     """Under a launcher each process loads onto its own GPU (LOCAL_RANK), not all onto cuda:0."""
-    import torch
+    import torch  # local: the launcher checks in this module run before any command has paid for torch
 
     device = requested or "auto"
     local_rank = os.environ.get("LOCAL_RANK")
@@ -42,7 +42,7 @@ class ProcessShard:
 
     def gather(self, value: Any) -> list[Any]:
         """Every process's value, in rank order, on every process (a collective: all ranks must call it)."""
-        import torch.distributed as dist
+        import torch.distributed as dist  # local: only a launched run needs it
 
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, value)
@@ -54,6 +54,7 @@ def process_shard(device: str) -> ProcessShard | None:
     """Join the launcher's process group (NCCL for CUDA devices, gloo otherwise); None in a single process."""
     if launched_world_size() == 1:
         return None
+    # local: a single process (the usual case) never imports torch.distributed
     import torch
     import torch.distributed as dist
 
@@ -69,7 +70,7 @@ def close_process_group() -> None:
     """Leave the launcher's process group at the end of a command (torch warns about one left open)."""
     if launched_world_size() == 1:
         return
-    import torch.distributed as dist
+    import torch.distributed as dist  # local: a single process never needs it
 
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from cachetools import LRUCache
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from rerank_core.limits import check_limit
 
@@ -142,7 +143,6 @@ class _SharedPrefix:
 @torch.inference_mode()
 def _run_prefix(model: Any, prefix: Sequence[int], pad_id: int) -> _SharedPrefix | None:
     """Run the prefix once; None when the model's cache is not the plain kind this path knows how to copy."""
-    from transformers.cache_utils import DynamicLayer
 
     input_ids, attention_mask = _pad_left([prefix], pad_id)
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
@@ -156,7 +156,6 @@ def _run_prefix(model: Any, prefix: Sequence[int], pad_id: int) -> _SharedPrefix
 @torch.inference_mode()
 def _suffix_logits(model: Any, shared: _SharedPrefix, suffixes: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
     """The suffixes run against one copy of the prefix cache per row; pads sit between prefix and suffix."""
-    from transformers.cache_utils import DynamicCache
 
     rows = len(suffixes)
     input_ids, suffix_mask = _pad_left(suffixes, pad_id, _SUFFIX_BUCKET)
