@@ -25,6 +25,7 @@ from rerank_core.metrics import METRIC_NAMES
 
 __all__ = [
     "APP_CSS",
+    "APP_JS",
     "CHART_ORDERS",
     "CompareView",
     "DataView",
@@ -83,6 +84,20 @@ APP_CSS = """
 .ri-progress-text { font-size: 13px; margin-top: 4px; }
 #candidates-table td, #audit-table td, #history-table td { font-size: 12.5px; }
 #inspect-summary p { margin: 2px 0; }
+"""
+# Gradio's slider sends "release" when its number box loses focus, not on Enter; Enter blurs the box (which sends
+# it) and gives the focus back, so Enter in the Candidates box re-scores like Enter in every other box.
+APP_JS = """
+() => {
+  document.addEventListener("keydown", (event) => {
+    const box = event.target;
+    if (event.key !== "Enter" || !(box instanceof HTMLInputElement) || box.type !== "number") return;
+    const slider = box.closest(".head")?.parentElement;  // a slider's box sits in its head, beside the range
+    if (!slider?.querySelector(":scope > .slider_input_container > input[type=range]")) return;
+    box.blur();
+    box.focus();
+  }, true);
+}
 """
 
 

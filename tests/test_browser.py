@@ -193,3 +193,64 @@ def test_narrow_layout_and_the_report_opened_from_disk(browser, served) -> None:
     assert offline.locator("#letters g.point").count() == 20  # plotly.js inlined: the chart renders offline
     offline.screenshot(path=str(ARTIFACTS / "report-inspect.png"), full_page=False)
     offline.close()
+
+
+def test_a_refused_diagnostic_keeps_its_results_and_restores_the_orders(browser, served) -> None:
+    _, url = served
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(url)
+    page.locator("#inspect-summary").get_by_text("User u00").wait_for(timeout=60_000)
+    page.get_by_role("tab", name="Diagnose").click()
+    page.get_by_role("radio", name="permutations").check()
+    orders = page.locator("#diagnose-orders input")
+    orders.fill("3")
+    orders.press("Enter")  # Enter runs the section
+    page.locator("#diagnose-heatmap .js-plotly-plot").wait_for(timeout=60_000)
+    page.locator("#diagnose-bias-note").get_by_text("User u00").wait_for(timeout=30_000)
+    orders.fill("1000000")
+    orders.press("Enter")
+    page.get_by_text("orders must be from 1 to 200").first.wait_for(timeout=30_000)
+    # The previous results stay, with no error badge; the orders box is back to its last valid value.
+    page.wait_for_function("() => document.querySelector('#diagnose-orders input').value === '3'", timeout=30_000)
+    assert page.locator("#diagnose-heatmap .js-plotly-plot").count() == 1
+    assert "User u00" in page.locator("#diagnose-bias-note").inner_text()
+    for section in ("#diagnose-heatmap", "#diagnose-bias-note"):
+        assert page.locator(section).get_by_text("Error", exact=True).count() == 0
+    page.close()
+
+
+def test_enter_in_the_candidates_box_rescores(browser, served) -> None:
+    _, url = served
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(url)
+    page.locator("#inspect-summary").get_by_text("User u00").wait_for(timeout=60_000)
+    points = page.locator("#letter-chart .js-plotly-plot g.point")
+    page.wait_for_function("() => document.querySelectorAll('#letter-chart .js-plotly-plot g.point').length === 20",
+                           timeout=30_000)
+    count = page.locator("#candidates-count input[type=number]")
+    count.fill("7")
+    count.press("Enter")  # no blur: Enter alone re-scores
+    page.wait_for_function("() => document.querySelectorAll('#letter-chart .js-plotly-plot g.point').length === 7",
+                           timeout=30_000)
+    assert points.count() == 7
+    assert page.evaluate("() => document.activeElement.closest('#candidates-count') !== null")  # focus kept
+    page.close()
+
+
+def test_enter_in_a_fine_tune_box_starts_the_run(browser, served) -> None:
+    context, url = served
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(url)
+    page.locator("#inspect-summary").get_by_text("User u00").wait_for(timeout=60_000)
+    page.get_by_role("tab", name="Fine-tune").click()
+    page.locator("#adapter-name textarea, #adapter-name input").first.fill("started-by-enter")
+    samples = page.locator("#finetune-max-samples input")
+    samples.fill("16")
+    samples.press("Enter")
+    try:
+        page.locator("#finetune-message").get_by_text("Started started-by-enter").wait_for(timeout=30_000)
+    finally:  # the served app runs one fine-tune at a time: leave none running for the next test
+        if context.jobs.status().active:
+            context.jobs.cancel()
+        assert not context.jobs.wait(timeout=120).active
+    page.close()
