@@ -263,7 +263,7 @@ class AppContext:
         systems = [system for system, _ in stamped]
         with self.running(dataset, model, stop) as (inspector, check):
             per_user, summary = compare_systems(inspector, list(users), settings, systems, progress=progress,
-                                                cancel=check)
+                                                cancel=check, chunk_size=BACKGROUND_CHUNK)
             return with_baselines(inspector, per_user, summary, list(users), settings, BASELINES)
 
     def _systems(self, model: str, adapters: Sequence[str]) -> list[str]:
@@ -337,7 +337,7 @@ class AppContext:
         users = self.first_users(dataset, count)
         with self.running(dataset, model, stop) as (inspector, check):
             return letter_prior(inspector, users, settings, system, mode, placeholder=placeholder, progress=progress,
-                                cancel=check)
+                                cancel=check, batch_size=BACKGROUND_CHUNK)
 
     def history_influence(self, dataset: str, model: str, system: str | None, user_id: str,
                           settings: InspectSettings, stop: threading.Event | None = None) -> HistoryInfluence:
@@ -360,7 +360,8 @@ class AppContext:
         systems = self._systems(model, adapters or [])
         users = self.first_users(dataset, count)
         with self.running(dataset, model, stop) as (inspector, check):
-            return letter_mass(inspector, users, settings, systems, progress=progress, cancel=check)
+            return letter_mass(inspector, users, settings, systems, progress=progress, cancel=check,
+                               chunk_size=BACKGROUND_CHUNK)
 
     # -- fine-tune ---------------------------------------------------------------------------
 

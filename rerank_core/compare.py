@@ -38,6 +38,7 @@ def compare_systems(
     *,
     progress: ProgressCallback | None = None,
     cancel: CancelCheck = None,
+    chunk_size: int | None = None,
     bootstrap_samples: int = 2000,
     seed: int = 0,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -51,7 +52,8 @@ def compare_systems(
     Returns the per-user frame (Inspector.evaluate's columns; `system` holds the run label) and a summary
     with one row per (run, metric): its mean and, for runs other than the reference, the paired
     difference to its reference with a bootstrap CI and how many users improved or worsened.
-    `cancel` is checked between chunks of users (progress.Cancelled is raised there).
+    `cancel` is checked between chunks of `chunk_size` users (Inspector.evaluate; progress.Cancelled is raised
+    there).
     """
     users = list(users)
     if not systems:
@@ -89,7 +91,8 @@ def compare_systems(
             if progress is not None:
                 progress(offset + done, total)
 
-        frame = inspector.evaluate(users, run_settings, system, progress=report, cancel=cancel)
+        frame = inspector.evaluate(users, run_settings, system, progress=report, cancel=cancel,
+                                   chunk_size=chunk_size)
         frames[label] = frame.assign(system=label)
     per_user = pd.concat(frames.values(), ignore_index=True)
 

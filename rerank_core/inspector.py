@@ -367,15 +367,17 @@ class Inspector:
         return UserInspection(system, effective, prepared, scores, rank, metrics_at(rank), note)
 
     def evaluate(self, users: Iterable[str], settings: InspectSettings, system: str = BASE,
-                 progress: ProgressCallback | None = None, cancel: CancelCheck = None) -> pd.DataFrame:
+                 progress: ProgressCallback | None = None, cancel: CancelCheck = None,
+                 chunk_size: int | None = None) -> pd.DataFrame:
         """Per-user rank, ground-truth probability, letter mass and metrics, in batches.
 
-        `cancel` is checked before every chunk of users: a stop request raises progress.Cancelled there.
+        `cancel` is checked before every chunk of `chunk_size` users (default: four batches): a stop request
+        raises progress.Cancelled there, and a shared app gives the model to waiting requests there.
         """
         effective, _ = self.settings_for(system, settings)
         users = list(users)
         rows = []
-        chunk_size = max(self.batch_size * 4, 1)
+        chunk_size = max(chunk_size or self.batch_size * 4, 1)
         for start in range(0, len(users), chunk_size):
             checkpoint(f"scoring {system}", start, len(users), cancel=cancel)
             chunk = users[start:start + chunk_size]
