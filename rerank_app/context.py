@@ -44,7 +44,7 @@ from rerank_core.labels import mask_preview
 from rerank_core.limits import LimitError, whole_number
 from rerank_core.loaders import load_dataset
 from rerank_core.models import LoadedModel, load_model
-from rerank_core.prompts import with_template_kwargs
+from rerank_core.prompts import get_preset, with_template_kwargs
 from rerank_core.template_check import TemplateConsistency, template_consistency
 from rerank_core.training import build_training_samples, label_samples, training_config
 
@@ -350,7 +350,7 @@ class AppContext:
     def template_consistency(self, model: str, preset: str, count: int,
                              template_kwargs: str = "") -> TemplateConsistency:
         """Is the inference prompt a token prefix of the training conversation (tokenizer only, no lock)."""
-        return template_consistency(self.tokenizer(model), with_template_kwargs(preset, template_kwargs),
+        return template_consistency(self.tokenizer(model), with_template_kwargs(get_preset(preset), template_kwargs),
                                     count=int(count))
 
     def letter_mass(self, dataset: str, model: str, adapters: Sequence[str] | None, count: int,

@@ -324,9 +324,7 @@ def _history_table(inspection: UserInspection, dataset: Dataset) -> tuple[pd.Dat
 
 def truncation_reason(inspection: UserInspection) -> str:
     """Which limit cut the history: the preset's item cap, the prompt token budget, or both."""
-    from rerank_core.prompts import get_preset
-
-    preset = get_preset(inspection.settings.preset)
+    preset = inspection.settings.preset
     history = len(inspection.prepared.split.history)
     by_preset = preset.max_history is not None and history > preset.max_history
     kept = len(inspection.prepared.prompt.history_texts)
@@ -381,7 +379,7 @@ def _summary_markdown(inspection: UserInspection, dataset: Dataset, model_name: 
     count = len(prepared.prompt.letters)
     lines = [f"**User {html.escape(inspection.user_id)}** · {prepared.split.split} target · "
              f"system **{html.escape(inspection.system)}** on {html.escape(model_name)} · "
-             f"preset `{inspection.settings.preset}` · {len(prepared.token_ids)} prompt tokens"]
+             f"preset `{inspection.settings.preset.name}` · {len(prepared.token_ids)} prompt tokens"]
     if truth is None:
         lines.append(f"Ground truth **{html.escape(dataset.text(prepared.split.target))}** is not among the "
                      f"{count} candidates (the retriever missed it): every metric is 0.")
@@ -424,9 +422,7 @@ def inspect_view(inspection: UserInspection, dataset: Dataset, tokenizer: Any, *
     prepared = inspection.prepared
     history, history_note = _history_table(inspection, dataset)
     audit, audit_note = _audit_table(inspection)
-    from rerank_core.prompts import get_preset
-
-    chat = get_preset(inspection.settings.preset).chat
+    chat = inspection.settings.preset.chat
     return InspectView(
         summary=_summary_markdown(inspection, dataset, model_name),
         history=history, history_note=history_note,
@@ -477,7 +473,7 @@ def compare_user_table(inspections: Sequence[UserInspection]) -> pd.DataFrame:
         truth = prepared.candidates.target_index
         top = inspection.scores.ranking()[:3]
         rows.append({
-            "system": inspection.system, "preset": inspection.settings.preset,
+            "system": inspection.system, "preset": inspection.settings.preset.name,
             "truth rank": inspection.rank,
             "p(truth)": None if truth is None else round(inspection.scores.letter_probs[truth], 4),
             "letter mass": round(inspection.scores.letter_mass, 4),

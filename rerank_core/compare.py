@@ -12,6 +12,7 @@ from rerank_core.inspector import Inspector, InspectSettings
 from rerank_core.limits import check_limit
 from rerank_core.metrics import METRIC_NAMES, paired_bootstrap
 from rerank_core.progress import CancelCheck, ProgressCallback
+from rerank_core.prompts import PromptPreset
 
 __all__ = ["SUMMARY_COLUMNS", "compare_systems", "comparison_table", "movers", "run_label"]
 
@@ -24,9 +25,9 @@ MOVER_COLUMNS = ("user_id", "system", "reference", "change", "reference_rank", "
                  "reference_truth_probability", "truth_probability", "difference")
 
 
-def run_label(system: str, preset: str, reference_preset: str) -> str:
+def run_label(system: str, preset: PromptPreset, reference_preset: PromptPreset) -> str:
     """The reference system's name in tables, plus the preset when it is re-scored with an adapter's."""
-    return system if preset == reference_preset else f"{system} @ {preset}"
+    return system if preset == reference_preset else f"{system} @ {preset.name}"
 
 
 def compare_systems(

@@ -15,6 +15,7 @@ from rerank_app.tabs import inspect as inspect_tab
 from rerank_core.adapters import AdapterError
 from rerank_core.diagnostics import position_bias
 from rerank_core.inspector import BASE
+from rerank_core.prompts import get_preset
 
 PICKERS = Pickers(dataset="toy", model="tiny-llama", count=6)
 
@@ -29,7 +30,8 @@ def context(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer):
 def test_pickers_build_the_settings_in_one_place() -> None:
     settings = Pickers(count=7.0, seed=3, preset="seed_after", use_adapter_preset=False).settings()
     assert settings.candidates.count == 7 and isinstance(settings.candidates.count, int)
-    assert settings.candidates.seed == 3 and settings.preset == "seed_after" and not settings.use_adapter_preset
+    assert settings.candidates.seed == 3 and not settings.use_adapter_preset
+    assert settings.preset == get_preset("seed_after")  # the name resolved here, once
 
 
 def test_inspect_handler_returns_every_output_for_the_user(context) -> None:
