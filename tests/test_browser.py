@@ -178,9 +178,7 @@ def test_narrow_layout_and_the_report_opened_from_disk(browser, served) -> None:
 
 def test_a_refused_diagnostic_keeps_its_results_and_restores_the_orders(browser, served) -> None:
     _, url = served
-    page = browser.new_page(viewport={"width": 1400, "height": 1100})
-    page.goto(url)
-    page.locator("#inspect-summary").get_by_text("User u00").wait_for(timeout=60_000)
+    page = open_app(browser, url, width=1400, height=1100, first_user="u00")
     page.get_by_role("tab", name="Diagnose").click()
     page.get_by_role("radio", name="permutations").check()
     orders = page.locator("#diagnose-orders input")
@@ -202,9 +200,7 @@ def test_a_refused_diagnostic_keeps_its_results_and_restores_the_orders(browser,
 
 def test_enter_in_the_candidates_box_rescores(browser, served) -> None:
     _, url = served
-    page = browser.new_page(viewport={"width": 1400, "height": 1100})
-    page.goto(url)
-    page.locator("#inspect-summary").get_by_text("User u00").wait_for(timeout=60_000)
+    page = open_app(browser, url, width=1400, height=1100, first_user="u00")
     points = page.locator("#letter-chart .js-plotly-plot g.point")
     page.wait_for_function("() => document.querySelectorAll('#letter-chart .js-plotly-plot g.point').length === 20",
                            timeout=30_000)
@@ -220,9 +216,7 @@ def test_enter_in_the_candidates_box_rescores(browser, served) -> None:
 
 def test_enter_in_a_fine_tune_box_starts_the_run(browser, served) -> None:
     context, url = served
-    page = browser.new_page(viewport={"width": 1400, "height": 1100})
-    page.goto(url)
-    page.locator("#inspect-summary").get_by_text("User u00").wait_for(timeout=60_000)
+    page = open_app(browser, url, width=1400, height=1100, first_user="u00")
     page.get_by_role("tab", name="Fine-tune").click()
     page.locator("#adapter-name textarea, #adapter-name input").first.fill("started-by-enter")
     samples = page.locator("#finetune-max-samples input")
