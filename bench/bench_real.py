@@ -37,12 +37,13 @@ from rerank_core.distributed import launched_world_size, process_shard
 from rerank_core.inspector import BASE, Inspector, InspectSettings
 from rerank_core.loaders import load_dataset
 from rerank_core.models import load_model
+from rerank_core.prompts import get_preset
 from rerank_core.training import train_adapter
 
 ADAPTER = "movielens-quick"
 # The rows of each table, in order: (label, system, preset); baselines read no prompt.
-LLM_RUNS = (("base (seed)", BASE, "seed"), ("base (seed_after)", BASE, "seed_after"),
-            ("quick adapter", ADAPTER, "seed_after"))
+LLM_RUNS = (("base (seed)", BASE, get_preset("seed")), ("base (seed_after)", BASE, get_preset("seed_after")),
+            ("quick adapter", ADAPTER, get_preset("seed_after")))
 REFERENCE, POPULARITY = "base (seed_after)", "popularity"
 # One step holds 4 samples, so single-step letter losses are noise; the trajectory is the mean of each window.
 LOSS_WINDOW = 8
