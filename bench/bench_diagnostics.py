@@ -33,6 +33,7 @@ from rerank_core.diagnostics import position_bias, position_bias_over_users  # n
 from rerank_core.inspector import Inspector, InspectSettings  # noqa: E402
 from rerank_core.loaders import load_dataset  # noqa: E402
 from rerank_core.models import load_model  # noqa: E402
+from rerank_core.prompts import get_preset  # noqa: E402
 from rerank_core.scoring import ScoreCache  # noqa: E402
 
 CANDIDATES = 20
@@ -51,7 +52,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=0,
                         help="users for the many-user run, measured once (default 0: skipped)")
-    parser.add_argument("--preset", default="seed")
+    parser.add_argument("--preset", default="seed", type=get_preset, help="prompt preset name (default: seed)")
     parser.add_argument("--batch-size", type=int, help="prompts per forward pass (default: all 20 rotations in one)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")
@@ -65,7 +66,7 @@ def main() -> int:
     user = dataset.users[0]
     inspector.inspect(user, settings)  # warm-up: first-call overheads out of the timings
     prompt_tokens = len(inspector.prepare(user, settings).token_ids)
-    print(f"model {loaded.name} ({loaded.dtype}, {loaded.device}), data {dataset.name}, preset {args.preset}, "
+    print(f"model {loaded.name} ({loaded.dtype}, {loaded.device}), data {dataset.name}, preset {args.preset.name}, "
           f"{CANDIDATES} candidates, user {user}: {prompt_tokens} prompt tokens")
 
     print(f"\n1 user x {CANDIDATES} rotations, {args.rounds} interleaved rounds")

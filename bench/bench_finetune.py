@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     report = first["report"]
 
     users = test_users(dataset, args.users)
-    settings = InspectSettings(preset=config.prompt_preset, strategy=config.strategy, split="test",
+    settings = InspectSettings(preset=config.preset, strategy=config.strategy, split="test",
                                candidates=config.candidate_config(), max_prompt_tokens=config.max_prompt_tokens)
     eval_started = time.monotonic()
     inspector = Inspector(dataset, loaded, adapters_root=root, batch_size=8)

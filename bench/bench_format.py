@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     summaries = {}
     for preset in PRESETS:
         config = config_from(args, prompt_preset=preset)
-        settings = InspectSettings(preset=preset, strategy=config.strategy, split="test",
+        settings = InspectSettings(preset=config.preset, strategy=config.strategy, split="test",
                                    candidates=config.candidate_config(), max_prompt_tokens=config.max_prompt_tokens)
         _, summaries[preset] = compare_systems(inspector, users, settings, ["base", f"{preset}-1"])
 

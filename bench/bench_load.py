@@ -24,6 +24,7 @@ endpoint, exactly as the Fine-tune tab starts it. Targets: 0 errors; server RSS 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import random
 import socket
@@ -119,6 +120,17 @@ class RssMonitor(threading.Thread):
             except psutil.Error:
                 pass
             self.stop.wait(1.0)
+
+
+def describe_round(measurement: Measurement, headline: str = "p50") -> str:
+    """One round of inspecting clients: the percentile it is measured by, the other one, max, errors, rate, and
+    what ran beside them (a fine-tune or a diagnostic)."""
+    details = measurement.details
+    other = "p95" if headline == "p50" else "p50"
+    text = (f"{headline} of {details['requests']} requests; {other} {details[other]:.2f} s, "
+            f"max {details['max']:.2f} s, errors {details['errors']}, "
+            f"{details['requests'] / details['wall']:.2f} users/s")
+    return text + (f"; {details['beside']}" if "beside" in details else "")
 
 
 def main() -> None:
@@ -228,9 +240,10 @@ def run(options: argparse.Namespace, url: str, server: subprocess.Popen[bytes], 
         wall = time.perf_counter() - wall
         if not latencies:
             raise SystemExit(f"no request succeeded; errors: {errors[:5]}")
-        return Measurement(percentile(latencies, 0.5), {
+        p50 = percentile(latencies, 0.5)
+        return Measurement(p50, {
             "requests": len(latencies), "errors": len(errors) - errors_before, "wall": wall,
-            "p95": percentile(latencies, 0.95), "max": max(latencies)})
+            "p50": p50, "p95": percentile(latencies, 0.95), "max": max(latencies)})
 
     def during_finetune() -> Measurement:
         name = f"bench-load-{int(time.time())}"
@@ -251,18 +264,12 @@ def run(options: argparse.Namespace, url: str, server: subprocess.Popen[bytes], 
             finished = client.predict(api_name="/finetune_status")
         finetunes.append(finished)
         result = finished.get("result") or {}
-        measurement.details["finetune"] = (
+        measurement.details["beside"] = (
             f"fine-tune {name} ({options.max_samples} samples): step {during['step']}/{during['total_steps']} "
             f"when the load ended; final {finished['state']}"
             + (f", {result['wall_time_s']:.0f} s in all" if result.get("wall_time_s") else "")
             + (f"; {finished['message']}" if finished["message"] else ""))
         return measurement
-
-    def describe(measurement: Measurement) -> str:
-        details = measurement.details
-        text = (f"p50 of {details['requests']} requests; p95 {details['p95']:.2f} s, max {details['max']:.2f} s, "
-                f"errors {details['errors']}, {details['requests'] / details['wall']:.2f} users/s")
-        return text + (f"; {details['finetune']}" if "finetune" in details else "")
 
     if options.case == "diagnostic":
         run_diagnostic_case(options, url, client, switch_users, errors)
@@ -271,7 +278,7 @@ def run(options: argparse.Namespace, url: str, server: subprocess.Popen[bytes], 
           f"{options.max_samples} samples, 4 validation users")
     with LoadWatch() as watch:
         results = interleaved({"clients alone": switch_users, "during a fine-tune": during_finetune},
-                              options.rounds, watch, describe=describe)
+                              options.rounds, watch, describe=describe_round)
     rss_after = process.memory_info().rss
     trajectory = list(monitor.trajectory)
     monitor.stop.set()
@@ -307,7 +314,7 @@ def run_diagnostic_case(options: argparse.Namespace, url: str, client: Any, swit
                  "use_adapter_preset": True, "system": "base", **LONGEST_DIAGNOSTIC}
 
     def p95(measurement: Measurement) -> Measurement:
-        return Measurement(measurement.details["p95"], {**measurement.details, "p50": measurement.value})
+        return Measurement(measurement.details["p95"], measurement.details)
 
     def alone() -> Measurement:
         return p95(switch_users())
@@ -324,21 +331,15 @@ def run_diagnostic_case(options: argparse.Namespace, url: str, client: Any, swit
             outcome = str(error).splitlines()[0][:80]
         else:
             outcome = "finished"
-        measurement.details["diagnostic"] = (f"diagnostic still running when the round ended: {running}; "
+        measurement.details["beside"] = (f"diagnostic still running when the round ended: {running}; "
                                              f"{stopped} -> {outcome}")
         return measurement
-
-    def describe(measurement: Measurement) -> str:
-        details = measurement.details
-        text = (f"p95 of {details['requests']} requests; p50 {details['p50']:.2f} s, max {details['max']:.2f} s, "
-                f"errors {details['errors']}")
-        return text + (f"; {details['diagnostic']}" if "diagnostic" in details else "")
 
     print(f"{options.clients} inspecting clients for {options.seconds:.0f} s per round; beside them: position "
           f"bias over {LONGEST_DIAGNOSTIC['users']} users x {LONGEST_DIAGNOSTIC['permutations']} orders")
     with LoadWatch() as watch:
         results = interleaved({"inspect alone": alone, "inspect beside the diagnostic": beside_diagnostic},
-                              options.rounds, watch, describe=describe)
+                              options.rounds, watch, describe=functools.partial(describe_round, headline="p95"))
     for error in errors[:5]:
         print(f"  error: {error}")
     print_summary(results)

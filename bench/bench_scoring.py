@@ -40,8 +40,9 @@ def build_prompts(tokenizer, count: int) -> list[list[int]]:
     from rerank_core.candidates import CandidateConfig, CandidateSampler
     from rerank_core.data import UserSplit
     from rerank_core.loaders import load_dataset
-    from rerank_core.prompts import build_prompt, encode_rendered
+    from rerank_core.prompts import build_prompt, encode_rendered, get_preset
 
+    preset = get_preset("seed")
     dataset = load_dataset(None)
     sampler = CandidateSampler(dataset, CandidateConfig(count=CANDIDATES, seed=0))
     prompts = []
@@ -51,9 +52,9 @@ def build_prompts(tokenizer, count: int) -> list[list[int]]:
             continue
         split = UserSplit(user, "test", split.history[-HISTORY_ITEMS:], split.target)
         candidates = sampler.for_split(split)
-        prompt = build_prompt(tokenizer, "seed", [dataset.text(i) for i in split.history],
+        prompt = build_prompt(tokenizer, preset, [dataset.text(i) for i in split.history],
                               [dataset.text(i) for i in candidates.item_ids])
-        prompts.append(encode_rendered(tokenizer, "seed", prompt.rendered))
+        prompts.append(encode_rendered(tokenizer, preset, prompt.rendered))
         if len(prompts) == count:
             break
     return prompts
@@ -63,14 +64,15 @@ def run_one(mode: str, count: int, batch_size: int) -> dict:
     import torch
 
     from rerank_core.models import load_model
-    from rerank_core.prompts import letters_for
+    from rerank_core.prompts import get_preset, letters_for
     from rerank_core.scoring import score_token_ids
     from rerank_core.verbalizer import resolve_letters
 
     loaded = load_model(None, dtype="fp32" if mode == "seed" else "auto")
     tokenizer = loaded.tokenizer
     prompts = build_prompts(tokenizer, count)
-    letter_ids = [token.token_id for token in resolve_letters(tokenizer, "seed", letters_for(CANDIDATES), "seed")]
+    letter_ids = [token.token_id for token in resolve_letters(tokenizer, get_preset("seed"), letters_for(CANDIDATES),
+                                                                     "seed")]
     # One warm-up prompt so both ways are timed without first-call overheads.
     start = time.perf_counter()
     if mode == "seed":

@@ -13,11 +13,11 @@ import argparse
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+from rerank_app.browser import chromium, open_app, pick_user
+
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
 
 
 def free_port() -> int:
@@ -31,30 +31,14 @@ def main() -> None:
     parser.add_argument("--adapter", help="an adapter in adapters/ to compare with the base")
     parser.add_argument("--users", type=int, default=40, help="users for the Compare screenshot")
     options = parser.parse_args()
-    from playwright.sync_api import sync_playwright
-
     port = free_port()
     server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT)
     url = f"http://127.0.0.1:{port}/"
     try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1440, "height": 1000})
-            deadline = time.monotonic() + 300
-            while True:
-                try:
-                    page.goto(url)
-                    break
-                except Exception:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(2)
-            page.locator("#inspect-summary").get_by_text("User").wait_for(timeout=300_000)
-            user = page.locator("#user-picker input")
-            user.click()
-            user.fill("u0002")
-            page.get_by_role("option", name="u0002", exact=True).click()
-            page.locator("#inspect-summary").get_by_text("User u0002").wait_for(timeout=300_000)
+        with chromium() as browser:
+            # The server loads the model first: retry the page while it starts, then wait for the first score.
+            page = open_app(browser, url, width=1440, height=1000, timeout_ms=300_000, server_start_s=300)
+            pick_user(page, "u0002", timeout_ms=300_000)
             page.locator("#letter-chart .js-plotly-plot").wait_for(timeout=60_000)
             page.wait_for_timeout(1500)
             page.screenshot(path=str(ROOT / "docs" / "screenshot-inspect.png"), full_page=True)
@@ -71,7 +55,6 @@ def main() -> None:
             page.locator("#compare-scatter .js-plotly-plot").wait_for(timeout=900_000)
             page.wait_for_timeout(3000)
             page.screenshot(path=str(ROOT / "docs" / "screenshot-compare.png"), full_page=True)
-            browser.close()
     finally:
         server.terminate()
         server.wait(timeout=60)

@@ -44,7 +44,7 @@ from rerank_core.labels import mask_preview
 from rerank_core.limits import LimitError, whole_number
 from rerank_core.loaders import load_dataset
 from rerank_core.models import LoadedModel, load_model
-from rerank_core.prompts import with_template_kwargs
+from rerank_core.prompts import get_preset, with_template_kwargs
 from rerank_core.template_check import TemplateConsistency, template_consistency
 from rerank_core.training import build_training_samples, label_samples, training_config
 
@@ -263,7 +263,7 @@ class AppContext:
         systems = [system for system, _ in stamped]
         with self.running(dataset, model, stop) as (inspector, check):
             per_user, summary = compare_systems(inspector, list(users), settings, systems, progress=progress,
-                                                cancel=check)
+                                                cancel=check, chunk_size=BACKGROUND_CHUNK)
             return with_baselines(inspector, per_user, summary, list(users), settings, BASELINES)
 
     def _systems(self, model: str, adapters: Sequence[str]) -> list[str]:
@@ -337,7 +337,7 @@ class AppContext:
         users = self.first_users(dataset, count)
         with self.running(dataset, model, stop) as (inspector, check):
             return letter_prior(inspector, users, settings, system, mode, placeholder=placeholder, progress=progress,
-                                cancel=check)
+                                cancel=check, batch_size=BACKGROUND_CHUNK)
 
     def history_influence(self, dataset: str, model: str, system: str | None, user_id: str,
                           settings: InspectSettings, stop: threading.Event | None = None) -> HistoryInfluence:
@@ -350,7 +350,7 @@ class AppContext:
     def template_consistency(self, model: str, preset: str, count: int,
                              template_kwargs: str = "") -> TemplateConsistency:
         """Is the inference prompt a token prefix of the training conversation (tokenizer only, no lock)."""
-        return template_consistency(self.tokenizer(model), with_template_kwargs(preset, template_kwargs),
+        return template_consistency(self.tokenizer(model), with_template_kwargs(get_preset(preset), template_kwargs),
                                     count=int(count))
 
     def letter_mass(self, dataset: str, model: str, adapters: Sequence[str] | None, count: int,
@@ -360,7 +360,8 @@ class AppContext:
         systems = self._systems(model, adapters or [])
         users = self.first_users(dataset, count)
         with self.running(dataset, model, stop) as (inspector, check):
-            return letter_mass(inspector, users, settings, systems, progress=progress, cancel=check)
+            return letter_mass(inspector, users, settings, systems, progress=progress, cancel=check,
+                               chunk_size=BACKGROUND_CHUNK)
 
     # -- fine-tune ---------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import gradio as gr
 
 from rerank_app.context import AppContext
 from rerank_core.inspector import BASE, InspectSettings
+from rerank_core.prompts import get_preset
 
 __all__ = ["NO_ADAPTER_LABEL", "USER_ERRORS", "PickerControls", "Pickers", "adapter_choices", "catalogue_key",
            "endpoint", "make_settings", "refresh_pickers", "user_message"]
@@ -42,7 +43,7 @@ class Pickers:
     model: str = ""
     split: str = _DEFAULT.split
     source: str = _DEFAULT.candidates.source
-    preset: str = _DEFAULT.preset
+    preset: str = _DEFAULT.preset.name  # a name: resolved once, in settings()
     strategy: str = _DEFAULT.strategy
     text_field: str = _DEFAULT.text_field
     count: int = _DEFAULT.candidates.count
@@ -54,7 +55,7 @@ class Pickers:
         """The one place the pickers become InspectSettings; the core makes 20.0 an int and refuses an empty or
         1.5 seed."""
         candidates = replace(_DEFAULT.candidates, source=self.source, count=self.count, seed=self.seed)
-        return replace(_DEFAULT, split=self.split, preset=self.preset, strategy=self.strategy,
+        return replace(_DEFAULT, split=self.split, preset=get_preset(self.preset), strategy=self.strategy,
                        text_field=self.text_field, candidates=candidates,
                        use_adapter_preset=bool(self.use_adapter_preset), template_kwargs=self.template_kwargs or "")
 

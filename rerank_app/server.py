@@ -127,6 +127,6 @@ def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None,
     """Serve with queue limits: scoring, comparisons, jobs and uploads each have their own concurrency group."""
     _limit_heap_arenas()
     demo.queue(default_concurrency_limit=2, max_size=queue_size)
-    return demo.launch(server_name=host, server_port=port, share=share, auth=auth, css=views.APP_CSS,
+    return demo.launch(server_name=host, server_port=port, share=share, auth=auth, css=views.APP_CSS, js=views.APP_JS,
                        theme=gr.themes.Soft(), max_file_size=max_upload_bytes, prevent_thread_lock=not block,
                        show_error=True, quiet=not block)

@@ -25,6 +25,7 @@ from rerank_core.metrics import METRIC_NAMES
 
 __all__ = [
     "APP_CSS",
+    "APP_JS",
     "CHART_ORDERS",
     "CompareView",
     "DataView",
@@ -83,6 +84,20 @@ APP_CSS = """
 .ri-progress-text { font-size: 13px; margin-top: 4px; }
 #candidates-table td, #audit-table td, #history-table td { font-size: 12.5px; }
 #inspect-summary p { margin: 2px 0; }
+"""
+# Gradio's slider sends "release" when its number box loses focus, not on Enter; Enter blurs the box (which sends
+# it) and gives the focus back, so Enter in the Candidates box re-scores like Enter in every other box.
+APP_JS = """
+() => {
+  document.addEventListener("keydown", (event) => {
+    const box = event.target;
+    if (event.key !== "Enter" || !(box instanceof HTMLInputElement) || box.type !== "number") return;
+    const slider = box.closest(".head")?.parentElement;  // a slider's box sits in its head, beside the range
+    if (!slider?.querySelector(":scope > .slider_input_container > input[type=range]")) return;
+    box.blur();
+    box.focus();
+  }, true);
+}
 """
 
 
@@ -309,9 +324,7 @@ def _history_table(inspection: UserInspection, dataset: Dataset) -> tuple[pd.Dat
 
 def truncation_reason(inspection: UserInspection) -> str:
     """Which limit cut the history: the preset's item cap, the prompt token budget, or both."""
-    from rerank_core.prompts import get_preset
-
-    preset = get_preset(inspection.settings.preset)
+    preset = inspection.settings.preset
     history = len(inspection.prepared.split.history)
     by_preset = preset.max_history is not None and history > preset.max_history
     kept = len(inspection.prepared.prompt.history_texts)
@@ -366,7 +379,7 @@ def _summary_markdown(inspection: UserInspection, dataset: Dataset, model_name: 
     count = len(prepared.prompt.letters)
     lines = [f"**User {html.escape(inspection.user_id)}** · {prepared.split.split} target · "
              f"system **{html.escape(inspection.system)}** on {html.escape(model_name)} · "
-             f"preset `{inspection.settings.preset}` · {len(prepared.token_ids)} prompt tokens"]
+             f"preset `{inspection.settings.preset.name}` · {len(prepared.token_ids)} prompt tokens"]
     if truth is None:
         lines.append(f"Ground truth **{html.escape(dataset.text(prepared.split.target))}** is not among the "
                      f"{count} candidates (the retriever missed it): every metric is 0.")
@@ -409,9 +422,7 @@ def inspect_view(inspection: UserInspection, dataset: Dataset, tokenizer: Any, *
     prepared = inspection.prepared
     history, history_note = _history_table(inspection, dataset)
     audit, audit_note = _audit_table(inspection)
-    from rerank_core.prompts import get_preset
-
-    chat = get_preset(inspection.settings.preset).chat
+    chat = inspection.settings.preset.chat
     return InspectView(
         summary=_summary_markdown(inspection, dataset, model_name),
         history=history, history_note=history_note,
@@ -462,7 +473,7 @@ def compare_user_table(inspections: Sequence[UserInspection]) -> pd.DataFrame:
         truth = prepared.candidates.target_index
         top = inspection.scores.ranking()[:3]
         rows.append({
-            "system": inspection.system, "preset": inspection.settings.preset,
+            "system": inspection.system, "preset": inspection.settings.preset.name,
             "truth rank": inspection.rank,
             "p(truth)": None if truth is None else round(inspection.scores.letter_probs[truth], 4),
             "letter mass": round(inspection.scores.letter_mass, 4),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 from rerank_core.fsutil import process_running, replace_folder
 from rerank_core.models import LoadedModel
+from rerank_core.prompts import PromptPreset, get_preset
 
 __all__ = [
     "MANIFEST_FILE",
@@ -54,9 +56,11 @@ class AdapterInfo:
     path: str
     manifest: dict[str, Any] | None
 
-    @property
-    def preset(self) -> str | None:
-        return (self.manifest or {}).get("preset")
+    @functools.cached_property
+    def preset(self) -> PromptPreset | None:
+        """The preset the manifest names, resolved once here; an unknown name raises PromptError."""
+        name = (self.manifest or {}).get("preset")
+        return get_preset(name) if name else None
 
     @property
     def strategy(self) -> str | None:

@@ -64,7 +64,7 @@ class TokenAlignment:
             "that merges with the preceding whitespace). Fix the chat template or choose another preset.")
 
 
-def align(tokenizer: Any, preset: str | PromptPreset, text: str, answer_letter: str) -> TokenAlignment:
+def align(tokenizer: Any, preset: PromptPreset, text: str, answer_letter: str) -> TokenAlignment:
     """Tokenize both renderings of one prompt and find the first token where they differ."""
     prompt_ids = tuple(encode_rendered(tokenizer, preset, render_inference(tokenizer, preset, text)))
     full_ids = tuple(encode_conversation(tokenizer, preset, render_training(tokenizer, preset, text, answer_letter)))

@@ -24,7 +24,7 @@ from rerank_core.distributed import close_process_group
 from rerank_core.fsutil import atomic_write_text, write_folder
 from rerank_core.inspector import BASE
 from rerank_core.models import load_tokenizer
-from rerank_core.prompts import answer_slot, letters_for, with_template_kwargs
+from rerank_core.prompts import answer_slot, get_preset, letters_for, with_template_kwargs
 from rerank_core.report import comparison_report, inspection_report
 from rerank_core.verbalizer import resolve_letters
 
@@ -49,7 +49,7 @@ def _cell(value: Any) -> str:
 
 
 def command_audit(args: argparse.Namespace) -> int:
-    preset = with_template_kwargs(args.preset, args.template_kwargs)
+    preset = with_template_kwargs(get_preset(args.preset), args.template_kwargs)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     letters = resolve_letters(tokenizer, preset, letters_for(args.candidates), args.strategy)
     rows = [token.to_json() for token in letters]
@@ -102,7 +102,7 @@ def command_show(args: argparse.Namespace) -> int:
         return 0
     if result.preset_note:
         print(f"note: {result.preset_note}")
-    print(f"user {result.user_id} ({args.split}), system {result.system}, preset {result.settings.preset}")
+    print(f"user {result.user_id} ({args.split}), system {result.system}, preset {result.settings.preset.name}")
     print(f"\nhistory ({len(payload['history'])} items, {payload['dropped_history']} dropped to fit):")
     print(_table(payload["history"], ["position", "item_id", "text", "in_prompt"]))
     print("\nrendered prompt (special tokens ⟦…⟧, newlines ↵):")

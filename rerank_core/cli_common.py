@@ -12,7 +12,7 @@ from rerank_core.distributed import process_device, process_shard
 from rerank_core.inspector import Inspector, InspectSettings
 from rerank_core.loaders import FORMATS, load_dataset
 from rerank_core.models import load_model, load_tokenizer
-from rerank_core.prompts import PRESETS
+from rerank_core.prompts import PRESETS, get_preset
 from rerank_core.verbalizer import STRATEGIES
 
 __all__ = ["add_common_options", "build_inspector", "build_settings", "int_range", "load_data"]
@@ -80,7 +80,7 @@ def build_settings(args: argparse.Namespace, split: str = "test") -> InspectSett
     """InspectSettings from the common options."""
     candidates = CandidateConfig(source=args.candidate_source, count=args.candidates, seed=args.seed,
                                  order=args.candidate_order)
-    return InspectSettings(preset=args.preset, strategy=args.strategy, text_field=args.text_field,
+    return InspectSettings(preset=get_preset(args.preset), strategy=args.strategy, text_field=args.text_field,
                            split=split, candidates=candidates, max_prompt_tokens=args.max_prompt_tokens,
                            use_adapter_preset=not getattr(args, "ignore_adapter_preset", False),
                            template_kwargs=args.template_kwargs)

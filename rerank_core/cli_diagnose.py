@@ -23,7 +23,7 @@ from rerank_core.diagnostics import tables as frames
 from rerank_core.inspector import BASE, Inspector
 from rerank_core.loaders import load_dataset
 from rerank_core.models import load_tokenizer
-from rerank_core.prompts import with_template_kwargs
+from rerank_core.prompts import get_preset, with_template_kwargs
 from rerank_core.template_check import template_consistency
 
 __all__ = ["add_diagnose_command"]
@@ -122,7 +122,7 @@ def command_template(args: argparse.Namespace) -> int:
         inspector = Inspector(load_dataset(args.data, args.data_format), tokenizer=tokenizer)
         text = inspector.prepare(args.user, build_settings(args, args.split)).prompt.text
 
-    preset = with_template_kwargs(args.preset, args.template_kwargs)
+    preset = with_template_kwargs(get_preset(args.preset), args.template_kwargs)
     report = template_consistency(tokenizer, preset, text=text, letter=args.letter, count=args.candidates)
     around = "the end of the prompt" if report.is_prefix else "the first difference"
     _print(args, report.to_json(), [

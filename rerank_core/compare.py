@@ -12,6 +12,7 @@ from rerank_core.inspector import Inspector, InspectSettings
 from rerank_core.limits import check_limit
 from rerank_core.metrics import METRIC_NAMES, paired_bootstrap
 from rerank_core.progress import CancelCheck, ProgressCallback
+from rerank_core.prompts import PromptPreset
 
 __all__ = ["SUMMARY_COLUMNS", "compare_systems", "comparison_table", "movers", "run_label"]
 
@@ -24,9 +25,9 @@ MOVER_COLUMNS = ("user_id", "system", "reference", "change", "reference_rank", "
                  "reference_truth_probability", "truth_probability", "difference")
 
 
-def run_label(system: str, preset: str, reference_preset: str) -> str:
+def run_label(system: str, preset: PromptPreset, reference_preset: PromptPreset) -> str:
     """The reference system's name in tables, plus the preset when it is re-scored with an adapter's."""
-    return system if preset == reference_preset else f"{system} @ {preset}"
+    return system if preset == reference_preset else f"{system} @ {preset.name}"
 
 
 def compare_systems(
@@ -37,6 +38,7 @@ def compare_systems(
     *,
     progress: ProgressCallback | None = None,
     cancel: CancelCheck = None,
+    chunk_size: int | None = None,
     bootstrap_samples: int = 2000,
     seed: int = 0,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -50,7 +52,8 @@ def compare_systems(
     Returns the per-user frame (Inspector.evaluate's columns; `system` holds the run label) and a summary
     with one row per (run, metric): its mean and, for runs other than the reference, the paired
     difference to its reference with a bootstrap CI and how many users improved or worsened.
-    `cancel` is checked between chunks of users (progress.Cancelled is raised there).
+    `cancel` is checked between chunks of `chunk_size` users (Inspector.evaluate; progress.Cancelled is raised
+    there).
     """
     users = list(users)
     if not systems:
@@ -88,7 +91,8 @@ def compare_systems(
             if progress is not None:
                 progress(offset + done, total)
 
-        frame = inspector.evaluate(users, run_settings, system, progress=report, cancel=cancel)
+        frame = inspector.evaluate(users, run_settings, system, progress=report, cancel=cancel,
+                                   chunk_size=chunk_size)
         frames[label] = frame.assign(system=label)
     per_user = pd.concat(frames.values(), ignore_index=True)
 

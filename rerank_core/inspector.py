@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -27,6 +28,7 @@ from rerank_core.metrics import METRIC_NAMES, metrics_at, rank_of_truth
 from rerank_core.models import LoadedModel
 from rerank_core.progress import CancelCheck, checkpoint
 from rerank_core.prompts import (
+    PRESETS,
     Prompt,
     PromptPreset,
     answer_slot,
@@ -51,7 +53,7 @@ ProgressCallback = Callable[[int, int], None]
 class InspectSettings:
     """Everything that decides a prompt and its letter tokens, besides the user and the model."""
 
-    preset: str = "seed"
+    preset: PromptPreset = PRESETS["seed"]
     strategy: str = "as_trained"
     text_field: str = "title"
     split: str = "test"
@@ -62,11 +64,18 @@ class InspectSettings:
     template_kwargs: str = ""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.preset, PromptPreset):  # a name here would be resolved again in every function below
+            raise TypeError(f"InspectSettings.preset must be a PromptPreset, not {type(self.preset).__name__} "
+                            f"{self.preset!r}; resolve a name once with prompts.get_preset at the entry point")
         if self.max_prompt_tokens is not None:
             object.__setattr__(self, "max_prompt_tokens", check_limit("max_prompt_tokens", self.max_prompt_tokens))
         object.__setattr__(self, "template_kwargs", parse_template_kwargs(self.template_kwargs))
 
-    @property
+    def to_json(self) -> dict[str, Any]:
+        """Plain values, the preset by its name (how settings are stored and shown)."""
+        return {**asdict(self), "preset": self.preset.name}
+
+    @functools.cached_property
     def prompt_preset(self) -> PromptPreset:
         """The preset with the chat-template options: what every rendering of these settings uses."""
         return with_template_kwargs(self.preset, self.template_kwargs)
@@ -144,7 +153,7 @@ class UserInspection:
             "user_id": self.user_id,
             "split": prepared.split.split,
             "system": self.system,
-            "settings": {**asdict(self.settings)},
+            "settings": self.settings.to_json(),
             "preset_note": self.preset_note,
             "history": self.history_frame(dataset).to_dict(orient="records"),
             "dropped_history": prepared.prompt.dropped_history,
@@ -192,7 +201,8 @@ class Inspector:
 
     def letter_tokens(self, settings: InspectSettings, count: int) -> tuple[LetterToken, ...]:
         """Letters resolved once per (preset, strategy, count): they do not depend on the items."""
-        key = (settings.preset, settings.template_kwargs, settings.strategy, count)
+        # The whole frozen preset is the key: a custom preset named like a built-in one renders differently.
+        key = (settings.prompt_preset, settings.strategy, count)
         if key not in self._letters:
             self._letters[key] = tuple(resolve_letters(
                 self.tokenizer, settings.prompt_preset, letters_for(count), settings.strategy))
@@ -290,8 +300,8 @@ class Inspector:
         notes, effective = [], settings
         trained = info.preset
         if trained and trained != settings.preset:
-            notes.append(f"adapter {system!r} was trained with preset {trained!r}; scored with it, not "
-                         f"{settings.preset!r}")
+            notes.append(f"adapter {system!r} was trained with preset {trained.name!r}; scored with it, not "
+                         f"{settings.preset.name!r}")
             effective = replace(effective, preset=trained)
         options = info.template_kwargs
         if options is not None and options != settings.template_kwargs:
@@ -357,15 +367,17 @@ class Inspector:
         return UserInspection(system, effective, prepared, scores, rank, metrics_at(rank), note)
 
     def evaluate(self, users: Iterable[str], settings: InspectSettings, system: str = BASE,
-                 progress: ProgressCallback | None = None, cancel: CancelCheck = None) -> pd.DataFrame:
+                 progress: ProgressCallback | None = None, cancel: CancelCheck = None,
+                 chunk_size: int | None = None) -> pd.DataFrame:
         """Per-user rank, ground-truth probability, letter mass and metrics, in batches.
 
-        `cancel` is checked before every chunk of users: a stop request raises progress.Cancelled there.
+        `cancel` is checked before every chunk of `chunk_size` users (default: four batches): a stop request
+        raises progress.Cancelled there, and a shared app gives the model to waiting requests there.
         """
         effective, _ = self.settings_for(system, settings)
         users = list(users)
         rows = []
-        chunk_size = max(self.batch_size * 4, 1)
+        chunk_size = max(chunk_size or self.batch_size * 4, 1)
         for start in range(0, len(users), chunk_size):
             checkpoint(f"scoring {system}", start, len(users), cancel=cancel)
             chunk = users[start:start + chunk_size]
@@ -374,7 +386,7 @@ class Inspector:
                 target_index = item.candidates.target_index
                 rank = rank_of_truth(scores.letter_probs, target_index)
                 rows.append({
-                    "user_id": user, "system": system, "preset": effective.preset,
+                    "user_id": user, "system": system, "preset": effective.preset.name,
                     "rank": rank, "truth_probability":
                         None if target_index is None else scores.letter_probs[target_index],
                     "letter_mass": scores.letter_mass, "top1_letter": item.prompt.letters[scores.ranking()[0]],

@@ -44,7 +44,7 @@ class MaskedToken:
 
 def label_example(
     tokenizer: Any,
-    preset: str | PromptPreset,
+    preset: PromptPreset,
     text: str,
     answer_letter: str,
     *,

@@ -178,19 +178,20 @@ def parse_template_kwargs(value: str | Mapping[str, Any] | None) -> str:
     return json.dumps(dict(value), sort_keys=True, separators=(",", ":")) if value else ""
 
 
-def with_template_kwargs(preset: str | PromptPreset, template_kwargs: str | Mapping[str, Any] | None) -> PromptPreset:
+def with_template_kwargs(preset: PromptPreset, template_kwargs: str | Mapping[str, Any] | None) -> PromptPreset:
     """The preset rendered with these chat-template options."""
-    return replace(get_preset(preset), template_kwargs=parse_template_kwargs(template_kwargs))
+    return replace(preset, template_kwargs=parse_template_kwargs(template_kwargs))
 
 
-def get_preset(name_or_preset: str | PromptPreset) -> PromptPreset:
-    if isinstance(name_or_preset, PromptPreset):
-        return name_or_preset
+def get_preset(name: str) -> PromptPreset:
+    """The one place a preset name becomes a PromptPreset; the entry points (CLI, app, manifests, training config)
+    call it once, and everything below takes the PromptPreset."""
+    if isinstance(name, PromptPreset):
+        raise TypeError("get_preset takes a preset name, not a PromptPreset; pass the PromptPreset on as it is")
     try:
-        return PRESETS[name_or_preset]
-    except KeyError:
-        raise PromptError(
-            f"prompt preset {name_or_preset!r} is not one of {', '.join(PRESETS)}") from None
+        return PRESETS[name]
+    except (KeyError, TypeError):  # TypeError: an unhashable value from a JSON request
+        raise PromptError(f"prompt preset {name!r} is not one of {', '.join(PRESETS)}") from None
 
 
 @dataclass(frozen=True)
@@ -226,40 +227,35 @@ def render_chat(tokenizer: Any, preset: PromptPreset, messages: list[dict[str, s
         raise PromptError(f"the chat template failed to render{given}: {type(error).__name__}: {error}") from error
 
 
-def render_generation_prompt(tokenizer: Any, preset: str | PromptPreset, text: str) -> str:
+def render_generation_prompt(tokenizer: Any, preset: PromptPreset, text: str) -> str:
     """The chat template's own rendering with the generation prompt, before any answer slot is applied."""
-    preset = get_preset(preset)
     if not preset.chat:
         return text
     return render_chat(tokenizer, preset, [{"role": "user", "content": text}], True)
 
 
-def render_inference(tokenizer: Any, preset: str | PromptPreset, text: str) -> str:
+def render_inference(tokenizer: Any, preset: PromptPreset, text: str) -> str:
     """What the model reads before answering: the generation prompt moved to where training puts the letter."""
-    preset = get_preset(preset)
     if not preset.chat:
         return text
     return answer_slot(tokenizer, preset).apply(render_generation_prompt(tokenizer, preset, text))
 
 
-def render_training(tokenizer: Any, preset: str | PromptPreset, text: str, answer_letter: str) -> str:
+def render_training(tokenizer: Any, preset: PromptPreset, text: str, answer_letter: str) -> str:
     """The full training conversation: the chat with the assistant's letter, or text + letter + EOS."""
-    preset = get_preset(preset)
     if not preset.chat:
         return text + answer_letter + (tokenizer.eos_token or "")
     return render_chat(tokenizer, preset, [{"role": "user", "content": text},
                                             {"role": "assistant", "content": answer_letter}], False)
 
 
-def encode_conversation(tokenizer: Any, preset: str | PromptPreset, rendered: str) -> list[int]:
+def encode_conversation(tokenizer: Any, preset: PromptPreset, rendered: str) -> list[int]:
     """Token IDs of a rendering as one string; a chat rendering carries its own special tokens, a text one gets BOS."""
-    preset = get_preset(preset)
     return list(tokenizer(rendered, add_special_tokens=not preset.chat)["input_ids"])
 
 
-def encode_rendered(tokenizer: Any, preset: str | PromptPreset, rendered: str) -> list[int]:
+def encode_rendered(tokenizer: Any, preset: PromptPreset, rendered: str) -> list[int]:
     """Token IDs of an inference rendering: an inserted answer prefix keeps its training-conversation IDs."""
-    preset = get_preset(preset)
     if not preset.chat:
         return encode_conversation(tokenizer, preset, rendered)
     return answer_slot(tokenizer, preset).encode(
@@ -271,9 +267,8 @@ _PROBE_TEXT = "Candidate items:\nA. first\nB. second\nAnswer with only one lette
 _PROBE_LETTERS = ("A", "B", "Z")
 
 
-def answer_slot(tokenizer: Any, preset: str | PromptPreset) -> AnswerSlot:
+def answer_slot(tokenizer: Any, preset: PromptPreset) -> AnswerSlot:
     """Where this tokenizer's chat template puts the answer letter, relative to its generation prompt."""
-    preset = get_preset(preset)
     if not preset.chat:  # a text preset never reaches the chat template
         return AnswerSlot(template_kwargs=preset.template_kwargs, template_kwargs_ignored=bool(preset.template_kwargs))
     _require_chat_template(tokenizer, preset)
@@ -327,14 +322,13 @@ def _fill(preset: PromptPreset, history: Sequence[str], candidates: Sequence[str
 
 def build_prompt(
     tokenizer: Any,
-    preset: str | PromptPreset,
+    preset: PromptPreset,
     history_texts: Sequence[str],
     candidate_texts: Sequence[str],
     *,
     max_prompt_tokens: int | None = None,
 ) -> Prompt:
     """Fill the preset and drop the oldest history items until the rendering fits max_prompt_tokens."""
-    preset = get_preset(preset)
     letters = letters_for(len(candidate_texts))
     history = [_cut_title(tokenizer, text, preset.max_title_tokens) for text in history_texts]
     candidates = [_cut_title(tokenizer, text, preset.max_title_tokens) for text in candidate_texts]

@@ -115,7 +115,7 @@ def _page(title: str, sections: Sequence[str], figures: dict[str, dict[str, Any]
 
 
 def _settings_frame(settings: InspectSettings, extra: dict[str, Any]) -> pd.DataFrame:
-    values = {**extra, **{key: value for key, value in asdict(settings).items() if key != "candidates"},
+    values = {**extra, **{key: value for key, value in settings.to_json().items() if key != "candidates"},
               **{f"candidates.{key}": value for key, value in asdict(settings.candidates).items()}}
     return pd.DataFrame({"setting": list(values), "value": [_cell(value) for value in values.values()]})
 
@@ -131,7 +131,7 @@ def letter_figure(inspection: UserInspection) -> dict[str, Any]:
     truth = prepared.candidates.target_index
     colors = [TRUTH_COLOR if index == truth else BAR_COLOR for index in range(len(letters))]
     layout: dict[str, Any] = {
-        "title": {"text": f"Letter probabilities ({inspection.system}, preset {inspection.settings.preset})"},
+        "title": {"text": f"Letter probabilities ({inspection.system}, preset {inspection.settings.preset.name})"},
         "xaxis": {"title": {"text": "letter"}, "tickmode": "array", "tickvals": letters, "ticktext": letters,
                   "tickangle": 0, "type": "category"},
         "yaxis": {"title": {"text": "probability among the letters"}, "rangemode": "tozero"},

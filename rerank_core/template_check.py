@@ -13,7 +13,6 @@ from rerank_core.answer_slot import AnswerSlot
 from rerank_core.prompts import (
     PromptPreset,
     answer_slot,
-    get_preset,
     letters_for,
     render_chat,
     render_generation_prompt,
@@ -151,10 +150,9 @@ def _mismatch_problem(tokenizer: Any, preset: PromptPreset, text: str, letter: s
         "assistant turn's opening (or render training the same way), or choose a text preset."))
 
 
-def template_consistency(tokenizer: Any, preset: str | PromptPreset, *, text: str | None = None,
+def template_consistency(tokenizer: Any, preset: PromptPreset, *, text: str | None = None,
                          letter: str = "A", count: int = 20) -> TemplateConsistency:
     """Check a tokenizer and preset without any model: the same renderings training and scoring use."""
-    preset = get_preset(preset)
     prompt_text = text if text is not None else probe_text(tokenizer, preset, count)
     alignment = align(tokenizer, preset, prompt_text, letter)
     prompt_ids, full_ids = alignment.prompt_ids, alignment.full_ids

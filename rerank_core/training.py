@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -42,6 +43,7 @@ from rerank_core.prompts import (
     PromptError,
     PromptPreset,
     build_prompt,
+    get_preset,
     parse_template_kwargs,
     with_template_kwargs,
 )
@@ -121,7 +123,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "template_kwargs", parse_template_kwargs(self.template_kwargs))
-        self.preset()  # an unknown preset name fails here
+        _ = self.preset  # an unknown preset name fails here
         for item in SETTINGS:  # each setting's choices and bounds, as declared once in train_settings
             item.check(getattr(self, item.name))
         self.candidate_config()  # candidate count and seed checks live there
@@ -134,9 +136,11 @@ class TrainConfig:
     def candidate_config(self) -> CandidateConfig:
         return CandidateConfig(source=self.candidate_source, count=self.candidates, seed=self.seed)
 
+    @functools.cached_property
     def preset(self) -> PromptPreset:
-        """The prompt preset with the chat-template options: samples, labels and validation all render with it."""
-        return with_template_kwargs(self.prompt_preset, self.template_kwargs)
+        """The prompt preset with the chat-template options, resolved once from the name the config stores:
+        samples, labels, the prompt budget and validation all render with it."""
+        return with_template_kwargs(get_preset(self.prompt_preset), self.template_kwargs)
 
     def to_json(self) -> dict[str, Any]:
         values = asdict(self)
@@ -242,7 +246,7 @@ def size_prompt_budget(dataset: Dataset, tokenizer: Any, config: TrainConfig) ->
         history = tuple(sequence[max(0, position - config.history_items):position])
         candidates = sampler.for_training(user, history, sequence[position], sample_key=str(position))
         prompt = build_prompt(
-            tokenizer, config.prompt_preset, [dataset.text(item, config.text_field) for item in history],
+            tokenizer, config.preset, [dataset.text(item, config.text_field) for item in history],
             [dataset.text(item, config.text_field) for item in candidates.item_ids])
         lengths.append(prompt.token_count)
     return PromptBudget(tokens=max(lengths), history_items=config.history_items, candidates=config.candidates,
@@ -289,7 +293,7 @@ def build_training_samples(
         candidates = sampler.for_training(user, history, target, sample_key=str(position))
         try:
             prompt = build_prompt(
-                tokenizer, config.preset(), [dataset.text(item, config.text_field) for item in history],
+                tokenizer, config.preset, [dataset.text(item, config.text_field) for item in history],
                 [dataset.text(item, config.text_field) for item in candidates.item_ids],
                 max_prompt_tokens=config.max_prompt_tokens)
         except PromptError:
@@ -310,7 +314,7 @@ def label_samples(
     examples: list[LabeledExample] = []
     dropped = {"no_loss_token": 0}
     for sample in samples:
-        example = label_example(tokenizer, config.preset(), sample.prompt.text, sample.answer_letter,
+        example = label_example(tokenizer, config.preset, sample.prompt.text, sample.answer_letter,
                                 train_on_eos=config.train_on_eos, max_length=max_length)
         if example.loss_tokens == 0:
             dropped["no_loss_token"] += 1
@@ -510,7 +514,7 @@ class _Validator:
                  cancel: CancelFlag | None) -> None:
         self.users = validation_users(dataset, config.eval_users, config.seed)
         self.settings = InspectSettings(
-            preset=config.prompt_preset, strategy=config.strategy, text_field=config.text_field,
+            preset=config.preset, strategy=config.strategy, text_field=config.text_field,
             split="validation", candidates=config.candidate_config(),
             max_prompt_tokens=config.max_prompt_tokens, use_adapter_preset=False,
             template_kwargs=config.template_kwargs)

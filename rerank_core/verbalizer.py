@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from rerank_core.alignment import align
-from rerank_core.prompts import PromptPreset, answer_slot, build_prompt, get_preset
+from rerank_core.prompts import PromptPreset, answer_slot, build_prompt
 
 __all__ = ["STRATEGIES", "LetterToken", "VerbalizerError", "probe_text", "resolve_letters"]
 
@@ -45,7 +45,7 @@ class LetterToken:
         return row
 
 
-def probe_text(tokenizer: Any, preset: str | PromptPreset, count: int) -> str:
+def probe_text(tokenizer: Any, preset: PromptPreset, count: int) -> str:
     """A neutral prompt of the preset's shape: the as-trained token depends only on the prompt's end."""
     built = build_prompt(tokenizer, preset, ["history item"], [f"item {i + 1}" for i in range(count)])
     return built.text
@@ -75,7 +75,7 @@ def _first_encoded(tokenizer: Any, letter: str) -> int:
 
 def resolve_letters(
     tokenizer: Any,
-    preset: str | PromptPreset,
+    preset: PromptPreset,
     letters: Sequence[str],
     strategy: str = "as_trained",
     *,
@@ -88,7 +88,6 @@ def resolve_letters(
     """
     if strategy not in STRATEGIES:
         raise VerbalizerError(f"verbalizer strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
-    preset = get_preset(preset)
     prompt_text = text if text is not None else probe_text(tokenizer, preset, len(letters))
     slot = answer_slot(tokenizer, preset)
     trained_step = ("token after the rendered prompt" if not slot.moves_prompt

@@ -150,10 +150,10 @@ def build_tokenizer(family: Family, smol: Any, llama2: Any | None) -> Any:
 
 def measure(family: Family, tokenizer: Any) -> dict[str, Any]:
     """What the audit finds for this family: the slot, as-trained tokens of A/B/Z, letters each strategy misses."""
-    from rerank_core.prompts import answer_slot, letters_for, with_template_kwargs
+    from rerank_core.prompts import answer_slot, get_preset, letters_for, with_template_kwargs
     from rerank_core.verbalizer import resolve_letters
 
-    preset = with_template_kwargs("seed", family.template_kwargs)
+    preset = with_template_kwargs(get_preset("seed"), family.template_kwargs)
     letters = letters_for(26)
     rows = {strategy: {row.letter: row for row in resolve_letters(tokenizer, preset, letters, strategy)}
             for strategy in ("as_trained", "seed", "encode")}

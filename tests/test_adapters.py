@@ -20,6 +20,7 @@ from rerank_core.adapters import (
     remove_stale,
     validate_adapter_name,
 )
+from rerank_core.prompts import get_preset
 
 
 def fake_adapter(folder: Path, marker: str, *, manifest: dict | None = None) -> Path:
@@ -135,7 +136,7 @@ def test_list_adapters_ignores_hidden_incomplete_and_unreadable(tmp_path: Path) 
     (broken / MANIFEST_FILE).write_text("{not json")
     infos = {info.name: info for info in list_adapters(tmp_path)}
     assert sorted(infos) == ["good", "plain"]
-    assert infos["good"].preset == "seed_after" and infos["good"].strategy == "as_trained"
+    assert infos["good"].preset == get_preset("seed_after") and infos["good"].strategy == "as_trained"
     assert infos["good"].base_name == "base"
     assert infos["plain"].manifest is None and infos["plain"].preset is None
     assert list_adapters(tmp_path / "absent") == []

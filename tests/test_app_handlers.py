@@ -15,6 +15,7 @@ from rerank_app.tabs import inspect as inspect_tab
 from rerank_core.adapters import AdapterError
 from rerank_core.diagnostics import position_bias
 from rerank_core.inspector import BASE
+from rerank_core.prompts import get_preset
 
 PICKERS = Pickers(dataset="toy", model="tiny-llama", count=6)
 
@@ -29,7 +30,8 @@ def context(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer):
 def test_pickers_build_the_settings_in_one_place() -> None:
     settings = Pickers(count=7.0, seed=3, preset="seed_after", use_adapter_preset=False).settings()
     assert settings.candidates.count == 7 and isinstance(settings.candidates.count, int)
-    assert settings.candidates.seed == 3 and settings.preset == "seed_after" and not settings.use_adapter_preset
+    assert settings.candidates.seed == 3 and not settings.use_adapter_preset
+    assert settings.preset == get_preset("seed_after")  # the name resolved here, once
 
 
 def test_inspect_handler_returns_every_output_for_the_user(context) -> None:
@@ -129,3 +131,63 @@ def test_a_refused_request_keeps_the_results_and_restores_the_controls(context) 
         assert all(part == gr.skip() for part in refused[:count + 1])
         restored = dict(zip(inspect_tab.CONTROL_NAMES, refused[count + 1:], strict=True))
         assert restored["seed"]["value"] == 0 and restored["user"]["value"] == "u03"
+
+
+def _quiet(*args, **kwargs) -> None:
+    """A progress tracker that shows nothing (handlers called without a page)."""
+
+
+def test_a_refused_compare_keeps_its_results_and_restores_its_controls(context) -> None:
+    start = {"adapters": [], "users": 100}  # the tab's initial values
+    answered = compare.compare_page(context, PICKERS, ["lora-a"], 10, start, progress=_quiet)
+    outputs = compare.COMPARE_OUTPUTS
+    remembered = answered[outputs]
+    assert remembered == {"adapters": ["lora-a"], "users": 10}
+    assert "improved" in answered[0] and all(part == gr.skip() for part in answered[outputs + 1:])
+    for adapters, users, message in ((["no-such"], 10, "no adapter named 'no-such'"),
+                                     (["lora-a"], 100_000, "users must be from 1 to")):
+        with pytest.warns(UserWarning, match=message):
+            refused = compare.compare_page(context, PICKERS, adapters, users, remembered, progress=_quiet)
+        # Metrics, movers and scatter stay on screen; the adapters and the count go back to the last answered run.
+        assert all(part == gr.skip() for part in refused[:outputs + 1])
+        assert [part["value"] for part in refused[outputs + 1:]] == [["lora-a"], 10]
+    with pytest.warns(UserWarning, match="no adapter named"):
+        refused = compare.compare_user_page(context, PICKERS, ["no-such"], "u02", remembered)
+    assert all(part == gr.skip() for part in refused[:3]) and refused[3]["value"] == ["lora-a"]
+
+
+def test_a_refused_diagnostic_keeps_its_results_and_restores_its_controls(context) -> None:
+    answered = diagnose.position_bias_page(context, PICKERS, BASE, "u03", "permutations", 3, None, progress=_quiet)
+    remembered = answered[5]
+    assert "User u03" in answered[0] and remembered == {"system": BASE, "orders": "permutations", "permutations": 3}
+    with pytest.warns(UserWarning, match="orders must be from 1 to 200"):
+        refused = diagnose.position_bias_page(context, PICKERS, BASE, "u03", "permutations", 1_000_000, remembered,
+                                              progress=_quiet)
+    assert all(part == gr.skip() for part in refused[:6])
+    assert [part["value"] for part in refused[6:]] == [BASE, "permutations", 3]
+    # Sections share the tab's remembered values: letter mass keeps what position bias remembered.
+    answered = diagnose.letter_mass_page(context, PICKERS, [], 2, remembered, progress=_quiet)
+    remembered = answered[2]
+    assert remembered["mass_users"] == 2 and remembered["permutations"] == 3
+    with pytest.warns(UserWarning, match="users must be from 1"):
+        refused = diagnose.letter_mass_page(context, PICKERS, [], 0, remembered, progress=_quiet)
+    assert all(part == gr.skip() for part in refused[:3])
+    assert [part["value"] for part in refused[3:]] == [[], 2]
+    # The template check reads only the Inspect tab's controls: nothing of this tab to restore.
+    with pytest.warns(UserWarning, match="template"):
+        refused = diagnose.template_page(context, "tiny-llama", "seed", 5, "not json", remembered)
+    assert len(refused) == 4 and all(part == gr.skip() for part in refused)
+
+
+def test_a_stopped_run_keeps_the_results_and_the_chosen_controls(context) -> None:
+    class Request:
+        session_hash = "page-stopped"
+
+    def stop_after_first_chunk(done: float, desc: str = "") -> None:
+        if done > 0:
+            diagnose.stop_runs(context, Request())
+
+    with pytest.warns(UserWarning, match="stopped on request"):
+        stopped = diagnose.position_bias_users_page(context, PICKERS, BASE, 8, "permutations", 30, None,
+                                                    request=Request(), progress=stop_after_first_chunk)
+    assert len(stopped) == 3 + 1 + 4 and all(part == gr.skip() for part in stopped)

@@ -12,6 +12,7 @@ from rerank_app.pickers import Pickers, endpoint
 from rerank_app.tabs import diagnose, finetune
 from rerank_app.tabs import inspect as inspect_tab
 from rerank_core.inspector import BASE
+from rerank_core.prompts import get_preset
 
 QWEN3 = next(family for family in FAMILIES if family.name == "Qwen3 (thinking)")
 NO_THINKING = '{"enable_thinking": false}'
@@ -95,8 +96,8 @@ def test_prompt_view_strikes_out_generation_prompt_text_left_out(smol_tokenizer)
 
     tokenizer = build_tokenizer(next(family for family in FAMILIES if family.name == "DeepSeek-R1 distill"),
                                 smol_tokenizer, None)
-    slot = answer_slot(tokenizer, "seed")
-    shown = views.prompt_html(tokenizer, render_inference(tokenizer, "seed", "hello"), slot, letters="A…E")
+    slot = answer_slot(tokenizer, get_preset("seed"))
+    shown = views.prompt_html(tokenizer, render_inference(tokenizer, get_preset("seed"), "hello"), slot, letters="A…E")
     struck = shown.index('<span class="ri-trimmed" title=')
     assert "think" in shown[struck:] and shown.index('<span class="ri-letter-slot" title=') > struck
     assert "left out" in shown and "inserted before the letter" not in shown

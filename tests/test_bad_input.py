@@ -29,7 +29,7 @@ from rerank_core.data import DataError
 from rerank_core.inspector import Inspector, InspectSettings
 from rerank_core.loaders import load_dataset
 from rerank_core.models import ModelError, load_model, load_tokenizer
-from rerank_core.prompts import PromptError, build_prompt, letters_for
+from rerank_core.prompts import PromptError, build_prompt, get_preset, letters_for
 from rerank_core.verbalizer import resolve_letters
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -198,7 +198,7 @@ def test_a_10000_character_title_is_cut_with_a_warning_naming_file_and_line(
     assert len(dataset.items["i3"].title) == loaders.MAX_TITLE_CHARS
     assert "items.csv: cut 1 title(s) longer than 1000 characters (first on line 4)" in caplog.text
     # The llamarec preset cuts each title to its token limit; the prompt stays short.
-    prompt = build_prompt(smol_tokenizer, "llamarec", [dataset.text("i3")], [dataset.text("i3"), "B"])
+    prompt = build_prompt(smol_tokenizer, get_preset("llamarec"), [dataset.text("i3")], [dataset.text("i3"), "B"])
     assert prompt.token_count < 200
 
 
@@ -292,13 +292,13 @@ def test_chat_preset_on_a_tokenizer_without_chat_template_suggests_llamarec(
     advice = r"has none; use the 'llamarec' \(or 'llamarec_after'\) text preset, or give the tokenizer a chat template"
     with pytest.raises(PromptError, match=f"preset '{preset}' renders with the chat template, but this tokenizer "
                                           + advice):
-        build_prompt(tokenizer, preset, ["a"], ["b", "c"])
+        build_prompt(tokenizer, get_preset(preset), ["a"], ["b", "c"])
     with pytest.raises(PromptError, match=advice):
-        resolve_letters(tokenizer, preset, letters_for(4))
+        resolve_letters(tokenizer, get_preset(preset), letters_for(4))
     code, err = run_cli(["audit", "--tokenizer", str(plain_tokenizer_folder), "--preset", preset], capsys)
     assert code == 2 and "'llamarec'" in err
     # The suggested preset works on the same tokenizer.
-    assert build_prompt(tokenizer, "llamarec", ["a"], ["b", "c"]).rendered.startswith("### Instruction")
+    assert build_prompt(tokenizer, get_preset("llamarec"), ["a"], ["b", "c"]).rendered.startswith("### Instruction")
     assert run_cli(["audit", "--tokenizer", str(plain_tokenizer_folder), "--preset", "llamarec"], capsys)[0] == 0
 
 

@@ -13,6 +13,7 @@ from rerank_core.candidates import CandidateConfig, CandidateSampler
 from rerank_core.compare import compare_systems, comparison_table
 from rerank_core.data import Dataset, Item
 from rerank_core.inspector import Inspector, InspectSettings
+from rerank_core.prompts import get_preset
 
 
 def test_random_is_the_exact_expected_value_over_ranks() -> None:
@@ -75,7 +76,8 @@ def test_retriever_baseline_reproduces_the_retriever_order() -> None:
 def test_baselines_join_the_comparison_and_any_run_can_be_the_reference(tiny_smol) -> None:
     dataset = make_toy_dataset(users=12, items=60, length=8)
     inspector = Inspector(dataset, tiny_smol)
-    settings = InspectSettings(preset="seed_after", candidates=CandidateConfig(count=6), max_prompt_tokens=400)
+    settings = InspectSettings(preset=get_preset("seed_after"), candidates=CandidateConfig(count=6),
+                               max_prompt_tokens=400)
     users = dataset.users[:10]
     per_user, summary = compare_systems(inspector, users, settings, ["base"])
     names = ["random", "popularity", "retriever"]

@@ -9,12 +9,10 @@ from pathlib import Path
 import pytest
 from app_helpers import free_port, make_context
 
+from rerank_app.browser import CHROMIUM, chromium, open_app, pick_user
 from rerank_app.server import build_app, launch
 
-CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 pytestmark = pytest.mark.browser
 
@@ -23,11 +21,9 @@ pytestmark = pytest.mark.browser
 def browser():
     if not CHROMIUM.is_file():
         pytest.skip("Debian's Chromium is not installed (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    pytest.importorskip("playwright.sync_api")
+    with chromium() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +39,8 @@ def served(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer):
 
 def test_pick_a_user_and_see_chart_and_audit(browser, served) -> None:
     _, url = served
-    page = browser.new_page(viewport={"width": 1400, "height": 1100})
-    page.goto(url)
-    # The first user is scored on load.
-    page.locator("#inspect-summary").get_by_text("User u00").wait_for(timeout=60_000)
-    picker = page.locator("#user-picker input")
-    picker.click()
-    picker.fill("u07")
-    page.get_by_role("option", name="u07", exact=True).click()
-    page.locator("#inspect-summary").get_by_text("User u07").wait_for(timeout=60_000)
+    page = open_app(browser, url, width=1400, height=1100, first_user="u00")  # the first user is scored on load
+    pick_user(page, "u07")
     chart = page.locator("#letter-chart .js-plotly-plot")
     chart.wait_for(timeout=30_000)
     assert chart.locator("g.point").count() == 20  # one bar per candidate letter
@@ -67,9 +56,7 @@ def test_pick_a_user_and_see_chart_and_audit(browser, served) -> None:
 
 def test_fine_tune_from_the_form_shows_progress_and_lists_the_adapter(browser, served) -> None:
     context, url = served
-    page = browser.new_page(viewport={"width": 1400, "height": 1100})
-    page.goto(url)
-    page.locator("#inspect-summary").get_by_text("User u00").wait_for(timeout=60_000)
+    page = open_app(browser, url, width=1400, height=1100, first_user="u00")
     page.get_by_role("tab", name="Fine-tune").click()
     page.locator("#adapter-name textarea, #adapter-name input").first.fill("from-the-form")
     page.get_by_text("Advanced", exact=True).click()
@@ -108,9 +95,7 @@ def test_a_long_diagnostic_does_not_freeze_inspect_and_stops_on_request(browser,
     from gradio_client import Client
 
     context, url = served
-    page = browser.new_page(viewport={"width": 1400, "height": 1100})
-    page.goto(url)
-    page.locator("#inspect-summary").get_by_text("User u00").wait_for(timeout=60_000)
+    page = open_app(browser, url, width=1400, height=1100, first_user="u00")
     page.get_by_role("tab", name="Diagnose").click()
     page.get_by_role("radio", name="permutations").check()
     orders = page.locator("#diagnose-orders input")
@@ -152,9 +137,7 @@ def test_a_long_diagnostic_does_not_freeze_inspect_and_stops_on_request(browser,
 
 def test_a_refused_request_keeps_the_page_and_restores_the_seed(browser, served) -> None:
     _, url = served
-    page = browser.new_page(viewport={"width": 1400, "height": 1100})
-    page.goto(url)
-    page.locator("#inspect-summary").get_by_text("User u00").wait_for(timeout=60_000)
+    page = open_app(browser, url, width=1400, height=1100, first_user="u00")
     page.get_by_text("More settings", exact=True).click()
     seed = page.locator("#candidate-seed input")
     seed.wait_for(state="visible")
@@ -170,9 +153,7 @@ def test_a_refused_request_keeps_the_page_and_restores_the_seed(browser, served)
 
 def test_narrow_layout_and_the_report_opened_from_disk(browser, served) -> None:
     _, url = served
-    page = browser.new_page(viewport={"width": 800, "height": 1100})
-    page.goto(url)
-    page.locator("#inspect-summary").get_by_text("User u00").wait_for(timeout=60_000)
+    page = open_app(browser, url, width=800, height=1100, first_user="u00")
     page.locator("#letter-chart .js-plotly-plot").wait_for(timeout=30_000)
     table = page.locator("#candidates-table")
     first_item = table.get_by_text("i0", exact=False).first
@@ -193,3 +174,58 @@ def test_narrow_layout_and_the_report_opened_from_disk(browser, served) -> None:
     assert offline.locator("#letters g.point").count() == 20  # plotly.js inlined: the chart renders offline
     offline.screenshot(path=str(ARTIFACTS / "report-inspect.png"), full_page=False)
     offline.close()
+
+
+def test_a_refused_diagnostic_keeps_its_results_and_restores_the_orders(browser, served) -> None:
+    _, url = served
+    page = open_app(browser, url, width=1400, height=1100, first_user="u00")
+    page.get_by_role("tab", name="Diagnose").click()
+    page.get_by_role("radio", name="permutations").check()
+    orders = page.locator("#diagnose-orders input")
+    orders.fill("3")
+    orders.press("Enter")  # Enter runs the section
+    page.locator("#diagnose-heatmap .js-plotly-plot").wait_for(timeout=60_000)
+    page.locator("#diagnose-bias-note").get_by_text("User u00").wait_for(timeout=30_000)
+    orders.fill("1000000")
+    orders.press("Enter")
+    page.get_by_text("orders must be from 1 to 200").first.wait_for(timeout=30_000)
+    # The previous results stay, with no error badge; the orders box is back to its last valid value.
+    page.wait_for_function("() => document.querySelector('#diagnose-orders input').value === '3'", timeout=30_000)
+    assert page.locator("#diagnose-heatmap .js-plotly-plot").count() == 1
+    assert "User u00" in page.locator("#diagnose-bias-note").inner_text()
+    for section in ("#diagnose-heatmap", "#diagnose-bias-note"):
+        assert page.locator(section).get_by_text("Error", exact=True).count() == 0
+    page.close()
+
+
+def test_enter_in_the_candidates_box_rescores(browser, served) -> None:
+    _, url = served
+    page = open_app(browser, url, width=1400, height=1100, first_user="u00")
+    points = page.locator("#letter-chart .js-plotly-plot g.point")
+    page.wait_for_function("() => document.querySelectorAll('#letter-chart .js-plotly-plot g.point').length === 20",
+                           timeout=30_000)
+    count = page.locator("#candidates-count input[type=number]")
+    count.fill("7")
+    count.press("Enter")  # no blur: Enter alone re-scores
+    page.wait_for_function("() => document.querySelectorAll('#letter-chart .js-plotly-plot g.point').length === 7",
+                           timeout=30_000)
+    assert points.count() == 7
+    assert page.evaluate("() => document.activeElement.closest('#candidates-count') !== null")  # focus kept
+    page.close()
+
+
+def test_enter_in_a_fine_tune_box_starts_the_run(browser, served) -> None:
+    context, url = served
+    page = open_app(browser, url, width=1400, height=1100, first_user="u00")
+    page.get_by_role("tab", name="Fine-tune").click()
+    page.locator("#adapter-name textarea, #adapter-name input").first.fill("started-by-enter")
+    samples = page.locator("#finetune-max-samples input")
+    samples.fill("16")
+    samples.press("Enter")
+    try:
+        page.locator("#finetune-message").get_by_text("Started started-by-enter").wait_for(timeout=30_000)
+    finally:  # the served app runs one fine-tune at a time: leave none running for the next test
+        if context.jobs.status().active:
+            context.jobs.cancel()
+        assert not context.jobs.wait(timeout=120).active
+    page.close()

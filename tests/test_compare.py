@@ -13,8 +13,9 @@ from rerank_core.adapters import MANIFEST_FILE
 from rerank_core.candidates import CandidateConfig
 from rerank_core.compare import PRESET_EFFECT, REFERENCE, SAME_PRESET, compare_systems, comparison_table, movers
 from rerank_core.inspector import Inspector, InspectSettings
+from rerank_core.prompts import get_preset
 
-SETTINGS = InspectSettings(preset="seed", candidates=CandidateConfig(count=6, seed=2))
+SETTINGS = InspectSettings(preset=get_preset("seed"), candidates=CandidateConfig(count=6, seed=2))
 
 
 def publish_adapter(loaded, root, name: str, preset: str) -> None:
@@ -58,7 +59,7 @@ def test_an_adapter_with_another_preset_is_paired_with_the_base_on_that_preset(s
     # The references are what the base scores on its own with each preset.
     from dataclasses import replace
 
-    direct = inspector.evaluate(users, replace(SETTINGS, preset="seed_after"), "base")
+    direct = inspector.evaluate(users, replace(SETTINGS, preset=get_preset("seed_after")), "base")
     assert rows.loc["after", "reference_mean"] == pytest.approx(direct["NDCG@10"].mean())
     assert rows.loc["base @ seed_after", "mean"] == pytest.approx(direct["NDCG@10"].mean())
     adapter = per_user[per_user["system"] == "after"]

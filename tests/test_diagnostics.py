@@ -26,10 +26,10 @@ from rerank_core.diagnostics import (
 )
 from rerank_core.inspector import Inspector, InspectSettings
 from rerank_core.models import LoadedModel, model_fingerprint
-from rerank_core.prompts import build_prompt
+from rerank_core.prompts import build_prompt, get_preset
 
 COUNT = 6
-SETTINGS = InspectSettings(preset="seed", candidates=CandidateConfig(count=COUNT, seed=3))
+SETTINGS = InspectSettings(preset=get_preset("seed"), candidates=CandidateConfig(count=COUNT, seed=3))
 USERS = ["u00", "u01", "u02", "u03"]
 
 
@@ -255,8 +255,9 @@ def test_history_influence_on_a_reading_model(tiny_smol, dataset):
 
 def test_history_influence_needs_a_shown_history(blind, dataset, smol_tokenizer):
     prepared = blind.prepare("u00", SETTINGS)
-    bare = build_prompt(smol_tokenizer, "seed", [], prepared.candidate_texts)
-    tight = InspectSettings(preset="seed", candidates=SETTINGS.candidates, max_prompt_tokens=bare.token_count)
+    bare = build_prompt(smol_tokenizer, get_preset("seed"), [], prepared.candidate_texts)
+    tight = InspectSettings(preset=get_preset("seed"), candidates=SETTINGS.candidates,
+                            max_prompt_tokens=bare.token_count)
     with pytest.raises(ValueError, match="shows no history item"):
         history_influence(blind, "u00", tight)
 
@@ -266,7 +267,7 @@ def test_history_influence_needs_a_shown_history(blind, dataset, smol_tokenizer)
 
 @pytest.mark.parametrize("preset", ["seed", "seed_after", "llamarec", "llamarec_after"])
 def test_smollm2_templates_are_consistent(smol_tokenizer, preset):
-    report = template_consistency(smol_tokenizer, preset)
+    report = template_consistency(smol_tokenizer, get_preset(preset))
     assert report.ok and report.is_prefix and not report.problems
     assert report.answer_token[2] == "A"
     assert report.loss_tokens[0] == report.answer_token
@@ -278,7 +279,7 @@ def test_smollm2_templates_are_consistent(smol_tokenizer, preset):
 def test_inference_only_system_turn_is_a_mismatch(smol_tokenizer):
     broken = copy.deepcopy(smol_tokenizer)
     broken.chat_template = inference_only_system(smol_tokenizer.chat_template)
-    report = template_consistency(broken, "seed")
+    report = template_consistency(broken, get_preset("seed"))
     assert not report.ok and not report.is_prefix
     assert report.problems[0].kind == "not_prefix"
     assert "Answer at once." in report.problems[0].message
@@ -289,12 +290,12 @@ def test_inference_only_system_turn_is_a_mismatch(smol_tokenizer):
 
 
 def test_generation_prompt_with_a_thinking_block_is_trimmed_and_explained(smol_tokenizer):
-    good = template_consistency(smol_tokenizer, "seed")
+    good = template_consistency(smol_tokenizer, get_preset("seed"))
     thinking = copy.deepcopy(smol_tokenizer)
     thinking.chat_template = smol_tokenizer.chat_template.replace(
         "'<|im_start|>assistant\n'", "'<|im_start|>assistant\n<think>\n'")
     assert thinking.chat_template != smol_tokenizer.chat_template
-    report = template_consistency(thinking, "seed")
+    report = template_consistency(thinking, get_preset("seed"))
     assert report.ok and report.is_prefix
     assert report.generation_prompt == "<|im_start|>assistant\n<think>\n"
     # Scored where the finished turn puts the letter: exactly where the plain ChatML template scores.
@@ -310,7 +311,7 @@ def test_training_block_before_the_letter_joins_the_scored_prompt(smol_tokenizer
         "message['content'] + '<|im_end|>'",
         "(('<think>\n\n</think>\n\n' + message['content']) if message['role'] == 'assistant' "
         "else message['content']) + '<|im_end|>'")
-    report = template_consistency(thinking, "seed")
+    report = template_consistency(thinking, get_preset("seed"))
     assert report.is_prefix and report.ok
     assert [problem.kind for problem in report.problems] == ["inserted_before_answer"]
     assert "'<think>\\n\\n</think>\\n\\n'" in report.problems[0].message
@@ -320,7 +321,7 @@ def test_training_block_before_the_letter_joins_the_scored_prompt(smol_tokenizer
 
 
 def test_llama2_text_preset_trains_the_bare_letter(llama2_tokenizer):
-    report = template_consistency(llama2_tokenizer, "llamarec")
+    report = template_consistency(llama2_tokenizer, get_preset("llamarec"))
     assert report.ok and not report.problems and report.generation_prompt is None
     assert [token for _, _, token in report.loss_tokens] == ["A", "</s>"]
     assert report.inference_window[-1][2] == "<0x0A>"
@@ -328,7 +329,7 @@ def test_llama2_text_preset_trains_the_bare_letter(llama2_tokenizer):
 
 def test_llama2_chat_template_trains_a_word_start_letter(llama2_chat_tokenizer):
     """`[/INST] A </s>`: training teaches '▁A', while the seed strategy scores the bare 'A'."""
-    report = template_consistency(llama2_chat_tokenizer, "seed")
+    report = template_consistency(llama2_chat_tokenizer, get_preset("seed"))
     assert report.ok and report.is_prefix
     assert report.answer_token[2] == "▁A"
     assert [problem.kind for problem in report.problems] == ["letter_with_space", "seed_differs"]
@@ -437,13 +438,13 @@ def test_template_views_mark_the_divergence(smol_tokenizer):
 
     broken = copy.deepcopy(smol_tokenizer)
     broken.chat_template = inference_only_system(smol_tokenizer.chat_template)
-    report = template_consistency(broken, "seed")
+    report = template_consistency(broken, get_preset("seed"))
     tokens = tables.template_tokens_frame(report)
     marked = tokens[tokens["note"] == "first difference"]
     assert marked["index"].tolist() == [report.diverge_at]
     assert marked["training token"].tolist() == ["You"] and not marked["same"].iloc[0]
     assert "BROKEN" in views.template_markdown(report)
-    good = template_consistency(smol_tokenizer, "seed")
+    good = template_consistency(smol_tokenizer, get_preset("seed"))
     assert "OK, consistent" in views.template_markdown(good)
     letters = tables.template_letters_frame(good)
     assert letters["as-trained token"].tolist()[:2] == ["A", "B"]
@@ -514,7 +515,7 @@ def test_real_model_position_bias_and_history():
 
     dataset = load_dataset(None)
     inspector = Inspector(dataset, load_model(None))
-    settings = InspectSettings(preset="seed_after", candidates=CandidateConfig(count=5, seed=0))
+    settings = InspectSettings(preset=get_preset("seed_after"), candidates=CandidateConfig(count=5, seed=0))
     user = min(dataset.users, key=lambda name: len(dataset.sequences[name]))  # the fewest prompts to score
     result = position_bias(inspector, user, settings)
     shown = inspector.inspect(user, settings)

@@ -8,6 +8,7 @@ import gradio as gr
 import pytest
 from app_helpers import make_context
 
+from rerank_app.context import BACKGROUND_CHUNK
 from rerank_app.gate import ModelGate, StopRegistry
 from rerank_app.pickers import Pickers
 from rerank_app.tabs import diagnose
@@ -45,6 +46,43 @@ def test_inspect_is_served_inside_a_long_diagnostic(context) -> None:
     assert len(summary.users) == 6
     # Not answered when user 1 finished (the request had only just arrived), answered by user 2.
     assert seen_at_chunk[1] is False and all(seen_at_chunk[2:])
+
+
+# Long runs over users the app offers besides position bias, each with a user that no other test inspects.
+LONG_RUNS = {
+    "compare": (lambda context, progress: context.compare_users("toy", "tiny-llama", [], PICKERS.settings(), 30,
+                                                                progress=progress), "u08"),
+    "letter mass": (lambda context, progress: context.letter_mass("toy", "tiny-llama", [], 30, PICKERS.settings(),
+                                                                  progress=progress), "u09"),
+    "letter prior": (lambda context, progress: context.letter_prior("toy", "tiny-llama", BASE, 30,
+                                                                    PICKERS.settings(), "placeholder", "item",
+                                                                    progress=progress), "u10"),
+}
+
+
+@pytest.mark.parametrize("run", list(LONG_RUNS))
+def test_inspect_is_served_inside_a_long_run_over_users_at_diagnostic_granularity(context, run) -> None:
+    """Compare over 30 users (and letter mass and prior) steps aside every BACKGROUND_CHUNK users, as position bias
+    does: the inspect request that arrives after the first chunk is answered before the second is scored."""
+    long_run, user = LONG_RUNS[run]
+    gate = context.gate("tiny-llama")
+    answered = threading.Event()
+    seen: list[tuple[int, bool]] = []
+
+    def inspect_now() -> None:
+        context.inspect("toy", "tiny-llama", BASE, user, PICKERS.settings())
+        answered.set()
+
+    def progress(done: int, total: int) -> None:
+        seen.append((done, answered.is_set()))
+        if len(seen) == 1:  # the first chunk is scored: an Inspect request arrives and waits for the model
+            threading.Thread(target=inspect_now, daemon=True).start()
+            while gate.waiting == 0 and not answered.is_set():
+                threading.Event().wait(0.005)
+
+    long_run(context, progress)
+    assert seen[0] == (BACKGROUND_CHUNK, False)  # the first look at the gate comes after one chunk, not 32 users
+    assert seen[1] == (2 * BACKGROUND_CHUNK, True)  # the waiting request went before the second chunk
 
 
 def test_stop_ends_a_long_run_at_the_next_chunk_and_frees_the_model(context) -> None:

@@ -17,6 +17,7 @@ from rerank_core.candidates import CandidateConfig
 from rerank_core.inspector import BASE, Inspector, InspectSettings
 from rerank_core.metrics import METRIC_NAMES, metrics_at
 from rerank_core.models import LoadedModel
+from rerank_core.prompts import get_preset
 from rerank_core.scoring import ScoreCache
 
 EVALUATE_COLUMNS = ["user_id", "system", "preset", "rank", "truth_probability", "letter_mass", "top1_letter",
@@ -157,19 +158,20 @@ def test_adapter_is_scored_with_its_training_preset(smol_tokenizer, tmp_path: Pa
     dataset = make_toy_dataset()
     inspector = Inspector(dataset, loaded, adapters_root=str(tmp_path))
     assert [info.name for info in inspector.adapters()] == ["after"]
-    settings = InspectSettings(preset="seed")
+    settings = InspectSettings(preset=get_preset("seed"))
     base = inspector.inspect("u02", settings)
     adapted = inspector.inspect("u02", settings, system="after")
-    assert adapted.settings.preset == "seed_after"
+    assert adapted.settings.preset == get_preset("seed_after")
     assert "'seed_after'" in adapted.preset_note and "'seed'" in adapted.preset_note
     assert "- Title" in adapted.prepared.prompt.text and "(A)" in adapted.prepared.prompt.text
     # The adapter really runs: same prompt, other probabilities than the base.
-    same_prompt = inspector.inspect("u02", InspectSettings(preset="seed_after"))
+    same_prompt = inspector.inspect("u02", InspectSettings(preset=get_preset("seed_after")))
     assert same_prompt.prepared.token_ids == adapted.prepared.token_ids
     assert max(abs(a - b) for a, b in zip(same_prompt.scores.letter_probs, adapted.scores.letter_probs)) > 1e-4
     # Overriding the adapter's preset is allowed and says nothing.
-    override = inspector.inspect("u02", InspectSettings(preset="seed", use_adapter_preset=False), system="after")
-    assert override.settings.preset == "seed" and override.preset_note == ""
+    override = inspector.inspect("u02", InspectSettings(preset=get_preset("seed"), use_adapter_preset=False),
+                                 system="after")
+    assert override.settings.preset == get_preset("seed") and override.preset_note == ""
     # The base is unchanged once the adapter is loaded (scored again, not from the cache).
     inspector.cache = ScoreCache()
     again = inspector.inspect("u02", settings)
@@ -243,10 +245,10 @@ def test_plain_peft_adapter_loads_with_a_warning(smol_tokenizer, tmp_path: Path,
     write_adapter(smol_tokenizer, tmp_path, "plain", None)
     inspector = Inspector(make_toy_dataset(), loaded, adapters_root=str(tmp_path))
     with caplog.at_level(logging.WARNING, logger="rerank_core.adapters"):
-        result = inspector.inspect("u02", InspectSettings(preset="seed"), system="plain")
+        result = inspector.inspect("u02", InspectSettings(preset=get_preset("seed")), system="plain")
     assert any("plain" in record.getMessage() and MANIFEST_FILE in record.getMessage()
                for record in caplog.records)
-    assert result.settings.preset == "seed" and result.preset_note == ""
+    assert result.settings.preset == get_preset("seed") and result.preset_note == ""
     assert sum(result.scores.letter_probs) == pytest.approx(1.0, abs=1e-5)
 
 
@@ -256,7 +258,7 @@ def test_adapter_is_scored_with_its_training_prompt_budget(smol_tokenizer, tmp_p
     manifest = {**manifest_for(loaded, preset="seed"), "training": {"max_prompt_tokens": 250}}
     write_adapter(smol_tokenizer, tmp_path, "short", manifest)
     inspector = Inspector(make_toy_dataset(), loaded, adapters_root=str(tmp_path))
-    settings = InspectSettings(preset="seed")
+    settings = InspectSettings(preset=get_preset("seed"))
     adapted = inspector.inspect("u03", settings, system="short")
     assert adapted.settings.max_prompt_tokens == 250 and "250 tokens" in adapted.preset_note
     assert len(adapted.prepared.token_ids) <= 250 and adapted.prepared.prompt.dropped_history > 0

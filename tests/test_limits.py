@@ -20,8 +20,9 @@ from rerank_core.diagnostics import (
 from rerank_core.inspector import Inspector, InspectSettings
 from rerank_core.limits import LIMITS, LimitError, limits_markdown, whole_number
 from rerank_core.progress import Cancelled
+from rerank_core.prompts import get_preset
 
-SETTINGS = InspectSettings(preset="seed", candidates=CandidateConfig(count=6, seed=1))
+SETTINGS = InspectSettings(preset=get_preset("seed"), candidates=CandidateConfig(count=6, seed=1))
 
 
 @pytest.fixture(scope="module")

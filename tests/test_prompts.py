@@ -44,7 +44,7 @@ def test_letters_and_letter_range() -> None:
 
 
 def test_seed_preset_text_matches_seed_pipeline_section_2(smol_tokenizer) -> None:
-    prompt = build_prompt(smol_tokenizer, "seed", ["Old Film", "New Film"], ["Cand One", "Cand Two"])
+    prompt = build_prompt(smol_tokenizer, get_preset("seed"), ["Old Film", "New Film"], ["Cand One", "Cand Two"])
     expected = (
         "You are a recommendation ranking assistant.\n"
         "\n"
@@ -71,7 +71,7 @@ def test_seed_preset_text_matches_seed_pipeline_section_2(smol_tokenizer) -> Non
 
 def test_seed_preset_past_26_candidates_names_both_ranges(smol_tokenizer) -> None:
     candidates = [f"c{i}" for i in range(28)]
-    prompt = build_prompt(smol_tokenizer, "seed", ["h"], candidates)
+    prompt = build_prompt(smol_tokenizer, get_preset("seed"), ["h"], candidates)
     lines = prompt.text.split("\n")
     assert lines[-1] == "Answer with only one letter (A-Z, a-b)."
     assert "Z. c25" in lines
@@ -81,11 +81,11 @@ def test_seed_preset_past_26_candidates_names_both_ranges(smol_tokenizer) -> Non
 
 def test_more_than_52_candidates_is_a_clear_error(smol_tokenizer) -> None:
     with pytest.raises(PromptError, match=r"53 .*52"):
-        build_prompt(smol_tokenizer, "seed", ["h"], [f"c{i}" for i in range(53)])
+        build_prompt(smol_tokenizer, get_preset("seed"), ["h"], [f"c{i}" for i in range(53)])
 
 
 def test_llamarec_preset_is_alpaca_short_exactly(smol_tokenizer) -> None:
-    prompt = build_prompt(smol_tokenizer, "llamarec", ["t1", "t2"], ["c1", "c2"])
+    prompt = build_prompt(smol_tokenizer, get_preset("llamarec"), ["t1", "t2"], ["c1", "c2"])
     expected = (
         "### Instruction:\n"
         "Given user history in chronological order, recommend an item from the candidate pool "
@@ -97,39 +97,40 @@ def test_llamarec_preset_is_alpaca_short_exactly(smol_tokenizer) -> None:
     assert prompt.text == expected
     assert prompt.rendered == expected  # no chat template
     # Training text: prompt + letter + EOS (LlamaRec trains the letter and EOS).
-    assert render_training(smol_tokenizer, "llamarec", prompt.text, "B") == expected + "B<|im_end|>"
+    assert render_training(smol_tokenizer, get_preset("llamarec"), prompt.text, "B") == expected + "B<|im_end|>"
 
 
 def test_llamarec_keeps_the_20_most_recent_history_items(smol_tokenizer) -> None:
     history = [f"h{i}" for i in range(25)]
-    prompt = build_prompt(smol_tokenizer, "llamarec", history, ["c"])
+    prompt = build_prompt(smol_tokenizer, get_preset("llamarec"), history, ["c"])
     assert prompt.history_texts == tuple(history[5:])
     assert prompt.dropped_history == 5
     assert "User history: (1) h5 \n (2) h6 \n" in prompt.text
     assert "(20) h24; \n Candidate pool: (A) c\n" in prompt.text
     assert "h4 " not in prompt.text
     # The cap and the token limit add up in the dropped count.
-    limited = build_prompt(smol_tokenizer, "llamarec", history, ["c"], max_prompt_tokens=prompt.token_count - 10)
+    limited = build_prompt(smol_tokenizer, get_preset("llamarec"), history, ["c"],
+                           max_prompt_tokens=prompt.token_count - 10)
     assert limited.dropped_history == 25 - len(limited.history_texts) > 5
     assert limited.history_texts == tuple(history[limited.dropped_history:])
     # The seed preset has no such cap.
-    assert build_prompt(smol_tokenizer, "seed", history, ["c"]).dropped_history == 0
+    assert build_prompt(smol_tokenizer, get_preset("seed"), history, ["c"]).dropped_history == 0
 
 
 def test_llamarec_titles_are_cut_to_32_tokens(smol_tokenizer) -> None:
     long_title = " ".join(["the"] * 40)  # one token per word in GPT-2 BPE: "the", "Ġthe", ...
     assert len(smol_tokenizer.tokenize(long_title)) == 40
-    prompt = build_prompt(smol_tokenizer, "llamarec", [long_title], [long_title, "short"])
+    prompt = build_prompt(smol_tokenizer, get_preset("llamarec"), [long_title], [long_title, "short"])
     cut = " ".join(["the"] * 32)
     assert f"(1) {cut};" in prompt.text
     assert f"(A) {cut} \n (B) short\n" in prompt.text
     # The seed preset never cuts titles.
-    assert long_title in build_prompt(smol_tokenizer, "seed", [long_title], ["c"]).text
+    assert long_title in build_prompt(smol_tokenizer, get_preset("seed"), [long_title], ["c"]).text
 
 
 def test_llamarec_title_cut_on_sentencepiece(llama2_tokenizer) -> None:
     long_title = " ".join(["the"] * 40)
-    prompt = build_prompt(llama2_tokenizer, "llamarec", [long_title], ["c"])
+    prompt = build_prompt(llama2_tokenizer, get_preset("llamarec"), [long_title], ["c"])
     assert prompt.history_texts == (" ".join(["the"] * 32),)
 
 
@@ -137,8 +138,8 @@ def test_llamarec_title_cut_on_sentencepiece(llama2_tokenizer) -> None:
 def test_after_variants_move_the_letter_behind_the_text_and_nothing_else(smol_tokenizer, before: str,
                                                                          after: str) -> None:
     history, candidates = ["h1", "h2"], ["Cand One", "Cand Two", "Cand Three"]
-    text_before = build_prompt(smol_tokenizer, before, history, candidates).text
-    text_after = build_prompt(smol_tokenizer, after, history, candidates).text
+    text_before = build_prompt(smol_tokenizer, get_preset(before), history, candidates).text
+    text_after = build_prompt(smol_tokenizer, get_preset(after), history, candidates).text
     lines = {"seed": ("{letter}. {text}", "- {text} ({letter})"),
              "llamarec": ("({letter}) {text}", "{text} ({letter})")}[before]
     expected = text_before
@@ -152,14 +153,15 @@ def test_after_variants_move_the_letter_behind_the_text_and_nothing_else(smol_to
 
 
 def test_seed_after_text_by_hand(smol_tokenizer) -> None:
-    text = build_prompt(smol_tokenizer, "seed_after", ["h"], ["x", "y"]).text
+    text = build_prompt(smol_tokenizer, get_preset("seed_after"), ["h"], ["x", "y"]).text
     assert "Candidate items:\n- x (A)\n- y (B)\n\nAnswer with only one letter (A-B)." in text
-    text = build_prompt(smol_tokenizer, "llamarec_after", ["h"], ["x", "y"]).text
+    text = build_prompt(smol_tokenizer, get_preset("llamarec_after"), ["h"], ["x", "y"]).text
     assert "Candidate pool: x (A) \n y (B)\n\n### Response:\n" in text
 
 
-@pytest.mark.parametrize("preset", ["seed", "llamarec"])
-def test_history_truncation_drops_oldest_and_is_maximal(smol_tokenizer, preset: str) -> None:
+@pytest.mark.parametrize("name", ["seed", "llamarec"])
+def test_history_truncation_drops_oldest_and_is_maximal(smol_tokenizer, name: str) -> None:
+    preset = get_preset(name)
     history = [f"history film number {i}" for i in range(15)]
     candidates = [f"candidate {i}" for i in range(5)]
     full = build_prompt(smol_tokenizer, preset, history, candidates)
@@ -181,22 +183,22 @@ def test_history_truncation_drops_oldest_and_is_maximal(smol_tokenizer, preset: 
 
 def test_truncation_that_cannot_fit_says_so(smol_tokenizer) -> None:
     with pytest.raises(PromptError, match="even with no history"):
-        build_prompt(smol_tokenizer, "seed", ["h1", "h2"], ["c1", "c2"], max_prompt_tokens=10)
+        build_prompt(smol_tokenizer, get_preset("seed"), ["h1", "h2"], ["c1", "c2"], max_prompt_tokens=10)
 
 
 def test_chat_preset_without_chat_template_suggests_llamarec() -> None:
     tokenizer = no_template_tokenizer()
     with pytest.raises(PromptError, match="llamarec"):
-        build_prompt(tokenizer, "seed", ["h"], ["c"])
+        build_prompt(tokenizer, get_preset("seed"), ["h"], ["c"])
     with pytest.raises(PromptError, match="has none"):
-        render_training(tokenizer, "seed_after", "text", "A")
+        render_training(tokenizer, get_preset("seed_after"), "text", "A")
     # The text preset needs no template.
-    assert build_prompt(tokenizer, "llamarec", ["h"], ["c"]).rendered.startswith("### Instruction:\n")
+    assert build_prompt(tokenizer, get_preset("llamarec"), ["h"], ["c"]).rendered.startswith("### Instruction:\n")
 
 
 def test_render_inference_is_prefix_of_render_training_for_chatml(smol_tokenizer) -> None:
-    inference = render_inference(smol_tokenizer, "seed", "hello")
-    training = render_training(smol_tokenizer, "seed", "hello", "C")
+    inference = render_inference(smol_tokenizer, get_preset("seed"), "hello")
+    training = render_training(smol_tokenizer, get_preset("seed"), "hello", "C")
     assert training == inference + "C<|im_end|>\n"
 
 
@@ -218,7 +220,9 @@ def test_custom_preset_validation_and_use(smol_tokenizer) -> None:
     prompt = build_prompt(smol_tokenizer, preset, ["h1", "h2"], ["c1", "c2", "c3"])
     assert prompt.text == "Seen: * h1; * h2\nPick (A-C) {json}: [A] c1; [B] c2; [C] c3"
     assert prompt.rendered == prompt.text
-    assert get_preset(preset) is preset
+    # Presets are passed on as they are: the resolver takes names only.
+    with pytest.raises(TypeError, match="takes a preset name, not a PromptPreset"):
+        get_preset(preset)
 
 
 def test_unknown_preset_lists_the_known_ones() -> None:

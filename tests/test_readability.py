@@ -8,12 +8,14 @@ from rerank_app import views
 from rerank_core.candidates import CandidateConfig
 from rerank_core.diagnostics import tables, template_consistency
 from rerank_core.inspector import Inspector, InspectSettings
+from rerank_core.prompts import get_preset
 
 
 def test_52_letters_are_all_labelled_and_the_truth_is_marked(smol_tokenizer) -> None:
     dataset = make_toy_dataset(users=4, items=120, length=30)
     inspector = Inspector(dataset, tiny_loaded(smol_tokenizer))
-    result = inspector.inspect("u01", InspectSettings(preset="llamarec", candidates=CandidateConfig(count=52)))
+    result = inspector.inspect("u01", InspectSettings(preset=get_preset("llamarec"),
+                                                      candidates=CandidateConfig(count=52)))
     figure = views.letter_chart(result, dataset)
     letters = list(result.prepared.prompt.letters)
     assert list(figure.layout.xaxis.tickvals) == letters and len(letters) == 52
@@ -36,7 +38,7 @@ def test_instruction_letters_are_not_highlighted_as_labels(smol_tokenizer) -> No
 
 
 def test_template_tables_spell_newlines_and_unflagged_letters(smol_tokenizer) -> None:
-    report = template_consistency(smol_tokenizer, "seed")
+    report = template_consistency(smol_tokenizer, get_preset("seed"))
     tokens = tables.template_tokens_frame(report)
     shown = " ".join(str(value) for value in tokens["training token"])
     assert "↵" in shown and "Ċ" not in shown

@@ -14,10 +14,11 @@ from conftest import build_tiny_llama, make_toy_dataset, tiny_loaded
 from rerank_core.candidates import CandidateConfig
 from rerank_core.compare import compare_systems
 from rerank_core.inspector import Inspector, InspectSettings
+from rerank_core.prompts import get_preset
 from rerank_core.report import comparison_report, inspection_report, plotly_js_path
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS = InspectSettings(preset="seed", candidates=CandidateConfig(count=52, seed=4))
+SETTINGS = InspectSettings(preset=get_preset("seed"), candidates=CandidateConfig(count=52, seed=4))
 _FIGURES = re.compile(r'<script type="application/json" id="ri-figures">(.*?)</script>', re.S)
 
 
@@ -76,7 +77,7 @@ def test_comparison_report_holds_metrics_with_cis_charts_and_movers(smol_tokeniz
     (tmp_path / "tuned" / MANIFEST_FILE).write_text(json.dumps(
         {"preset": "seed_after", "base_model": {"name": loaded.name, "fingerprint": loaded.fingerprint}}))
     inspector = Inspector(make_toy_dataset(users=12), loaded, adapters_root=str(tmp_path))
-    settings = InspectSettings(preset="seed", candidates=CandidateConfig(count=8, seed=1))
+    settings = InspectSettings(preset=get_preset("seed"), candidates=CandidateConfig(count=8, seed=1))
     per_user, summary = compare_systems(inspector, inspector.dataset.users, settings, ["base", "tuned"],
                                         bootstrap_samples=200)
     document = comparison_report(per_user, summary, settings, dataset="toy", model="tiny-llama")

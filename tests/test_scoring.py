@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import build_tiny_llama, make_toy_dataset
 
-from rerank_core.prompts import build_prompt, encode_rendered
+from rerank_core.prompts import build_prompt, encode_rendered, get_preset
 from rerank_core.scoring import LetterScores, ScoreCache, score_token_ids
 
 
@@ -19,8 +19,8 @@ def toy_prompts(tokenizer, count: int = 10) -> list[list[int]]:
     prompts = []
     for index in range(count):
         history = titles[index:index + 1 + index * 2]
-        built = build_prompt(tokenizer, "seed", history, titles[50:54])
-        prompts.append(encode_rendered(tokenizer, "seed", built.rendered))
+        built = build_prompt(tokenizer, get_preset("seed"), history, titles[50:54])
+        prompts.append(encode_rendered(tokenizer, get_preset("seed"), built.rendered))
     return prompts
 
 
@@ -152,12 +152,12 @@ def shared_prefix_prompts(tokenizer) -> list[list[int]]:
     dataset = make_toy_dataset()
     titles = [dataset.text(item) for item in sorted(dataset.items)]
     history, candidates = titles[:12], titles[50:54]
-    prompts = []
+    prompts, seed = [], get_preset("seed")
     for shift in range(4):
         rotated = candidates[shift:] + candidates[:shift]
-        prompts.append(encode_rendered(tokenizer, "seed", build_prompt(tokenizer, "seed", history, rotated).rendered))
-    shorter = build_prompt(tokenizer, "seed", history, [candidates[0][:6], *candidates[1:]])
-    prompts.append(encode_rendered(tokenizer, "seed", shorter.rendered))
+        prompts.append(encode_rendered(tokenizer, seed, build_prompt(tokenizer, seed, history, rotated).rendered))
+    shorter = build_prompt(tokenizer, seed, history, [candidates[0][:6], *candidates[1:]])
+    prompts.append(encode_rendered(tokenizer, seed, shorter.rendered))
     return prompts
 
 

@@ -10,7 +10,7 @@ from rerank_core.candidates import CandidateConfig
 from rerank_core.diagnostics import template_consistency
 from rerank_core.inspector import Inspector, InspectSettings
 from rerank_core.labels import IGNORE_INDEX, label_example
-from rerank_core.prompts import build_prompt, letters_for
+from rerank_core.prompts import PromptPreset, build_prompt, get_preset, letters_for, with_template_kwargs
 from rerank_core.verbalizer import resolve_letters
 
 BY_NAME = {family.name: family for family in FAMILIES}
@@ -30,12 +30,8 @@ def family(request) -> tuple[Family, object]:
     return family, build_tokenizer(family, request.getfixturevalue("smol_tokenizer"), llama2)
 
 
-def _preset(family: Family):
-    if not family.template_kwargs:
-        return "seed"  # a plain name: these tests also run against code that predates template options
-    from rerank_core.prompts import with_template_kwargs
-
-    return with_template_kwargs("seed", family.template_kwargs)
+def _preset(family: Family) -> PromptPreset:
+    return with_template_kwargs(get_preset("seed"), family.template_kwargs)
 
 
 def _text(tokenizer, preset, count: int = 26) -> str:
@@ -107,7 +103,7 @@ def test_qwen3_scoring_reads_distinct_letter_logits(smol_tokenizer) -> None:
     """The bug report: every letter resolved to '<' of the think block, so all candidates tied."""
     tokenizer = build_tokenizer(BY_NAME["Qwen3 (thinking)"], smol_tokenizer, None)
     inspector = Inspector(make_toy_dataset(), tiny_loaded(tokenizer))
-    settings = InspectSettings(preset="seed", candidates=CandidateConfig(count=5))
+    settings = InspectSettings(preset=get_preset("seed"), candidates=CandidateConfig(count=5))
     result = inspector.inspect(inspector.dataset.users[0], settings)
     ids = [token.token_id for token in result.prepared.letter_tokens]
     assert [tokenizer.decode([token_id]) for token_id in ids] == list("ABCDE")
@@ -131,7 +127,7 @@ def test_qwen3_enable_thinking_false_moves_the_block_into_the_generation_prompt(
 def test_deepseek_r1_scores_where_finished_turns_put_the_letter(smol_tokenizer) -> None:
     tokenizer = build_tokenizer(BY_NAME["DeepSeek-R1 distill"], smol_tokenizer, None)
     inspector = Inspector(make_toy_dataset(), tokenizer=tokenizer)
-    prepared = inspector.prepare(inspector.dataset.users[0], InspectSettings(preset="seed"))
+    prepared = inspector.prepare(inspector.dataset.users[0], InspectSettings(preset=get_preset("seed")))
     assert prepared.prompt.rendered.endswith("<｜Assistant｜>")
     assert prepared.answer_slot.trimmed_text == "<think>\n"
     assert "generation_prompt_trimmed" in prepared.letter_tokens[0].flags
@@ -144,10 +140,10 @@ def test_prompt_end_split_differently_before_the_letter_uses_training_tokens(smo
     family = replace(BY_NAME["Llama-3.1 instruct"], pattern=None)
     tokenizer = build_tokenizer(family, smol_tokenizer, None)
     inspector = Inspector(make_toy_dataset(), tokenizer=tokenizer)
-    prepared = inspector.prepare(inspector.dataset.users[0], InspectSettings(preset="seed"))
+    prepared = inspector.prepare(inspector.dataset.users[0], InspectSettings(preset=get_preset("seed")))
     newline = tokenizer.convert_tokens_to_ids("Ċ")
     assert prepared.answer_slot.flags == ("prompt_end_retokenized",)
     assert prepared.token_ids[-2:] == (newline, newline)
     assert tokenizer.decode([prepared.letter_tokens[0].token_id]) == "A"
-    example = label_example(tokenizer, "seed", prepared.prompt.text, "A")
+    example = label_example(tokenizer, get_preset("seed"), prepared.prompt.text, "A")
     assert example.input_ids[:example.prompt_length] == prepared.token_ids

@@ -15,6 +15,7 @@ from rerank_core.inspector import Inspector, InspectSettings
 from rerank_core.prompts import (
     PromptError,
     answer_slot,
+    get_preset,
     letters_for,
     parse_template_kwargs,
     render_inference,
@@ -62,16 +63,16 @@ def test_template_that_raises_names_the_option_and_its_message(smol_tokenizer) -
         "{% if thinking_budget is defined and thinking_budget is not number %}"
         "{{ raise_exception('thinking_budget must be a number') }}{% endif %}{% if add_generation_prompt %}"), 1)
     tokenizer = build_tokenizer(replace(BY_NAME["Qwen3 (thinking)"], template=strict), smol_tokenizer, None)
-    preset = with_template_kwargs("seed", {"thinking_budget": "lots"})
+    preset = with_template_kwargs(get_preset("seed"), {"thinking_budget": "lots"})
     with pytest.raises(PromptError, match=r'template_kwargs \{"thinking_budget":"lots"\}.*thinking_budget must be '
                                           r"a number"):
         render_inference(tokenizer, preset, "hello")
-    assert render_inference(tokenizer, with_template_kwargs("seed", {"thinking_budget": 5}), "hello")
+    assert render_inference(tokenizer, with_template_kwargs(get_preset("seed"), {"thinking_budget": 5}), "hello")
 
 
 def test_options_the_template_does_not_read_are_reported(smol_tokenizer, qwen3) -> None:
     llama3 = build_tokenizer(BY_NAME["Llama-3.1 instruct"], smol_tokenizer, None)
-    ignored = with_template_kwargs("seed", {"enable_thinking": False})
+    ignored = with_template_kwargs(get_preset("seed"), {"enable_thinking": False})
     assert answer_slot(llama3, ignored).flags == ("template_kwargs_ignored",)
     assert "do not change the rendering" in answer_slot(llama3, ignored).notes()[0]
     rows = resolve_letters(llama3, ignored, letters_for(3), "as_trained")
@@ -79,10 +80,10 @@ def test_options_the_template_does_not_read_are_reported(smol_tokenizer, qwen3) 
     report = template_consistency(llama3, ignored)
     assert [problem.kind for problem in report.problems] == ["template_kwargs_ignored"] and report.ok
     # A text preset never reaches the chat template: the options are ignored there too, and said so.
-    text_preset = with_template_kwargs("llamarec", {"enable_thinking": False})
+    text_preset = with_template_kwargs(get_preset("llamarec"), {"enable_thinking": False})
     assert answer_slot(qwen3, text_preset).flags == ("template_kwargs_ignored",)
     # Qwen3 reads enable_thinking: no note, and no inserted span left to move.
-    assert answer_slot(qwen3, with_template_kwargs("seed", {"enable_thinking": False})).flags == ()
+    assert answer_slot(qwen3, with_template_kwargs(get_preset("seed"), {"enable_thinking": False})).flags == ()
 
 
 def test_adapter_trained_with_template_kwargs_is_evaluated_with_them(qwen3, tmp_path) -> None:
@@ -99,12 +100,12 @@ def test_adapter_trained_with_template_kwargs_is_evaluated_with_them(qwen3, tmp_
     assert manifest["template_kwargs"] == NO_THINKING and manifest["training"]["template_kwargs"] == NO_THINKING
 
     inspector = Inspector(dataset, loaded, adapters_root=str(tmp_path))
-    adapted = inspector.inspect("u02", InspectSettings(preset="seed_after"), system="no-thinking")
+    adapted = inspector.inspect("u02", InspectSettings(preset=get_preset("seed_after")), system="no-thinking")
     assert adapted.settings.template_kwargs == NO_THINKING
     assert "template_kwargs" in adapted.preset_note
     assert adapted.prepared.prompt.rendered.endswith("<think>\n\n</think>\n\n")
     assert adapted.prepared.answer_slot.flags == ()
-    base = inspector.inspect("u02", InspectSettings(preset="seed_after"))
+    base = inspector.inspect("u02", InspectSettings(preset=get_preset("seed_after")))
     assert base.prepared.answer_slot.flags == ("inserted_before_answer",)
     # The same scored tokens either way: the option only moves the block from the answer into the prompt.
     assert base.prepared.token_ids == adapted.prepared.token_ids

@@ -24,6 +24,7 @@ from rerank_core.compare import compare_systems, comparison_table
 from rerank_core.inspector import Inspector, InspectSettings
 from rerank_core.labels import IGNORE_INDEX
 from rerank_core.progress import CancelFlag, read_events
+from rerank_core.prompts import get_preset
 from rerank_core.training import (
     TRAINING_PRESETS,
     TrainConfig,
@@ -268,7 +269,7 @@ def test_events_manifest_and_check_adapter(smol_tokenizer, tmp_path):
     assert manifest["report"]["samples"] == 16 and manifest["report"]["dropped"] == report.dropped
     assert manifest["created"]
 
-    assert check_adapter(loaded, "with-events", tmp_path).preset == "seed_after"
+    assert check_adapter(loaded, "with-events", tmp_path).preset == get_preset("seed_after")
     other_base = tiny_loaded(smol_tokenizer, name="other-base")
     other_base.fingerprint = "0123456789abcdef"
     with pytest.raises(AdapterError, match=r"with-events.*tiny-llama.*other-base"):
@@ -415,7 +416,8 @@ def test_compare_systems_pairs_each_adapter_with_the_base(smol_tokenizer, tmp_pa
     loaded, dataset = tiny_loaded(smol_tokenizer), make_toy_dataset()
     train_adapter(loaded, dataset, tiny_config(max_samples=8), "compared", root=tmp_path)
     inspector = Inspector(dataset, loaded, adapters_root=str(tmp_path))
-    settings = InspectSettings(preset="seed", candidates=tiny_config().candidate_config(), max_prompt_tokens=160)
+    settings = InspectSettings(preset=get_preset("seed"), candidates=tiny_config().candidate_config(),
+                               max_prompt_tokens=160)
     users = dataset.users[:10]
     per_user, summary = compare_systems(inspector, users, settings, ["base", "compared"])
     # The adapter is scored with the preset it was trained with, the base with the one asked for and, for a
@@ -445,11 +447,12 @@ def test_real_model_trains_a_few_steps_and_the_adapter_loads_back(tmp_path):
     assert report.status == "done" and report.steps == 2 and report.samples == 4
     assert math.isfinite(report.final_letter_loss)
     info = check_adapter(loaded, "real-few-steps", tmp_path)
-    assert info.base_name == EMBEDDED_MODEL_NAME and info.preset == "seed_after"
+    assert info.base_name == EMBEDDED_MODEL_NAME and info.preset == get_preset("seed_after")
 
     inspector = Inspector(dataset, loaded, adapters_root=str(tmp_path))
     prepared = inspector.prepare(dataset.users[0], InspectSettings(
-        preset="seed_after", candidates=config.candidate_config(), max_prompt_tokens=config.max_prompt_tokens))
+        preset=get_preset("seed_after"), candidates=config.candidate_config(),
+        max_prompt_tokens=config.max_prompt_tokens))
     letter_ids = [token.token_id for token in prepared.letter_tokens]
     (base,) = score_token_ids(loaded.model, loaded.tokenizer, [prepared.token_ids], letter_ids)
     tuned_model = PeftModel.from_pretrained(loaded.model, info.path).eval()

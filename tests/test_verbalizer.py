@@ -8,7 +8,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from rerank_core.prompts import letters_for
+from rerank_core.prompts import get_preset, letters_for
 from rerank_core.verbalizer import STRATEGIES, LetterToken, VerbalizerError, resolve_letters
 
 CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -47,8 +47,9 @@ def by_letter(rows: list[LetterToken]) -> dict[str, LetterToken]:
     return {row.letter: row for row in rows}
 
 
-@pytest.mark.parametrize("preset", ["seed", "seed_after", "llamarec", "llamarec_after"])
-def test_smollm2_all_strategies_agree_without_flags(smol_tokenizer, preset: str) -> None:
+@pytest.mark.parametrize("name", ["seed", "seed_after", "llamarec", "llamarec_after"])
+def test_smollm2_all_strategies_agree_without_flags(smol_tokenizer, name: str) -> None:
+    preset = get_preset(name)
     letters = letters_for(52)
     resolved = {strategy: resolve_letters(smol_tokenizer, preset, letters, strategy) for strategy in STRATEGIES}
     ids = {strategy: [row.token_id for row in rows] for strategy, rows in resolved.items()}
@@ -63,18 +64,18 @@ def test_smollm2_all_strategies_agree_without_flags(smol_tokenizer, preset: str)
 
 def test_llama2_llamarec_encode_is_not_the_token_training_emits(llama2_tokenizer) -> None:
     """LlamaRec's encode('A')[0] is `▁A` (319), but after 'Response:\\n' training emits bare `A` (29909)."""
-    encoded = by_letter(resolve_letters(llama2_tokenizer, "llamarec", letters_for(20), "encode"))
+    encoded = by_letter(resolve_letters(llama2_tokenizer, get_preset("llamarec"), letters_for(20), "encode"))
     assert (encoded["A"].token, encoded["A"].token_id) == ("▁A", 319)
     assert (encoded["A"].as_trained_token, encoded["A"].as_trained_id) == ("A", 29909)
     assert all("differs_from_as_trained" in row.flags for row in encoded.values())
     assert encoded["A"].step == "encode('A')[0]"
 
-    trained = by_letter(resolve_letters(llama2_tokenizer, "llamarec", letters_for(20), "as_trained"))
+    trained = by_letter(resolve_letters(llama2_tokenizer, get_preset("llamarec"), letters_for(20), "as_trained"))
     assert (trained["A"].token, trained["A"].token_id) == ("A", 29909)
     assert all(row.flags == () for row in trained.values())
 
     # The seed's first step (bare letter token) happens to hit the as-trained token here.
-    seed = by_letter(resolve_letters(llama2_tokenizer, "llamarec", letters_for(20), "seed"))
+    seed = by_letter(resolve_letters(llama2_tokenizer, get_preset("llamarec"), letters_for(20), "seed"))
     assert seed["A"].token_id == 29909
     assert seed["A"].step == "convert_tokens_to_ids('A')"
     assert all(row.flags == () for row in seed.values())
@@ -84,13 +85,13 @@ def test_llama2_llamarec_encode_is_not_the_token_training_emits(llama2_tokenizer
 def test_llama2_chat_seed_preset_letter_follows_a_space(llama2_chat_tokenizer) -> None:
     """After `[/INST]` the template writes ' A', so training emits `▁A`; the seed's bare `A` is wrong."""
     letters = letters_for(3)
-    trained = by_letter(resolve_letters(llama2_chat_tokenizer, "seed", letters, "as_trained"))
+    trained = by_letter(resolve_letters(llama2_chat_tokenizer, get_preset("seed"), letters, "as_trained"))
     assert (trained["A"].token, trained["A"].token_id) == ("▁A", 319)
-    seed = by_letter(resolve_letters(llama2_chat_tokenizer, "seed", letters, "seed"))
+    seed = by_letter(resolve_letters(llama2_chat_tokenizer, get_preset("seed"), letters, "seed"))
     assert (seed["A"].token, seed["A"].token_id, seed["A"].as_trained_id) == ("A", 29909, 319)
     assert seed["A"].step == "convert_tokens_to_ids('A')"
     assert all("differs_from_as_trained" in row.flags for row in seed.values())
-    encoded = by_letter(resolve_letters(llama2_chat_tokenizer, "seed", letters, "encode"))
+    encoded = by_letter(resolve_letters(llama2_chat_tokenizer, get_preset("seed"), letters, "encode"))
     assert encoded["A"].token_id == 319
     assert all(row.flags == () for row in encoded.values())
     # Consistency of the audit: a strategy is flagged exactly when it disagrees with the as-trained ID.
@@ -104,18 +105,18 @@ def test_unknown_letter_is_flagged_by_every_strategy() -> None:
     tokenizer = word_tokenizer("ABD")  # no C
     unk = tokenizer.unk_token_id
     for strategy in STRATEGIES:
-        rows = by_letter(resolve_letters(tokenizer, "seed", letters_for(4), strategy))
+        rows = by_letter(resolve_letters(tokenizer, get_preset("seed"), letters_for(4), strategy))
         assert rows["C"].token_id == unk
         assert "unknown_token" in rows["C"].flags
         assert rows["A"].flags == () and rows["A"].token == "A"
-    seed = by_letter(resolve_letters(tokenizer, "seed", letters_for(4), "seed"))
+    seed = by_letter(resolve_letters(tokenizer, get_preset("seed"), letters_for(4), "seed"))
     assert seed["C"].step == "encode('C')[0]"  # steps 1 and 2 both found the unknown token
 
 
 def test_two_letters_sharing_an_id_are_flagged() -> None:
     tokenizer = word_tokenizer(string.ascii_lowercase, lowercase=True)  # an uncased vocabulary
     for strategy in STRATEGIES:
-        rows = by_letter(resolve_letters(tokenizer, "seed", letters_for(27), strategy))
+        rows = by_letter(resolve_letters(tokenizer, get_preset("seed"), letters_for(27), strategy))
         assert rows["A"].token_id == rows["a"].token_id == tokenizer.convert_tokens_to_ids("a")
         assert "shared_id" in rows["A"].flags and "shared_id" in rows["a"].flags
         assert all(rows[letter].flags == () for letter in "BCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -124,11 +125,11 @@ def test_two_letters_sharing_an_id_are_flagged() -> None:
 def test_letter_that_encodes_to_two_tokens_is_flagged() -> None:
     tokenizer = sentencepiece_like_tokenizer()
     assert tokenizer.tokenize("C") == ["▁", "C"]
-    encoded = by_letter(resolve_letters(tokenizer, "llamarec", letters_for(4), "encode"))
+    encoded = by_letter(resolve_letters(tokenizer, get_preset("llamarec"), letters_for(4), "encode"))
     assert encoded["C"].token == "▁"  # encode(letter)[0] is the bare word boundary, not a letter at all
     assert set(encoded["C"].flags) == {"multi_token", "differs_from_as_trained"}
     assert encoded["A"].token == "▁A" and encoded["A"].flags == ("differs_from_as_trained",)
-    trained = by_letter(resolve_letters(tokenizer, "llamarec", letters_for(4), "as_trained"))
+    trained = by_letter(resolve_letters(tokenizer, get_preset("llamarec"), letters_for(4), "as_trained"))
     assert trained["C"].token == "C" and trained["C"].flags == ("multi_token",)
     assert trained["A"].token == "A" and trained["A"].flags == ()
 
@@ -138,15 +139,15 @@ def test_as_trained_refuses_a_template_that_is_not_a_prefix() -> None:
     # The generation prompt adds a word the training conversation never has.
     tokenizer.chat_template = CHATML.replace("assistant\n{% endif %}", "assistant\nthinking{% endif %}")
     with pytest.raises(VerbalizerError, match="no as-trained token"):
-        resolve_letters(tokenizer, "seed", letters_for(3), "as_trained")
-    rows = resolve_letters(tokenizer, "seed", letters_for(3), "seed")
+        resolve_letters(tokenizer, get_preset("seed"), letters_for(3), "as_trained")
+    rows = resolve_letters(tokenizer, get_preset("seed"), letters_for(3), "seed")
     assert all("template_not_prefix" in row.flags and row.as_trained_id is None for row in rows)
 
 
 def test_unknown_strategy_and_json_row(smol_tokenizer) -> None:
     with pytest.raises(VerbalizerError, match="as_trained, seed, encode"):
-        resolve_letters(smol_tokenizer, "seed", ["A"], "first_token")
-    (row,) = resolve_letters(smol_tokenizer, "seed", ["A"], "as_trained")
+        resolve_letters(smol_tokenizer, get_preset("seed"), ["A"], "first_token")
+    (row,) = resolve_letters(smol_tokenizer, get_preset("seed"), ["A"], "as_trained")
     assert row.to_json() == {"letter": "A", "token": "A", "token_id": 49, "strategy": "as_trained",
                              "step": "token after the rendered prompt", "as_trained_id": 49,
                              "as_trained_token": "A", "flags": []}

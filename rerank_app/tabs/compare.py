@@ -9,12 +9,16 @@ import gradio as gr
 from rerank_app import views
 from rerank_app.context import AppContext
 from rerank_app.pickers import PickerControls, Pickers, adapter_choices, endpoint
+from rerank_app.refusals import answer_or_keep, remembered, serve
 from rerank_app.tabs import inspect as inspect_tab
 from rerank_app.views import write_report
 from rerank_core.report import comparison_report
 
-__all__ = ["build", "compare", "compare_report", "compare_user", "open_user", "refresh_adapters", "select_row",
-           "stop_runs"]
+__all__ = ["COMPARE_OUTPUTS", "build", "compare", "compare_page", "compare_report", "compare_user", "compare_user_page",
+           "open_user", "refresh_adapters", "select_row", "stop_runs"]
+
+# Outputs of compare(): counts, metrics, differences, scatter, movers and the movers' opener.
+COMPARE_OUTPUTS = 6
 
 
 def compare_user(context: AppContext, pickers: Pickers, adapters: list[str], user_id: str) -> tuple[Any, Any]:
@@ -38,6 +42,24 @@ def compare(context: AppContext, pickers: Pickers, adapters: list[str], users: i
                for row in view.movers.to_dict(orient="records")]
     return (view.counts, view.metrics, view.differences, view.scatter, view.movers,
             gr.Dropdown(choices=choices, value=choices[0][1] if choices else None))
+
+
+def compare_user_page(context: AppContext, pickers: Pickers, adapters: list[str], user_id: str,
+                      last_valid: dict | None = None) -> tuple[Any, ...]:
+    """The page's one-user Compare: a refused request keeps the previous chart and table and puts the adapters
+    back (refusals.answer_or_keep). Outputs: chart, table, the remembered values, the adapters."""
+    return answer_or_keep(lambda: compare_user(context, pickers, adapters, user_id), 2, {"adapters": adapters},
+                          last_valid)
+
+
+def compare_page(context: AppContext, pickers: Pickers, adapters: list[str], users: int,
+                 last_valid: dict | None = None, request: gr.Request = None,
+                 progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008 - Gradio's idiom
+    """The page's Compare on N users: a refused or stopped run keeps the previous results; a refused one puts the
+    adapters and the user count back (refusals.answer_or_keep). Outputs: compare()'s, the remembered values, the
+    adapters, the users."""
+    return answer_or_keep(lambda: compare(context, pickers, adapters, users, request, progress), COMPARE_OUTPUTS,
+                          {"adapters": adapters, "users": users}, last_valid)
 
 
 def compare_report(context: AppContext, pickers: Pickers, adapters: list[str], users: int) -> Any:
@@ -116,11 +138,14 @@ def build(context: AppContext, controls: PickerControls, tabs: gr.Tabs, inspect_
                 open_button = gr.Button("Open", scale=1)
 
     base_inputs = [*controls.pickers, adapters_box]
-    one_button.click(endpoint(compare_user, context), [*base_inputs, controls.user], [user_chart, user_table],
-                     api_name="compare_user", concurrency_limit=4, concurrency_id="score")
-    many_button.click(endpoint(compare, context), [*base_inputs, count_box],
-                      [counts, metrics, differences, scatter, movers, open_box], api_name="compare",
-                      concurrency_limit=1, concurrency_id="compare")
+    # Scripts get the plain handlers (a refusal raises); the page's buttons keep the page on a refusal.
+    last_valid = remembered({"adapters": adapters_box, "users": count_box})
+    serve(endpoint(compare_user, context), endpoint(compare_user_page, context), [one_button.click], last_valid,
+          [*base_inputs, controls.user], [user_chart, user_table], [adapters_box], "compare_user",
+          concurrency_limit=4, concurrency_id="score")
+    serve(endpoint(compare, context), endpoint(compare_page, context), [many_button.click], last_valid,
+          [*base_inputs, count_box], [counts, metrics, differences, scatter, movers, open_box],
+          [adapters_box, count_box], "compare", concurrency_limit=1, concurrency_id="compare")
     stop_button.click(endpoint(stop_runs, context), None, [stop_note], api_name="stop_compare",
                       concurrency_id="stop", concurrency_limit=None)
     report_button.click(endpoint(compare_report, context), [*base_inputs, count_box], [report_file],

@@ -9,6 +9,7 @@ import gradio as gr
 from rerank_app import diagnostic_views
 from rerank_app.context import AppContext
 from rerank_app.pickers import PickerControls, Pickers, adapter_choices, endpoint
+from rerank_app.refusals import answer_or_keep, remembered, serve
 from rerank_core.diagnostics import ORDER_MODES, PRIOR_MODES, OrderSpec, tables
 from rerank_core.inspector import BASE
 
@@ -20,8 +21,14 @@ __all__ = [
     "diagnose_position_bias",
     "diagnose_position_bias_users",
     "diagnose_template",
+    "history_page",
+    "letter_mass_page",
+    "letter_prior_page",
+    "position_bias_page",
+    "position_bias_users_page",
     "refresh_adapters",
     "stop_runs",
+    "template_page",
 ]
 
 
@@ -96,6 +103,56 @@ def diagnose_letter_mass(context: AppContext, pickers: Pickers, adapters: list[s
         report = context.letter_mass(pickers.dataset, pickers.model, adapters, users, pickers.settings(),
                                      progress=_reporter(progress), stop=stop)
     return diagnostic_views.letter_mass_chart(report), tables.letter_mass_frame(report)
+
+
+# The page's events: a refused section keeps its previous outputs and puts the tab's controls it read back to their
+# last valid values (refusals.answer_or_keep). Outputs: the section's, the remembered values, then the controls
+# named in the call, in that order. Control names are the tab's, so sections sharing the system picker share it.
+
+def position_bias_page(context: AppContext, pickers: Pickers, system: str, user_id: str, orders: str = "rotations",
+                       permutations: int = 20, last_valid: dict | None = None, request: gr.Request = None,
+                       progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
+    return answer_or_keep(
+        lambda: diagnose_position_bias(context, pickers, system, user_id, orders, permutations, request, progress),
+        5, {"system": system, "orders": orders, "permutations": permutations}, last_valid)
+
+
+def position_bias_users_page(context: AppContext, pickers: Pickers, system: str, users: int = 20,
+                             orders: str = "rotations", permutations: int = 20, last_valid: dict | None = None,
+                             request: gr.Request = None,
+                             progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
+    return answer_or_keep(
+        lambda: diagnose_position_bias_users(context, pickers, system, users, orders, permutations, request,
+                                             progress),
+        3, {"system": system, "bias_users": users, "orders": orders, "permutations": permutations}, last_valid)
+
+
+def letter_prior_page(context: AppContext, pickers: Pickers, system: str, users: int = 20, mode: str = "placeholder",
+                      placeholder: str = "item", last_valid: dict | None = None, request: gr.Request = None,
+                      progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
+    return answer_or_keep(
+        lambda: diagnose_letter_prior(context, pickers, system, users, mode, placeholder, request, progress),
+        2, {"system": system, "prior_users": users, "prior_mode": mode, "placeholder": placeholder}, last_valid)
+
+
+def history_page(context: AppContext, pickers: Pickers, system: str, user_id: str, last_valid: dict | None = None,
+                 request: gr.Request = None) -> tuple[Any, ...]:
+    return answer_or_keep(lambda: diagnose_history(context, pickers, system, user_id, request), 2,
+                          {"system": system}, last_valid)
+
+
+def template_page(context: AppContext, model: str, preset: str, count: int, template_kwargs: str = "",
+                  last_valid: dict | None = None) -> tuple[Any, ...]:
+    """Its inputs are the Inspect tab's controls, which Inspect itself puts back: nothing to restore here."""
+    return answer_or_keep(lambda: diagnose_template(context, model, preset, count, template_kwargs), 3, {},
+                          last_valid)
+
+
+def letter_mass_page(context: AppContext, pickers: Pickers, adapters: list[str] | None = None, users: int = 20,
+                     last_valid: dict | None = None, request: gr.Request = None,
+                     progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
+    return answer_or_keep(lambda: diagnose_letter_mass(context, pickers, adapters, users, request, progress), 2,
+                          {"mass_adapters": adapters, "mass_users": users}, last_valid)
 
 
 def stop_runs(context: AppContext, request: gr.Request = None) -> str:
@@ -184,33 +241,36 @@ def build(context: AppContext, controls: PickerControls, demo: gr.Blocks) -> tup
 
     pickers = controls.pickers
     options = {"concurrency_limit": 1, "concurrency_id": "diagnose"}
-    bias_button.click(endpoint(diagnose_position_bias, context),
-                      [*pickers, system_box, controls.user, orders_box, permutations_box],
-                      [bias_note, heatmap, letter_chart, rank_chart, bias_items],
-                      api_name="diagnose_position_bias", **options)
+    last_valid = remembered({"system": system_box, "orders": orders_box, "permutations": permutations_box,
+                             "bias_users": bias_users, "prior_users": prior_users, "prior_mode": prior_mode,
+                             "placeholder": placeholder_box, "mass_adapters": mass_adapters, "mass_users": mass_users})
+
+    def section(handler: Any, page: Any, triggers: list[Any], inputs: list[Any], outputs: list[Any],
+                restorable: list[Any], api_name: str, **section_options: Any) -> None:
+        serve(endpoint(handler, context), endpoint(page, context), triggers, last_valid, inputs, outputs, restorable,
+              api_name, **section_options)
+
+    # Scripts get the plain handlers (a refusal raises); the page keeps its results on a refusal.
     # Enter in a box runs its section, as its button does.
-    permutations_box.submit(endpoint(diagnose_position_bias, context),
-                            [*pickers, system_box, controls.user, orders_box, permutations_box],
-                            [bias_note, heatmap, letter_chart, rank_chart, bias_items], api_visibility="private",
-                            **options)
-    bias_users_button.click(endpoint(diagnose_position_bias_users, context),
-                            [*pickers, system_box, bias_users, orders_box, permutations_box],
-                            [top1_chart, mass_by_letter, bias_summary], api_name="diagnose_position_bias_users",
-                            **options)
-    prior_button.click(endpoint(diagnose_letter_prior, context),
-                       [*pickers, system_box, prior_users, prior_mode, placeholder_box],
-                       [prior_chart, prior_table], api_name="diagnose_letter_prior", **options)
-    placeholder_box.submit(endpoint(diagnose_letter_prior, context),
-                           [*pickers, system_box, prior_users, prior_mode, placeholder_box],
-                           [prior_chart, prior_table], api_visibility="private", **options)
-    history_button.click(endpoint(diagnose_history, context), [*pickers, system_box, controls.user],
-                         [history_chart, history_table], api_name="diagnose_history", **options)
-    template_button.click(endpoint(diagnose_template, context),
-                          [controls.model, controls.preset, controls.count, controls.template_kwargs],
-                          [template_note, template_tokens, template_letters], api_name="diagnose_template",
-                          concurrency_limit=4, concurrency_id="template")
-    mass_button.click(endpoint(diagnose_letter_mass, context), [*pickers, mass_adapters, mass_users],
-                      [mass_chart, mass_table], api_name="diagnose_letter_mass", **options)
+    section(diagnose_position_bias, position_bias_page, [bias_button.click, permutations_box.submit],
+            [*pickers, system_box, controls.user, orders_box, permutations_box],
+            [bias_note, heatmap, letter_chart, rank_chart, bias_items], [system_box, orders_box, permutations_box],
+            "diagnose_position_bias", **options)
+    section(diagnose_position_bias_users, position_bias_users_page, [bias_users_button.click],
+            [*pickers, system_box, bias_users, orders_box, permutations_box],
+            [top1_chart, mass_by_letter, bias_summary], [system_box, bias_users, orders_box, permutations_box],
+            "diagnose_position_bias_users", **options)
+    section(diagnose_letter_prior, letter_prior_page, [prior_button.click, placeholder_box.submit],
+            [*pickers, system_box, prior_users, prior_mode, placeholder_box], [prior_chart, prior_table],
+            [system_box, prior_users, prior_mode, placeholder_box], "diagnose_letter_prior", **options)
+    section(diagnose_history, history_page, [history_button.click], [*pickers, system_box, controls.user],
+            [history_chart, history_table], [system_box], "diagnose_history", **options)
+    section(diagnose_template, template_page, [template_button.click],
+            [controls.model, controls.preset, controls.count, controls.template_kwargs],
+            [template_note, template_tokens, template_letters], [], "diagnose_template", concurrency_limit=4,
+            concurrency_id="template")
+    section(diagnose_letter_mass, letter_mass_page, [mass_button.click], [*pickers, mass_adapters, mass_users],
+            [mass_chart, mass_table], [mass_adapters, mass_users], "diagnose_letter_mass", **options)
 
     stopper = endpoint(stop_runs, context)
     stop_button.click(stopper, None, [stop_note], api_name="stop_diagnostics", concurrency_id="stop",

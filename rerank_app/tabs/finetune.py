@@ -166,10 +166,11 @@ def build(context: AppContext, controls: PickerControls, compare_adapters: gr.Dr
     seen = gr.State(None)
 
     form_inputs = [form[name] for name in FORM_FIELDS]
-    start_button.click(endpoint(start, context), [name_box, training_preset, controls.dataset, controls.model,
-                                                  *form_inputs],
-                       [message, progress, timer], api_visibility="private", concurrency_limit=1,
-                       concurrency_id="jobs")
+    # Enter in the name box or in any number or text box of the form starts the run, as Start does.
+    boxes = [name_box, *(box for box in form_inputs if isinstance(box, (gr.Number, gr.Textbox)))]
+    for trigger in (start_button.click, *(box.submit for box in boxes)):
+        trigger(endpoint(start, context), [name_box, training_preset, controls.dataset, controls.model, *form_inputs],
+                [message, progress, timer], api_visibility="private", concurrency_limit=1, concurrency_id="jobs")
     cancel_button.click(endpoint(cancel, context), [], [message], api_visibility="private", concurrency_limit=1,
                         concurrency_id="jobs")
     preview_button.click(endpoint(show_preview, context),

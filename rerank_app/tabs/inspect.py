@@ -10,15 +10,8 @@ from cachetools import LRUCache
 
 from rerank_app import views
 from rerank_app.context import AppContext
-from rerank_app.pickers import (
-    PICKER_NAMES,
-    USER_ERRORS,
-    PickerControls,
-    Pickers,
-    adapter_choices,
-    endpoint,
-    user_message,
-)
+from rerank_app.pickers import PICKER_NAMES, PickerControls, Pickers, adapter_choices, endpoint
+from rerank_app.refusals import answer_or_keep, api_endpoint, page_io, remembered
 from rerank_core.candidates import CANDIDATE_SOURCES, MAX_CANDIDATES
 from rerank_core.data import TEXT_FIELDS
 from rerank_core.inspector import BASE
@@ -64,17 +57,11 @@ CONTROL_NAMES = (*PICKER_NAMES, "adapter", "user")
 
 def inspect_page(context: AppContext, pickers: Pickers, adapter: str, user_id: str, order: str = "letter",
                  last_valid: dict | None = None) -> tuple[Any, ...]:
-    """The page's Inspect: a refused request keeps the previous results on screen, says why in a toast and
-    puts every control back to its last valid value; an answered one remembers the controls' values.
-    Outputs: OUTPUT_NAMES, the remembered values, then CONTROL_NAMES."""
-    try:
-        outputs = inspect(context, pickers, adapter, user_id, order)
-    except USER_ERRORS as error:
-        gr.Warning(user_message(error), title="Request refused")
-        restored = [gr.skip() if last_valid is None else gr.update(value=last_valid[name]) for name in CONTROL_NAMES]
-        return (*(gr.skip() for _ in OUTPUT_NAMES), gr.skip(), *restored)
+    """The page's Inspect: a refused request keeps the previous results and puts every control back to its last
+    valid value (refusals.answer_or_keep). Outputs: OUTPUT_NAMES, the remembered values, then CONTROL_NAMES."""
     valid = {**{name: getattr(pickers, name) for name in PICKER_NAMES}, "adapter": adapter, "user": user_id}
-    return (*outputs, valid, *(gr.skip() for _ in CONTROL_NAMES))
+    return answer_or_keep(lambda: inspect(context, pickers, adapter, user_id, order), len(OUTPUT_NAMES), valid,
+                          last_valid)
 
 
 def inspect_json(context: AppContext, user_id: str, pickers: Pickers = Pickers(),  # noqa: B008 - frozen value
@@ -124,7 +111,8 @@ def build(context: AppContext) -> tuple[PickerControls, list[Any], gr.Button]:
                                 placeholder='{"enable_thinking": false}', elem_id="template-kwargs", max_lines=1)
         strategy_box = gr.Dropdown(list(STRATEGIES), value=defaults.strategy, label="Verbalizer strategy")
         text_box = gr.Dropdown(list(TEXT_FIELDS), value=defaults.text_field, label="Item text field")
-        count_box = gr.Slider(2, MAX_CANDIDATES, value=defaults.count, step=1, label="Candidates")
+        count_box = gr.Slider(2, MAX_CANDIDATES, value=defaults.count, step=1, label="Candidates",
+                              elem_id="candidates-count")
     with gr.Accordion("More settings", open=False), gr.Row():
         seed_box = gr.Number(defaults.seed, precision=0, label="Candidate seed (0-4294967295)",
                              elem_id="candidate-seed")
@@ -187,14 +175,11 @@ def wire(context: AppContext, controls: PickerControls, outputs: list[Any], rand
     handler = endpoint(inspect, context)
     arguments = inputs(controls)
     # The page's own events keep the last answered controls, to restore them after a refused request.
-    last_valid = gr.State(None)
+    restorable = {name: getattr(controls, name) for name in CONTROL_NAMES}
     page = endpoint(inspect_page, context)
-    page_inputs = [*arguments, last_valid]
-    page_outputs = [*outputs, last_valid, *(getattr(controls, name) for name in CONTROL_NAMES)]
-    # The same handler as the UI's, with named parameters for gradio_client; registered first so it owns
-    # the name /inspect (the UI's own events are private).
-    api_trigger = gr.Button(visible=False)
-    api_trigger.click(handler, arguments, outputs, api_name="inspect", **SCORE_OPTIONS)
+    page_inputs, page_outputs = page_io(remembered(restorable), arguments, outputs, list(restorable.values()))
+    # The same handler as the UI's, with named parameters for gradio_client.
+    api_endpoint(handler, arguments, outputs, "inspect", **SCORE_OPTIONS)
     on_page = {"api_visibility": "private", **SCORE_OPTIONS}
     for box in (controls.split, controls.source, controls.preset, controls.strategy, controls.text_field,
                 controls.adapter, controls.use_adapter_preset, controls.user, controls.order):

@@ -42,8 +42,9 @@ class LetterMass:
 
 def letter_mass(inspector: Inspector, users: Sequence[str], settings: InspectSettings,
                 systems: Sequence[str] = (BASE,), *, progress: ProgressCallback | None = None,
-                cancel: CancelCheck = None) -> LetterMass:
-    """Evaluate every user with every system and keep the letter mass (each adapter with its own preset)."""
+                cancel: CancelCheck = None, chunk_size: int | None = None) -> LetterMass:
+    """Evaluate every user with every system and keep the letter mass (each adapter with its own preset);
+    `cancel` is checked between chunks of `chunk_size` users (Inspector.evaluate)."""
     if not users:
         raise ValueError("no users to diagnose: pass at least one user id")
     check_limit("diagnostic_users", len(users))
@@ -52,5 +53,6 @@ def letter_mass(inspector: Inspector, users: Sequence[str], settings: InspectSet
     for index, system in enumerate(systems):
         report = None if progress is None else (
             lambda done, total, index=index: progress(index * total + done, total * len(systems)))
-        frames.append(inspector.evaluate(users, settings, system, progress=report, cancel=cancel))
+        frames.append(inspector.evaluate(users, settings, system, progress=report, cancel=cancel,
+                                         chunk_size=chunk_size))
     return LetterMass(pd.concat(frames, ignore_index=True))

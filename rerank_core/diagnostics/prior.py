@@ -67,8 +67,10 @@ class LetterPrior:
 
 def letter_prior(inspector: Inspector, users: Sequence[str], settings: InspectSettings, system: str = BASE,
                  mode: str = "placeholder", *, placeholder: str = "item",
-                 progress: ProgressCallback | None = None, cancel: CancelCheck = None) -> LetterPrior:
-    """Each user's real history, every candidate text blanked ("") or the same placeholder word."""
+                 progress: ProgressCallback | None = None, cancel: CancelCheck = None,
+                 batch_size: int | None = None) -> LetterPrior:
+    """Each user's real history, every candidate text blanked ("") or the same placeholder word; `cancel` is
+    checked between chunks of `batch_size` prompts (score_in_chunks)."""
     if mode not in PRIOR_MODES:
         raise ValueError(f"letter prior mode {mode!r} is not one of {', '.join(PRIOR_MODES)}")
     if not users:
@@ -81,7 +83,8 @@ def letter_prior(inspector: Inspector, users: Sequence[str], settings: InspectSe
     for user_id in users:
         prepared = inspector.prepare(user_id, effective)
         variants.append(inspector.variant(prepared, effective, candidate_texts=[text] * len(prepared.candidate_texts)))
-    scores = score_in_chunks(inspector, system, variants, "letter prior", cancel=cancel, progress=progress)
+    scores = score_in_chunks(inspector, system, variants, "letter prior", batch_size=batch_size, cancel=cancel,
+                             progress=progress)
     return LetterPrior(system=system, preset=variants[0].prompt.preset, mode=mode, placeholder=text,
                        letters=variants[0].prompt.letters, user_ids=tuple(users), probs=letter_probs(scores),
                        letter_mass=np.array([score.letter_mass for score in scores]))
