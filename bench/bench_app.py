@@ -2,10 +2,11 @@
 
 Run: PYTHONPATH=. .venv/bin/python bench/bench_app.py [--rounds 3] [--users 20] [--clients 4] [--per-client 5]
 Each request is the Inspect tab's full round trip through gradio_client (/inspect): prompt, forward pass,
-every table, figure and HTML block, serialised. Three ways, in interleaved rounds (bench/method.py), each
+every table, figure and HTML block, serialised. Four ways, in interleaved rounds (bench/method.py), each
 round's figure the p50 of its requests: "new user" (users never requested before, one after another),
-"view only" (the same users again with the same settings: the scores are known, only the view is rebuilt)
-and "4 clients" (concurrent clients, each on users never requested before).
+"view only" (the same users again with the same settings: the scores are known, only the view is rebuilt),
+"4 clients" (concurrent clients, each on users never requested before) and "empty endpoint" (a no-op endpoint
+of a second app launched the same way: gradio's own round trip, the floor under every other figure).
 """
 
 from __future__ import annotations
@@ -52,6 +53,17 @@ def timed_inspect(client: object, user: str) -> float:
     begin = time.perf_counter()
     client.predict(user_id=user, api_name="/inspect")  # type: ignore[attr-defined]
     return time.perf_counter() - begin
+
+
+def empty_app() -> str:
+    """A served app whose one endpoint does nothing, launched like ours: the part of any figure gradio itself costs."""
+    import gradio as gr
+
+    with gr.Blocks() as empty:
+        gr.Button().click(lambda: "ok", None, gr.Textbox(), api_name="noop")
+    port = free_port()
+    launch(empty, port=port, block=False)
+    return f"http://127.0.0.1:{port}/"
 
 
 def concurrent(url: str, users: list[str], clients: int) -> tuple[list[float], list[str], float]:
@@ -119,6 +131,9 @@ def main() -> None:
         core.append(time.perf_counter() - start)
     print(f"core inspect (prompt + forward pass, no UI): median {statistics.median(core):.3f}s over 5 users")
 
+    floor_client = Client(empty_app(), verbose=False)
+    floor_client.predict(api_name="/noop")
+
     fresh = iter(users[1:1 + options.rounds * per_round])
     last_new: list[str] = []
 
@@ -138,6 +153,14 @@ def main() -> None:
         return Measurement(percentile(latencies, 0.5) if latencies else float("nan"),
                            {"latencies": latencies, "errors": errors, "wall": wall})
 
+    def empty_endpoint() -> Measurement:
+        latencies = []
+        for _ in range(options.users):
+            start = time.perf_counter()
+            floor_client.predict(api_name="/noop")
+            latencies.append(time.perf_counter() - start)
+        return Measurement(percentile(latencies, 0.5), {"latencies": latencies})
+
     def describe(measurement: Measurement) -> str:
         latencies = measurement.details["latencies"]
         errors = measurement.details.get("errors", [])
@@ -146,7 +169,8 @@ def main() -> None:
 
     with LoadWatch() as watch:
         results = interleaved({"new user": new_user, "view only": view_only,
-                               f"{options.clients} clients": clients}, options.rounds, watch, describe=describe)
+                               f"{options.clients} clients": clients,
+                               "empty endpoint": empty_endpoint}, options.rounds, watch, describe=describe)
     demo.close()
     errors = [error for m in results[f"{options.clients} clients"] for error in m.details["errors"]]
     for error in errors[:5]:

@@ -11,6 +11,7 @@ from cachetools import LRUCache
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from rerank_core.limits import check_limit
+from rerank_core.mixed_precision import mixed_precision
 
 __all__ = ["LetterScores", "ScoreCache", "score_token_ids"]
 
@@ -53,61 +54,11 @@ def _pad_left(batch: Sequence[Sequence[int]], pad_id: int,
     return input_ids, attention_mask
 
 
-def _fp32_head_weight(head: torch.nn.Module) -> torch.Tensor:
-    """An fp32 copy of the output projection, kept on the module and refreshed if the weight changes."""
-    cached = getattr(head, "_rerank_fp32_weight", None)
-    version = (head.weight.data_ptr(), head.weight._version)
-    if cached is None or cached[0] != version:
-        cached = (version, head.weight.detach().float())
-        head._rerank_fp32_weight = cached
-    return cached[1]
-
-
-def _fp32_residual_hooks(model: Any, dtype: torch.dtype) -> list[Any]:
-    """Keep the residual stream of pre-norm decoder layers in fp32 while every matmul stays in `dtype`.
-
-    A bf16 residual stream is rounded after each of the 2 x 30 additions; the letter logits (~30) drift by
-    ~0.1 that way. Cast to fp32 at each layer's entrance, the additions run in fp32 and each norm's output
-    is rounded to `dtype` once, for the projections that follow. Layers without the two norms are left alone.
-    """
-    layers = [module for module in model.modules()
-              if isinstance(getattr(module, "input_layernorm", None), torch.nn.Module)
-              and isinstance(getattr(module, "post_attention_layernorm", None), torch.nn.Module)]
-    handles = []
-    for layer in layers:
-        handles.append(layer.register_forward_pre_hook(
-            lambda module, args: (args[0].float(), *args[1:]) if args else None))
-        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            handles.append(norm.register_forward_hook(lambda module, inputs, output: output.to(dtype)))
-    return handles
-
-
 def _forward(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
              cache: Any = None, *, keep_cache: bool = False) -> Any:
-    """One forward pass returning the last position's logits (fp32 projection for a bf16 Linear head)."""
+    """One forward pass returning the last position's logits (in fp32 for a bf16 model: see mixed_precision)."""
     device = next(model.parameters()).device
-    head = model.get_output_embeddings()
-    handles = []
-    # Only a plain Linear: a LoRA-wrapped or quantized head computes more than weight @ x.
-    if type(head) is torch.nn.Linear and head.weight.dtype != torch.float32:
-        # bf16 logits are off by ~0.1 at magnitudes ~20, enough to move letter probabilities by 0.03;
-        # the last position's projection in fp32 costs one matrix-vector product and halves that; an fp32
-        # residual stream halves it again (12 seed prompts: 0.0170 -> 0.0098 from fp32, batch 1).
-        weight = _fp32_head_weight(head)
-        bias = None if head.bias is None else head.bias.float()
-        # The pre-hook keeps the head's input as it arrives (fp32 with the residual hooks) and hands the
-        # head its own dtype; the hook replaces the head's output with the fp32 projection of that input.
-        arrived: list[torch.Tensor] = []
-
-        def keep_input(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
-            arrived[:] = [args[0]]
-            return (args[0].to(module.weight.dtype), *args[1:])
-
-        handles.append(head.register_forward_pre_hook(keep_input))
-        handles.append(head.register_forward_hook(
-            lambda module, inputs, output: torch.nn.functional.linear(arrived[0].float(), weight, bias)))
-        handles.extend(_fp32_residual_hooks(model, head.weight.dtype))
-    try:
+    with mixed_precision(model):
         # `cache` only when there is one: a model with its own code may not know the argument.
         return model(
             input_ids=input_ids.to(device),
@@ -117,9 +68,6 @@ def _forward(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
             use_cache=keep_cache or cache is not None,
             **({} if cache is None else {"cache": cache}),
         )
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @torch.inference_mode()
