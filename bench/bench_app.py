@@ -2,22 +2,27 @@
 
 Run: PYTHONPATH=. .venv/bin/python bench/bench_app.py [--rounds 3] [--users 20] [--clients 4] [--per-client 5]
 Each request is the Inspect tab's full round trip through gradio_client (/inspect): prompt, forward pass,
-every table, figure and HTML block, serialised. Four ways, in interleaved rounds (bench/method.py), each
+every table, figure and HTML block, serialised. Five ways, in interleaved rounds (bench/method.py), each
 round's figure the p50 of its requests: "new user" (users never requested before, one after another),
 "view only" (the same users again with the same settings: the scores are known, only the view is rebuilt),
 "4 clients" (concurrent clients, each on users never requested before) and "empty endpoint" (a no-op endpoint
-of a second app launched the same way: gradio's own round trip, the floor under every other figure).
+of a second app launched the same way: the server's own round trip, the floor under every other figure). Requests
+go over plain HTTP as the page sends them (class Endpoint); the same empty endpoint through gradio_client is
+measured too, for scale, because that client adds a fixed wait of its own to every call.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 import statistics
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,10 +54,40 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def timed_inspect(client: object, user: str) -> float:
-    begin = time.perf_counter()
-    client.predict(user_id=user, api_name="/inspect")  # type: ignore[attr-defined]
-    return time.perf_counter() - begin
+class Endpoint:
+    """An endpoint called as the page calls it (a POST, then its event stream), without gradio_client's own waits.
+
+    gradio_client adds about 0.09 s to every call here (its empty-endpoint round trip is printed beside ours), more
+    than the view-only target itself, so the figures are taken over plain HTTP.
+    """
+
+    def __init__(self, client: Any, api_name: str) -> None:
+        parameters = client.view_api(return_format="dict", print_info=False)["named_endpoints"][api_name]["parameters"]
+        self.names = [parameter["parameter_name"] for parameter in parameters]
+        self.defaults = [parameter.get("parameter_default") for parameter in parameters]
+        self.url = f"{client.src.rstrip('/')}/gradio_api/call/{api_name.lstrip('/')}"
+
+    def __call__(self, **values: Any) -> float:
+        """Seconds from the request to the complete answer; an error event raises with the server's message."""
+        unknown = set(values) - set(self.names)
+        if unknown:
+            raise ValueError(f"unknown parameters {sorted(unknown)}; the endpoint takes {self.names}")
+        data = [values.get(name, default) for name, default in zip(self.names, self.defaults)]
+        begin = time.perf_counter()
+        request = urllib.request.Request(self.url, data=json.dumps({"data": data}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request) as answer:
+            event_id = json.loads(answer.read())["event_id"]
+        with urllib.request.urlopen(f"{self.url}/{event_id}") as stream:
+            body = stream.read().decode()
+        elapsed = time.perf_counter() - begin
+        if "event: complete" not in body:
+            raise RuntimeError(body[-300:])
+        return elapsed
+
+
+def timed_inspect(inspect: Endpoint, user: str) -> float:
+    return inspect(user_id=user)
 
 
 def empty_app() -> str:
@@ -76,7 +111,7 @@ def concurrent(url: str, users: list[str], clients: int) -> tuple[list[float], l
     per_client = len(users) // clients
 
     def worker(index: int) -> None:
-        own = Client(url, verbose=False)
+        own = Endpoint(Client(url, verbose=False), "/inspect")
         for user in users[index * per_client:(index + 1) * per_client]:
             try:
                 elapsed = timed_inspect(own, user)
@@ -119,7 +154,7 @@ def main() -> None:
     needed = 6 + options.rounds * per_round
     if len(users) < needed:
         raise SystemExit(f"the dataset has {len(users)} users; this run needs {needed} distinct ones")
-    client = Client(url, verbose=False)
+    client = Endpoint(Client(url, verbose=False), "/inspect")
     timed_inspect(client, users[0])  # warm-up: first figures, first tokenizer calls
 
     # The forward pass alone, for scale: what the round trip adds on top of it.
@@ -131,8 +166,9 @@ def main() -> None:
         core.append(time.perf_counter() - start)
     print(f"core inspect (prompt + forward pass, no UI): median {statistics.median(core):.3f}s over 5 users")
 
-    floor_client = Client(empty_app(), verbose=False)
-    floor_client.predict(api_name="/noop")
+    empty_client = Client(empty_app(), verbose=False)
+    empty = Endpoint(empty_client, "/noop")
+    empty()
 
     fresh = iter(users[1:1 + options.rounds * per_round])
     last_new: list[str] = []
@@ -154,10 +190,14 @@ def main() -> None:
                            {"latencies": latencies, "errors": errors, "wall": wall})
 
     def empty_endpoint() -> Measurement:
+        latencies = [empty() for _ in range(options.users)]
+        return Measurement(percentile(latencies, 0.5), {"latencies": latencies})
+
+    def empty_through_gradio_client() -> Measurement:
         latencies = []
         for _ in range(options.users):
             start = time.perf_counter()
-            floor_client.predict(api_name="/noop")
+            empty_client.predict(api_name="/noop")
             latencies.append(time.perf_counter() - start)
         return Measurement(percentile(latencies, 0.5), {"latencies": latencies})
 
@@ -170,7 +210,9 @@ def main() -> None:
     with LoadWatch() as watch:
         results = interleaved({"new user": new_user, "view only": view_only,
                                f"{options.clients} clients": clients,
-                               "empty endpoint": empty_endpoint}, options.rounds, watch, describe=describe)
+                               "empty endpoint": empty_endpoint,
+                               "empty endpoint, gradio_client": empty_through_gradio_client},
+                              options.rounds, watch, describe=describe)
     demo.close()
     errors = [error for m in results[f"{options.clients} clients"] for error in m.details["errors"]]
     for error in errors[:5]:
