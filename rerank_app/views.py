@@ -36,6 +36,7 @@ __all__ = [
     "data_view",
     "empty_compare_tables",
     "empty_figure",
+    "enter_clicks",
     "eval_chart",
     "inspect_view",
     "letter_chart",
@@ -87,6 +88,9 @@ APP_CSS = """
 """
 # Gradio's slider sends "release" when its number box loses focus, not on Enter; Enter blurs the box (which sends
 # it) and gives the focus back, so Enter in the Candidates box re-scores like Enter in every other box.
+# A slider's number box commits its value on blur only: Enter there blurs it (its `release` event re-scores, as on
+# Inspect) and gives the focus back; a slider marked with enter_clicks(button_id) then also clicks that button.
+ENTER_CLICKS_PREFIX = "enter-clicks--"
 APP_JS = """
 () => {
   document.addEventListener("keydown", (event) => {
@@ -96,9 +100,18 @@ APP_JS = """
     if (!slider?.querySelector(":scope > .slider_input_container > input[type=range]")) return;
     box.blur();
     box.focus();
+    const prefix = "ENTER_CLICKS_PREFIX";
+    const marked = box.closest(`[class*="${prefix}"]`);
+    const mark = marked && [...marked.classList].find((name) => name.startsWith(prefix));
+    if (mark) setTimeout(() => document.getElementById(mark.slice(prefix.length))?.click(), 100);  // value first
   }, true);
 }
-"""
+""".replace("ENTER_CLICKS_PREFIX", ENTER_CLICKS_PREFIX)
+
+
+def enter_clicks(button_id: str) -> list[str]:
+    """elem_classes for a slider whose number box runs the button `button_id` on Enter (APP_JS)."""
+    return [ENTER_CLICKS_PREFIX + button_id]
 
 
 # -- small helpers ------------------------------------------------------------------------------

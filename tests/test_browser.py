@@ -214,6 +214,18 @@ def test_enter_in_the_candidates_box_rescores(browser, served) -> None:
     page.close()
 
 
+def test_enter_in_a_diagnose_users_box_runs_its_section(browser, served) -> None:
+    _, url = served
+    page = open_app(browser, url, width=1400, height=1100, first_user="u00")
+    page.get_by_role("tab", name="Diagnose").click()
+    users = page.locator("#diagnose-prior-users input[type=number]")
+    users.fill("2")
+    users.press("Enter")  # no click on "Run letter prior": Enter in the slider's box runs it
+    page.locator("#diagnose-prior-chart .js-plotly-plot").wait_for(timeout=60_000)
+    assert users.input_value() == "2"
+    page.close()
+
+
 def test_enter_in_a_fine_tune_box_starts_the_run(browser, served) -> None:
     context, url = served
     page = open_app(browser, url, width=1400, height=1100, first_user="u00")

@@ -116,8 +116,9 @@ def build(context: AppContext, controls: PickerControls, tabs: gr.Tabs, inspect_
     gr.Markdown("### On many users")
     with gr.Row():
         count_box = gr.Slider(10, context.config.max_compare_users, value=min(100, context.config.max_compare_users),
-                              step=10, label="Users (the first N of the dataset)", scale=4, elem_id="compare-users")
-        many_button = gr.Button("Run on N users", variant="primary", scale=1)
+                              step=10, label="Users (the first N of the dataset)", scale=4, elem_id="compare-users",
+                              elem_classes=views.enter_clicks("compare-run-many"))
+        many_button = gr.Button("Run on N users", variant="primary", scale=1, elem_id="compare-run-many")
         stop_button = gr.Button("Stop", variant="stop", scale=1, elem_id="compare-stop")
         report_button = gr.Button("Download report", scale=1, elem_id="compare-report-button")
     stop_note = gr.Markdown(elem_id="compare-stop-note")

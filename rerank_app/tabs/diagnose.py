@@ -6,7 +6,7 @@ from typing import Any
 
 import gradio as gr
 
-from rerank_app import diagnostic_views
+from rerank_app import diagnostic_views, views
 from rerank_app.context import AppContext
 from rerank_app.pickers import PickerControls, Pickers, adapter_choices, endpoint
 from rerank_app.refusals import answer_or_keep, remembered, serve
@@ -196,7 +196,8 @@ def build(context: AppContext, controls: PickerControls, demo: gr.Blocks) -> tup
     bias_items = gr.Dataframe(wrap=True, label="Items: as shown vs debiased", interactive=False, max_height=360)
     with gr.Row():
         bias_users = gr.Slider(1, max_users, value=min(20, max_users), step=1, scale=4,
-                               label="Users (the first N of the dataset)", elem_id="diagnose-bias-users")
+                               label="Users (the first N of the dataset)", elem_id="diagnose-bias-users",
+                               elem_classes=views.enter_clicks("diagnose-bias-users-button"))
         bias_users_button = gr.Button("Run on N users", variant="primary", scale=1,
                                       elem_id="diagnose-bias-users-button")
     with gr.Row():
@@ -208,10 +209,12 @@ def build(context: AppContext, controls: PickerControls, demo: gr.Blocks) -> tup
     with gr.Row():
         prior_mode = gr.Radio(list(PRIOR_MODES), value="placeholder", label="Candidate texts", scale=2)
         placeholder_box = gr.Textbox("item", label="Placeholder word", scale=2)
-        prior_users = gr.Slider(1, max_users, value=min(20, max_users), step=1, label="Users", scale=3)
-        prior_button = gr.Button("Run letter prior", variant="primary", scale=1)
+        prior_users = gr.Slider(1, max_users, value=min(20, max_users), step=1, label="Users", scale=3,
+                                elem_id="diagnose-prior-users",
+                                elem_classes=views.enter_clicks("diagnose-prior-button"))
+        prior_button = gr.Button("Run letter prior", variant="primary", scale=1, elem_id="diagnose-prior-button")
     with gr.Row():
-        prior_chart = gr.Plot(label="Letter prior")
+        prior_chart = gr.Plot(label="Letter prior", elem_id="diagnose-prior-chart")
         prior_table = gr.Dataframe(wrap=True, label="Letter prior per letter", interactive=False, max_height=360)
 
     gr.Markdown("### 3. History influence: leave one history item out")
@@ -233,8 +236,9 @@ def build(context: AppContext, controls: PickerControls, demo: gr.Blocks) -> tup
     with gr.Row():
         mass_adapters = gr.Dropdown(context.adapter_names(model), value=[], multiselect=True, max_choices=3,
                                     allow_custom_value=True, label="Adapters beside the base (up to 3)", scale=3)
-        mass_users = gr.Slider(1, max_users, value=min(20, max_users), step=1, label="Users", scale=3)
-        mass_button = gr.Button("Run letter mass", variant="primary", scale=1)
+        mass_users = gr.Slider(1, max_users, value=min(20, max_users), step=1, label="Users", scale=3,
+                               elem_classes=views.enter_clicks("diagnose-mass-button"))
+        mass_button = gr.Button("Run letter mass", variant="primary", scale=1, elem_id="diagnose-mass-button")
     with gr.Row():
         mass_chart = gr.Plot(label="Letter mass per user")
         mass_table = gr.Dataframe(wrap=True, label="Letter mass per system", interactive=False)
