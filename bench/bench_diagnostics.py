@@ -72,6 +72,10 @@ def main() -> int:
     print(f"\n1 user x {CANDIDATES} rotations, {args.rounds} interleaved rounds")
     ways = {"from scratch": lambda: timed_user(inspector, user, settings, args.batch_size, False),
             "prefix reuse": lambda: timed_user(inspector, user, settings, args.batch_size, True)}
+    # Each way once before the rounds: oneDNN builds its kernels for each new batch shape and the allocator grows
+    # on first use (a quiet run without this gave 4.26, 3.61, 2.52 s from scratch over rounds 1-3).
+    warm = {name: way().value for name, way in ways.items()}
+    print("warm-up (not counted): " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in warm.items()))
     with LoadWatch() as watch:
         runs = interleaved(ways, args.rounds, watch,
                            describe=lambda m: f"{CANDIDATES / m.value:6.2f} passes/s")
