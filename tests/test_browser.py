@@ -37,6 +37,20 @@ def served(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer):
     demo.close()
 
 
+def app_tab(browser, url: str, tab: str):
+    """The app opened at 1400 px on its first user, with `tab` selected."""
+    page = open_app(browser, url, width=1400, height=1100, first_user="u00")
+    page.get_by_role("tab", name=tab).click()
+    return page
+
+
+def fine_tune_form(browser, url: str, adapter_name: str):
+    """The app's Fine-tune tab with the adapter name typed in."""
+    page = app_tab(browser, url, "Fine-tune")
+    page.locator("#adapter-name textarea, #adapter-name input").first.fill(adapter_name)
+    return page
+
+
 def test_pick_a_user_and_see_chart_and_audit(browser, served) -> None:
     _, url = served
     page = open_app(browser, url, width=1400, height=1100, first_user="u00")  # the first user is scored on load
@@ -56,9 +70,7 @@ def test_pick_a_user_and_see_chart_and_audit(browser, served) -> None:
 
 def test_fine_tune_from_the_form_shows_progress_and_lists_the_adapter(browser, served) -> None:
     context, url = served
-    page = open_app(browser, url, width=1400, height=1100, first_user="u00")
-    page.get_by_role("tab", name="Fine-tune").click()
-    page.locator("#adapter-name textarea, #adapter-name input").first.fill("from-the-form")
+    page = fine_tune_form(browser, url, "from-the-form")
     page.get_by_text("Advanced", exact=True).click()
     for field, value in (("max-samples", "16"), ("candidates", "10"), ("eval-users", "0")):
         box = page.locator(f"#finetune-{field} input")
@@ -95,8 +107,7 @@ def test_a_long_diagnostic_does_not_freeze_inspect_and_stops_on_request(browser,
     from gradio_client import Client
 
     context, url = served
-    page = open_app(browser, url, width=1400, height=1100, first_user="u00")
-    page.get_by_role("tab", name="Diagnose").click()
+    page = app_tab(browser, url, "Diagnose")
     page.get_by_role("radio", name="permutations").check()
     orders = page.locator("#diagnose-orders input")
     orders.fill("200")
@@ -178,8 +189,7 @@ def test_narrow_layout_and_the_report_opened_from_disk(browser, served) -> None:
 
 def test_a_refused_diagnostic_keeps_its_results_and_restores_the_orders(browser, served) -> None:
     _, url = served
-    page = open_app(browser, url, width=1400, height=1100, first_user="u00")
-    page.get_by_role("tab", name="Diagnose").click()
+    page = app_tab(browser, url, "Diagnose")
     page.get_by_role("radio", name="permutations").check()
     orders = page.locator("#diagnose-orders input")
     orders.fill("3")
@@ -216,8 +226,7 @@ def test_enter_in_the_candidates_box_rescores(browser, served) -> None:
 
 def test_enter_in_a_diagnose_users_box_runs_its_section(browser, served) -> None:
     _, url = served
-    page = open_app(browser, url, width=1400, height=1100, first_user="u00")
-    page.get_by_role("tab", name="Diagnose").click()
+    page = app_tab(browser, url, "Diagnose")
     users = page.locator("#diagnose-prior-users input[type=number]")
     users.fill("2")
     users.press("Enter")  # no click on "Run letter prior": Enter in the slider's box runs it
@@ -228,9 +237,7 @@ def test_enter_in_a_diagnose_users_box_runs_its_section(browser, served) -> None
 
 def test_enter_in_a_fine_tune_box_starts_the_run(browser, served) -> None:
     context, url = served
-    page = open_app(browser, url, width=1400, height=1100, first_user="u00")
-    page.get_by_role("tab", name="Fine-tune").click()
-    page.locator("#adapter-name textarea, #adapter-name input").first.fill("started-by-enter")
+    page = fine_tune_form(browser, url, "started-by-enter")
     samples = page.locator("#finetune-max-samples input")
     samples.fill("16")
     samples.press("Enter")
