@@ -2,9 +2,9 @@
 
 Run: PYTHONPATH=. .venv/bin/python docs/screenshots.py [--adapter NAME] [--users 40]
 
-Inspect at 1440 px for user u0002 with the seed_after preset; Compare over the first N users (with the adapter
-when one is named and published in adapters/, the baselines always). Writes docs/screenshot-inspect.png and
-docs/screenshot-compare.png.
+Inspect at 1440 px for user u0002 with the app's default settings (preset seed); Compare over the first N users
+(with the adapter when one is named and published in adapters/, the baselines always). Writes
+docs/screenshot-inspect.png and docs/screenshot-compare.png.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def main() -> None:
                 page.get_by_role("option", name=options.adapter).click()
             users = page.locator("#compare-users input[type=number]")
             users.fill(str(options.users))
-            users.press("Enter")
+            users.blur()  # commits the count; Enter would start the run before the one-user Compare
             page.get_by_role("button", name="Compare on the Inspect tab's user").click()
             page.get_by_role("button", name="Run on N users").click()
             page.locator("#compare-scatter .js-plotly-plot").wait_for(timeout=900_000)

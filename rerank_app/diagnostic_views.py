@@ -229,13 +229,14 @@ def template_runs_html(tokenizer: Any, report: TemplateConsistency, context_toke
     inserted = len(slot.inserted_ids)
     prompt_end = report.prompt_ids[:len(report.prompt_ids) - inserted][-context_tokens:]
     runs = [_run("prompt", "…" + tokenizer.decode(list(prompt_end)), "the prompt (its last tokens)")]
-    if slot.trimmed_text and slot.trimmed_text != slot.inserted_text:
+    left_out = bool(slot.trimmed_text) and slot.trimmed_text != slot.inserted_text
+    if left_out:
         runs.append(_run("trimmed", slot.trimmed_text, "in the generation prompt, left out of the scored prompt"))
     if inserted:
         runs.append(_run("inserted", slot.inserted_text, "inserted by the template before the letter: scored "
                                                           "prompt, no loss"))
     runs.append(_run("letter", tokenizer.decode([report.answer_token[1]]), "the answer letter's own token"))
-    shown = ["prompt", "left out" if slot.trimmed_text and slot.trimmed_text != slot.inserted_text else "",
+    shown = ["prompt", "left out" if left_out else "",
              "inserted before the letter" if inserted else "", "letter"]
     legend = " · ".join(part for part in shown if part) + ("" if slot.moves_prompt else " (nothing inserted)")
     return " ".join(runs) + f"  <small>({legend})</small>"

@@ -86,10 +86,9 @@ APP_CSS = """
 #candidates-table td, #audit-table td, #history-table td { font-size: 12.5px; }
 #inspect-summary p { margin: 2px 0; }
 """
-# Gradio's slider sends "release" when its number box loses focus, not on Enter; Enter blurs the box (which sends
-# it) and gives the focus back, so Enter in the Candidates box re-scores like Enter in every other box.
-# A slider's number box commits its value on blur only: Enter there blurs it (its `release` event re-scores, as on
-# Inspect) and gives the focus back; a slider marked with enter_clicks(button_id) then also clicks that button.
+# A gradio slider's number box commits its value on blur only: Enter there blurs it (its `release` event
+# re-scores, as on Inspect) and gives the focus back; a slider marked with enter_clicks(button_id) then also
+# clicks that button.
 ENTER_CLICKS_PREFIX = "enter-clicks--"
 APP_JS = """
 () => {
@@ -185,7 +184,8 @@ def prompt_html(tokenizer: Any, rendered: str, slot: AnswerSlot | None = None, l
     if slot.inserted_text and rendered.endswith(slot.inserted_text):
         body, inserted = rendered[:len(rendered) - len(slot.inserted_text)], slot.inserted_text
     parts = [_marked(tokenizer, body)]
-    if slot.trimmed_text and slot.trimmed_text != inserted:
+    left_out = bool(slot.trimmed_text) and slot.trimmed_text != inserted
+    if left_out:
         parts.append(f'<span class="ri-trimmed" title="in the generation prompt, left out of the scored prompt: '
                      f'training never puts it before the letter">{_marked(tokenizer, slot.trimmed_text)}</span>')
     if inserted:
@@ -198,8 +198,7 @@ def prompt_html(tokenizer: Any, rendered: str, slot: AnswerSlot | None = None, l
     legend = ""
     if slot.moves_prompt:
         keys = ["prompt · ",
-                '<span class="ri-trimmed">generation prompt left out</span>'
-                if slot.trimmed_text and slot.trimmed_text != inserted else "",
+                '<span class="ri-trimmed">generation prompt left out</span>' if left_out else "",
                 '<span class="ri-inserted">inserted before the letter</span>' if inserted else "",
                 '<span class="ri-letter-slot">answer letter</span>' if letters else ""]
         legend = f'<div class="ri-legend">{"".join(keys)}</div>'

@@ -91,7 +91,6 @@ class _SharedPrefix:
 @torch.inference_mode()
 def _run_prefix(model: Any, prefix: Sequence[int], pad_id: int) -> _SharedPrefix | None:
     """Run the prefix once; None when the model's cache is not the plain kind this path knows how to copy."""
-
     input_ids, attention_mask = _pad_left([prefix], pad_id)
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
     cache = getattr(_forward(model, input_ids, attention_mask, position_ids, keep_cache=True), "cache", None)
@@ -104,7 +103,6 @@ def _run_prefix(model: Any, prefix: Sequence[int], pad_id: int) -> _SharedPrefix
 @torch.inference_mode()
 def _suffix_logits(model: Any, shared: _SharedPrefix, suffixes: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
     """The suffixes run against one copy of the prefix cache per row; pads sit between prefix and suffix."""
-
     rows = len(suffixes)
     input_ids, suffix_mask = _pad_left(suffixes, pad_id, _SUFFIX_BUCKET)
     attention_mask = torch.cat([shared.attention_mask.expand(rows, -1), suffix_mask], dim=1)

@@ -44,6 +44,15 @@ def app_tab(browser, url: str, tab: str):
     return page
 
 
+def diagnose_permutations(browser, url: str, count: int):
+    """The Diagnose tab with position bias set to `count` permuted orders; the page and the orders box."""
+    page = app_tab(browser, url, "Diagnose")
+    page.get_by_role("radio", name="permutations").check()
+    orders = page.locator("#diagnose-orders input")
+    orders.fill(str(count))
+    return page, orders
+
+
 def fine_tune_form(browser, url: str, adapter_name: str):
     """The app's Fine-tune tab with the adapter name typed in."""
     page = app_tab(browser, url, "Fine-tune")
@@ -107,14 +116,10 @@ def test_a_long_diagnostic_does_not_freeze_inspect_and_stops_on_request(browser,
     from gradio_client import Client
 
     context, url = served
-    page = app_tab(browser, url, "Diagnose")
-    page.get_by_role("radio", name="permutations").check()
-    orders = page.locator("#diagnose-orders input")
-    orders.fill("200")
+    page, _ = diagnose_permutations(browser, url, 200)
     users = page.locator("#diagnose-bias-users input[type=number]")
     users.fill("25")  # 25 users x 200 orders: the 5000 scored prompts the limits allow
-    users.press("Enter")
-    page.locator("#diagnose-bias-users-button").click()
+    users.press("Enter")  # Enter in the users box runs "Run on N users" (one run: no click besides)
     deadline = 0
     while not context.stops.active and deadline < 600:
         page.wait_for_timeout(100)
@@ -189,10 +194,7 @@ def test_narrow_layout_and_the_report_opened_from_disk(browser, served) -> None:
 
 def test_a_refused_diagnostic_keeps_its_results_and_restores_the_orders(browser, served) -> None:
     _, url = served
-    page = app_tab(browser, url, "Diagnose")
-    page.get_by_role("radio", name="permutations").check()
-    orders = page.locator("#diagnose-orders input")
-    orders.fill("3")
+    page, orders = diagnose_permutations(browser, url, 3)
     orders.press("Enter")  # Enter runs the section
     page.locator("#diagnose-heatmap .js-plotly-plot").wait_for(timeout=60_000)
     page.locator("#diagnose-bias-note").get_by_text("User u00").wait_for(timeout=30_000)
