@@ -49,6 +49,7 @@ from rerank_core.prompts import (
 )
 from rerank_core.scoring import ScoreCache
 from rerank_core.train_settings import MAX_BUDGET_HISTORY_ITEMS, SETTINGS, parse_settings, setting
+from rerank_core.training_forward import training_forward
 
 __all__ = [
     "LOSS_LABELS",
@@ -96,7 +97,8 @@ class TrainConfig:
 
     lora_r: int = 16
     lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    # 0 in the quick preset: peft draws a dropout mask per projection, 0.9 s of a 4 s CPU step (1 Dec 2026).
+    lora_dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     learning_rate: float = 1e-3
     epochs: float = 1.0
@@ -161,8 +163,8 @@ class TrainConfig:
 # full: a GPU run over every prefix with LlamaRec's longer prompts.
 TRAINING_PRESETS: dict[str, TrainConfig] = {
     "quick": TrainConfig(),
-    "full": TrainConfig(learning_rate=2e-4, epochs=2.0, batch_size=16, warmup=0.03, max_samples=None,
-                        max_prompt_tokens=1536, eval_every=200, eval_users=200),
+    "full": TrainConfig(lora_dropout=0.05, learning_rate=2e-4, epochs=2.0, batch_size=16, warmup=0.03,
+                        max_samples=None, max_prompt_tokens=1536, eval_every=200, eval_users=200),
 }
 
 
@@ -421,7 +423,10 @@ def _answer_loss(model: Any, inputs: dict[str, torch.Tensor],
     first = carries.int().argmax(dim=1)
     width = labels.shape[1]
     span = width - int(first.min())
-    outputs = model(**inputs, logits_to_keep=span + 1, use_cache=False)
+    # Positions as an index tensor, not a count: the count slices a strided view, and a bf16 Linear on a
+    # strided 3-D input broadcasts the head's weight per row (a 4-row batch: 463 ms a pass instead of 6 ms).
+    keep = torch.arange(width - span - 1, width, device=labels.device)
+    outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
     logits = outputs.logits[:, :-1, :].float()  # position t predicts token t + 1
     targets = labels[:, -span:]
     token_loss = torch.nn.functional.cross_entropy(
@@ -449,7 +454,8 @@ def _make_trainer(*args: Any, **kwargs: Any) -> Any:
         def compute_loss(self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
             labels = inputs.pop("labels")
-            loss, letter_loss, outputs = _answer_loss(model, inputs, labels)
+            with training_forward(model):
+                loss, letter_loss, outputs = _answer_loss(model, inputs, labels)
             self._letter_sum = self._letter_sum + letter_loss.double().sum()
             self._letter_count += len(letter_loss)
             return (loss, outputs) if return_outputs else loss
