@@ -30,11 +30,12 @@ from method import (  # noqa: E402
 
 from rerank_core.candidates import CandidateConfig  # noqa: E402
 from rerank_core.diagnostics import position_bias, position_bias_over_users  # noqa: E402
+from rerank_core.diagnostics.position import OrderSpec, candidate_orders  # noqa: E402
 from rerank_core.inspector import Inspector, InspectSettings  # noqa: E402
 from rerank_core.loaders import load_dataset  # noqa: E402
 from rerank_core.models import load_model  # noqa: E402
 from rerank_core.prompts import get_preset  # noqa: E402
-from rerank_core.scoring import ScoreCache  # noqa: E402
+from rerank_core.scoring import ScoreCache, common_prefix_length  # noqa: E402
 
 CANDIDATES = 20
 
@@ -46,6 +47,19 @@ def timed_user(inspector: Inspector, user: str, settings: InspectSettings, batch
     start = time.perf_counter()
     result = position_bias(inspector, user, settings, batch_size=batch_size)
     return Measurement(time.perf_counter() - start, {"result": result})
+
+
+def prefix_bound(inspector: Inspector, user: str, settings: InspectSettings) -> str:
+    """The speedup prefix reuse could reach if time were proportional to tokens run: what these prompts allow."""
+    prepared = inspector.prepare(user, settings)
+    prompts = [inspector.variant(prepared, settings, order=order).token_ids
+               for order in candidate_orders(CANDIDATES, OrderSpec())]
+    shared = common_prefix_length(prompts)
+    total = sum(len(ids) for ids in prompts)
+    bound = total / (shared + total - shared * len(prompts))
+    return (f"rotations share a {shared}-token prefix of {len(prompts[0])}: token-count bound on the speedup "
+            f"{bound:.2f} ({len(prompts)} x {len(prompts[0])} tokens from scratch, {shared} + {len(prompts)} x "
+            f"{len(prompts[0]) - shared} with reuse)")
 
 
 def main() -> int:
@@ -68,6 +82,8 @@ def main() -> int:
     prompt_tokens = len(inspector.prepare(user, settings).token_ids)
     print(f"model {loaded.name} ({loaded.dtype}, {loaded.device}), data {dataset.name}, preset {args.preset.name}, "
           f"{CANDIDATES} candidates, user {user}: {prompt_tokens} prompt tokens")
+
+    print(prefix_bound(inspector, user, settings))
 
     print(f"\n1 user x {CANDIDATES} rotations, {args.rounds} interleaved rounds")
     ways = {"from scratch": lambda: timed_user(inspector, user, settings, args.batch_size, False),

@@ -13,7 +13,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from rerank_core.limits import check_limit
 from rerank_core.mixed_precision import mixed_precision
 
-__all__ = ["LetterScores", "ScoreCache", "score_token_ids"]
+__all__ = ["LetterScores", "ScoreCache", "common_prefix_length", "score_token_ids"]
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def _suffix_logits(model: Any, shared: _SharedPrefix, suffixes: Sequence[Sequenc
     return _forward(model, input_ids, attention_mask, position_ids, cache).logits[:, -1, :].float()
 
 
-def _common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     """Tokens every prompt starts with, leaving each prompt at least one token of its own."""
     first, last = min(map(tuple, prompts)), max(map(tuple, prompts))  # lexicographic extremes bound the prefix
     length = 0
@@ -152,7 +152,7 @@ def score_token_ids(
     unique_letter_ids = sorted(set(letter_token_ids))
     shared = None
     if share_prefix and len(prompts) > 1:
-        length = _common_prefix_length(prompts)
+        length = common_prefix_length(prompts)
         if length >= _MIN_SHARED_PREFIX:
             shared = _run_prefix(model, prompts[0][:length], pad_id)
     # Sort by length so each batch pads little; results go back in the caller's order.

@@ -1,4 +1,4 @@
-"""The fast training forward pass computes the same loss and gradients as peft's own, and undoes itself."""
+"""The bf16 training forward pass computes the same loss and gradients as peft's own, and undoes itself."""
 
 from __future__ import annotations
 
@@ -47,9 +47,7 @@ def test_bf16_model_trains_fp32_lora_weights_with_the_same_loss_and_gradients(sm
     model = lora_model(smol_tokenizer, torch.bfloat16)
     plain_loss, plain_gradients = loss_and_gradients(model, inputs, labels)
     with training_forward(model):
-        assert model.config._attn_implementation == "eager"
         fast_loss, fast_gradients = loss_and_gradients(model, inputs, labels)
-    assert model.config._attn_implementation == "sdpa"  # validation scores as the Inspector does
     assert fast_loss == pytest.approx(plain_loss, rel=2e-2)
     assert all(model.get_parameter(name).dtype == torch.float32 for name in fast_gradients)  # for AdamW
     for name, plain in plain_gradients.items():
