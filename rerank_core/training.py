@@ -454,7 +454,7 @@ def _make_trainer(*args: Any, **kwargs: Any) -> Any:
         def compute_loss(self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
             labels = inputs.pop("labels")
-            with training_forward(model):
+            with training_forward(model, inputs["input_ids"]):
                 loss, letter_loss, outputs = _answer_loss(model, inputs, labels)
             self._letter_sum = self._letter_sum + letter_loss.double().sum()
             self._letter_count += len(letter_loss)

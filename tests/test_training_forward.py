@@ -1,4 +1,4 @@
-"""The bf16 training forward pass computes the same loss and gradients as peft's own, and undoes itself."""
+"""The fast training forward pass computes the same loss and gradients as peft's own, and undoes itself."""
 
 from __future__ import annotations
 
@@ -46,8 +46,10 @@ def test_bf16_model_trains_fp32_lora_weights_with_the_same_loss_and_gradients(sm
     inputs, labels = batch
     model = lora_model(smol_tokenizer, torch.bfloat16)
     plain_loss, plain_gradients = loss_and_gradients(model, inputs, labels)
-    with training_forward(model):
+    with training_forward(model, inputs["input_ids"]):
+        assert model.config._attn_implementation == "eager"  # a small batch: its attention fits in memory
         fast_loss, fast_gradients = loss_and_gradients(model, inputs, labels)
+    assert model.config._attn_implementation == "sdpa"  # validation scores as the Inspector does
     assert fast_loss == pytest.approx(plain_loss, rel=2e-2)
     assert all(model.get_parameter(name).dtype == torch.float32 for name in fast_gradients)  # for AdamW
     for name, plain in plain_gradients.items():
@@ -63,8 +65,18 @@ def test_fp32_model_gets_the_same_loss_to_rounding(smol_tokenizer, batch):
     inputs, labels = batch
     model = lora_model(smol_tokenizer, torch.float32)
     plain_loss, plain_gradients = loss_and_gradients(model, inputs, labels)
-    with training_forward(model):
+    with training_forward(model, inputs["input_ids"]):
         fast_loss, fast_gradients = loss_and_gradients(model, inputs, labels)
     assert fast_loss == pytest.approx(plain_loss, rel=1e-5)
     for name, plain in plain_gradients.items():
         torch.testing.assert_close(fast_gradients[name], plain, rtol=1e-4, atol=1e-6)
+
+
+def test_long_batches_keep_sdpa_whose_attention_needs_no_stored_probabilities(smol_tokenizer):
+    model = lora_model(smol_tokenizer, torch.bfloat16)
+    # 2 layers x 4 heads x 6000^2 scores x 10 bytes: 2.9 GB of attention probabilities, over the 1.5 GiB bound.
+    with training_forward(model, torch.zeros((1, 6000), dtype=torch.long)):
+        assert model.config._attn_implementation == "sdpa"
+    with training_forward(model, torch.zeros((1, 2000), dtype=torch.long)):  # 0.32 GB
+        assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == "sdpa"
