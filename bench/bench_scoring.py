@@ -103,8 +103,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=30, help="prompts per way (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="our batch size (default %(default)s, the Inspector's: each forward pass streams all "
-                             "the weights once, about 50 ms on the 2-core CPU, so batches of 8 took 5.3 s where "
-                             "single prompts took 7.7 s in one process on 1 Dec 2026)")
+                             "the weights once, and a 32-token pass takes about 90 ms on the 2-core CPU; batches of "
+                             "8 took 5.3 s where single prompts took 7.7 s in one process on 1 Dec 2026)")
     add_method_args(parser)
     parser.add_argument("--mode", choices=("seed", "ours"), help=argparse.SUPPRESS)
     args = parser.parse_args()

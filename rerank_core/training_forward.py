@@ -27,15 +27,17 @@ def training_forward(model: Any, input_ids: torch.Tensor) -> Iterator[None]:
     backward and AdamW; median of 6 steps in each of two interleaved runs, 1 Dec 2026): 3.69 / 3.13 s as peft
     runs it, 3.32 / 3.03 s under autocast. fp16 would need a gradient scaler: left as peft runs it.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # Under torchrun the Trainer hands over the DistributedDataParallel wrapper: its module is the PeftModel.
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     weight = next(base.parameters())
     with ExitStack() as stack:
         if weight.dtype == torch.bfloat16:
             from peft.helpers import disable_input_dtype_casting  # peft takes seconds to import
 
             stack.enter_context(torch.autocast(weight.device.type, dtype=weight.dtype))
-            stack.enter_context(disable_input_dtype_casting(model))
-        if weight.device.type == "cpu" and _eager_fits(base.config, input_ids):
+            stack.enter_context(disable_input_dtype_casting(inner))
+        if weight.device.type == "cpu" and _eager_fits(getattr(base, "config", None), input_ids):
             # PyTorch's CPU flash-attention backward is slow at these lengths: 6 quick-preset steps took a
             # median 17.1 s with eager attention against 18.9 s with sdpa (4 interleaved rounds, 1 Dec 2026).
             stack.enter_context(_attention(base, "eager"))
