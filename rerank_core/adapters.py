@@ -77,6 +77,11 @@ class AdapterInfo:
         return ((self.manifest or {}).get("candidates") or {}).get("count")
 
     @property
+    def text_field(self) -> str | None:
+        """The item text the adapter was trained on (None: a manifest without it)."""
+        return ((self.manifest or {}).get("training") or {}).get("text_field")
+
+    @property
     def template_kwargs(self) -> str | None:
         """The chat-template options the adapter was trained with; None when the manifest predates them."""
         manifest = self.manifest or {}

@@ -89,8 +89,7 @@ class CandidateSampler:
         self._touched_by_user: dict[str, frozenset[int]] = {}
         training = [np.fromiter((self._index[item] for item in dataset.training_sequence(user)),
                                 dtype=np.int64) for user in dataset.users]
-        counts = np.bincount(np.concatenate(training) if training else np.zeros(0, np.int64),
-                             minlength=len(self._ids)).astype(np.float64)
+        counts = np.array([dataset.training_counts[item] for item in self._ids], dtype=np.float64)
         # Add-one smoothing: an item never seen in training can still be drawn as a popular negative.
         self._weights = counts + 1.0
         self._cumulative = np.cumsum(self._weights)

@@ -56,7 +56,8 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--strategy", default="as_trained", choices=STRATEGIES,
                        help="letter→token strategy (default: %(default)s)")
     group.add_argument("--text-field", default="title", choices=TEXT_FIELDS,
-                       help="which item text stands for an item (default: %(default)s)")
+                       help="which item text stands for an item (default: %(default)s; title_count: the title and "
+                            "its interaction count in the training part)")
     group.add_argument("--candidates", type=int_range(1, MAX_CANDIDATES), default=20, metavar="N",
                        help="number of candidates, 1-52 (default: %(default)s)")
     group.add_argument("--candidate-source", default="random", choices=CANDIDATE_SOURCES,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -21,7 +23,10 @@ __all__ = [
     "report_row_error",
 ]
 
-TEXT_FIELDS = ("title", "caption", "summary")
+# Texts an item file holds; "title_count" is the title plus the item's interaction count in the training part
+# of the split: popularity written into the prompt, the signal a small model cannot learn title by title.
+ITEM_TEXT_FIELDS = ("title", "caption", "summary")
+TEXT_FIELDS = (*ITEM_TEXT_FIELDS, "title_count")
 Split = Literal["train", "validation", "test"]
 
 
@@ -97,8 +102,8 @@ class Item:
     summary: str = ""
 
     def text(self, text_field: str = "title") -> str:
-        if text_field not in TEXT_FIELDS:
-            raise ValueError(f"text field {text_field!r} is not one of {', '.join(TEXT_FIELDS)}")
+        if text_field not in ITEM_TEXT_FIELDS:
+            raise ValueError(f"text field {text_field!r} is not one of {', '.join(ITEM_TEXT_FIELDS)}")
         value = getattr(self, text_field)
         return value or self.title
 
@@ -154,7 +159,16 @@ class Dataset:
         return digest.hexdigest()[:16]
 
     def text(self, item_id: str, text_field: str = "title") -> str:
+        if text_field == "title_count":
+            return f"{self.items[item_id].title}, {self.training_counts.get(item_id, 0)} interactions"
+        if text_field not in TEXT_FIELDS:
+            raise ValueError(f"text field {text_field!r} is not one of {', '.join(TEXT_FIELDS)}")
         return self.items[item_id].text(text_field)
+
+    @functools.cached_property
+    def training_counts(self) -> Counter[str]:
+        """Interactions per item in the training part of the split: popularity that never sees a held-out item."""
+        return Counter(item for user in self.sequences for item in self.training_sequence(user))
 
     def split_user(self, user_id: str, split: str = "test") -> UserSplit:
         """Leave-one-out: last item is test, second to last validation, the rest training."""

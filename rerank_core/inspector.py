@@ -308,6 +308,12 @@ class Inspector:
             notes.append(f"adapter {system!r} was trained with template_kwargs {options or '{}'}; scored with them, "
                          f"not {settings.template_kwargs or '{}'}")
             effective = replace(effective, template_kwargs=options)
+        # Not switched like the preset: base and adapter then differ in item text, which Compare would credit to
+        # the fine-tune; the note says which field to pick for both.
+        if info.text_field and info.text_field != settings.text_field:
+            notes.append(f"adapter {system!r} was trained with item text {info.text_field!r}, scored here with "
+                         f"{settings.text_field!r}: pick {info.text_field!r} as the item text field to score it as "
+                         "trained")
         # The training budget was sized for the training candidate count: with another count it does not apply.
         budget = info.max_prompt_tokens
         same_count = info.candidate_count in (None, settings.candidates.count)

@@ -52,6 +52,20 @@ def test_popularity_counts_training_interactions_and_breaks_ties_pessimistically
     assert (frame.loc["u2", "rank"], frame.loc["u1", "rank"]) == (1, 8)
 
 
+def test_title_count_writes_the_popularity_baseline_counts_into_the_item_text() -> None:
+    dataset = popularity_dataset()
+    sampler = CandidateSampler(dataset, CandidateConfig(source="random", count=8, seed=0))
+    # Hand-worked: p in all three training parts, q in two (u2's second q is its test target), b is u1's test
+    # target and x1 its validation target, so neither is counted.
+    assert [dataset.text(item, "title_count") for item in ("p", "q", "b", "x1")] == [
+        "Title p, 3 interactions", "Title q, 2 interactions", "Title b, 0 interactions", "x1, 0 interactions"]
+    for item in dataset.items:
+        assert dataset.text(item, "title_count") == (
+            f"{dataset.text(item)}, {int(sampler.popularity([item])[0])} interactions")
+    with pytest.raises(ValueError, match="text field 'plot'"):
+        dataset.text("p", "plot")
+
+
 def test_retriever_baseline_reproduces_the_retriever_order() -> None:
     dataset = make_toy_dataset(users=20, items=60, length=12)
     config = CandidateConfig(source="retriever", count=10, seed=0, order="retriever")

@@ -18,7 +18,7 @@ from rerank_core.prompts import get_preset
 SETTINGS = InspectSettings(preset=get_preset("seed"), candidates=CandidateConfig(count=6, seed=2))
 
 
-def publish_adapter(loaded, root, name: str, preset: str) -> None:
+def publish_adapter(loaded, root, name: str, preset: str, text_field: str = "title") -> None:
     """A LoRA adapter with random (non-zero) weights, recorded as trained with `preset`."""
     from peft import LoraConfig, get_peft_model
 
@@ -29,7 +29,8 @@ def publish_adapter(loaded, root, name: str, preset: str) -> None:
     model.save_pretrained(folder)
     model.unload()
     (folder / MANIFEST_FILE).write_text(json.dumps({
-        "preset": preset, "base_model": {"name": loaded.name, "fingerprint": loaded.fingerprint}}))
+        "preset": preset, "base_model": {"name": loaded.name, "fingerprint": loaded.fingerprint},
+        "training": {"text_field": text_field}}))
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,7 @@ def setup(smol_tokenizer, tmp_path_factory):
     loaded = tiny_loaded(smol_tokenizer)
     publish_adapter(loaded, root, "after", "seed_after")
     publish_adapter(loaded, root, "same", "seed")
+    publish_adapter(loaded, root, "counts", "seed", text_field="title_count")
     dataset = make_toy_dataset(users=12)
     return Inspector(dataset, loaded, adapters_root=str(root)), dataset.users
 
@@ -108,3 +110,14 @@ def test_the_compare_tab_names_each_reference(setup):
     counts = views.compare_view(per_user, summary).counts
     assert "**after** vs **base @ seed_after** on NDCG@10" in counts
     assert "**base @ seed_after** vs **base** (the preset's own effect) on NDCG@10" in counts
+
+
+def test_an_adapter_trained_on_another_item_text_is_flagged_not_switched(setup):
+    inspector, _ = setup
+    effective, note = inspector.settings_for("counts", SETTINGS)
+    # Switching only the adapter's text would credit the count in the text to the fine-tune in Compare.
+    assert effective.text_field == "title"
+    assert "trained with item text 'title_count', scored here with 'title'" in note
+    counted, note = inspector.settings_for("counts", replace_preset(text_field="title_count"))
+    assert counted.text_field == "title_count" and "item text" not in note
+    assert "item text" not in inspector.settings_for("same", SETTINGS)[1]

@@ -124,8 +124,13 @@ def test_real_movielens_100k_from_the_recbole_package_without_importing_it() -> 
     # A fresh interpreter: finding and loading the files must not import recbole (it pulls in its trainers).
     script = ("import sys; from rerank_core.loaders import load_dataset; d = load_dataset('ml-100k-real'); "
               "print(len(d.users), len(d.items), sum(map(len, d.sequences.values())), d.items['1'].title, "
-              "'recbole' in sys.modules)")
+              "'recbole' in sys.modules); print(d.text('50', 'title_count')); "
+              "print(sum(seq.count('50') for seq in d.sequences.values()))")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["943", "1682", "100000", "Toy", "Story", "(1995)", "False"]
+    summary, counted, total = done.stdout.splitlines()
+    assert summary.split() == ["943", "1682", "100000", "Toy", "Story", "(1995)", "False"]
+    # Star Wars has MovieLens 100K's most ratings, 583; the 8 that are a user's validation or test item are not
+    # counted in the text, as the popularity baseline does not count them.
+    assert (counted, total) == ("Star Wars (1977), 575 interactions", "583")
