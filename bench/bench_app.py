@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import sys
 import threading
@@ -31,6 +30,7 @@ from method import LoadWatch, Measurement, add_method_args, interleaved, print_r
 
 import app as app_module
 from rerank_app.pickers import make_settings
+from rerank_app.ports import free_port
 from rerank_app.server import build_app, build_context, launch
 from rerank_core.inspector import BASE
 
@@ -46,12 +46,6 @@ def report(label: str, latencies: list[float], errors: int = 0) -> None:
     p50, p95 = percentile(latencies, 0.5), percentile(latencies, 0.95)
     print(f"{label}: n={len(latencies)} p50={p50:.3f}s p95={p95:.3f}s mean={statistics.fmean(latencies):.3f}s "
           f"max={max(latencies):.3f}s errors={errors}")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Endpoint:

@@ -27,7 +27,6 @@ import argparse
 import functools
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from method import LoadWatch, Measurement, add_method_args, interleaved, print_ratio, print_summary  # noqa: E402
+
+from rerank_app.ports import free_port  # noqa: E402
 
 RSS_GROWTH_LIMIT = 0.10
 P95_SLOWDOWN_LIMIT = 2.0
@@ -63,12 +64,6 @@ def serve(port: int, work: Path) -> None:
     context = AppContext(config, [DatasetEntry("sample", load_dataset(None), bundled_sample_path())], [model],
                          jobs=JobRunner(config.runs_root, adapters=config.adapters_root))
     launch(build_app(context), port=port, max_upload_bytes=config.max_upload_bytes)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def percentile(values: list[float], share: float) -> float:

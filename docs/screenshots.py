@@ -10,20 +10,14 @@ docs/screenshot-inspect.png and docs/screenshot-compare.png.
 from __future__ import annotations
 
 import argparse
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from rerank_app.browser import chromium, open_app, pick_user
+from rerank_app.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def main() -> None:

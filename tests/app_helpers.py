@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -66,12 +65,6 @@ def make_context(tmp: Path, tokenizer: Any) -> AppContext:
     jobs = JobRunner(config.runs_root, adapters=config.adapters_root)
     return AppContext(config, [DatasetEntry("toy", load_dataset(data_folder), data_folder)],
                       [ModelEntry("tiny-llama", str(model_folder))], jobs=jobs)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_for_job(runner: JobRunner, predicate, timeout: float):

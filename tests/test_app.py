@@ -7,11 +7,12 @@ import time
 from pathlib import Path
 
 import pytest
-from app_helpers import TINY_TRAINING, free_port, make_adapter, make_context
+from app_helpers import TINY_TRAINING, make_adapter, make_context
 from gradio_client import Client, handle_file
 
 import app as app_module
 from rerank_app.pickers import make_settings
+from rerank_app.ports import free_port
 from rerank_app.server import build_app, launch
 from rerank_core.inspector import BASE, Inspector
 from rerank_core.models import load_model

@@ -7,10 +7,11 @@ import json
 
 import numpy as np
 import pytest
-from app_helpers import free_port, make_adapter, make_context
+from app_helpers import make_adapter, make_context
 from gradio_client import Client
 
 from rerank_app.pickers import make_settings
+from rerank_app.ports import free_port
 from rerank_app.server import build_app, launch
 from rerank_core.inspector import BASE, Inspector
 from rerank_core.models import load_model

@@ -7,9 +7,10 @@ import threading
 from pathlib import Path
 
 import pytest
-from app_helpers import free_port, make_context
+from app_helpers import make_context
 
 from rerank_app.browser import CHROMIUM, chromium, open_app, pick_user
+from rerank_app.ports import free_port
 from rerank_app.server import build_app, launch
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"

@@ -11,13 +11,14 @@ import httpx
 import psutil
 import pytest
 import torch
-from app_helpers import custom_code_model, free_port, make_adapter, make_context, save_tiny_model, write_csv_dataset
+from app_helpers import custom_code_model, make_adapter, make_context, save_tiny_model, write_csv_dataset
 from conftest import make_toy_dataset
 from gradio_client import Client, handle_file
 
 import app as app_module
 from rerank_app.context import AppConfig, AppContext, DatasetEntry, ModelEntry
 from rerank_app.pickers import make_settings
+from rerank_app.ports import free_port
 from rerank_app.server import build_app, launch
 from rerank_core.data import Dataset, Item
 from rerank_core.models import ModelError, load_model, load_tokenizer
