@@ -24,7 +24,7 @@ from rerank_app.gate import ModelGate, StopRegistry
 from rerank_app.jobs import TrainRequest
 from rerank_core.adapters import WEIGHTS_FILE, AdapterError, list_adapters, new_staging_folder, remove_stale
 from rerank_core.baselines import BASELINES, with_baselines
-from rerank_core.compare import compare_systems
+from rerank_core.compare import adapter_notes, compare_systems
 from rerank_core.data import DataError, Dataset
 from rerank_core.diagnostics import (
     HistoryInfluence,
@@ -265,6 +265,10 @@ class AppContext:
             per_user, summary = compare_systems(inspector, list(users), settings, systems, progress=progress,
                                                 cancel=check, chunk_size=BACKGROUND_CHUNK)
             return with_baselines(inspector, per_user, summary, list(users), settings, BASELINES)
+
+    def adapter_notes(self, dataset: str, model: str, adapters: Sequence[str], settings: InspectSettings) -> list[str]:
+        """What Compare scores each adapter with unlike the chosen settings (reads manifests, not the model)."""
+        return adapter_notes(self._inspector(dataset, model), settings, self._systems(model, adapters))
 
     def _systems(self, model: str, adapters: Sequence[str]) -> list[str]:
         chosen = [name for name in dict.fromkeys(adapters or []) if name and name != BASE]

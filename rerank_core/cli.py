@@ -18,7 +18,7 @@ from rerank_core.baselines import BASELINES, with_baselines
 from rerank_core.cli_common import add_common_options, build_inspector, build_settings, int_range
 from rerank_core.cli_diagnose import add_diagnose_command
 from rerank_core.cli_train import add_train_command
-from rerank_core.compare import compare_systems, comparison_table
+from rerank_core.compare import adapter_notes, compare_systems, comparison_table
 from rerank_core.display import visible_text
 from rerank_core.distributed import close_process_group
 from rerank_core.fsutil import atomic_write_text, write_folder
@@ -162,6 +162,9 @@ def command_eval(args: argparse.Namespace) -> int:
     # Bad adapters and an unwritable output folder fail now, not after minutes of scoring.
     for name in systems[1:]:
         check_adapter(inspector.loaded, name, args.adapters_dir)
+    if is_main:
+        for note in adapter_notes(inspector, settings, systems):
+            print(f"note: {note}", file=sys.stderr)
     out_dir = Path(args.output_dir)
     _check_output_dir(out_dir)
     # Every process runs the same comparison; scoring inside it is split across them (Inspector.shard).

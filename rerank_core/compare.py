@@ -14,7 +14,7 @@ from rerank_core.metrics import METRIC_NAMES, paired_bootstrap
 from rerank_core.progress import CancelCheck, ProgressCallback
 from rerank_core.prompts import PromptPreset
 
-__all__ = ["SUMMARY_COLUMNS", "compare_systems", "comparison_table", "movers", "run_label"]
+__all__ = ["SUMMARY_COLUMNS", "adapter_notes", "compare_systems", "comparison_table", "movers", "run_label"]
 
 SUMMARY_COLUMNS = ("system", "preset", "comparison", "metric", "mean", "reference", "reference_mean",
                    "difference", "ci_low", "ci_high", "n", "improved", "unchanged", "worsened")
@@ -28,6 +28,12 @@ MOVER_COLUMNS = ("user_id", "system", "reference", "change", "reference_rank", "
 def run_label(system: str, preset: PromptPreset, reference_preset: PromptPreset) -> str:
     """The reference system's name in tables, plus the preset when it is re-scored with an adapter's."""
     return system if preset == reference_preset else f"{system} @ {preset.name}"
+
+
+def adapter_notes(inspector: Inspector, settings: InspectSettings, systems: Sequence[str]) -> list[str]:
+    """What each system is scored with unlike the settings asked for (Inspector.settings_for's notes): a table
+    of means cannot show that an adapter ran on its own preset or on another item text than it learnt."""
+    return [note for system in systems if (note := inspector.settings_for(system, settings)[1])]
 
 
 def compare_systems(

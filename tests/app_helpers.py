@@ -41,7 +41,8 @@ def save_tiny_model(tokenizer: Any, folder: Path, *, seed: int = 0) -> Path:
     return folder
 
 
-def make_adapter(loaded: LoadedModel, root: Path, name: str, *, preset: str | None = None) -> Path:
+def make_adapter(loaded: LoadedModel, root: Path, name: str, *, preset: str | None = None,
+                 text_field: str | None = None) -> Path:
     """A published LoRA adapter with non-zero weights (so it changes scores) and a manifest for this base."""
     from peft import LoraConfig, get_peft_model
 
@@ -52,6 +53,8 @@ def make_adapter(loaded: LoadedModel, root: Path, name: str, *, preset: str | No
     peft_model.save_pretrained(folder)
     manifest = {"name": name, "base_model": {"name": loaded.name, "fingerprint": loaded.fingerprint},
                 "preset": preset}
+    if text_field:
+        manifest["training"] = {"text_field": text_field}
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest), encoding="utf-8")
     return folder
 

@@ -137,6 +137,13 @@ def _quiet(*args, **kwargs) -> None:
     """A progress tracker that shows nothing (handlers called without a page)."""
 
 
+def test_compare_says_when_an_adapter_is_scored_on_another_item_text_than_it_learnt(context) -> None:
+    make_adapter(context.loaded("tiny-llama"), context.config.adapters_root, "lora-count", text_field="title_count")
+    counts = compare.compare(context, PICKERS, ["lora-count"], 10, progress=_quiet)[0]
+    assert "ℹ adapter 'lora-count' was trained with item text 'title_count', scored here with 'title'" in counts
+    assert "ℹ" not in compare.compare(context, PICKERS, ["lora-a"], 10, progress=_quiet)[0]
+
+
 def test_a_refused_compare_keeps_its_results_and_restores_its_controls(context) -> None:
     start = {"adapters": [], "users": 100}  # the tab's initial values
     answered = compare.compare_page(context, PICKERS, ["lora-a"], 10, start, progress=_quiet)

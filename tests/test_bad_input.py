@@ -437,6 +437,19 @@ def test_corrupted_adapter_is_refused_and_left_for_the_user(damage: str, loaded,
     assert inspector.inspect("u01", InspectSettings(candidates=CandidateConfig(count=5))).rank is not None
 
 
+def test_eval_says_when_an_adapter_is_scored_on_another_item_text(loaded, tmp_path: Path, data_folder: Path,
+                                                                  model_folder: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    make_adapter(loaded, tmp_path / "adapters", "counted", text_field="title_count")
+    common = ["eval", "--data", str(data_folder), "--model", str(model_folder), "--users", "3", "--candidates", "5",
+              "--adapter", "counted", "--adapters-dir", str(tmp_path / "adapters"), "--dtype", "fp32"]
+    code, err = run_cli([*common, "--output-dir", str(tmp_path / "plain")], capsys)
+    assert code == 0
+    assert "note: adapter 'counted' was trained with item text 'title_count', scored here with 'title'" in err
+    code, err = run_cli([*common, "--output-dir", str(tmp_path / "counted"), "--text-field", "title_count"], capsys)
+    assert code == 0 and "note:" not in err
+
+
 def test_adapter_for_another_base_is_refused_naming_both(loaded, smol_tokenizer, tmp_path: Path) -> None:
     root = tmp_path / "adapters"
     folder = make_adapter(loaded, root, "foreign")

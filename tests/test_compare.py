@@ -11,7 +11,15 @@ from conftest import make_toy_dataset, tiny_loaded
 
 from rerank_core.adapters import MANIFEST_FILE
 from rerank_core.candidates import CandidateConfig
-from rerank_core.compare import PRESET_EFFECT, REFERENCE, SAME_PRESET, compare_systems, comparison_table, movers
+from rerank_core.compare import (
+    PRESET_EFFECT,
+    REFERENCE,
+    SAME_PRESET,
+    adapter_notes,
+    compare_systems,
+    comparison_table,
+    movers,
+)
 from rerank_core.inspector import Inspector, InspectSettings
 from rerank_core.prompts import get_preset
 
@@ -121,3 +129,7 @@ def test_an_adapter_trained_on_another_item_text_is_flagged_not_switched(setup):
     counted, note = inspector.settings_for("counts", replace_preset(text_field="title_count"))
     assert counted.text_field == "title_count" and "item text" not in note
     assert "item text" not in inspector.settings_for("same", SETTINGS)[1]
+    # Compare and eval list the same notes beside their tables (a mean cannot show them).
+    notes = adapter_notes(inspector, SETTINGS, ["base", "after", "same", "counts"])
+    assert len(notes) == 2
+    assert "trained with preset 'seed_after'" in notes[0] and "item text 'title_count'" in notes[1]

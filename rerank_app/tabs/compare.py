@@ -38,9 +38,11 @@ def compare(context: AppContext, pickers: Pickers, adapters: list[str], users: i
             pickers.dataset, pickers.model, adapters, pickers.settings(), users,
             progress=lambda done, total: progress(done / total, desc=f"scored {done} of {total}"), stop=stop)
     view = views.compare_view(per_user, summary)
+    notes = context.adapter_notes(pickers.dataset, pickers.model, adapters, pickers.settings())
+    counts = "\n\n".join([view.counts, *(f"ℹ {note}" for note in notes)])
     choices = [(f"{row['user_id']} · {row['system']} · {row['change']}", f"{row['user_id']}|{row['system']}")
                for row in view.movers.to_dict(orient="records")]
-    return (view.counts, view.metrics, view.differences, view.scatter, view.movers,
+    return (counts, view.metrics, view.differences, view.scatter, view.movers,
             gr.Dropdown(choices=choices, value=choices[0][1] if choices else None))
 
 
