@@ -23,10 +23,9 @@ __all__ = [
     "report_row_error",
 ]
 
-# Texts an item file holds; "title_count" is the title plus the item's interaction count in the training part
-# of the split: popularity written into the prompt, the signal a small model cannot learn title by title.
-ITEM_TEXT_FIELDS = ("title", "caption", "summary")
-TEXT_FIELDS = (*ITEM_TEXT_FIELDS, "title_count")
+# The item file's texts, and "title_count": the title plus the item's interaction count in the training part
+# of the split, popularity written into the prompt (the signal a small model cannot learn title by title).
+TEXT_FIELDS = ("title", "caption", "summary", "title_count")
 Split = Literal["train", "validation", "test"]
 
 
@@ -101,12 +100,6 @@ class Item:
     caption: str = ""
     summary: str = ""
 
-    def text(self, text_field: str = "title") -> str:
-        if text_field not in ITEM_TEXT_FIELDS:
-            raise ValueError(f"text field {text_field!r} is not one of {', '.join(ITEM_TEXT_FIELDS)}")
-        value = getattr(self, text_field)
-        return value or self.title
-
 
 @dataclass(frozen=True)
 class UserSplit:
@@ -159,11 +152,13 @@ class Dataset:
         return digest.hexdigest()[:16]
 
     def text(self, item_id: str, text_field: str = "title") -> str:
-        if text_field == "title_count":
-            return f"{self.items[item_id].title}, {self.training_counts.get(item_id, 0)} interactions"
+        """The text that stands for an item in prompts; an empty caption or summary falls back to the title."""
         if text_field not in TEXT_FIELDS:
             raise ValueError(f"text field {text_field!r} is not one of {', '.join(TEXT_FIELDS)}")
-        return self.items[item_id].text(text_field)
+        item = self.items[item_id]
+        if text_field == "title_count":
+            return f"{item.title}, {self.training_counts.get(item_id, 0)} interactions"
+        return getattr(item, text_field) or item.title
 
     @functools.cached_property
     def training_counts(self) -> Counter[str]:

@@ -33,12 +33,13 @@ def compare(context: AppContext, pickers: Pickers, adapters: list[str], users: i
 
     Stop (or closing the page) ends the run at the next chunk of users."""
     progress(0.0, desc="scoring")
+    settings = pickers.settings()
     with context.stops.run(getattr(request, "session_hash", None)) as stop:
         per_user, summary = context.compare_users(
-            pickers.dataset, pickers.model, adapters, pickers.settings(), users,
+            pickers.dataset, pickers.model, adapters, settings, users,
             progress=lambda done, total: progress(done / total, desc=f"scored {done} of {total}"), stop=stop)
     view = views.compare_view(per_user, summary)
-    notes = context.adapter_notes(pickers.dataset, pickers.model, adapters, pickers.settings())
+    notes = context.adapter_notes(pickers.dataset, pickers.model, adapters, settings)
     counts = "\n\n".join([view.counts, *(f"ℹ {note}" for note in notes)])
     choices = [(f"{row['user_id']} · {row['system']} · {row['change']}", f"{row['user_id']}|{row['system']}")
                for row in view.movers.to_dict(orient="records")]
