@@ -526,3 +526,20 @@ def test_real_model_position_bias_and_history():
     influence = history_influence(inspector, user, settings)
     assert influence.full_probs == pytest.approx(shown.scores.letter_probs)
     assert len(influence.history_ids) == len(shown.prepared.prompt.history_texts)
+
+
+def test_rounding_noise_is_not_influence():
+    """Shifts below INFLUENCE_FLOOR (batch-shape rounding on AVX2) make no item influential; one above does."""
+    from rerank_core.diagnostics.history import INFLUENCE_FLOOR, HistoryInfluence
+
+    full = np.array([0.2, 0.3, 0.5])
+    noise = np.array([[5e-8, -5e-8, 0.0], [0.0, 3e-8, -3e-8], [0.0, 0.0, 0.0]])
+    result = HistoryInfluence(system="base", user_id="u", preset="seed", letters=("A", "B", "C"),
+                              candidate_ids=("i1", "i2", "i3"), target_index=2, positions=(1, 2, 3),
+                              history_ids=("h1", "h2", "h3"), history_texts=("x", "y", "z"),
+                              full_probs=full, without_probs=full[None, :] + noise)
+    assert result.most_influential() == []
+    moved = full[None, :] + noise
+    moved[1] += np.array([0.0, 2 * INFLUENCE_FLOOR, -2 * INFLUENCE_FLOOR])
+    shifted = HistoryInfluence(**{**result.__dict__, "without_probs": moved})
+    assert shifted.most_influential() == [1]
