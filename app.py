@@ -7,7 +7,7 @@ import logging
 import os
 from collections.abc import Sequence
 
-from rerank_core.loaders import FORMATS
+from rerank_core.data.loaders import FORMATS
 
 __all__ = ["AUTH_ENV", "main", "parse_args"]
 

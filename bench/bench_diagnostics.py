@@ -29,10 +29,10 @@ from method import (  # noqa: E402
 )
 
 from rerank_core.candidates import CandidateConfig  # noqa: E402
+from rerank_core.data.loaders import load_dataset  # noqa: E402
 from rerank_core.diagnostics import position_bias, position_bias_over_users  # noqa: E402
 from rerank_core.diagnostics.position import OrderSpec, candidate_orders  # noqa: E402
 from rerank_core.inspector import Inspector, InspectSettings  # noqa: E402
-from rerank_core.loaders import load_dataset  # noqa: E402
 from rerank_core.models import load_model  # noqa: E402
 from rerank_core.prompts import get_preset  # noqa: E402
 from rerank_core.scoring import ScoreCache, common_prefix_length  # noqa: E402

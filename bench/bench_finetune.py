@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from method import LoadWatch, Measurement, add_method_args, interleaved, print_ratio, print_summary, run_fresh
 
 from rerank_core.compare import compare_systems, comparison_table
+from rerank_core.data.loaders import load_dataset
 from rerank_core.inspector import Inspector, InspectSettings
-from rerank_core.loaders import load_dataset
 from rerank_core.models import load_model
-from rerank_core.training import TrainConfig, train_adapter, training_config, validation_users
+from rerank_core.training.trainer import TrainConfig, train_adapter, training_config, validation_users
 
 TARGET_SECONDS = 180.0
 TARGET_CI_LOW = 0.30

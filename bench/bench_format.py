@@ -30,8 +30,8 @@ from bench_finetune import (
 from method import LoadWatch, add_method_args, print_ratio, print_summary
 
 from rerank_core.compare import compare_systems
+from rerank_core.data.loaders import load_dataset
 from rerank_core.inspector import Inspector, InspectSettings
-from rerank_core.loaders import load_dataset
 from rerank_core.models import load_model
 from rerank_core.prompts import get_preset
 

@@ -54,8 +54,8 @@ def serve(port: int, work: Path) -> None:
     from rerank_app.context import AppConfig, AppContext, DatasetEntry, ModelEntry
     from rerank_app.jobs import JobRunner
     from rerank_app.server import build_app, launch
-    from rerank_core.builtin_data import bundled_sample_path
-    from rerank_core.loaders import load_dataset
+    from rerank_core.data.builtin import bundled_sample_path
+    from rerank_core.data.loaders import load_dataset
     from rerank_core.models import embedded_model_folder, load_model
 
     config = AppConfig(adapters_root=work / "adapters", upload_root=work / "uploads", runs_root=work / "runs")
@@ -147,7 +147,7 @@ def main() -> None:
 
     import psutil
 
-    from rerank_core.loaders import load_dataset
+    from rerank_core.data.loaders import load_dataset
 
     work = Path(tempfile.mkdtemp(prefix="bench-load-"))
     port = free_port()

@@ -32,15 +32,15 @@ from bench_finetune import add_overrides, config_from, step_printer, test_users
 from method import LoadWatch
 
 from rerank_core.baselines import BASELINES, evaluate_baseline, paired_rows
-from rerank_core.builtin_data import MOVIELENS_100K_REAL
 from rerank_core.candidates import CANDIDATE_SOURCES, CandidateConfig
 from rerank_core.compare import SUMMARY_COLUMNS
+from rerank_core.data.builtin import MOVIELENS_100K_REAL
+from rerank_core.data.loaders import load_dataset
 from rerank_core.distributed import launched_world_size, process_shard
 from rerank_core.inspector import BASE, Inspector, InspectSettings
-from rerank_core.loaders import load_dataset
 from rerank_core.models import load_model
 from rerank_core.prompts import get_preset
-from rerank_core.training import train_adapter
+from rerank_core.training.trainer import train_adapter
 
 ADAPTER = "movielens-quick"
 # The rows of each table, in order: (label, system, preset); baselines read no prompt.

@@ -39,8 +39,8 @@ CANDIDATES = 20
 def build_prompts(tokenizer, count: int) -> list[list[int]]:
     """The same prompts for both ways: bundled sample users with 10 history items and 20 candidates."""
     from rerank_core.candidates import CandidateConfig, CandidateSampler
-    from rerank_core.data import UserSplit
-    from rerank_core.loaders import load_dataset
+    from rerank_core.data.dataset import UserSplit
+    from rerank_core.data.loaders import load_dataset
     from rerank_core.prompts import build_prompt, encode_rendered, get_preset
 
     preset = get_preset("seed")

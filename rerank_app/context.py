@@ -25,7 +25,8 @@ from rerank_app.jobs import TrainRequest
 from rerank_core.adapters import WEIGHTS_FILE, AdapterError, list_adapters, new_staging_folder, remove_stale
 from rerank_core.baselines import BASELINES, with_baselines
 from rerank_core.compare import adapter_notes, compare_systems
-from rerank_core.data import DataError, Dataset
+from rerank_core.data.dataset import DataError, Dataset
+from rerank_core.data.loaders import load_dataset
 from rerank_core.diagnostics import (
     HistoryInfluence,
     LetterMass,
@@ -42,11 +43,10 @@ from rerank_core.diagnostics import (
 from rerank_core.inspector import BASE, Inspector, InspectSettings, UserInspection
 from rerank_core.labels import mask_preview
 from rerank_core.limits import LimitError, whole_number
-from rerank_core.loaders import load_dataset
 from rerank_core.models import LoadedModel, load_model
 from rerank_core.prompts import get_preset, with_template_kwargs
 from rerank_core.template_check import TemplateConsistency, template_consistency
-from rerank_core.training import build_training_samples, label_samples, training_config
+from rerank_core.training.trainer import build_training_samples, label_samples, training_config
 
 __all__ = ["AppConfig", "AppContext", "DatasetEntry", "ModelEntry", "SessionError"]
 

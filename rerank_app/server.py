@@ -18,9 +18,9 @@ from rerank_app.pickers import endpoint, refresh_pickers
 from rerank_app.tabs import compare, data, diagnose, finetune
 from rerank_app.tabs import inspect as inspect_tab
 from rerank_core.adapters import adapters_root
-from rerank_core.builtin_data import MOVIELENS_100K_REAL, builtin_dataset_path, bundled_sample_path
-from rerank_core.data import DataError
-from rerank_core.loaders import load_dataset
+from rerank_core.data.builtin import MOVIELENS_100K_REAL, builtin_dataset_path, bundled_sample_path
+from rerank_core.data.dataset import DataError
+from rerank_core.data.loaders import load_dataset
 from rerank_core.models import ModelError, embedded_model_folder, load_model
 
 __all__ = ["REAL_DATASET", "SAMPLE_DATASET", "build_app", "build_context", "builtin_datasets",

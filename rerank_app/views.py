@@ -18,7 +18,7 @@ from pandas.io.formats.style import Styler
 from rerank_core.answer_slot import AnswerSlot
 from rerank_core.baselines import BASELINE_PRESET
 from rerank_core.compare import PRESET_EFFECT
-from rerank_core.data import Dataset
+from rerank_core.data.dataset import Dataset
 from rerank_core.fsutil import atomic_write_text
 from rerank_core.inspector import BASE, UserInspection
 from rerank_core.metrics import METRIC_NAMES

@@ -2,6 +2,6 @@
 
 import sys
 
-from rerank_core.cli import main
+from rerank_core.cli.main import main
 
 sys.exit(main())

@@ -11,7 +11,7 @@ import pandas as pd
 
 from rerank_core.candidates import CandidateConfig, CandidateSampler
 from rerank_core.compare import PAIRED, REFERENCE
-from rerank_core.data import Dataset
+from rerank_core.data.dataset import Dataset
 from rerank_core.inspector import Inspector, InspectSettings
 from rerank_core.metrics import METRIC_NAMES, metrics_at, paired_bootstrap, rank_of_truth
 

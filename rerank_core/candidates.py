@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rerank_core.data import Dataset, UserSplit
+from rerank_core.data.dataset import Dataset, UserSplit
 from rerank_core.limits import LIMITS, check_limit
 
 __all__ = [

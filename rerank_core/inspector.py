@@ -21,7 +21,7 @@ from rerank_core.adapters import (
 )
 from rerank_core.answer_slot import AnswerSlot
 from rerank_core.candidates import CandidateConfig, CandidateSampler, CandidateSet
-from rerank_core.data import Dataset, UserSplit
+from rerank_core.data.dataset import Dataset, UserSplit
 from rerank_core.distributed import ProcessShard
 from rerank_core.limits import check_limit
 from rerank_core.metrics import METRIC_NAMES, metrics_at, rank_of_truth

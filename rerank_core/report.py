@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from rerank_core.compare import REFERENCE, movers
-from rerank_core.data import Dataset
+from rerank_core.data.dataset import Dataset
 from rerank_core.display import visible_text
 from rerank_core.inspector import InspectSettings, UserInspection
 

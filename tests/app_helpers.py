@@ -13,8 +13,8 @@ from conftest import build_tiny_llama, make_toy_dataset
 from rerank_app.context import AppConfig, AppContext, DatasetEntry, ModelEntry
 from rerank_app.jobs import JobRunner
 from rerank_core.adapters import MANIFEST_FILE
-from rerank_core.data import Dataset
-from rerank_core.loaders import load_dataset
+from rerank_core.data.dataset import Dataset
+from rerank_core.data.loaders import load_dataset
 from rerank_core.models import LoadedModel
 
 # A fine-tune that takes seconds on a tiny model: few samples, no validation.

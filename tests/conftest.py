@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rerank_core.data import Dataset, Item
+from rerank_core.data.dataset import Dataset, Item
 from rerank_core.models import LoadedModel, load_tokenizer, model_fingerprint
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"

@@ -22,12 +22,13 @@ from conftest import build_tiny_llama, make_toy_dataset
 from rerank_app.context import SessionError
 from rerank_app.jobs import TrainRequest
 from rerank_app.pickers import make_settings
-from rerank_core import cli, loaders
 from rerank_core.adapters import AdapterError, check_adapter, list_adapters, publish_adapter, validate_adapter_name
 from rerank_core.candidates import CandidateConfig, CandidateSampler
-from rerank_core.data import DataError
+from rerank_core.cli import main as cli
+from rerank_core.data import loaders
+from rerank_core.data.dataset import DataError
+from rerank_core.data.loaders import load_dataset
 from rerank_core.inspector import Inspector, InspectSettings
-from rerank_core.loaders import load_dataset
 from rerank_core.models import ModelError, load_model, load_tokenizer
 from rerank_core.prompts import PromptError, build_prompt, get_preset, letters_for
 from rerank_core.verbalizer import resolve_letters
@@ -193,7 +194,7 @@ def test_a_10000_character_title_is_cut_with_a_warning_naming_file_and_line(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, smol_tokenizer) -> None:
     long_title = "Very " * 2000
     folder = write_pair(tmp_path, ITEMS.replace("Title 3\n", long_title.strip() + "\n"), EVENTS)
-    with caplog.at_level(logging.WARNING, logger="rerank_core.loaders"):
+    with caplog.at_level(logging.WARNING, logger="rerank_core.data.loaders"):
         dataset = load_dataset(folder)
     assert len(dataset.items["i3"].title) == loaders.MAX_TITLE_CHARS
     assert "items.csv: cut 1 title(s) longer than 1000 characters (first on line 4)" in caplog.text
@@ -551,7 +552,7 @@ def test_bad_cli_option_exits_2_naming_it(name: str, argv: list[str], says: tupl
 def test_bad_train_option_fails_with_the_reason_and_leaves_adapters_alone(
         extra: list[str], says: str, cli_world, data_folder: Path, model_folder: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
-    from rerank_core.cli_train import EXIT_BAD_SETTINGS
+    from rerank_core.cli.train import EXIT_BAD_SETTINGS
 
     before = snapshot(cli_world["adapters"])
     code, err = run_cli(["train", "--model", str(model_folder), "--data", str(data_folder), "--dtype", "fp32",

@@ -11,7 +11,7 @@ from conftest import make_toy_dataset
 from rerank_core.baselines import BASELINE_PRESET, evaluate_baseline, random_expected_metrics, with_baselines
 from rerank_core.candidates import CandidateConfig, CandidateSampler
 from rerank_core.compare import compare_systems, comparison_table
-from rerank_core.data import Dataset, Item
+from rerank_core.data.dataset import Dataset, Item
 from rerank_core.inspector import Inspector, InspectSettings
 from rerank_core.prompts import get_preset
 
@@ -117,7 +117,7 @@ def test_baselines_join_the_comparison_and_any_run_can_be_the_reference(tiny_smo
 
 
 def test_an_unknown_baseline_on_the_command_line_stops_before_loading(capsys: pytest.CaptureFixture[str]) -> None:
-    from rerank_core.cli import main
+    from rerank_core.cli.main import main
 
     assert main(["eval", "--baselines", "popularity,oracle", "--users", "1"]) == 2
     assert "--baselines: oracle is not one of random, popularity, retriever (or none)" in capsys.readouterr().err

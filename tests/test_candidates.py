@@ -13,7 +13,7 @@ import pytest
 
 import rerank_core.candidates as candidates_module
 from rerank_core.candidates import CandidateConfig, CandidateSampler, CandidateSet
-from rerank_core.data import Dataset, Item
+from rerank_core.data.dataset import Dataset, Item
 
 ROOT = Path(__file__).resolve().parent.parent
 

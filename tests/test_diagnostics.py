@@ -464,7 +464,7 @@ def prefers_a_folder(smol_tokenizer, tmp_path_factory):
 
 
 def _run_cli(capsys, *argv: str) -> tuple[int, dict]:
-    from rerank_core.cli import main
+    from rerank_core.cli.main import main
 
     code = main(list(argv))
     return code, json.loads(capsys.readouterr().out)
@@ -493,7 +493,7 @@ def test_cli_prior_and_mass(prefers_a_folder, capsys):
 
 
 def test_cli_template_exit_status(smol_tokenizer, tmp_path, capsys):
-    from rerank_core.cli import main
+    from rerank_core.cli.main import main
 
     broken = copy.deepcopy(smol_tokenizer)
     broken.chat_template = inference_only_system(smol_tokenizer.chat_template)
@@ -510,7 +510,7 @@ def test_cli_template_exit_status(smol_tokenizer, tmp_path, capsys):
 @pytest.mark.slow
 def test_real_model_position_bias_and_history():
     """SmolLM2-135M on the bundled sample: the identity order is exactly what Inspect shows."""
-    from rerank_core.loaders import load_dataset
+    from rerank_core.data.loaders import load_dataset
     from rerank_core.models import load_model
 
     dataset = load_dataset(None)

@@ -23,11 +23,11 @@ from app_helpers import TINY_TRAINING, make_adapter, save_tiny_model, wait_for_j
 from conftest import make_toy_dataset, tiny_loaded
 
 from rerank_app.jobs import JobBusy, JobRunner, TrainRequest
-from rerank_core import training
 from rerank_core.adapters import check_adapter, list_adapters
 from rerank_core.progress import CancelFlag, read_events
 from rerank_core.scoring import score_token_ids
-from rerank_core.training import train_adapter, training_config
+from rerank_core.training import trainer as training
+from rerank_core.training.trainer import train_adapter, training_config
 
 NO_SPACE = OSError(errno.ENOSPC, "No space left on device")
 
@@ -199,8 +199,8 @@ def _finished_pid() -> int:
 def test_a_failed_save_is_reported_by_the_cli_and_by_the_job_runner(smol_tokenizer, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    from rerank_core.cli import main
-    from rerank_core.cli_train import EXIT_FAILED
+    from rerank_core.cli.main import main
+    from rerank_core.cli.train import EXIT_FAILED
 
     model = save_tiny_model(smol_tokenizer, tmp_path / "model")
     data = write_csv_dataset(make_toy_dataset(), tmp_path / "data")
@@ -302,7 +302,7 @@ def test_prompt_lengths_share_a_few_padded_shapes(smol_tokenizer) -> None:
 
 def test_eval_outputs_appear_together_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """eval's CSV and summary go into one staging folder renamed into place: never one without the other."""
-    from rerank_core.cli import _check_output_dir
+    from rerank_core.cli.main import _check_output_dir
     from rerank_core.fsutil import write_folder
 
     def snapshot(folder: Path) -> dict[str, str]:

@@ -27,7 +27,7 @@ def test_the_core_and_its_cli_import_no_front_end() -> None:
     result = subprocess.run([sys.executable, "-c", _PROBE], cwd=REPO, capture_output=True, text=True, timeout=300,
                             check=True)
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert {"rerank_core.cli", "rerank_core.cli_diagnose", "rerank_core.cli_train"} <= set(report["modules"])
+    assert {"rerank_core.cli.main", "rerank_core.cli.diagnose", "rerank_core.cli.train"} <= set(report["modules"])
     assert [name for name in FRONT_ENDS if name in report["loaded"]] == []
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from rerank_core import loaders
-from rerank_core.data import DataError, DataErrors
-from rerank_core.loaders import load_dataset
+from rerank_core.data import loaders
+from rerank_core.data.dataset import DataError, DataErrors
+from rerank_core.data.loaders import load_dataset
 
 
 def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
@@ -181,7 +181,7 @@ def test_amazon_drops_untitled_items_with_a_warning(tmp_path: Path, caplog: pyte
         {"reviewerID": "A", "asin": f"B{n}", "unixReviewTime": 100 + n} for n in range(4)])
     write_jsonl(tmp_path / "meta.jsonl", [{"asin": "B0", "title": "One"}, {"asin": "B1", "title": "Two"},
                                           {"asin": "B2", "title": "Three"}, {"asin": "B3", "title": ""}])
-    with caplog.at_level(logging.WARNING, logger="rerank_core.loaders"):
+    with caplog.at_level(logging.WARNING, logger="rerank_core.data.loaders"):
         dataset = loaders.load(tmp_path, None)
     assert dataset.sequences == {"A": ["B0", "B1", "B2"]}
     assert "dropped 1 review" in caplog.text
@@ -191,7 +191,7 @@ def test_long_titles_are_cut_with_a_warning(tmp_path: Path, caplog: pytest.LogCa
     long_title = "x" * 1500
     folder = csv_pair(tmp_path, "user_id,item_id,timestamp\nu,i1,1\nu,i2,2\nu,i3,3\n",
                       items=f"item_id,title\ni1,{long_title}\ni2,B\ni3,C\n")
-    with caplog.at_level(logging.WARNING, logger="rerank_core.loaders"):
+    with caplog.at_level(logging.WARNING, logger="rerank_core.data.loaders"):
         dataset = loaders.load(folder, None)
     assert dataset.items["i1"].title == "x" * loaders.MAX_TITLE_CHARS
     assert "cut 1 title" in caplog.text and "line 2" in caplog.text

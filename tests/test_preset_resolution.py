@@ -14,16 +14,16 @@ from rerank_core.prompts import LLAMAREC_TEMPLATE, custom_preset, get_preset
 ROOT = Path(__file__).resolve().parents[1]
 # The entry points, and the one function in each that turns a name into a PromptPreset.
 RESOLVERS = {
-    ("rerank_core/cli.py", "command_audit"),  # --preset
-    ("rerank_core/cli_common.py", "build_settings"),  # --preset for every scoring command
-    ("rerank_core/cli_diagnose.py", "command_template"),  # --preset
-    ("rerank_core/training.py", "TrainConfig.preset"),  # prompt_preset, as the training config stores it
+    ("rerank_core/cli/main.py", "command_audit"),  # --preset
+    ("rerank_core/cli/common.py", "build_settings"),  # --preset for every scoring command
+    ("rerank_core/cli/diagnose.py", "command_template"),  # --preset
+    ("rerank_core/training/trainer.py", "TrainConfig.preset"),  # prompt_preset, as the training config stores it
     ("rerank_core/adapters.py", "AdapterInfo.preset"),  # the manifest's "preset"
     ("rerank_app/pickers.py", "Pickers.settings"),  # the Inspect tab's preset picker
     ("rerank_app/context.py", "AppContext.template_consistency"),  # the Diagnose tab's template check
 }
 # Core parameters named `preset` that are not prompt presets: the training preset (quick, full).
-TRAINING_PRESET_NAMES = {("rerank_core/training.py", "training_config")}
+TRAINING_PRESET_NAMES = {("rerank_core/training/trainer.py", "training_config")}
 
 
 def _sources() -> list[Path]:

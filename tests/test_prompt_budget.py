@@ -7,10 +7,10 @@ from dataclasses import replace
 import pytest
 from conftest import make_toy_dataset
 
-from rerank_core.cli import build_parser
-from rerank_core.cli_train import config_from_args
-from rerank_core.data import Dataset, Item
-from rerank_core.training import (
+from rerank_core.cli.main import build_parser
+from rerank_core.cli.train import config_from_args
+from rerank_core.data.dataset import Dataset, Item
+from rerank_core.training.trainer import (
     TRAINING_PRESETS,
     TrainConfig,
     build_training_samples,

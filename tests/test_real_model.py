@@ -7,9 +7,9 @@ import torch
 from conftest import make_toy_dataset
 
 import rerank_core.models as models_module
-from rerank_core.builtin_data import bundled_sample_path
+from rerank_core.data.builtin import bundled_sample_path
+from rerank_core.data.loaders import load_dataset
 from rerank_core.inspector import Inspector, InspectSettings
-from rerank_core.loaders import load_dataset
 from rerank_core.models import EMBEDDED_MODEL_NAME, auto_device, load_model
 from rerank_core.scoring import score_token_ids
 

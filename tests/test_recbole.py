@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from rerank_core import builtin_data, loaders
-from rerank_core.data import DataError
-from rerank_core.loaders import load_dataset
+from rerank_core.data import builtin as builtin_data
+from rerank_core.data import loaders
+from rerank_core.data.dataset import DataError
+from rerank_core.data.loaders import load_dataset
 
 ITEM = ("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
         "1\tToy Story\t1995\tAnimation Children's Comedy\n"
@@ -122,7 +123,7 @@ def test_builtin_names_and_an_existing_folder_of_that_name(tmp_path: Path, monke
 @pytest.mark.slow
 def test_real_movielens_100k_from_the_recbole_package_without_importing_it() -> None:
     # A fresh interpreter: finding and loading the files must not import recbole (it pulls in its trainers).
-    script = ("import sys; from rerank_core.loaders import load_dataset; d = load_dataset('ml-100k-real'); "
+    script = ("import sys; from rerank_core.data.loaders import load_dataset; d = load_dataset('ml-100k-real'); "
               "print(len(d.users), len(d.items), sum(map(len, d.sequences.values())), d.items['1'].title, "
               "'recbole' in sys.modules); print(d.text('50', 'title_count')); "
               "print(sum(seq.count('50') for seq in d.sequences.values()))")

@@ -35,7 +35,7 @@ def inspector(smol_tokenizer) -> Inspector:
 
 
 def test_importing_the_report_does_not_import_plotly_or_the_ui():
-    code = ("import sys, rerank_core.report, rerank_core.cli; "
+    code = ("import sys, rerank_core.report, rerank_core.cli.main; "
             "print(sorted(name for name in ('plotly', 'gradio', 'rerank_app') if name in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -90,7 +90,7 @@ def test_comparison_report_holds_metrics_with_cis_charts_and_movers(smol_tokeniz
 
 
 def test_cli_show_html_and_eval_report(smol_tokenizer, tmp_path, capsys):
-    from rerank_core.cli import main
+    from rerank_core.cli.main import main
 
     model = tmp_path / "model"
     build_tiny_llama(smol_tokenizer).save_pretrained(model, safe_serialization=True)

@@ -11,9 +11,9 @@ from types import ModuleType
 
 import pytest
 
-from rerank_core.builtin_data import bundled_sample_path
-from rerank_core.data import Dataset
-from rerank_core.loaders import load_dataset
+from rerank_core.data.builtin import bundled_sample_path
+from rerank_core.data.dataset import Dataset
+from rerank_core.data.loaders import load_dataset
 
 SERIES_TITLE = re.compile(
     r"^(?P<name>.+?) (?:(?P<roman>I|II|III|IV|V|VI)|Part (?P<part>\d)|Book (?P<book>\d))$")

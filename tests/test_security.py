@@ -20,7 +20,7 @@ from rerank_app.context import AppConfig, AppContext, DatasetEntry, ModelEntry
 from rerank_app.pickers import make_settings
 from rerank_app.ports import free_port
 from rerank_app.server import build_app, launch
-from rerank_core.data import Dataset, Item
+from rerank_core.data.dataset import Dataset, Item
 from rerank_core.models import ModelError, load_model, load_tokenizer
 
 USER, PASSWORD = "alice", "s3cret-pw"
@@ -215,7 +215,7 @@ def test_remote_code_is_never_run_unless_the_user_passes_the_flag(model_folder_w
     with pytest.raises(ModelError, match="contains custom code"):
         load_tokenizer(tokenizer)
     # The CLI, without --trust-remote-code.
-    from rerank_core import cli
+    from rerank_core.cli import main as cli
 
     data = write_csv_dataset(make_toy_dataset(), tmp_path / "data")
     assert cli.main(["show", "--model", str(custom), "--data", str(data), "--user", "u01"]) == 2

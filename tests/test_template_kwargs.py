@@ -21,7 +21,13 @@ from rerank_core.prompts import (
     render_inference,
     with_template_kwargs,
 )
-from rerank_core.training import TRAINING_PRESETS, TrainConfig, build_training_samples, label_samples, train_adapter
+from rerank_core.training.trainer import (
+    TRAINING_PRESETS,
+    TrainConfig,
+    build_training_samples,
+    label_samples,
+    train_adapter,
+)
 from rerank_core.verbalizer import resolve_letters
 
 BY_NAME = {family.name: family for family in FAMILIES}
@@ -112,7 +118,7 @@ def test_adapter_trained_with_template_kwargs_is_evaluated_with_them(qwen3, tmp_
 
 
 def test_cli_audit_and_template_diagnosis_take_template_kwargs(qwen3, tmp_path, capsys) -> None:
-    from rerank_core.cli import main
+    from rerank_core.cli.main import main
 
     qwen3.save_pretrained(tmp_path)
     assert main(["audit", "--tokenizer", str(tmp_path), "--candidates", "3", "--format", "json"]) == 0

@@ -12,9 +12,9 @@ import pytest
 
 from rerank_app.pickers import endpoint
 from rerank_app.tabs import finetune
-from rerank_core.cli_train import add_train_command, config_from_args
-from rerank_core.train_settings import SETTINGS, parse_settings, setting
-from rerank_core.training import TRAINING_PRESETS, TrainConfig, training_config
+from rerank_core.cli.train import add_train_command, config_from_args
+from rerank_core.training.settings import SETTINGS, parse_settings, setting
+from rerank_core.training.trainer import TRAINING_PRESETS, TrainConfig, training_config
 
 
 def _train_parser() -> argparse.ArgumentParser:

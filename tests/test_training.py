@@ -25,7 +25,7 @@ from rerank_core.inspector import Inspector, InspectSettings
 from rerank_core.labels import IGNORE_INDEX
 from rerank_core.progress import CancelFlag, read_events
 from rerank_core.prompts import get_preset
-from rerank_core.training import (
+from rerank_core.training.trainer import (
     TRAINING_PRESETS,
     TrainConfig,
     build_training_samples,
@@ -92,7 +92,7 @@ def toy_data_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def cli_command(model: Path, data: Path, root: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "rerank_core.cli_train", "train", "--model", str(model), "--data", str(data),
+    return [sys.executable, "-m", "rerank_core.cli.train", "train", "--model", str(model), "--data", str(data),
             "--dtype", "fp32", "--device", "cpu", "--adapters-dir", str(root), "--no-progress",
             "--candidates", "5", "--max-prompt-tokens", "160", "--eval-users", "0", *extra]
 
@@ -159,7 +159,7 @@ def test_config_rejects_unknown_settings():
 
 def test_answer_loss_on_a_left_padded_batch_equals_the_model_loss_per_example(smol_tokenizer):
     """The collator only pads; the logits_to_keep shortcut gives the same loss as full logits."""
-    from rerank_core.training import _answer_loss, _LeftPadCollator
+    from rerank_core.training.trainer import _answer_loss, _LeftPadCollator
 
     samples, _ = build_training_samples(make_toy_dataset(), smol_tokenizer, tiny_config(max_samples=3))
     examples, _ = label_samples(smol_tokenizer, samples, tiny_config())
@@ -367,7 +367,7 @@ def test_cli_run_writes_events_and_a_killed_run_leaves_nothing_listed(tiny_model
 
 
 def test_cli_help_names_every_training_setting(capsys):
-    from rerank_core.cli import main
+    from rerank_core.cli.main import main
 
     with pytest.raises(SystemExit) as exited:
         main(["train", "--help"])
@@ -388,7 +388,7 @@ def test_cli_help_names_every_training_setting(capsys):
 
 
 def test_cli_in_process_run_publishes_the_adapter(tiny_model_folder, toy_data_folder, tmp_path, capsys):
-    from rerank_core.cli import main
+    from rerank_core.cli.main import main
 
     root, events_file = tmp_path / "adapters", tmp_path / "events.jsonl"
     status = main(["train", "--model", str(tiny_model_folder), "--data", str(toy_data_folder), "--dtype", "fp32",
@@ -437,7 +437,7 @@ def test_compare_systems_pairs_each_adapter_with_the_base(smol_tokenizer, tmp_pa
 def test_real_model_trains_a_few_steps_and_the_adapter_loads_back(tmp_path):
     from peft import PeftModel
 
-    from rerank_core.loaders import load_dataset
+    from rerank_core.data.loaders import load_dataset
     from rerank_core.models import EMBEDDED_MODEL_NAME, load_model
     from rerank_core.scoring import score_token_ids
 
@@ -461,7 +461,7 @@ def test_real_model_trains_a_few_steps_and_the_adapter_loads_back(tmp_path):
 
 
 def test_cli_progress_names_the_letter_loss_beside_ln_n_and_the_total(capsys):
-    from rerank_core.cli_train import _ProgressBar
+    from rerank_core.cli.train import _ProgressBar
 
     bar = _ProgressBar(True)
     bar({"event": "stage", "stage": "training", "total_steps": 2})

@@ -7,8 +7,8 @@ import torch
 from conftest import build_tiny_llama, make_toy_dataset
 from test_training import tiny_config
 
-from rerank_core.training import _answer_loss, _LeftPadCollator, build_training_samples, label_samples
-from rerank_core.training_forward import training_forward
+from rerank_core.training.forward import training_forward
+from rerank_core.training.trainer import _answer_loss, _LeftPadCollator, build_training_samples, label_samples
 
 
 def lora_model(tokenizer, dtype: torch.dtype):

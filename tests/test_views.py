@@ -16,7 +16,7 @@ from rerank_app.context import SessionError
 from rerank_app.jobs import JobStatus
 from rerank_app.pickers import make_settings
 from rerank_core.compare import compare_systems
-from rerank_core.data import DataError, Dataset, Item
+from rerank_core.data.dataset import DataError, Dataset, Item
 from rerank_core.inspector import BASE, Inspector, InspectSettings
 from rerank_core.metrics import METRIC_NAMES
 from rerank_core.models import load_model

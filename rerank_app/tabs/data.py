@@ -9,8 +9,8 @@ import gradio as gr
 from rerank_app import views
 from rerank_app.context import AppContext
 from rerank_app.pickers import endpoint
-from rerank_core.data import DataError
-from rerank_core.loaders import FORMATS
+from rerank_core.data.dataset import DataError
+from rerank_core.data.loaders import FORMATS
 
 __all__ = ["build", "statistics", "upload"]
 

@@ -12,8 +12,8 @@ import gradio as gr
 from rerank_app import views
 from rerank_app.context import AppContext
 from rerank_app.pickers import PickerControls, adapter_choices, endpoint
-from rerank_core.train_settings import SETTINGS, setting
-from rerank_core.training import TRAINING_PRESETS
+from rerank_core.training.settings import SETTINGS, setting
+from rerank_core.training.trainer import TRAINING_PRESETS
 
 __all__ = ["FORM_FIELDS", "build", "cancel", "cancel_finetune", "fill_preset", "finetune_status", "show_preview",
            "start", "start_finetune", "status_json", "tick", "training_preview"]

@@ -13,7 +13,7 @@ from rerank_app.context import AppContext
 from rerank_app.pickers import PICKER_NAMES, PickerControls, Pickers, adapter_choices, endpoint
 from rerank_app.refusals import answer_or_keep, api_endpoint, page_io, remembered
 from rerank_core.candidates import CANDIDATE_SOURCES, MAX_CANDIDATES
-from rerank_core.data import TEXT_FIELDS
+from rerank_core.data.dataset import TEXT_FIELDS
 from rerank_core.inspector import BASE
 from rerank_core.prompts import PRESETS
 from rerank_core.report import inspection_report

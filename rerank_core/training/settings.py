@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rerank_core.candidates import CANDIDATE_SOURCES
-from rerank_core.data import TEXT_FIELDS
+from rerank_core.data.dataset import TEXT_FIELDS
 from rerank_core.limits import LIMITS
 from rerank_core.prompts import PRESETS
 from rerank_core.verbalizer import STRATEGIES

@@ -15,9 +15,9 @@ from tqdm import tqdm
 
 from rerank_core.adapters import check_adapter
 from rerank_core.baselines import BASELINES, with_baselines
-from rerank_core.cli_common import add_common_options, build_inspector, build_settings, int_range
-from rerank_core.cli_diagnose import add_diagnose_command
-from rerank_core.cli_train import add_train_command
+from rerank_core.cli.common import add_common_options, build_inspector, build_settings, int_range
+from rerank_core.cli.diagnose import add_diagnose_command
+from rerank_core.cli.train import add_train_command
 from rerank_core.compare import adapter_notes, compare_systems, comparison_table
 from rerank_core.display import visible_text
 from rerank_core.distributed import close_process_group

@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rerank_core.builtin_data import BUILTIN_DATASETS, builtin_dataset_path, bundled_sample_path
-from rerank_core.data import DataError, Dataset, Item, collecting_row_errors, report_row_error
+from rerank_core.data.builtin import BUILTIN_DATASETS, builtin_dataset_path, bundled_sample_path
+from rerank_core.data.dataset import DataError, Dataset, Item, collecting_row_errors, report_row_error
 
 __all__ = [
     "FORMATS",
@@ -438,7 +438,7 @@ def _require_files(folder: Path, *names: str) -> list[Path]:
 def _check_size(path: Path, size: int) -> None:
     if size > MAX_FILE_BYTES:
         raise DataError(f"the file is larger than the {MAX_FILE_BYTES / 1024**2:g} MiB limit "
-                        "(MAX_FILE_BYTES in rerank_core.loaders): use a subset, e.g. one category or "
+                        "(MAX_FILE_BYTES in rerank_core.data.loaders): use a subset, e.g. one category or "
                         "a sample of users", file=str(path))
 
 

@@ -15,11 +15,17 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from rerank_core.loaders import load_dataset
+from rerank_core.data.loaders import load_dataset
 from rerank_core.models import load_model
 from rerank_core.progress import CancelFlag, EventLog
-from rerank_core.train_settings import SETTINGS, Setting, parse_settings
-from rerank_core.training import TRAINING_PRESETS, TrainConfig, check_adapter_target, train_adapter, training_config
+from rerank_core.training.settings import SETTINGS, Setting, parse_settings
+from rerank_core.training.trainer import (
+    TRAINING_PRESETS,
+    TrainConfig,
+    check_adapter_target,
+    train_adapter,
+    training_config,
+)
 
 __all__ = ["EXIT_BAD_SETTINGS", "EXIT_CANCELLED", "EXIT_FAILED", "add_train_command", "main", "run_train"]
 
@@ -229,7 +235,7 @@ def _print_summary(report: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m rerank_core.cli_train train ...`: the train command alone (the app's job runner uses it)."""
+    """`python -m rerank_core.cli.train train ...`: the train command alone (the app's job runner uses it)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="python -m rerank_core")
     add_train_command(parser.add_subparsers(dest="command", required=True))

@@ -7,10 +7,10 @@ import logging
 from typing import Any
 
 from rerank_core.candidates import CANDIDATE_ORDERS, CANDIDATE_SOURCES, MAX_CANDIDATES, CandidateConfig
-from rerank_core.data import TEXT_FIELDS, Dataset
+from rerank_core.data.dataset import TEXT_FIELDS, Dataset
+from rerank_core.data.loaders import FORMATS, load_dataset
 from rerank_core.distributed import process_device, process_shard
 from rerank_core.inspector import Inspector, InspectSettings
-from rerank_core.loaders import FORMATS, load_dataset
 from rerank_core.models import load_model, load_tokenizer
 from rerank_core.prompts import PRESETS, get_preset
 from rerank_core.verbalizer import STRATEGIES

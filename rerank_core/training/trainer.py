@@ -32,7 +32,7 @@ from rerank_core.adapters import (
     validate_adapter_name,
 )
 from rerank_core.candidates import CandidateConfig, CandidateSampler, CandidateSet
-from rerank_core.data import Dataset
+from rerank_core.data.dataset import Dataset
 from rerank_core.fsutil import atomic_write_text
 from rerank_core.inspector import BASE, Inspector, InspectSettings
 from rerank_core.labels import IGNORE_INDEX, LabeledExample, label_example
@@ -48,8 +48,8 @@ from rerank_core.prompts import (
     with_template_kwargs,
 )
 from rerank_core.scoring import ScoreCache
-from rerank_core.train_settings import MAX_BUDGET_HISTORY_ITEMS, SETTINGS, parse_settings, setting
-from rerank_core.training_forward import training_forward
+from rerank_core.training.forward import training_forward
+from rerank_core.training.settings import MAX_BUDGET_HISTORY_ITEMS, SETTINGS, parse_settings, setting
 
 __all__ = [
     "LOSS_LABELS",

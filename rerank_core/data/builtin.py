@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from rerank_core.data import DataError
+from rerank_core.data.dataset import DataError
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -31,7 +31,7 @@ BUILTIN_DATASETS = {
 
 def bundled_sample_path() -> Path:
     """sample_data/ beside the code: the synthetic dataset and its seeded generator."""
-    return Path(__file__).resolve().parent.parent / "sample_data"
+    return Path(__file__).resolve().parents[2] / "sample_data"
 
 
 def recbole_movielens_100k_path() -> Path:
