@@ -141,9 +141,9 @@ def main() -> None:
     port = free_port()
     launch(demo, port=port, block=False)
     url = f"http://127.0.0.1:{port}/"
-    print(f"app up in {time.perf_counter() - begin:.1f} s at {url}; model {context.model_names[0]}, "
-          f"dataset {context.dataset_names[0]} ({len(context.users(context.dataset_names[0]))} users)")
-    users = context.users(context.dataset_names[0])
+    print(f"app up in {time.perf_counter() - begin:.1f} s at {url}; model {context.models.names[0]}, "
+          f"dataset {context.datasets.names[0]} ({len(context.datasets.users(context.datasets.names[0]))} users)")
+    users = context.datasets.users(context.datasets.names[0])
     per_round = options.users + options.clients * options.per_client
     needed = 6 + options.rounds * per_round
     if len(users) < needed:
@@ -152,11 +152,11 @@ def main() -> None:
     timed_inspect(client, users[0])  # warm-up: first figures, first tokenizer calls
 
     # The forward pass alone, for scale: what the round trip adds on top of it.
-    dataset, model = context.dataset_names[0], context.model_names[0]
+    dataset, model = context.datasets.names[0], context.models.names[0]
     core = []
     for user in users[-5:]:
         start = time.perf_counter()
-        context.inspect(dataset, model, BASE, user, make_settings())
+        context.inspections.inspect(dataset, model, BASE, user, make_settings())
         core.append(time.perf_counter() - start)
     print(f"core inspect (prompt + forward pass, no UI): median {statistics.median(core):.3f}s over 5 users")
 

@@ -30,7 +30,9 @@ from rerank_core.compare import compare_systems, comparison_table
 from rerank_core.data.loaders import load_dataset
 from rerank_core.inspector import Inspector, InspectSettings
 from rerank_core.models import load_model
-from rerank_core.training.trainer import TrainConfig, train_adapter, training_config, validation_users
+from rerank_core.training.config import TrainConfig, training_config
+from rerank_core.training.run import train_adapter
+from rerank_core.training.samples import validation_users
 
 TARGET_SECONDS = 180.0
 TARGET_CI_LOW = 0.30
@@ -94,7 +96,7 @@ def train_once(args: argparse.Namespace) -> dict:
     """One fine-tune in this (fresh) process; the model load is not timed. Prints progress to stderr."""
     dataset = load_dataset()
     loaded = load_model()
-    config = config_from(args, **({"prompt_preset": args.prompt_preset} if args.prompt_preset else {}))
+    config = config_from(args, **({"preset": args.prompt_preset} if args.prompt_preset else {}))
     events: list[dict] = []
     printer = step_printer()
 
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     report = first["report"]
 
     users = test_users(dataset, args.users)
-    settings = InspectSettings(preset=config.preset, strategy=config.strategy, split="test",
+    settings = InspectSettings(preset=config.prompt_preset, strategy=config.strategy, split="test",
                                candidates=config.candidate_config(), max_prompt_tokens=config.max_prompt_tokens)
     eval_started = time.monotonic()
     inspector = Inspector(dataset, loaded, adapters_root=root, batch_size=8)
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ndcg = summary[(summary.system == "quick-1") & (summary.metric == "NDCG@10")].iloc[0]
     print()
-    print(f"quick fine-tune ({report['samples']} samples, {report['steps']} steps, preset {config.prompt_preset}, "
+    print(f"quick fine-tune ({report['samples']} samples, {report['steps']} steps, preset {config.preset}, "
           f"{config.candidates} candidates); round 1:")
     print(f"  final loss {report['final_loss']:.3f}, letter loss {report['final_letter_loss']:.3f} "
           f"vs ln(N) = {report['uniform_loss']:.3f}")

@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     inspector = Inspector(dataset, loaded, adapters_root=root, batch_size=8)
     summaries = {}
     for preset in PRESETS:
-        config = config_from(args, prompt_preset=preset)
-        settings = InspectSettings(preset=config.preset, strategy=config.strategy, split="test",
+        config = config_from(args, preset=preset)
+        settings = InspectSettings(preset=config.prompt_preset, strategy=config.strategy, split="test",
                                    candidates=config.candidate_config(), max_prompt_tokens=config.max_prompt_tokens)
         _, summaries[preset] = compare_systems(inspector, users, settings, ["base", f"{preset}-1"])
 

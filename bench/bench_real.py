@@ -40,7 +40,7 @@ from rerank_core.distributed import launched_world_size, process_shard
 from rerank_core.inspector import BASE, Inspector, InspectSettings
 from rerank_core.models import load_model
 from rerank_core.prompts import get_preset
-from rerank_core.training.trainer import train_adapter
+from rerank_core.training.run import train_adapter
 
 ADAPTER = "movielens-quick"
 # The rows of each table, in order: (label, system, preset); baselines read no prompt.

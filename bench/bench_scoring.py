@@ -3,7 +3,9 @@
 Each way runs in its own process so peak RSS is its own. The seed's way: fp32, one prompt at a
 time, full-vocabulary logits at every position. Ours: auto dtype (bf16 on AVX512-BF16 CPUs),
 batches of 8 as the Inspector scores, logits at the last position only. The ways run in interleaved
-rounds (bench/method.py).
+rounds (bench/method.py). Each process also times a plain matmul in its own dtype (rerank_core.throughput),
+so each way's speed is printed as a share of what this machine's matmuls reach: the prompts' from-scratch
+FLOPs (linear layers and causal attention) per second over the probe's.
 Usage: python bench/bench_scoring.py [--prompts N] [--rounds 3]
 """
 
@@ -67,6 +69,7 @@ def run_one(mode: str, count: int, batch_size: int) -> dict:
     from rerank_core.models import load_model
     from rerank_core.prompts import get_preset, letters_for
     from rerank_core.scoring import score_token_ids
+    from rerank_core.throughput import forward_shape, matmul_probe
     from rerank_core.verbalizer import resolve_letters
 
     loaded = load_model(None, dtype="fp32" if mode == "seed" else "auto")
@@ -90,9 +93,11 @@ def run_one(mode: str, count: int, batch_size: int) -> dict:
         scores = score_token_ids(loaded.model, tokenizer, prompts, letter_ids, batch_size=batch_size)
         probabilities = [list(score.letter_probs) for score in scores]
     seconds = time.perf_counter() - start
+    probe = matmul_probe(loaded.dtype)
     return {
         "mode": mode, "dtype": str(loaded.dtype), "prompts": len(prompts), "seconds": seconds,
-        "tokens": sum(len(ids) for ids in prompts),
+        "tokens": sum(len(ids) for ids in prompts), "probe_gflops": probe.gflops, "probe": probe.describe(),
+        "flops": forward_shape(loaded.model).flops(len(ids) for ids in prompts),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "probabilities": probabilities,
     }
@@ -121,8 +126,10 @@ def main() -> None:
 
     def describe(measurement: Measurement) -> str:
         result = measurement.details
+        gflops = result["flops"] / result["seconds"] / 1e9
         return (f"{result['dtype']:15s} prompt tokens/s {result['tokens'] / result['seconds']:6.0f}  "
-                f"peak RSS {result['peak_rss_mb']:.0f} MB")
+                f"{gflops:4.0f} GFLOP/s = {gflops / result['probe_gflops']:4.0%} of the probe "
+                f"({result['probe_gflops']:.0f})  peak RSS {result['peak_rss_mb']:.0f} MB")
 
     print(f"{args.prompts} prompts per way, {args.rounds} interleaved rounds, a fresh process per way and round")
     with LoadWatch() as watch:
@@ -133,6 +140,10 @@ def main() -> None:
         print(f"{mode:5s} {first['dtype']:15s} median prompt tokens/s {first['tokens'] / median(measurements):.0f}  "
               f"mean prompt tokens {first['tokens'] / first['prompts']:.0f}  "
               f"peak RSS {statistics.median(m.details['peak_rss_mb'] for m in measurements):.0f} MB")
+        probe = statistics.median(m.details["probe_gflops"] for m in measurements)
+        gflops = first["flops"] / median(measurements) / 1e9
+        print(f"{mode:5s} {first['probe']} (median of rounds {probe:.0f}); the prompts' forward passes "
+              f"{gflops:.0f} GFLOP/s: {gflops / probe:.0%} of it (house target 85%)")
     difference = max(abs(a - b) for seed, ours in zip(results["seed"], results["ours"])
                      for seed_row, our_row in zip(seed.details["probabilities"], ours.details["probabilities"])
                      for a, b in zip(seed_row, our_row))

@@ -9,7 +9,7 @@ from typing import Any
 import plotly.graph_objects as go
 from pandas.io.formats.style import Styler
 
-from rerank_app.views import letter_ticks
+from rerank_app.plots import add_uniform_line, with_layout
 from rerank_core.diagnostics import (
     HistoryInfluence,
     LetterMass,
@@ -18,6 +18,7 @@ from rerank_core.diagnostics import (
     PositionBiasSummary,
 )
 from rerank_core.diagnostics.tables import history_influence_frame
+from rerank_core.figures import BAR_COLOR, CHART_HEIGHT, INFLUENTIAL_COLOR, letter_ticks, system_color
 from rerank_core.template_check import TemplateConsistency
 
 __all__ = [
@@ -34,35 +35,12 @@ __all__ = [
     "truth_rank_chart",
 ]
 
-TRUTH_COLOR = "#e8590c"
-BAR_COLOR = "#4c78a8"
-INFLUENTIAL_COLOR = "#c92a2a"
 _INFLUENTIAL_ROW = "background-color: #ffc9c9; font-weight: 600"
-# One colour per compared system, base first: the same order as the Compare tab.
-SYSTEM_COLORS = ("#868e96", "#1c7ed6", "#2f9e44", "#ae3ec9")
-_HEIGHT = 320
 _TEXT_WIDTH = 42
-
-
-def _layout(figure: go.Figure, title: str, **extra: object) -> go.Figure:
-    figure.update_layout(title={"text": title, "font": {"size": 14}}, height=_HEIGHT, template="plotly_white",
-                         margin={"l": 50, "r": 20, "t": 40, "b": 40},
-                         legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 1, "xanchor": "right"},
-                         **extra)
-    return figure
 
 
 def _short(text: str) -> str:
     return text if len(text) <= _TEXT_WIDTH else text[:_TEXT_WIDTH - 1] + "…"
-
-
-def _uniform_line(figure: go.Figure, count: int) -> None:
-    figure.add_hline(y=1.0 / count, line_dash="dot", line_color="#495057",
-                     annotation_text=f"uniform 1/{count}", annotation_position="top right")
-
-
-def _system_color(index: int) -> str:
-    return SYSTEM_COLORS[index % len(SYSTEM_COLORS)]
 
 
 # -- position bias ------------------------------------------------------------------------------
@@ -77,12 +55,11 @@ def position_heatmap(result: PositionBias) -> go.Figure:
     figure = go.Figure(go.Heatmap(
         z=result.item_position_probs, x=letters, y=labels, colorscale="Blues", zmin=0.0,
         hovertext=hover, hoverinfo="text+z", colorbar={"title": "P"}))
-    figure = _layout(figure, f"User {result.user_id} · {result.system}: probability of each item (row, "
-                             "★ ground truth) at each letter (column)",
-                     xaxis={"type": "category", "title": "letter position", "side": "top", **letter_ticks(letters)},
-                     yaxis={"autorange": "reversed", "type": "category"})
-    figure.update_layout(height=max(_HEIGHT, 22 * len(letters) + 90), margin={"l": 260, "r": 20, "t": 70, "b": 20})
-    return figure
+    return with_layout(figure, f"User {result.user_id} · {result.system}: probability of each item (row, "
+                               "★ ground truth) at each letter (column)",
+                       height=max(CHART_HEIGHT, 22 * len(letters) + 90), margin={"l": 260, "r": 20, "t": 70, "b": 20},
+                       xaxis={"type": "category", "title": "letter position", "side": "top", **letter_ticks(letters)},
+                       yaxis={"autorange": "reversed", "type": "category"})
 
 
 def letter_bias_chart(results: Sequence[PositionBias | PositionBiasSummary]) -> go.Figure:
@@ -93,11 +70,11 @@ def letter_bias_chart(results: Sequence[PositionBias | PositionBiasSummary]) -> 
     figure = go.Figure()
     for index, result in enumerate(results):
         values = result.mass_by_letter if isinstance(result, PositionBiasSummary) else result.letter_means
-        figure.add_bar(x=letters, y=values.tolist(), name=result.system, marker_color=_system_color(index))
-    _uniform_line(figure, len(letters))
+        figure.add_bar(x=letters, y=values.tolist(), name=result.system, marker_color=system_color(index))
+    add_uniform_line(figure, len(letters))
     first = results[0]
     scope = (f"{len(first.users)} users" if isinstance(first, PositionBiasSummary) else f"user {first.user_id}")
-    return _layout(figure, f"Probability by letter position, whatever item stands there ({scope})",
+    return with_layout(figure, f"Probability by letter position, whatever item stands there ({scope})",
                    barmode="group", xaxis={"type": "category", "title": "letter position", **letter_ticks(letters)},
                    yaxis_title="mean probability")
 
@@ -110,8 +87,8 @@ def truth_rank_chart(results: Sequence[PositionBias]) -> go.Figure:
     figure = go.Figure()
     for index, result in enumerate(results):
         figure.add_bar(x=ranks, y=result.truth_rank_counts.tolist(), name=result.system,
-                       marker_color=_system_color(index))
-    return _layout(figure, f"Ground-truth rank over {len(results[0].orders)} candidate orders",
+                       marker_color=system_color(index))
+    return with_layout(figure, f"Ground-truth rank over {len(results[0].orders)} candidate orders",
                    barmode="group", xaxis={"title": "rank of the ground truth", "dtick": 1, "tickformat": "d"},
                    yaxis={"title": "orders", "tickformat": "d", "rangemode": "tozero"})
 
@@ -138,10 +115,10 @@ def top1_share_chart(summaries: Sequence[PositionBiasSummary]) -> go.Figure:
     letters = list(summaries[0].letters)
     figure = go.Figure()
     for index, summary in enumerate(summaries):
-        figure.add_bar(x=letters, y=summary.top1_share.tolist(), marker_color=_system_color(index),
+        figure.add_bar(x=letters, y=summary.top1_share.tolist(), marker_color=system_color(index),
                        name=f"{summary.system} (A: {summary.top1_a_rate:.0%})")
-    _uniform_line(figure, len(letters))
-    return _layout(figure, "Where the top-1 stands, over all users and orders", barmode="group",
+    add_uniform_line(figure, len(letters))
+    return with_layout(figure, "Where the top-1 stands, over all users and orders", barmode="group",
                    xaxis={"type": "category", "title": "letter of the top-1", **letter_ticks(letters)},
                    yaxis_title="share of prompts")
 
@@ -157,12 +134,12 @@ def letter_prior_chart(priors: Sequence[LetterPrior]) -> go.Figure:
     letters = list(priors[0].letters)
     figure = go.Figure()
     for index, prior in enumerate(priors):
-        figure.add_bar(x=letters, y=prior.mean.tolist(), name=prior.system, marker_color=_system_color(index),
+        figure.add_bar(x=letters, y=prior.mean.tolist(), name=prior.system, marker_color=system_color(index),
                        error_y={"type": "data", "array": prior.probs.std(axis=0).tolist(), "visible": True})
-    _uniform_line(figure, len(letters))
+    add_uniform_line(figure, len(letters))
     first = priors[0]
     what = "blank" if first.mode == "blank" else f"all {first.placeholder!r}"
-    return _layout(figure, f"Letter prior: candidate texts {what}, {len(first.user_ids)} users' histories",
+    return with_layout(figure, f"Letter prior: candidate texts {what}, {len(first.user_ids)} users' histories",
                    barmode="group", xaxis={"type": "category", "title": "letter", **letter_ticks(letters)},
                    yaxis_title="mean probability (± std over users)")
 
@@ -191,7 +168,7 @@ def history_influence_chart(result: HistoryInfluence) -> go.Figure:
                            marker={"symbol": "x", "size": 11, "color": "#212529"}, name="top-1 changes")
     what = ("total variation of the letter distribution (no ground truth among the candidates)" if delta is None
             else "Δ P(ground truth) without the item")
-    return _layout(figure, f"User {result.user_id} · {result.system}: leave one history item out",
+    return with_layout(figure, f"User {result.user_id} · {result.system}: leave one history item out",
                    xaxis={"type": "category", "title": "history position (oldest first)",
                           "categoryorder": "array", "categoryarray": [str(p) for p in result.positions]},
                    yaxis_title=what, showlegend=True)
@@ -275,8 +252,8 @@ def letter_mass_chart(report: LetterMass) -> go.Figure:
     for index, system in enumerate(report.systems):
         values = report.frame.loc[report.frame["system"] == system, "letter_mass"].astype(float)
         figure.add_histogram(x=values.tolist(), name=f"{system} (mean {values.mean():.2f})", opacity=0.65,
-                             xbins={"start": 0.0, "end": 1.0, "size": 0.05}, marker_color=_system_color(index))
-    return _layout(figure, "Letter mass per user: low means the model wants to say something else",
+                             xbins={"start": 0.0, "end": 1.0, "size": 0.05}, marker_color=system_color(index))
+    return with_layout(figure, "Letter mass per user: low means the model wants to say something else",
                    barmode="overlay", xaxis={"title": "letters' share of the full-vocabulary probability",
                                              "range": [0, 1]}, yaxis_title="users")
 

@@ -22,7 +22,8 @@ from rerank_core.adapters import adapters_root, remove_stale, validate_adapter_n
 from rerank_core.fsutil import atomic_write_text, process_running
 from rerank_core.metrics import METRIC_NAMES
 from rerank_core.progress import read_events
-from rerank_core.training.trainer import TrainConfig, check_adapter_target, training_config
+from rerank_core.training.config import TrainConfig, training_config
+from rerank_core.training.manifest import check_adapter_target
 
 __all__ = ["JobBusy", "JobError", "JobRunner", "JobStatus", "TrainRequest"]
 

@@ -61,8 +61,8 @@ class Pickers:
 
     def or_first(self, context: AppContext) -> Pickers:
         """Blank dataset or model: the first one the app offers (the JSON API's defaults)."""
-        return Pickers(**{**self.__dict__, "dataset": self.dataset or context.dataset_names[0],
-                          "model": self.model or context.model_names[0]})
+        return Pickers(**{**self.__dict__, "dataset": self.dataset or context.datasets.names[0],
+                          "model": self.model or context.models.names[0]})
 
 
 def make_settings(**pickers: Any) -> InspectSettings:
@@ -103,7 +103,7 @@ class PickerControls:
 
 def catalogue_key(context: AppContext, model: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """What the pickers list: the datasets and the model's adapters. A change means the pickers are stale."""
-    return tuple(context.dataset_names), tuple(context.adapter_names(model))
+    return tuple(context.datasets.names), tuple(context.models.adapter_names(model))
 
 
 def refresh_pickers(context: AppContext, model: str, last: Any) -> tuple[Any, ...]:
@@ -114,14 +114,14 @@ def refresh_pickers(context: AppContext, model: str, last: Any) -> tuple[Any, ..
     if key == last:
         return (gr.skip(),) * 6 + (last,)
     single = gr.Dropdown(choices=adapter_choices(context, model))
-    multi = gr.Dropdown(choices=context.adapter_names(model))
-    datasets = gr.Dropdown(choices=context.dataset_names)
+    multi = gr.Dropdown(choices=context.models.adapter_names(model))
+    datasets = gr.Dropdown(choices=context.datasets.names)
     return single, single, multi, multi, datasets, datasets, key
 
 
 def adapter_choices(context: AppContext, model: str) -> list[tuple[str, str]]:
     """A single-adapter picker's choices: the base model first, under a label that says so."""
-    return [(NO_ADAPTER_LABEL, BASE), *((name, name) for name in context.adapter_names(model))]
+    return [(NO_ADAPTER_LABEL, BASE), *((name, name) for name in context.models.adapter_names(model))]
 
 
 def endpoint(handler: Callable[..., Any], context: AppContext) -> Callable[..., Any]:

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import ctypes
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ from rerank_core.adapters import adapters_root
 from rerank_core.data.builtin import MOVIELENS_100K_REAL, builtin_dataset_path, bundled_sample_path
 from rerank_core.data.dataset import DataError
 from rerank_core.data.loaders import load_dataset
+from rerank_core.model_catalog import list_models
+from rerank_core.model_refs import parse_model_ref
 from rerank_core.models import ModelError, embedded_model_folder, load_model
 
 __all__ = ["REAL_DATASET", "SAMPLE_DATASET", "build_app", "build_context", "builtin_datasets",
@@ -75,7 +78,8 @@ def build_context(args: argparse.Namespace) -> AppContext:
     defaults = AppConfig()
     config = AppConfig(adapters_root=adapters_root(args.adapters_dir), upload_root=defaults.upload_root,
                        runs_root=defaults.runs_root, max_upload_bytes=int(args.max_upload_mb * 1024**2),
-                       device=args.device, dtype=args.dtype)
+                       device=args.device, dtype=args.dtype, chat_template=getattr(args, "chat_template", None),
+                       max_memory=getattr(args, "max_memory", None))
     datasets = []
     if args.data:
         path = Path(args.data)
@@ -91,15 +95,27 @@ def build_context(args: argparse.Namespace) -> AppContext:
         log.warning("the embedded model is not offered: %s", error)
     models = []
     for path in dict.fromkeys(paths):
-        name = Path(path).name
+        name = parse_model_ref(path).display_name
         if any(entry.name == name for entry in models):
             name = str(path)
         models.append(ModelEntry(name, path))
-    models[0].loaded = load_model(models[0].path, device=args.device, dtype=args.dtype)
+    models.extend(catalog_entries(getattr(args, "models_dir", None), taken={entry.name for entry in models}))
+    models[0].loaded = load_model(models[0].path, device=args.device, dtype=args.dtype,
+                                  chat_template=config.chat_template, max_memory=config.max_memory)
     jobs = JobRunner(config.runs_root, adapters=config.adapters_root)
     context = AppContext(config, datasets, models, jobs=jobs)
-    context.restore_uploads()
+    context.datasets.restore_uploads()
     return context
+
+
+def catalog_entries(models_dirs: Sequence[str] | None, taken: set[str]) -> list[ModelEntry]:
+    """The model picker's further choices: every causal LM with weights in the local Hugging Face cache and every
+    GGUF in --models-dir / $RERANK_INSPECTOR_MODELS, by reference (loaded on first pick); unreadable ones logged."""
+    catalog = list_models(models_dirs, include_embedded=False)
+    for note in catalog.notes:
+        log.warning("model picker: %s", note)
+    return [ModelEntry(entry.name, entry.reference) for entry in catalog.entries
+            if entry.weights_present and entry.name not in taken]
 
 
 def builtin_datasets() -> list[DatasetEntry]:

@@ -15,13 +15,23 @@ import pandas as pd
 import plotly.graph_objects as go
 from pandas.io.formats.style import Styler
 
+from rerank_app.plots import empty_figure, with_layout
 from rerank_core.answer_slot import AnswerSlot
-from rerank_core.baselines import BASELINE_PRESET
 from rerank_core.compare import PRESET_EFFECT
+from rerank_core.compare import movers as compare_movers
 from rerank_core.data.dataset import Dataset
+from rerank_core.figures import (
+    BAR_COLOR,
+    CHART_ORDERS,
+    MUTED_COLOR,
+    TRUTH_COLOR,
+    letter_figure,
+    scatter_figure,
+    system_letters_figure,
+)
 from rerank_core.fsutil import atomic_write_text
-from rerank_core.inspector import BASE, UserInspection
-from rerank_core.metrics import METRIC_NAMES
+from rerank_core.inspector import UserInspection
+from rerank_core.metrics import ALL_USERS, METRIC_NAMES, CandidateRecall, candidate_recall
 
 __all__ = [
     "APP_CSS",
@@ -40,7 +50,6 @@ __all__ = [
     "eval_chart",
     "inspect_view",
     "letter_chart",
-    "letter_ticks",
     "loss_chart",
     "progress_html",
     "prompt_html",
@@ -49,14 +58,8 @@ __all__ = [
     "training_sample_html",
 ]
 
-CHART_ORDERS = ("letter", "probability")
-TRUTH_COLOR = "#e8590c"
-BAR_COLOR = "#4c78a8"
-# One colour per compared system: base first, then up to three adapters.
-SYSTEM_COLORS = ("#868e96", "#1c7ed6", "#2f9e44", "#ae3ec9")
 _TRUTH_ROW = "background-color: #fff3bf; font-weight: 600"
 _FLAGGED_ROW = "background-color: #ffc9c9; font-weight: 600"
-_CHART_HEIGHT = 320
 
 APP_CSS = """
 .ri-prompt { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; font-size: 12.5px;
@@ -142,17 +145,6 @@ def _special_tokens(tokenizer: Any) -> list[str]:
 
 def _fmt_probability(value: float | None) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
-
-
-def empty_figure(message: str = "") -> go.Figure:
-    """A blank chart with a centred note, so an output never shows a stale figure."""
-    figure = go.Figure()
-    figure.update_layout(height=_CHART_HEIGHT, xaxis_visible=False, yaxis_visible=False,
-                         margin={"l": 10, "r": 10, "t": 10, "b": 10}, template="plotly_white")
-    if message:
-        figure.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
-                              font={"size": 14, "color": "#868e96"})
-    return figure
 
 
 # -- Inspect ------------------------------------------------------------------------------------
@@ -264,50 +256,10 @@ def token_html(tokenizer: Any, token_ids: Sequence[int], *, text: str | None = N
             f'<div class="ri-tokens">{"".join(cells)}</div>')
 
 
-def letter_chart(inspection: UserInspection, dataset: Dataset, order: str = "letter") -> go.Figure:
-    """Letter probabilities as bars, the ground truth in another colour; order by letter or probability."""
-    if order not in CHART_ORDERS:
-        raise ValueError(f"chart order {order!r} is not one of {', '.join(CHART_ORDERS)}")
-    prepared = inspection.prepared
-    letters = list(prepared.prompt.letters)
-    probabilities = list(inspection.scores.letter_probs)
-    truth = prepared.candidates.target_index
-    indices = list(range(len(letters)))
-    if order == "probability":
-        indices = inspection.scores.ranking()
-    colors = [TRUTH_COLOR if index == truth else BAR_COLOR for index in indices]
-    hover = [f"{letters[index]}: {html.escape(prepared.candidate_texts[index])}"
-             + (" (ground truth)" if index == truth else "") for index in indices]
-    figure = go.Figure(go.Bar(
-        x=[letters[index] for index in indices], y=[probabilities[index] for index in indices],
-        marker_color=colors, hovertext=hover, hoverinfo="text+y", name="P(letter)"))
-    uniform = 1.0 / len(letters)
-    figure.add_hline(y=uniform, line_dash="dot", line_color="#868e96",
-                     annotation_text=f"uniform 1/{len(letters)}", annotation_position="top right")
-    title = f"Letter probabilities · {inspection.system}"
-    if truth is not None:
-        title += f" · ground truth {letters[truth]} (orange) ranked {inspection.rank} of {len(letters)}"
-    else:
-        title += " · ground truth not among the candidates"
-    shown = [letters[index] for index in indices]
-    if truth is not None:
-        # An arrow above the bar: the ground truth stays findable when its probability is near zero.
-        figure.add_annotation(x=letters[truth], y=probabilities[truth], text=f"truth {probabilities[truth]:.3f}",
-                              showarrow=True, arrowhead=2, arrowcolor=TRUTH_COLOR, ax=0, ay=-36,
-                              font={"color": TRUTH_COLOR, "size": 11})
-    figure.update_layout(
-        title={"text": title, "font": {"size": 14}}, height=_CHART_HEIGHT, template="plotly_white",
-        margin={"l": 50, "r": 20, "t": 40, "b": 40}, yaxis_title="probability over letters",
-        xaxis={"type": "category", "title": "candidate letter" if order == "letter" else "letters by probability",
-               **letter_ticks(shown)},
-        showlegend=False)
-    return figure
-
-
-def letter_ticks(letters: Sequence[str]) -> dict[str, Any]:
-    """Every letter labelled, however many (plotly would otherwise skip every other one at 52)."""
-    return {"tickmode": "array", "tickvals": list(letters), "ticktext": list(letters), "tickangle": 0,
-            "tickfont": {"size": 10 if len(letters) > 26 else 12}}
+def letter_chart(inspection: UserInspection, order: str = "letter") -> go.Figure:
+    """Letter probabilities as bars, the ground truth in another colour; order by letter or probability (the
+    report draws the same figure: figures.letter_figure)."""
+    return go.Figure(letter_figure(inspection, order))
 
 
 def _candidates_table(inspection: UserInspection, dataset: Dataset) -> Styler:
@@ -439,7 +391,7 @@ def inspect_view(inspection: UserInspection, dataset: Dataset, tokenizer: Any, *
         summary=_summary_markdown(inspection, dataset, model_name),
         history=history, history_note=history_note,
         candidates=_candidates_table(inspection, dataset),
-        chart=letter_chart(inspection, dataset, order),
+        chart=letter_chart(inspection, order),
         prompt=prompt_html(tokenizer, prepared.prompt.rendered, prepared.answer_slot,
                            letters=f"{prepared.prompt.letters[0]}…{prepared.prompt.letters[-1]}"),
         tokens=token_html(tokenizer, prepared.token_ids, text=prepared.prompt.rendered,
@@ -457,24 +409,7 @@ def compare_user_chart(inspections: Sequence[UserInspection]) -> go.Figure:
     """Grouped bars: each system's letter probabilities for the same user and candidates."""
     if not inspections:
         return empty_figure("pick a user")
-    first = inspections[0].prepared
-    letters = list(first.prompt.letters)
-    truth = first.candidates.target_index
-    figure = go.Figure()
-    for color, inspection in zip(SYSTEM_COLORS, inspections):
-        figure.add_bar(x=letters, y=list(inspection.scores.letter_probs), name=inspection.system,
-                       marker_color=color,
-                       hovertext=[html.escape(text) for text in inspection.prepared.candidate_texts])
-    title = f"User {inspections[0].user_id}: letter probabilities per system"
-    if truth is not None:
-        title += f" · ground truth {letters[truth]}"
-        figure.add_vrect(x0=truth - 0.5, x1=truth + 0.5, fillcolor=TRUTH_COLOR, opacity=0.15, line_width=0)
-    figure.update_layout(barmode="group", height=_CHART_HEIGHT + 40, template="plotly_white",
-                         title={"text": title, "font": {"size": 14}},
-                         margin={"l": 50, "r": 20, "t": 40, "b": 40}, xaxis={"type": "category"},
-                         yaxis_title="probability over letters",
-                         legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 1, "xanchor": "right"})
-    return figure
+    return go.Figure(system_letters_figure(inspections))
 
 
 def compare_user_table(inspections: Sequence[UserInspection]) -> pd.DataFrame:
@@ -505,35 +440,42 @@ class CompareView:
     movers: pd.DataFrame
 
 
-_DIFFERENCE_COLUMNS = ["system", "metric", "base", "adapter", "Δ", "95% CI", "significant", "improved",
-                       "unchanged", "worsened"]
-_MOVER_COLUMNS = ["user_id", "system", "change", "base rank", "rank", "base p(truth)", "p(truth)",
-                  "Δ NDCG@10"]
+_DIFFERENCE_COLUMNS = ["system", "population", "metric", "base", "adapter", "Δ", "95% CI", "significant",
+                       "improved", "unchanged", "worsened"]
+# compare.movers' columns under the names the page shows.
+_MOVER_NAMES = {"user_id": "user_id", "system": "system", "reference": "reference", "change": "change",
+                "reference_rank": "reference rank", "rank": "rank", "reference_truth_probability": "reference p(truth)",
+                "truth_probability": "p(truth)", "difference": "Δ NDCG@10"}
+_MOVER_COLUMNS = list(_MOVER_NAMES.values())
 
 
 def empty_compare_tables() -> dict[str, pd.DataFrame]:
     """The Compare tables before a run: their real column names, not 1 2 3."""
-    return {"metrics": pd.DataFrame(columns=["system", "preset", "users", *METRIC_NAMES]),
+    return {"metrics": pd.DataFrame(columns=["system", "preset", "population", "users", *METRIC_NAMES]),
             "differences": pd.DataFrame(columns=_DIFFERENCE_COLUMNS),
             "movers": pd.DataFrame(columns=_MOVER_COLUMNS),
             "user": pd.DataFrame(columns=["system", "preset", "truth rank", "p(truth)", "letter mass", "top-3"])}
 
 
-def compare_view(per_user: pd.DataFrame, summary: pd.DataFrame, *, movers: int = 5) -> CompareView:
+def compare_view(per_user: pd.DataFrame, summary: pd.DataFrame, *, movers: int = 5,
+                 recall: CandidateRecall | None = None) -> CompareView:
     """Tables and plots from compare_systems' per-user frame and summary (the base is the reference).
 
     Baseline rows (preset "baseline", from baselines.with_baselines) join the tables and the counts; the
-    scatter and the movers stay with the LLM systems, the only ones with a ground-truth probability.
+    scatter and the movers (from rerank_core, like the report's) stay with the LLM systems, the only ones with a
+    ground-truth probability. The counts open with the candidate recall (from per_user unless given): the
+    ceiling of every row, and why a second population ("target among candidates") is or is not shown.
     """
-    systems = list(dict.fromkeys(summary["system"]))
-    baselines = set(summary.loc[summary["preset"] == BASELINE_PRESET, "system"])
-    adapters = [name for name in systems if name != BASE and name not in baselines]
-    means = summary.pivot(index="system", columns="metric", values="mean").loc[systems, list(METRIC_NAMES)]
-    described = summary.groupby("system", sort=False)[["preset", "n"]].first().rename(columns={"n": "users"})
-    metrics = pd.concat([described, means.round(4)], axis=1).rename_axis("system").reset_index()
+    recall = recall or candidate_recall(per_user)
+    keys = ["system", "population"]
+    means = summary.pivot_table(index=keys, columns="metric", values="mean", sort=False, dropna=False)
+    described = summary.groupby(keys, sort=False)[["preset", "n"]].first().rename(columns={"n": "users"})
+    metrics = (pd.concat([described, means.loc[described.index, list(METRIC_NAMES)].round(4)], axis=1)
+               .reset_index()[["system", "preset", "population", "users", *METRIC_NAMES]])
     paired = summary[summary["system"] != summary["reference"]]
     differences_frame = pd.DataFrame({
-        "system": paired["system"], "metric": paired["metric"], "base": paired["reference_mean"].round(4),
+        "system": paired["system"], "population": paired["population"], "metric": paired["metric"],
+        "base": paired["reference_mean"].round(4),
         "adapter": paired["mean"].round(4), "Δ": paired["difference"].round(4),
         "95% CI": [f"[{low:+.4f}, {high:+.4f}]" for low, high in zip(paired["ci_low"], paired["ci_high"])],
         "significant": ["yes" if low > 0 or high < 0 else "no"
@@ -543,44 +485,19 @@ def compare_view(per_user: pd.DataFrame, summary: pd.DataFrame, *, movers: int =
     count_lines = [
         f"**{html.escape(row.system)}** vs **{html.escape(row.reference)}**"
         + (" (the preset's own effect)" if row.comparison == PRESET_EFFECT else "")
-        + f" on NDCG@10 over {row.n} users: improved **{row.improved}**, "
-        f"unchanged **{row.unchanged}**, worsened **{row.worsened}** · Δ {row.difference:+.4f} "
-        f"(95% CI {row.ci_low:+.4f} .. {row.ci_high:+.4f})"
-        for row in paired[paired["metric"] == "NDCG@10"].itertuples()]
-    counts = "\n\n".join(count_lines) or "Add an adapter to see paired differences to the base."
-    base = per_user[per_user["system"] == BASE].set_index("user_id")
-    scatter = go.Figure()
-    mover_rows = []
-    for color, system in zip(SYSTEM_COLORS[1:], adapters):
-        other = per_user[per_user["system"] == system].set_index("user_id")
-        joined = base.merge(other, left_index=True, right_index=True, suffixes=("_base", ""))
-        scatter.add_scatter(
-            x=joined["truth_probability_base"], y=joined["truth_probability"], mode="markers", name=system,
-            marker={"color": color, "size": 7, "opacity": 0.75}, text=list(joined.index),
-            hovertemplate="user %{text}<br>base %{x:.3f}<br>" + system + " %{y:.3f}<extra></extra>")
-        joined = joined.assign(delta=joined["NDCG@10"] - joined["NDCG@10_base"],
-                               delta_p=joined["truth_probability"] - joined["truth_probability_base"])
-        ordered = joined.sort_values(["delta", "delta_p"], ascending=False)
-        for label, part in (("improved", ordered.head(movers)), ("worsened", ordered.tail(movers)[::-1])):
-            for user_id, row in part.iterrows():
-                if (label == "improved") != (row["delta"] > 0 or (row["delta"] == 0 and row["delta_p"] > 0)):
-                    continue
-                mover_rows.append({
-                    "user_id": user_id, "system": system, "change": label,
-                    "base rank": row["rank_base"], "rank": row["rank"],
-                    "base p(truth)": _round(row["truth_probability_base"]),
-                    "p(truth)": _round(row["truth_probability"]), "Δ NDCG@10": round(row["delta"], 4)})
-    if adapters:
-        scatter.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "#adb5bd"},
-                            name="no change", hoverinfo="skip")
-        scatter.update_layout(
-            title={"text": "Ground-truth probability per user: base (x) vs adapter (y)", "font": {"size": 14}},
-            xaxis={"title": "base p(truth)", "range": [0, 1]}, yaxis={"title": "adapter p(truth)", "range": [0, 1]},
-            height=_CHART_HEIGHT + 80, template="plotly_white", margin={"l": 50, "r": 20, "t": 40, "b": 40})
-    else:
-        scatter = empty_figure("add an adapter to compare with the base")
-    return CompareView(metrics=metrics, differences=differences_frame, counts=counts, scatter=scatter,
-                       movers=pd.DataFrame(mover_rows, columns=_MOVER_COLUMNS))
+        + f" on NDCG@10 over {row.n} users" + ("" if row.population == ALL_USERS else f" ({row.population})")
+        + f": improved **{row.improved}**, unchanged **{row.unchanged}**, worsened **{row.worsened}** · "
+        f"Δ {row.difference:+.4f} (95% CI {row.ci_low:+.4f} .. {row.ci_high:+.4f})"
+        for row in paired[(paired["metric"] == "NDCG@10") & (paired["n"] > 0)].itertuples()]
+    counts = "\n\n".join([f"**{html.escape(recall.describe())}**",
+                           *(count_lines or ["Add an adapter to see paired differences to the base."])])
+    scatter = scatter_figure(per_user, summary)
+    moved = compare_movers(per_user, summary, count=movers).rename(columns=_MOVER_NAMES)
+    for column in ("reference p(truth)", "p(truth)", "Δ NDCG@10"):
+        moved[column] = moved[column].map(_round)
+    shown = go.Figure(scatter) if scatter else empty_figure("add an adapter to compare with the base")
+    return CompareView(metrics=metrics, differences=differences_frame, counts=counts, scatter=shown,
+                       movers=moved[_MOVER_COLUMNS])
 
 
 def _round(value: Any) -> float | None:
@@ -633,7 +550,7 @@ def loss_chart(status: Any) -> go.Figure:
         return empty_figure("training loss appears here once steps run")
     figure = go.Figure()
     for name, points, style in ((LETTER_LOSS_NAME, status.letter_losses, {"color": BAR_COLOR}),
-                                (TOTAL_LOSS_NAME, status.total_losses, {"color": "#868e96", "dash": "dot"})):
+                                (TOTAL_LOSS_NAME, status.total_losses, {"color": MUTED_COLOR, "dash": "dot"})):
         if points:
             steps, losses = zip(*points)
             figure.add_scatter(x=steps, y=losses, mode="lines+markers", name=name, line=style, marker={"size": 4})
@@ -641,12 +558,9 @@ def loss_chart(status: Any) -> go.Figure:
         figure.add_hline(y=status.uniform_loss, line_dash="dash", line_color=TRUTH_COLOR,
                          annotation_text=f"ln N = {status.uniform_loss:.2f}: letter loss of a uniform guess",
                          annotation_position="top right")
-    figure.update_layout(title={"text": "Training loss: compare the letter loss with ln N", "font": {"size": 14}},
-                         xaxis={"title": "step", "tickformat": "d"}, yaxis={"title": "loss", "rangemode": "tozero"},
-                         height=_CHART_HEIGHT, template="plotly_white", margin={"l": 50, "r": 20, "t": 40, "b": 40},
-                         showlegend=True,
-                         legend={"orientation": "h", "y": -0.25, "x": 0, "xanchor": "left"})
-    return figure
+    return with_layout(figure, "Training loss: compare the letter loss with ln N",
+                       xaxis={"title": "step", "tickformat": "d"}, yaxis={"title": "loss", "rangemode": "tozero"},
+                       showlegend=True, legend={"orientation": "h", "y": -0.25, "x": 0, "xanchor": "left"})
 
 
 def eval_chart(status: Any) -> go.Figure:
@@ -660,12 +574,8 @@ def eval_chart(status: Any) -> go.Figure:
         if any(value is not None for value in values):
             figure.add_scatter(x=steps, y=values, mode="lines+markers", name=f"validation {metric}",
                                line={"color": color})
-    figure.update_layout(title={"text": "Validation metrics", "font": {"size": 14}},
-                         xaxis={"title": "step", "tickformat": "d"},
-                         yaxis={"title": "metric", "range": [0, 1]}, height=_CHART_HEIGHT,
-                         template="plotly_white", margin={"l": 50, "r": 20, "t": 40, "b": 40},
-                         legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 1, "xanchor": "right"})
-    return figure
+    return with_layout(figure, "Validation metrics", xaxis={"title": "step", "tickformat": "d"},
+                       yaxis={"title": "metric", "range": [0, 1]})
 
 
 def result_markdown(status: Any) -> str:
@@ -740,15 +650,11 @@ def data_view(dataset: Dataset, *, top: int = 15) -> DataView:
         summary += (f"\n\n{len(dataset.short_users)} user(s) with fewer than 3 interactions were left out "
                     "(leave-one-out needs 3).")
     histogram = go.Figure(go.Histogram(x=lengths, marker_color=BAR_COLOR, nbinsx=40))
-    histogram.update_layout(title={"text": "Interactions per user", "font": {"size": 14}},
-                            xaxis_title="interactions", yaxis_title="users", height=_CHART_HEIGHT,
-                            template="plotly_white", margin={"l": 50, "r": 20, "t": 40, "b": 40})
+    with_layout(histogram, "Interactions per user", xaxis_title="interactions", yaxis_title="users")
     popularity = go.Figure(go.Scatter(x=list(range(1, len(counts) + 1)), y=counts.to_numpy(), mode="lines",
                                       line={"color": TRUTH_COLOR}))
-    popularity.update_layout(title={"text": "Item popularity (items by rank)", "font": {"size": 14}},
-                             xaxis_title="item rank", yaxis={"title": "interactions", "type": "log", "dtick": 1},
-                             height=_CHART_HEIGHT, template="plotly_white",
-                             margin={"l": 50, "r": 20, "t": 40, "b": 40})
+    with_layout(popularity, "Item popularity (items by rank)", xaxis_title="item rank",
+                yaxis={"title": "interactions", "type": "log", "dtick": 1})
     top_items = pd.DataFrame([{"item": item_id, "title": dataset.items[item_id].title, "interactions": int(count)}
                               for item_id, count in counts.head(top).items()],
                              columns=["item", "title", "interactions"])

@@ -25,6 +25,7 @@ __all__ = [
     "AdapterError",
     "AdapterInfo",
     "adapters_root",
+    "base_model_record",
     "check_adapter",
     "list_adapters",
     "new_staging_folder",
@@ -90,6 +91,20 @@ class AdapterInfo:
     @property
     def base_name(self) -> str | None:
         return ((self.manifest or {}).get("base_model") or {}).get("name")
+
+    @property
+    def chat_template(self) -> dict[str, str] | None:
+        """The chat template given apart at training (path and hash); None: the tokenizer's own, or an old manifest."""
+        return ((self.manifest or {}).get("base_model") or {}).get("chat_template")
+
+
+def base_model_record(loaded: LoadedModel) -> dict[str, Any]:
+    """What a manifest records of the base: the reference as given, where it resolved, both fingerprints (shape and
+    tokenizer; the weights themselves) and a chat template given apart, so the adapter is refused on other weights."""
+    return {"name": loaded.name, "reference": loaded.reference, "path": loaded.path,
+            "fingerprint": loaded.fingerprint, "weights_fingerprint": loaded.weights_fingerprint,
+            "dtype": str(loaded.dtype).replace("torch.", ""),
+            "chat_template": loaded.chat_template.record() if loaded.chat_template is not None else None}
 
 
 def adapters_root(root: str | os.PathLike[str] | None = None) -> Path:
@@ -161,6 +176,15 @@ def check_adapter(loaded: LoadedModel, name: str, root: str | os.PathLike[str] |
             f"adapter {name!r} was trained on base model {base.get('name')!r} (fingerprint "
             f"{base.get('fingerprint')}), but the loaded base is {loaded.name!r} (fingerprint "
             f"{loaded.fingerprint}); load that base model or pick an adapter trained on this one")
+    # Two fine-tunes of one base share shape and tokenizer; their weights differ. Manifests older than the
+    # weights fingerprint, and models built in memory, have none: the shape check alone decides, as before.
+    trained_weights = base.get("weights_fingerprint")
+    if trained_weights and loaded.weights_fingerprint and trained_weights != loaded.weights_fingerprint:
+        raise AdapterError(
+            f"adapter {name!r} was trained on other weights ({base.get('reference') or base.get('name')!r}, weights "
+            f"{trained_weights}) than the loaded {loaded.reference or loaded.name!r} (weights "
+            f"{loaded.weights_fingerprint}), though both have the same shape and tokenizer; load the checkpoint it "
+            "was trained on, from any folder, hub id or GGUF that holds those weights")
     _check_shapes(loaded, Path(info.path))
     return info
 

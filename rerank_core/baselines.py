@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
@@ -10,15 +9,14 @@ import numpy as np
 import pandas as pd
 
 from rerank_core.candidates import CandidateConfig, CandidateSampler
-from rerank_core.compare import PAIRED, REFERENCE
+from rerank_core.compare import PAIRED, REFERENCE, summary_rows
 from rerank_core.data.dataset import Dataset
-from rerank_core.inspector import Inspector, InspectSettings
-from rerank_core.metrics import METRIC_NAMES, metrics_at, paired_bootstrap, rank_of_truth
+from rerank_core.inspector import PER_USER_COLUMNS, Inspector, InspectSettings
+from rerank_core.metrics import METRIC_NAMES, metrics_at, rank_of_truth
 
 __all__ = [
     "BASELINES",
     "BASELINE_PRESET",
-    "PER_USER_COLUMNS",
     "evaluate_baseline",
     "paired_rows",
     "random_expected_metrics",
@@ -30,8 +28,6 @@ __all__ = [
 BASELINES = ("random", "popularity", "retriever")
 # What the per-user and summary frames show in the preset column for a baseline: it reads no prompt.
 BASELINE_PRESET = "baseline"
-PER_USER_COLUMNS = ("user_id", "system", "preset", "rank", "truth_probability", "letter_mass", "top1_letter",
-                    "prompt_tokens", *METRIC_NAMES)
 
 
 def random_expected_metrics(count: int) -> dict[str, float]:
@@ -60,10 +56,10 @@ def evaluate_baseline(dataset: Dataset, users: Iterable[str], split: str, config
     for user in users:
         user_split = dataset.split_user(user, split)
         candidates = sampler.for_split(user_split)
-        row = {"user_id": user, "system": name, "preset": BASELINE_PRESET, "truth_probability": None,
-               "letter_mass": None, "top1_letter": None, "prompt_tokens": None}
+        present = candidates.target_index is not None
+        row = {"user_id": user, "system": name, "preset": BASELINE_PRESET, "target_in_candidates": present,
+               "truth_probability": None, "letter_mass": None, "top1_letter": None, "prompt_tokens": None}
         if name == "random":
-            present = candidates.target_index is not None
             expected = random_expected_metrics(len(candidates.item_ids)) if present else metrics_at(None)
             rows.append({**row, "rank": (len(candidates.item_ids) + 1) / 2 if present else None, **expected})
             continue
@@ -111,21 +107,11 @@ def with_baselines(inspector: Inspector, per_user: pd.DataFrame, summary: pd.Dat
 
 def paired_rows(per_user: pd.DataFrame, users: Sequence[str], label: str, reference: str, columns: Iterable[str],
                 bootstrap_samples: int, seed: int) -> list[dict[str, object]]:
-    """One summary row per metric: the run's mean and its paired bootstrap difference to the reference run."""
+    """One summary row per (population, metric): the run's mean and its paired bootstrap difference to the
+    reference run (compare.summary_rows), keeping the given columns."""
     frame = per_user[per_user["system"] == label].set_index("user_id").loc[list(users)]
     reference_frame = per_user[per_user["system"] == reference].set_index("user_id").loc[list(users)]
-    rows = []
-    for metric in METRIC_NAMES:
-        row: dict[str, object] = dict.fromkeys(columns)
-        row.update(system=label, preset=str(frame["preset"].iloc[0]), metric=metric,
-                   comparison=REFERENCE if label == reference else PAIRED,
-                   mean=float(frame[metric].mean()), reference=reference,
-                   reference_mean=float(reference_frame[metric].mean()), difference=math.nan, ci_low=math.nan,
-                   ci_high=math.nan, n=len(frame), improved=0, unchanged=len(frame), worsened=0)
-        if label != reference:
-            paired = paired_bootstrap(reference_frame[metric].to_numpy(float), frame[metric].to_numpy(float),
-                                      samples=bootstrap_samples, seed=seed)
-            row.update(difference=paired.difference, ci_low=paired.low, ci_high=paired.high,
-                       improved=paired.improved, unchanged=paired.unchanged, worsened=paired.worsened)
-        rows.append({key: value for key, value in row.items() if key in set(columns)})
-    return rows
+    kept = set(columns)
+    return [{key: value for key, value in row.items() if key in kept}
+            for row in summary_rows(frame, label, REFERENCE if label == reference else PAIRED, reference_frame,
+                                    reference, bootstrap_samples=bootstrap_samples, seed=seed)]

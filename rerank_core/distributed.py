@@ -6,7 +6,19 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ProcessShard", "close_process_group", "launched_world_size", "process_device", "process_shard"]
+__all__ = [
+    "ProcessShard",
+    "close_process_group",
+    "launched_rank",
+    "launched_world_size",
+    "process_device",
+    "process_shard",
+]
+
+
+def launched_rank() -> int:
+    """This process's rank among the launched ones (torchrun and accelerate launch set RANK); 0 otherwise."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def launched_world_size() -> int:

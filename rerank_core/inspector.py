@@ -10,15 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from rerank_core.adapters import (
-    WEIGHTS_FILE,
-    AdapterError,
-    AdapterInfo,
-    adapters_root,
-    check_adapter,
-    list_adapters,
-    validate_adapter_name,
-)
+from rerank_core.adapters import AdapterError, AdapterInfo, list_adapters
 from rerank_core.answer_slot import AnswerSlot
 from rerank_core.candidates import CandidateConfig, CandidateSampler, CandidateSet
 from rerank_core.data.dataset import Dataset, UserSplit
@@ -39,14 +31,19 @@ from rerank_core.prompts import (
     with_template_kwargs,
 )
 from rerank_core.scoring import LetterScores, ScoreCache, score_token_ids
+from rerank_core.systems import BASE, ResolvedSystem, resolve_system
 from rerank_core.verbalizer import LetterToken, resolve_letters
 
-__all__ = ["BASE", "InspectSettings", "Inspector", "UserInspection"]
+__all__ = ["BASE", "PER_USER_COLUMNS", "InspectSettings", "Inspector", "ResolvedSystem", "UserInspection"]
 
 log = logging.getLogger(__name__)
 
-BASE = "base"
 ProgressCallback = Callable[[int, int], None]
+# The columns of every per-user evaluation frame (Inspector.evaluate, baselines.evaluate_baseline). A target not
+# among the candidates has rank None and every metric 0; target_in_candidates says so, so a summary can also
+# average over the users whose target is there (metrics.AMONG_CANDIDATES) and report the candidate recall.
+PER_USER_COLUMNS = ("user_id", "system", "preset", "rank", "target_in_candidates", "truth_probability",
+                    "letter_mass", "top1_letter", "prompt_tokens", *METRIC_NAMES)
 
 
 @dataclass(frozen=True)
@@ -250,89 +247,56 @@ class Inspector:
     def adapters(self) -> list[AdapterInfo]:
         return list_adapters(self.adapters_root)
 
-    def _adapter_version(self, system: str) -> tuple[int, int] | None:
-        """The adapter's weights file stamp: an adapter overwritten under the same name is reloaded."""
-        if system == BASE:
-            return None
-        weights = adapters_root(self.adapters_root) / validate_adapter_name(system) / WEIGHTS_FILE
-        try:
-            stat = weights.stat()
-        except FileNotFoundError:
-            check_adapter(self.loaded, system, self.adapters_root)  # raises with the available names
-            raise
-        return stat.st_mtime_ns, stat.st_size
+    def resolve(self, system: str | ResolvedSystem, settings: InspectSettings) -> ResolvedSystem:
+        """The system as this request scores it (systems.resolve_system); one already resolved passes through, so
+        a caller that resolved it once hands it down and nothing below checks the adapter again."""
+        if isinstance(system, ResolvedSystem):
+            if system.requested != settings:
+                raise ValueError(f"system {system.name!r} was resolved for other settings than these: resolve it "
+                                 "again with Inspector.resolve")
+            return system
+        return resolve_system(self.loaded, system, settings, self.adapters_root)
 
-    def _activate(self, system: str, version: tuple[int, int] | None) -> Any:
+    def _activate(self, system: ResolvedSystem) -> Any:
         """The model to run for `system`: the base (adapters disabled) or one loaded adapter."""
         if self.loaded is None:
             raise ValueError("scoring needs a model; this Inspector was built with a tokenizer only")
         slots = self.loaded.adapters
-        if system == BASE:
+        if system.adapter is None:
             return slots.peft_model or self.loaded.model
-        if system in slots.infos and slots.versions.get(system) != version:
-            slots.peft_model.delete_adapter(system)
-            del slots.infos[system]
-        if system not in slots.infos:
+        name, info = system.name, system.adapter
+        if name in slots.infos and slots.versions.get(name) != system.stamp:
+            slots.peft_model.delete_adapter(name)
+            del slots.infos[name]
+        if name not in slots.infos:
             # peft takes seconds to import: only when an adapter is first scored
             from peft import PeftModel
 
-            info = check_adapter(self.loaded, system, self.adapters_root)
             try:
                 if slots.peft_model is not None:
-                    slots.peft_model.load_adapter(info.path, adapter_name=system)
+                    slots.peft_model.load_adapter(info.path, adapter_name=name)
                 else:
-                    slots.peft_model = PeftModel.from_pretrained(self.loaded.model, info.path, adapter_name=system)
+                    slots.peft_model = PeftModel.from_pretrained(self.loaded.model, info.path, adapter_name=name)
             except Exception as error:  # PEFT's KeyError/TypeError for a damaged config names no adapter
-                raise AdapterError(f"adapter {system!r} in {info.path} cannot be loaded ({type(error).__name__}: "
+                raise AdapterError(f"adapter {name!r} in {info.path} cannot be loaded ({type(error).__name__}: "
                                    f"{error}); delete the folder and train it again") from error
             slots.peft_model.eval()
-            slots.infos[system] = info
-            slots.versions[system] = version
-        slots.peft_model.set_adapter(system)
+            slots.infos[name] = info
+            slots.versions[name] = system.stamp
+        slots.peft_model.set_adapter(name)
         return slots.peft_model
-
-    def settings_for(self, system: str, settings: InspectSettings) -> tuple[InspectSettings, str]:
-        """An adapter is scored with the preset, template options and prompt budget it was trained with, unless
-        the user overrides it."""
-        if system == BASE or not settings.use_adapter_preset:
-            return settings, ""
-        info = self.loaded.adapters.infos.get(system) or check_adapter(self.loaded, system, self.adapters_root)
-        notes, effective = [], settings
-        trained = info.preset
-        if trained and trained != settings.preset:
-            notes.append(f"adapter {system!r} was trained with preset {trained.name!r}; scored with it, not "
-                         f"{settings.preset.name!r}")
-            effective = replace(effective, preset=trained)
-        options = info.template_kwargs
-        if options is not None and options != settings.template_kwargs:
-            notes.append(f"adapter {system!r} was trained with template_kwargs {options or '{}'}; scored with them, "
-                         f"not {settings.template_kwargs or '{}'}")
-            effective = replace(effective, template_kwargs=options)
-        # Not switched like the preset: base and adapter then differ in item text, which Compare would credit to
-        # the fine-tune; the note says which field to pick for both.
-        if info.text_field and info.text_field != settings.text_field:
-            notes.append(f"adapter {system!r} was trained with item text {info.text_field!r}, scored here with "
-                         f"{settings.text_field!r}: pick {info.text_field!r} as the item text field to score it as "
-                         "trained")
-        # The training budget was sized for the training candidate count: with another count it does not apply.
-        budget = info.max_prompt_tokens
-        same_count = info.candidate_count in (None, settings.candidates.count)
-        if budget and same_count and budget != settings.max_prompt_tokens:
-            notes.append(f"prompts cut to {budget} tokens, as in its training (not {settings.max_prompt_tokens})")
-            effective = replace(effective, max_prompt_tokens=budget)
-        return effective, "; ".join(notes)
 
     # -- scoring -----------------------------------------------------------------------------
 
-    def score_prepared(self, system: str, prepared: Sequence[PreparedUser], *,
+    def score_prepared(self, system: ResolvedSystem, prepared: Sequence[PreparedUser], *,
                        batch_size: int | None = None) -> list[LetterScores]:
         """Score prompts built outside `prepare` (diagnostics reorder or edit them), via the same cache."""
         return self._score(system, prepared, batch_size=batch_size)
 
-    def _score(self, system: str, prepared: Sequence[PreparedUser], *,
+    def _score(self, system: ResolvedSystem, prepared: Sequence[PreparedUser], *,
                batch_size: int | None = None) -> list[LetterScores]:
-        version = self._adapter_version(system)
-        keys = [(self.loaded.fingerprint if self.loaded else None, system, version, item.token_ids,
+        # The weights stamp is in the key: an adapter replaced under its name is scored anew.
+        keys = [(self.loaded.fingerprint if self.loaded else None, system.name, system.stamp, item.token_ids,
                  tuple(token.token_id for token in item.letter_tokens)) for item in prepared]
         results: list[LetterScores | None] = [self.cache.get(key) for key in keys]
         missing = [index for index, result in enumerate(results) if result is None]
@@ -344,8 +308,8 @@ class Inspector:
         for index in mine:
             groups.setdefault(keys[index][4], []).append(index)
         for letter_ids, indices in groups.items():
-            model = self._activate(system, version)
-            if system == BASE and hasattr(model, "disable_adapter"):
+            model = self._activate(system)
+            if system.adapter is None and hasattr(model, "disable_adapter"):
                 with model.disable_adapter():
                     scored = score_token_ids(model, self.tokenizer, [prepared[i].token_ids for i in indices],
                                              letter_ids, batch_size=batch_size or self.batch_size,
@@ -364,15 +328,17 @@ class Inspector:
             self.cache.put(keys[index], results[index])
         return [result for result in results if result is not None]
 
-    def inspect(self, user_id: str, settings: InspectSettings, system: str = BASE) -> UserInspection:
-        """Prepare and score one user with one system."""
-        effective, note = self.settings_for(system, settings)
-        prepared = self.prepare(user_id, effective)
-        (scores,) = self._score(system, [prepared])
+    def inspect(self, user_id: str, settings: InspectSettings,
+                system: str | ResolvedSystem = BASE) -> UserInspection:
+        """Prepare and score one user with one system (a name, or a system resolved for these settings)."""
+        resolved = self.resolve(system, settings)
+        prepared = self.prepare(user_id, resolved.settings)
+        (scores,) = self._score(resolved, [prepared])
         rank = rank_of_truth(scores.letter_probs, prepared.candidates.target_index)
-        return UserInspection(system, effective, prepared, scores, rank, metrics_at(rank), note)
+        return UserInspection(resolved.name, resolved.settings, prepared, scores, rank, metrics_at(rank),
+                              resolved.note)
 
-    def evaluate(self, users: Iterable[str], settings: InspectSettings, system: str = BASE,
+    def evaluate(self, users: Iterable[str], settings: InspectSettings, system: str | ResolvedSystem = BASE,
                  progress: ProgressCallback | None = None, cancel: CancelCheck = None,
                  chunk_size: int | None = None) -> pd.DataFrame:
         """Per-user rank, ground-truth probability, letter mass and metrics, in batches.
@@ -380,7 +346,8 @@ class Inspector:
         `cancel` is checked before every chunk of `chunk_size` users (default: four batches): a stop request
         raises progress.Cancelled there, and a shared app gives the model to waiting requests there.
         """
-        effective, _ = self.settings_for(system, settings)
+        resolved = self.resolve(system, settings)
+        effective, system = resolved.settings, resolved.name
         users = list(users)
         rows = []
         chunk_size = max(chunk_size or self.batch_size * 4, 1)
@@ -388,16 +355,15 @@ class Inspector:
             checkpoint(f"scoring {system}", start, len(users), cancel=cancel)
             chunk = users[start:start + chunk_size]
             prepared = [self.prepare(user, effective) for user in chunk]
-            for user, item, scores in zip(chunk, prepared, self._score(system, prepared)):
+            for user, item, scores in zip(chunk, prepared, self._score(resolved, prepared)):
                 target_index = item.candidates.target_index
                 rank = rank_of_truth(scores.letter_probs, target_index)
                 rows.append({
                     "user_id": user, "system": system, "preset": effective.preset.name,
-                    "rank": rank, "truth_probability":
+                    "rank": rank, "target_in_candidates": target_index is not None, "truth_probability":
                         None if target_index is None else scores.letter_probs[target_index],
                     "letter_mass": scores.letter_mass, "top1_letter": item.prompt.letters[scores.ranking()[0]],
                     "prompt_tokens": scores.prompt_tokens, **metrics_at(rank)})
             if progress is not None:
                 progress(min(start + chunk_size, len(users)), len(users))
-        return pd.DataFrame(rows, columns=["user_id", "system", "preset", "rank", "truth_probability",
-                                           "letter_mass", "top1_letter", "prompt_tokens", *METRIC_NAMES])
+        return pd.DataFrame(rows, columns=list(PER_USER_COLUMNS))

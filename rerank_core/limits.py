@@ -44,6 +44,8 @@ LIMITS: dict[str, Limit] = {
     "bootstrap_seed": Limit("bootstrap seed", 0, 2**32 - 1, "a non-negative 32-bit seed"),
     "max_prompt_tokens": Limit("max prompt tokens", 16, 131_072, "the longest context of current models"),
     "batch_size": Limit("batch size", 1, 256, "prompts per forward pass; more only costs memory"),
+    "token_budget": Limit("token budget", 64, 262_144,
+                          "padded tokens per forward pass; activations grow with it, speed stops growing"),
     "compare_users": Limit("users", 1, 10_000, "a paired comparison over more users adds nothing but time"),
     "compare_systems": Limit("systems", 1, 4, "the base and up to three adapters"),
     "bootstrap_samples": Limit("bootstrap samples", 100, 100_000, "more resamples do not sharpen the CI"),

@@ -11,9 +11,14 @@ import numpy as np
 import pandas as pd
 
 __all__ = [
+    "ALL_USERS",
+    "AMONG_CANDIDATES",
     "DEFAULT_KS",
     "METRIC_NAMES",
+    "POPULATIONS",
+    "CandidateRecall",
     "PairedDifference",
+    "candidate_recall",
     "metrics_at",
     "paired_bootstrap",
     "rank_of_truth",
@@ -24,6 +29,11 @@ DEFAULT_KS = (1, 5, 10)
 # Grouped by metric, then by K: the order tables and reports show them in.
 METRIC_NAMES = tuple(f"{metric}@{k}" for metric in ("Recall", "NDCG", "MRR") for k in DEFAULT_KS)
 _METRIC_PATTERN = re.compile(r"^(Recall|NDCG|MRR)@\d+$")
+# The two populations a mean is taken over, so no one mixes them (LlamaRec, trainer/llm.py): "all users" counts a
+# target the candidates miss as a miss (LlamaRec's "overall" at K <= 20, where the retriever's own rank of such a
+# target is past 20); "target among candidates" keeps only the users whose target is among them (its "subset").
+ALL_USERS, AMONG_CANDIDATES = "all users", "target among candidates"
+POPULATIONS = (ALL_USERS, AMONG_CANDIDATES)
 # Resamples per vectorised block: bounds memory to about 32 MB of indices for any user count.
 _BLOCK_CELLS = 4_000_000
 
@@ -62,6 +72,53 @@ def summarize(per_user: pd.DataFrame | Sequence[Mapping[str, object]]) -> dict[s
     for column in columns:
         summary[column] = float(frame[column].astype(float).mean()) if len(frame) else math.nan
     return summary
+
+
+@dataclass(frozen=True)
+class CandidateRecall:
+    """How many evaluated users have their target among the candidates: the ceiling of every reranker's metrics,
+    which an evaluation on retriever candidates must show beside them or the reranker takes the retriever's blame."""
+
+    found: int
+    users: int
+    source: str = ""
+    count: int = 0
+
+    @property
+    def share(self) -> float:
+        """found / users (NaN for no users)."""
+        return self.found / self.users if self.users else math.nan
+
+    @property
+    def complete(self) -> bool:
+        """Every user's target is among the candidates: the two populations are the same users."""
+        return self.found == self.users
+
+    def describe(self) -> str:
+        """One line for tables and notes: the share, both counts, and what it means for the two populations."""
+        where = f"the {self.count} {self.source} candidates" if self.source else "the candidates"
+        if self.complete:
+            return (f"Candidate recall 1.000: the target is among {where} for all {self.users} users, so "
+                    f"'{ALL_USERS}' and '{AMONG_CANDIDATES}' are the same users (one population shown)")
+        return (f"Candidate recall {self.share:.3f}: the target is among {where} for {self.found} of "
+                f"{self.users} users; '{ALL_USERS}' counts the other {self.users - self.found} as misses, "
+                f"'{AMONG_CANDIDATES}' is over the {self.found} (LlamaRec's subset)")
+
+    def to_json(self) -> dict[str, object]:
+        """Plain values for summary.json and bench tables."""
+        return {"source": self.source, "candidates": self.count, "users": self.users,
+                "target_among_candidates": self.found, "recall": None if not self.users else self.share,
+                "populations_coincide": self.complete}
+
+
+def candidate_recall(per_user: pd.DataFrame, source: str = "", count: int = 0) -> CandidateRecall:
+    """The recall over the users of a per-user frame (column target_in_candidates; one row per user and run, the
+    runs of one comparison sharing their candidates): a user counts once, found only if found in every run."""
+    if "target_in_candidates" not in per_user.columns:
+        raise ValueError("the per-user frame has no target_in_candidates column: build it with Inspector.evaluate "
+                         "or baselines.evaluate_baseline")
+    found = per_user.groupby("user_id", sort=False)["target_in_candidates"].all()
+    return CandidateRecall(found=int(found.sum()), users=len(found), source=source, count=count)
 
 
 @dataclass(frozen=True)

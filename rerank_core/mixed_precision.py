@@ -48,7 +48,19 @@ def _prepacked_matmuls_available(dtype: torch.dtype) -> bool:
 
 @contextmanager
 def _forward_replaced(module: torch.nn.Module, forward: Any) -> Iterator[None]:
-    """`module` computes `forward` instead of its own until the block ends (an instance attribute, then deleted)."""
+    """`module` computes `forward` instead of its own until the block ends (an instance attribute, then deleted).
+
+    A module of a split model already has accelerate's forward (moving inputs, loading offloaded weights), which
+    calls the module's own as `_old_forward`: that one is replaced instead, so accelerate's part still runs.
+    """
+    if not _replaceable(module) and hasattr(module, "_old_forward"):
+        original = module._old_forward
+        module._old_forward = forward
+        try:
+            yield
+        finally:
+            module._old_forward = original
+        return
     module.forward = forward
     try:
         yield

@@ -22,14 +22,12 @@ import pandas as pd
 from rerank_core.compare import REFERENCE, movers
 from rerank_core.data.dataset import Dataset
 from rerank_core.display import visible_text
+from rerank_core.figures import HEADLINE_METRICS, difference_figure, letter_figure, scatter_figure
 from rerank_core.inspector import InspectSettings, UserInspection
+from rerank_core.metrics import ALL_USERS, candidate_recall
 
 __all__ = ["comparison_report", "inspection_report", "plotly_js_path"]
 
-TRUTH_COLOR = "#e8590c"
-BAR_COLOR = "#4c78a8"
-SYSTEM_COLORS = ("#868e96", "#1c7ed6", "#2f9e44", "#ae3ec9", "#f08c00", "#c2255c", "#0c8599")
-_HEADLINE_METRICS = ("NDCG@10", "Recall@10", "MRR@10")
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 24px auto;
@@ -123,29 +121,6 @@ def _settings_frame(settings: InspectSettings, extra: dict[str, Any]) -> pd.Data
 # -- one user ---------------------------------------------------------------------------------
 
 
-def letter_figure(inspection: UserInspection) -> dict[str, Any]:
-    """Letter probabilities, every letter labelled; the ground truth is coloured and marked by an arrow."""
-    prepared = inspection.prepared
-    letters = list(prepared.prompt.letters)
-    probs = [float(value) for value in inspection.scores.letter_probs]
-    truth = prepared.candidates.target_index
-    colors = [TRUTH_COLOR if index == truth else BAR_COLOR for index in range(len(letters))]
-    layout: dict[str, Any] = {
-        "title": {"text": f"Letter probabilities ({inspection.system}, preset {inspection.settings.preset.name})"},
-        "xaxis": {"title": {"text": "letter"}, "tickmode": "array", "tickvals": letters, "ticktext": letters,
-                  "tickangle": 0, "type": "category"},
-        "yaxis": {"title": {"text": "probability among the letters"}, "rangemode": "tozero"},
-        "template": "plotly_white", "height": 380, "showlegend": False, "margin": {"t": 50},
-    }
-    if truth is not None:
-        layout["annotations"] = [{"x": letters[truth], "y": probs[truth], "text": f"ground truth {probs[truth]:.3f}",
-                                  "showarrow": True, "arrowhead": 2, "ax": 0, "ay": -40,
-                                  "font": {"color": TRUTH_COLOR}}]
-    return {"data": [{"type": "bar", "x": letters, "y": probs, "marker": {"color": colors},
-                      "name": "probability", "hovertemplate": "%{x}: %{y:.4f}<extra></extra>"}],
-            "layout": layout}
-
-
 def inspection_report(inspection: UserInspection, dataset: Dataset, *, model: str = "",
                       special_tokens: Sequence[str] = ()) -> str:
     """Everything Inspect shows for one user and system, as one HTML document."""
@@ -190,67 +165,27 @@ def inspection_report(inspection: UserInspection, dataset: Dataset, *, model: st
 
 
 def _metrics_frame(summary: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
+    """One row per run (and population, where the two differ): means, paired differences, counts."""
+    both = bool((summary["population"] != ALL_USERS).any())
     rows = []
-    for system, group in summary.groupby("system", sort=False):
+    for (system, population), group in summary.groupby(["system", "population"], sort=False):
         by_metric = group.set_index("metric")
         first = group.iloc[0]
-        row = {"system": system, "preset": first["preset"], "users": int(first["n"]),
-               "compared with": "-" if first["comparison"] == REFERENCE
+        row = {"system": system, "preset": first["preset"], **({"population": population} if both else {}),
+               "users": int(first["n"]), "compared with": "-" if first["comparison"] == REFERENCE
                else f"{first['reference']} ({first['comparison']})"}
         for metric in metrics:
             item = by_metric.loc[metric]
-            row[metric] = f"{item['mean']:.4f}"
-            if first["comparison"] != REFERENCE:
+            row[metric] = "-" if math.isnan(item["mean"]) else f"{item['mean']:.4f}"
+            if first["comparison"] != REFERENCE and not math.isnan(item["difference"]):
                 row[f"Δ {metric} [95% CI]"] = (f"{item['difference']:+.4f} [{item['ci_low']:+.4f}, "
                                                f"{item['ci_high']:+.4f}]")
         ndcg = by_metric.loc["NDCG@10"]
-        if first["comparison"] != REFERENCE:
+        if first["comparison"] != REFERENCE and int(first["n"]):
             row["improved / unchanged / worsened (NDCG@10)"] = (
                 f"{int(ndcg['improved'])} / {int(ndcg['unchanged'])} / {int(ndcg['worsened'])}")
         rows.append(row)
     return pd.DataFrame(rows).fillna("")
-
-
-def difference_figure(summary: pd.DataFrame, metrics: Sequence[str] = _HEADLINE_METRICS) -> dict[str, Any]:
-    """Each compared run's paired difference to its reference, with the 95% CI as error bars."""
-    compared = summary[summary["comparison"] != REFERENCE]
-    data = []
-    for index, (system, group) in enumerate(compared.groupby("system", sort=False)):
-        by_metric = group.set_index("metric").loc[list(metrics)]
-        reference = group["reference"].iloc[0]
-        data.append({"type": "bar", "name": f"{system} − {reference}", "x": list(metrics),
-                     "y": by_metric["difference"].tolist(),
-                     "error_y": {"type": "data", "symmetric": False,
-                                 "array": (by_metric["ci_high"] - by_metric["difference"]).tolist(),
-                                 "arrayminus": (by_metric["difference"] - by_metric["ci_low"]).tolist()},
-                     "marker": {"color": SYSTEM_COLORS[(index + 1) % len(SYSTEM_COLORS)]}})
-    return {"data": data, "layout": {
-        "title": {"text": "Paired difference to the reference (95% bootstrap CI)"}, "barmode": "group",
-        "yaxis": {"title": {"text": "difference"}, "zeroline": True}, "template": "plotly_white",
-        "height": 380, "showlegend": True, "legend": {"orientation": "h", "y": -0.15}}}
-
-
-def scatter_figure(per_user: pd.DataFrame, summary: pd.DataFrame) -> dict[str, Any]:
-    """Ground-truth probability per user: each run (y) against its own reference (x)."""
-    by_label = {label: frame.set_index("user_id") for label, frame in per_user.groupby("system", sort=False)}
-    compared = summary[(summary["comparison"] != REFERENCE) & (summary["metric"] == "NDCG@10")]
-    data = []
-    for index, item in enumerate(compared.itertuples()):
-        joined = by_label[item.reference].merge(by_label[item.system], left_index=True, right_index=True,
-                                                suffixes=("_reference", ""))
-        data.append({"type": "scatter", "mode": "markers", "name": f"{item.system} vs {item.reference}",
-                     "x": joined["truth_probability_reference"].astype(float).tolist(),
-                     "y": joined["truth_probability"].astype(float).tolist(), "text": list(joined.index),
-                     "hovertemplate": "user %{text}<br>reference %{x:.3f}<br>run %{y:.3f}<extra></extra>",
-                     "marker": {"size": 7, "opacity": 0.75,
-                                "color": SYSTEM_COLORS[(index + 1) % len(SYSTEM_COLORS)]}})
-    data.append({"type": "scatter", "mode": "lines", "x": [0, 1], "y": [0, 1], "name": "no change",
-                 "line": {"dash": "dot", "color": "#adb5bd"}, "hoverinfo": "skip"})
-    return {"data": data, "layout": {
-        "title": {"text": "Ground-truth probability per user: reference (x) vs compared run (y)"},
-        "xaxis": {"title": {"text": "reference p(truth)"}, "range": [0, 1]},
-        "yaxis": {"title": {"text": "compared run p(truth)"}, "range": [0, 1]},
-        "template": "plotly_white", "height": 440, "legend": {"orientation": "h", "y": -0.2}}}
 
 
 def comparison_report(per_user: pd.DataFrame, summary: pd.DataFrame, settings: InspectSettings, *,
@@ -258,21 +193,26 @@ def comparison_report(per_user: pd.DataFrame, summary: pd.DataFrame, settings: I
     """compare_systems' results as one HTML document: settings, metrics with CIs, charts, movers."""
     users = int(summary["n"].iloc[0]) if len(summary) else 0
     settings_frame = _settings_frame(settings, {"dataset": dataset or "-", "model": model or "-", "users": users})
-    metrics = _metrics_frame(summary, _HEADLINE_METRICS)
-    all_means = summary.pivot_table(index="system", columns="metric", values="mean", sort=False).reset_index()
+    metrics = _metrics_frame(summary, HEADLINE_METRICS)
+    all_means = summary.pivot_table(index=["system", "population"], columns="metric", values="mean",
+                                    sort=False).reset_index()
     moved = movers(per_user, summary, count=mover_count)
+    recall = candidate_recall(per_user, settings.candidates.source, settings.candidates.count)
     sections = [
         "<h2>Settings</h2>" + _table(settings_frame),
-        "<h2>Metrics with paired 95% CIs</h2><p class=\"note\">Each run is paired with its reference on the same "
-        "users. An adapter is compared with the base scored on the adapter's own preset; the preset's effect on "
-        "the base is its own row.</p>" + _table(metrics),
+        "<h2>Metrics with paired 95% CIs</h2><p class=\"note\">" + html.escape(recall.describe())
+        + ". Each run is paired with its reference on the same users. An adapter is compared with the base scored "
+        "on the adapter's own preset; the preset's effect on the base is its own row.</p>" + _table(metrics),
         "<h2>Paired differences</h2><div class=\"chart\" id=\"differences\"></div>",
         "<h2>Ground-truth probability per user</h2><div class=\"chart\" id=\"scatter\"></div>",
         f"<h2>Most improved and most worsened users (up to {mover_count} each)</h2>" + _table(moved),
         "<h2>Every metric (means)</h2>" + _table(all_means),
     ]
-    figures = {"differences": difference_figure(summary), "scatter": scatter_figure(per_user, summary)}
+    scatter = scatter_figure(per_user, summary)
+    figures = {"differences": difference_figure(summary), **({"scatter": scatter} if scatter else {})}
     if summary["comparison"].eq(REFERENCE).all():
         sections[2:4] = ["<p class=\"note\">One system only: no paired difference to chart.</p>"]
         figures = {}
+    elif scatter is None:
+        sections[3] = "<p class=\"note\">No compared run has a ground-truth probability to chart.</p>"
     return _page(f"Compare: {', '.join(dict.fromkeys(summary['system']))} on {users} users", sections, figures)

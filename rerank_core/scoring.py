@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,10 +11,12 @@ import torch
 from cachetools import LRUCache
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from rerank_core.answer_slot import common_prefix
 from rerank_core.limits import check_limit
 from rerank_core.mixed_precision import mixed_precision
+from rerank_core.placement import input_device
 
-__all__ = ["LetterScores", "ScoreCache", "common_prefix_length", "score_token_ids"]
+__all__ = ["DEFAULT_TOKEN_BUDGET", "LetterScores", "ScoreCache", "common_prefix_length", "score_token_ids"]
 
 
 @dataclass(frozen=True)
@@ -38,33 +41,64 @@ _LENGTH_BUCKET = 32
 # times; a finer bucket wastes at most 7 tokens a row where 32 wasted up to 31 (24 of 168 for user u0001).
 _SUFFIX_BUCKET = 8
 
-
 # A common prefix shorter than this is not worth a forward pass of its own.
 _MIN_SHARED_PREFIX = 32
+# ... nor one that is a small part of the prompts: the suffixes then attend through an explicit mask, which
+# PyTorch's CPU attention runs ~1.7x slower than its plain causal path (1,500-token prompts sharing only their
+# chat header: slower shared than from scratch).
+_MIN_SHARED_SHARE = 0.25
+
+# Padded tokens per forward pass by default: long prompts go in small batches, short ones up to batch_size.
+# From ~512 tokens a pass keeps the matmuls busy by itself; more rows only add activation memory.
+DEFAULT_TOKEN_BUDGET = 4096
 
 
-def _pad_left(batch: Sequence[Sequence[int]], pad_id: int,
-              bucket: int = _LENGTH_BUCKET) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad_right(batch: Sequence[Sequence[int]], pad_id: int, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows padded on the right to a length bucket, and each row's last real position.
+
+    Causal attention never lets a real token see the pads after it, so no padding mask is needed: the model
+    takes PyTorch's plain causal attention path, faster than a masked one, and positions count from 0 as alone.
+    """
     longest = -(-max(len(ids) for ids in batch) // bucket) * bucket
     input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
     for row, ids in enumerate(batch):
-        input_ids[row, longest - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, longest - len(ids):] = 1
-    return input_ids, attention_mask
+        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return input_ids, torch.tensor([len(ids) - 1 for ids in batch], dtype=torch.long)
 
 
-def _forward(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-             cache: Any = None, *, keep_cache: bool = False) -> Any:
-    """One forward pass returning the last position's logits (in fp32 for a bf16 model: see mixed_precision)."""
-    device = next(model.parameters()).device
-    with mixed_precision(model):
+@contextmanager
+def _head_reads(head: torch.nn.Module, last: torch.Tensor, kept: torch.Tensor) -> Iterator[None]:
+    """The head projects each row's own last position only (of the `kept` positions the model hands it)."""
+    column = torch.searchsorted(kept, last)
+
+    def pick(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        hidden = args[0]
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return (hidden[rows, column.to(hidden.device)].unsqueeze(1), *args[1:])
+
+    handle = head.register_forward_pre_hook(pick)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _forward(model: Any, input_ids: torch.Tensor, last: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             position_ids: torch.Tensor | None = None, cache: Any = None, *, keep_cache: bool = False) -> Any:
+    """One forward pass returning each row's logits at `last` (in fp32 for a bf16 model: see mixed_precision)."""
+    device = input_device(model)  # a model split over devices has no single device: inputs go to the embedding's
+    kept = torch.unique(last)  # sorted; the model keeps these positions, the head reads one per row
+    if attention_mask is None:  # all ones: the model's mask helper then asks SDPA for its causal path
+        attention_mask = torch.ones_like(input_ids)
+    if position_ids is None:
+        position_ids = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+    with mixed_precision(model), _head_reads(model.get_output_embeddings(), last, kept):
         # `cache` only when there is one: a model with its own code may not know the argument.
         return model(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
             position_ids=position_ids.to(device),
-            logits_to_keep=1,
+            logits_to_keep=kept.to(device),
             use_cache=keep_cache or cache is not None,
             **({} if cache is None else {"cache": cache}),
         )
@@ -72,54 +106,63 @@ def _forward(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
 
 @torch.inference_mode()
 def _last_position_logits(model: Any, batch: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
-    input_ids, attention_mask = _pad_left(batch, pad_id)
-    # Left padding shifts positions; give each row positions counted from its first real token,
-    # so a padded prompt sees exactly the positions it would see alone.
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    return _forward(model, input_ids, attention_mask, position_ids).logits[:, -1, :].float()
+    input_ids, last = _pad_right(batch, pad_id, _LENGTH_BUCKET)
+    return _forward(model, input_ids, last).logits[:, -1, :].float()
 
 
 @dataclass(frozen=True)
 class _SharedPrefix:
-    """A prefix's key/value cache (batch 1, left-padded to a length bucket) and its attention mask."""
+    """A prefix's key/value cache (batch 1, its exact length) and its length."""
 
     layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
-    attention_mask: torch.Tensor
     length: int
 
 
 @torch.inference_mode()
 def _run_prefix(model: Any, prefix: Sequence[int], pad_id: int) -> _SharedPrefix | None:
     """Run the prefix once; None when the model's cache is not the plain kind this path knows how to copy."""
-    input_ids, attention_mask = _pad_left([prefix], pad_id)
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    cache = getattr(_forward(model, input_ids, attention_mask, position_ids, keep_cache=True), "cache", None)
+    # Unpadded: pads in the cache would need a mask on every suffix pass. One shape per prefix length is fine:
+    # a prefix runs once per scoring call.
+    input_ids = torch.tensor([list(prefix)], dtype=torch.long)
+    cache = getattr(_forward(model, input_ids, torch.tensor([len(prefix) - 1]), keep_cache=True), "cache", None)
     # No cache, or sliding-window or quantized layers that keep other state than keys and values: from scratch.
     if cache is None or any(type(layer) is not DynamicLayer for layer in getattr(cache, "layers", [None])):
         return None
-    return _SharedPrefix(tuple((layer.keys, layer.values) for layer in cache.layers), attention_mask, len(prefix))
+    return _SharedPrefix(tuple((layer.keys, layer.values) for layer in cache.layers), len(prefix))
 
 
 @torch.inference_mode()
 def _suffix_logits(model: Any, shared: _SharedPrefix, suffixes: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
-    """The suffixes run against one copy of the prefix cache per row; pads sit between prefix and suffix."""
+    """The suffixes, right-padded, run against one copy of the prefix cache per row."""
     rows = len(suffixes)
-    input_ids, suffix_mask = _pad_left(suffixes, pad_id, _SUFFIX_BUCKET)
-    attention_mask = torch.cat([shared.attention_mask.expand(rows, -1), suffix_mask], dim=1)
-    position_ids = shared.length + (suffix_mask.cumsum(dim=1) - 1).clamp(min=0)
+    input_ids, last = _pad_right(suffixes, pad_id, _SUFFIX_BUCKET)
+    attention_mask = torch.ones((rows, shared.length + input_ids.shape[1]), dtype=torch.long)
+    position_ids = shared.length + torch.arange(input_ids.shape[1]).expand_as(input_ids)
     cache = DynamicCache(ddp_cache_data=[(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1))
                                          for keys, values in shared.layers])
-    return _forward(model, input_ids, attention_mask, position_ids, cache).logits[:, -1, :].float()
+    return _forward(model, input_ids, last, attention_mask, position_ids, cache).logits[:, -1, :].float()
+
+
+def _batches(lengths: Sequence[int], order: Sequence[int], batch_size: int, token_budget: int,
+             bucket: int) -> list[list[int]]:
+    """Consecutive runs of `order` (shortest first), each at most batch_size rows and token_budget padded
+    tokens (a prompt longer than the budget goes alone)."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        padded = -(-lengths[index] // bucket) * bucket  # the longest so far: the order is by length
+        if current and (len(current) >= batch_size or (len(current) + 1) * padded > token_budget):
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
 
 
 def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     """Tokens every prompt starts with, leaving each prompt at least one token of its own."""
-    first, last = min(map(tuple, prompts)), max(map(tuple, prompts))  # lexicographic extremes bound the prefix
-    length = 0
-    limit = min(len(ids) for ids in prompts) - 1
-    while length < limit and first[length] == last[length]:
-        length += 1
-    return length
+    return min(len(common_prefix(prompts)), min(len(ids) for ids in prompts) - 1)
 
 
 def score_token_ids(
@@ -131,9 +174,11 @@ def score_token_ids(
     batch_size: int = 8,
     top_other: int = 5,
     share_prefix: bool = True,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
 ) -> list[LetterScores]:
     """Score tokenized prompts: letter logits, softmax over letters, letter mass, top other tokens.
 
+    Prompts are sorted by length and batched up to `batch_size` rows and `token_budget` padded tokens a pass.
     With `share_prefix`, a token prefix common to all prompts (system prompt, instruction, history) runs once
     and only the rest of each prompt runs against its key/value cache: the same scores, computed once.
     """
@@ -142,6 +187,7 @@ def score_token_ids(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     check_limit("top_other", top_other)
+    check_limit("token_budget", token_budget)
     empty = [index for index, ids in enumerate(prompts) if len(ids) == 0]
     if empty:
         raise ValueError(f"prompt(s) {empty} have no tokens: nothing to score; check the rendered text")
@@ -153,13 +199,15 @@ def score_token_ids(
     shared = None
     if share_prefix and len(prompts) > 1:
         length = common_prefix_length(prompts)
-        if length >= _MIN_SHARED_PREFIX:
+        if length >= max(_MIN_SHARED_PREFIX, _MIN_SHARED_SHARE * min(len(ids) for ids in prompts)):
             shared = _run_prefix(model, prompts[0][:length], pad_id)
     # Sort by length so each batch pads little; results go back in the caller's order.
     order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]))
+    skipped = 0 if shared is None else shared.length
+    lengths = [len(ids) - skipped for ids in prompts]
     results: list[LetterScores | None] = [None] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+    for chunk in _batches(lengths, order, batch_size, token_budget,
+                          _LENGTH_BUCKET if shared is None else _SUFFIX_BUCKET):
         if shared is None:
             logits = _last_position_logits(model, [prompts[index] for index in chunk], pad_id).cpu()
         else:

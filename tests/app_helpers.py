@@ -8,37 +8,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import build_tiny_llama, make_toy_dataset
+from conftest import build_tiny_llama, make_toy_dataset, save_tiny_model, write_csv_dataset
 
 from rerank_app.context import AppConfig, AppContext, DatasetEntry, ModelEntry
 from rerank_app.jobs import JobRunner
 from rerank_core.adapters import MANIFEST_FILE
-from rerank_core.data.dataset import Dataset
 from rerank_core.data.loaders import load_dataset
 from rerank_core.models import LoadedModel
 
 # A fine-tune that takes seconds on a tiny model: few samples, no validation.
 TINY_TRAINING = {"max_samples": 16, "eval_users": 0, "batch_size": 4, "candidates": 10}
-
-
-def write_csv_dataset(dataset: Dataset, folder: Path) -> Path:
-    """The bundled CSV format (items.csv + interactions.csv), loadable by load_dataset."""
-    folder.mkdir(parents=True, exist_ok=True)
-    items = ["item_id,title,caption,summary"]
-    items += [f"{item.item_id},{item.title},{item.caption},{item.summary}" for item in dataset.items.values()]
-    events = ["user_id,item_id,timestamp"]
-    for user, sequence in dataset.sequences.items():
-        events += [f"{user},{item},{1_600_000_000 + 3600 * step}" for step, item in enumerate(sequence)]
-    (folder / "items.csv").write_text("\n".join(items) + "\n", encoding="utf-8")
-    (folder / "interactions.csv").write_text("\n".join(events) + "\n", encoding="utf-8")
-    return folder
-
-
-def save_tiny_model(tokenizer: Any, folder: Path, *, seed: int = 0) -> Path:
-    """A tiny Llama over the tokenizer, saved as safetensors with its tokenizer: a real model folder."""
-    build_tiny_llama(tokenizer, seed=seed).save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def make_adapter(loaded: LoadedModel, root: Path, name: str, *, preset: str | None = None,

@@ -1,10 +1,15 @@
-"""Shared fixtures: real tokenizers, tiny Llama models built on them, and a small hand-made dataset."""
+"""Shared fixtures: real tokenizers, tiny Llama models built on them, a small hand-made dataset, and the model and
+data folders, training settings and prompts that several test modules use."""
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 import random
 import shutil
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +17,11 @@ import torch
 
 from rerank_core.data.dataset import Dataset, Item
 from rerank_core.models import LoadedModel, load_tokenizer, model_fingerprint
+from rerank_core.prompts import build_prompt, encode_rendered, get_preset
+from rerank_core.scoring import LetterScores
+from rerank_core.training.config import TRAINING_PRESETS, TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
 LLAMA2_MODEL = FIXTURES / "tokenizers" / "llama2" / "tokenizer.model"
@@ -105,3 +115,83 @@ def make_toy_dataset(users: int = 30, items: int = 120, length: int = 12, seed: 
 @pytest.fixture
 def toy_dataset() -> Dataset:
     return make_toy_dataset()
+
+
+# -- CLI runs and training ---------------------------------------------------------------------
+
+def tiny_config(**overrides) -> TrainConfig:
+    """Small prompts and few samples: a tiny-model run takes a second or two."""
+    settings = {"max_samples": 12, "candidates": 5, "batch_size": 4, "epochs": 1.0, "eval_users": 0,
+                "eval_every": 0, "max_prompt_tokens": 160, "warmup": 0.0}
+    settings.update(overrides)
+    return replace(TRAINING_PRESETS["quick"], **settings)  # replace, unlike training_config, can set None
+
+
+def write_csv_dataset(dataset, folder: Path) -> Path:
+    """The dataset as the bundled items.csv / interactions.csv pair, for CLI runs in a subprocess."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "items.csv", "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["item_id", "title", "caption", "summary"])
+        for item in dataset.items.values():
+            writer.writerow([item.item_id, item.title, item.caption, item.summary])
+    with open(folder / "interactions.csv", "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["user_id", "item_id", "timestamp"])
+        for user, sequence in dataset.sequences.items():
+            for position, item in enumerate(sequence):
+                writer.writerow([user, item, 1_600_000_000 + position * 3600])
+    return folder
+
+
+def save_tiny_model(tokenizer, folder: Path, *, seed: int = 0) -> Path:
+    """A tiny Llama and its tokenizer, saved as safetensors: a real model folder `--model` can load."""
+    build_tiny_llama(tokenizer, seed=seed).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(smol_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(smol_tokenizer, tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def toy_data_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_csv_dataset(make_toy_dataset(), tmp_path_factory.mktemp("toy-data"))
+
+
+def cli_command(model: Path, data: Path, root: Path, *extra: str) -> list[str]:
+    """A `train` command line for a subprocess, sized for a tiny model."""
+    return [sys.executable, "-m", "rerank_core.cli.train", "train", "--model", str(model), "--data", str(data),
+            "--dtype", "fp32", "--device", "cpu", "--adapters-dir", str(root), "--no-progress",
+            "--candidates", "5", "--max-prompt-tokens", "160", "--eval-users", "0", *extra]
+
+
+def cli_env() -> dict[str, str]:
+    """The environment of a CLI subprocess: this checkout on the path, one thread per process."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+# -- scoring --------------------------------------------------------------------------------------
+
+def toy_prompts(tokenizer, count: int = 10) -> list[list[int]]:
+    """Real seed prompts of different lengths (histories of 1 to `count` items)."""
+    dataset = make_toy_dataset()
+    titles = [dataset.text(item) for item in sorted(dataset.items)]
+    prompts = []
+    for index in range(count):
+        history = titles[index:index + 1 + index * 2]
+        built = build_prompt(tokenizer, get_preset("seed"), history, titles[50:54])
+        prompts.append(encode_rendered(tokenizer, get_preset("seed"), built.rendered))
+    return prompts
+
+
+def letter_ids(tokenizer) -> list[int]:
+    """The token IDs of A-D."""
+    return [tokenizer.convert_tokens_to_ids(letter) for letter in "ABCD"]
+
+
+def probabilities(scores: list[LetterScores]) -> torch.Tensor:
+    """The letter probabilities of every scored prompt, one row each."""
+    return torch.tensor([score.letter_probs for score in scores])

@@ -21,13 +21,13 @@ from rerank_core.models import load_model
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer):
     context = make_context(tmp_path_factory.mktemp("app"), smol_tokenizer)
-    make_adapter(context.loaded("tiny-llama"), context.config.adapters_root, "lora-a")
+    make_adapter(context.models.loaded("tiny-llama"), context.config.adapters_root, "lora-a")
     demo = build_app(context)
     port = free_port()
     launch(demo, port=port, block=False)
     client = Client(f"http://127.0.0.1:{port}/", verbose=False)
     yield context, client
-    context.jobs.wait(timeout=60)
+    context.finetune.jobs.wait(timeout=60)
     demo.close()
 
 
@@ -52,7 +52,7 @@ def test_inspect_scores_a_user_exactly_like_the_core(served) -> None:
     assert len(history["data"]) == 11  # a 12-item sequence: all but the test target
 
     payload = client.predict(user_id="u03", count=12, api_name="/inspect_json")
-    fresh = Inspector(context.dataset("toy").dataset, load_model(context.model_path("tiny-llama")))
+    fresh = Inspector(context.datasets.get("toy").dataset, load_model(context.models.path("tiny-llama")))
     expected = fresh.inspect("u03", make_settings(count=12))
     assert [row["probability"] for row in payload["candidates"]] == pytest.approx(
         list(expected.scores.letter_probs), abs=1e-5)
@@ -77,7 +77,7 @@ def test_compare_on_one_user_and_on_many(served) -> None:
     assert [trace["name"] for trace in json.loads(chart["plot"])["data"]] == [BASE, "lora-a"]
     counts, metrics, differences, scatter, movers, _ = client.predict(
         adapters=["lora-a"], users=10, count=10, api_name="/compare")
-    assert json.loads(scatter["plot"])["data"][0]["name"] == "lora-a"
+    assert json.loads(scatter["plot"])["data"][0]["name"] == "lora-a vs base"
     assert [row[0] for row in metrics["data"]] == [BASE, "lora-a", "random", "popularity", "retriever"]
     assert len(differences["data"]) == 9 * 4 and "improved" in counts  # the adapter and 3 baselines vs base
     assert all(row[1] == "lora-a" for row in movers["data"])
@@ -87,7 +87,7 @@ def test_compare_on_one_user_and_on_many(served) -> None:
 
 def test_training_preview_lists_tokens_and_their_loss(served) -> None:
     _, client = served
-    preview = client.predict(candidates=10, prompt_preset="seed_after", api_name="/training_preview")
+    preview = client.predict(candidates=10, preset="seed_after", api_name="/training_preview")
     answer = preview["caption"].split("answer letter '")[1][0]
     flags = [token["loss"] for token in preview["tokens"]]
     first = flags.index(True)
@@ -107,7 +107,7 @@ def test_fine_tune_start_refuses_a_second_run_and_cancels(served) -> None:
         time.sleep(0.5)
         status = client.predict(api_name="/finetune_status")
     assert status["state"] == "cancelled", status
-    assert "api-run" not in context.adapter_names("tiny-llama")
+    assert "api-run" not in context.models.adapter_names("tiny-llama")
     with pytest.raises(Exception, match="not allowed"):
         client.predict(name="../outside", api_name="/start_finetune")
 

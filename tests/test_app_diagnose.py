@@ -23,7 +23,7 @@ DIAGNOSE_ENDPOINTS = {"/diagnose_position_bias", "/diagnose_position_bias_users"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer):
     context = make_context(tmp_path_factory.mktemp("diagnose"), smol_tokenizer)
-    make_adapter(context.loaded("tiny-llama"), context.config.adapters_root, "lora-a")
+    make_adapter(context.models.loaded("tiny-llama"), context.config.adapters_root, "lora-a")
     demo = build_app(context)
     port = free_port()
     launch(demo, port=port, block=False)
@@ -75,7 +75,7 @@ def test_position_bias_for_one_user_matches_the_core(served) -> None:
     assert "**User u03 · base" in note and "6 orders" in note and "stability" in note
     assert len(items["data"]) == 6 and sum(row[3] == "★ truth" for row in items["data"]) == 1
 
-    fresh = Inspector(context.dataset("toy").dataset, load_model(context.model_path("tiny-llama")))
+    fresh = Inspector(context.datasets.get("toy").dataset, load_model(context.models.path("tiny-llama")))
     expected = fresh.inspect("u03", make_settings(count=6))
     shown = {row[1]: row[4] for row in items["data"]}
     assert [shown[item] for item in expected.prepared.candidates.item_ids] == pytest.approx(
@@ -110,7 +110,7 @@ def test_history_influence_has_a_row_per_prompt_history_item_and_highlights_the_
     chart, table = client.predict(
         "toy", "tiny-llama", "test", "random", "seed", "as_trained", "title", 6, 0, True, "", BASE, "u03",
         api_name="/diagnose_history")
-    with context.using("toy", "tiny-llama") as inspector:
+    with context.inspections.using("toy", "tiny-llama") as inspector:
         prepared = inspector.prepare("u03", make_settings(count=6))
     shown = prepared.split.history[prepared.prompt.dropped_history:]
     assert [row[1] for row in table["data"]] == list(shown)

@@ -23,7 +23,7 @@ PICKERS = Pickers(dataset="toy", model="tiny-llama", count=6)
 @pytest.fixture(scope="module")
 def context(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer):
     context = make_context(tmp_path_factory.mktemp("handlers"), smol_tokenizer)
-    make_adapter(context.loaded("tiny-llama"), context.config.adapters_root, "lora-a")
+    make_adapter(context.models.loaded("tiny-llama"), context.config.adapters_root, "lora-a")
     return context
 
 
@@ -51,7 +51,7 @@ def test_inspect_rebuilds_the_view_only_when_the_inspection_or_the_order_changes
     assert by_probability is not first and by_probability[chart] is not first[chart]
     other_user = inspect_tab.inspect(context, PICKERS, BASE, "u05")
     assert other_user[0] != first[0]
-    context._inspections = type(context._inspections)(256)  # as if re-scored (e.g. a retrained adapter)
+    context.inspections.clear_cache()  # as if re-scored (e.g. a retrained adapter)
     rescored = inspect_tab.inspect(context, PICKERS, BASE, "u04")
     assert rescored is not first and rescored[0] == first[0]
 
@@ -83,7 +83,7 @@ def test_compare_user_handler_shows_every_system(context) -> None:
 
 def test_diagnose_handlers_check_names_like_inspect(context) -> None:
     note, heatmap, *_ = diagnose.diagnose_position_bias(context, PICKERS, BASE, " u03 ")
-    with context.using("toy", "tiny-llama") as inspector:
+    with context.inspections.using("toy", "tiny-llama") as inspector:
         expected = position_bias(inspector, "u03", PICKERS.settings())
     assert "User u03" in note and len(heatmap.data[0].z) == len(expected.item_ids)
     with pytest.raises(SessionError, match="not in dataset toy"):
@@ -138,7 +138,8 @@ def _quiet(*args, **kwargs) -> None:
 
 
 def test_compare_says_when_an_adapter_is_scored_on_another_item_text_than_it_learnt(context) -> None:
-    make_adapter(context.loaded("tiny-llama"), context.config.adapters_root, "lora-count", text_field="title_count")
+    make_adapter(context.models.loaded("tiny-llama"), context.config.adapters_root, "lora-count",
+                 text_field="title_count")
     counts = compare.compare(context, PICKERS, ["lora-count"], 10, progress=_quiet)[0]
     assert "ℹ adapter 'lora-count' was trained with item text 'title_count', scored here with 'title'" in counts
     assert "ℹ" not in compare.compare(context, PICKERS, ["lora-a"], 10, progress=_quiet)[0]

@@ -20,7 +20,7 @@ from rerank_core.baselines import random_expected_metrics
 def context(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer):
     context = make_context(tmp_path_factory.mktemp("real-data"), smol_tokenizer)
     real = next(entry for entry in builtin_datasets() if entry.name == REAL_DATASET)
-    context._datasets[REAL_DATASET] = DatasetEntry(real.name, real.dataset, real.path)
+    context.datasets.add(DatasetEntry(real.name, real.dataset, real.path))
     return context
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from app_helpers import custom_code_model, make_adapter, make_context, save_tiny_model, write_csv_dataset
-from conftest import build_tiny_llama, make_toy_dataset
+from app_helpers import custom_code_model, make_adapter, make_context
+from conftest import build_tiny_llama, make_toy_dataset, save_tiny_model, write_csv_dataset
 
 from rerank_app.context import SessionError
 from rerank_app.jobs import TrainRequest
@@ -25,7 +25,7 @@ from rerank_app.pickers import make_settings
 from rerank_core.adapters import AdapterError, check_adapter, list_adapters, publish_adapter, validate_adapter_name
 from rerank_core.candidates import CandidateConfig, CandidateSampler
 from rerank_core.cli import main as cli
-from rerank_core.data import loaders
+from rerank_core.data import reading
 from rerank_core.data.dataset import DataError
 from rerank_core.data.loaders import load_dataset
 from rerank_core.inspector import Inspector, InspectSettings
@@ -194,9 +194,9 @@ def test_a_10000_character_title_is_cut_with_a_warning_naming_file_and_line(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, smol_tokenizer) -> None:
     long_title = "Very " * 2000
     folder = write_pair(tmp_path, ITEMS.replace("Title 3\n", long_title.strip() + "\n"), EVENTS)
-    with caplog.at_level(logging.WARNING, logger="rerank_core.data.loaders"):
+    with caplog.at_level(logging.WARNING, logger="rerank_core.data.reading"):
         dataset = load_dataset(folder)
-    assert len(dataset.items["i3"].title) == loaders.MAX_TITLE_CHARS
+    assert len(dataset.items["i3"].title) == reading.MAX_TITLE_CHARS
     assert "items.csv: cut 1 title(s) longer than 1000 characters (first on line 4)" in caplog.text
     # The llamarec preset cuts each title to its token limit; the prompt stays short.
     prompt = build_prompt(smol_tokenizer, get_preset("llamarec"), [dataset.text("i3")], [dataset.text("i3"), "B"])
@@ -611,7 +611,7 @@ def test_eval_replaces_its_files_whole_and_a_failed_write_keeps_the_old_one(
 @pytest.fixture(scope="module")
 def app_context(smol_tokenizer, tmp_path_factory: pytest.TempPathFactory):
     context = make_context(tmp_path_factory.mktemp("bad-input-app"), smol_tokenizer)
-    make_adapter(context.loaded("tiny-llama"), context.config.adapters_root, "kept")
+    make_adapter(context.models.loaded("tiny-llama"), context.config.adapters_root, "kept")
     return context
 
 
@@ -641,9 +641,9 @@ def test_bad_app_field_is_refused_and_the_app_keeps_serving(name: str, change: d
             settings[key] = change.pop(key)
     before = snapshot(app_context.config.adapters_root)
     with pytest.raises(error, match=says.replace("(", r"\(").replace(")", r"\)")):
-        app_context.inspect(**{**request, **change}, settings=make_settings(**settings))
+        app_context.inspections.inspect(**{**request, **change}, settings=make_settings(**settings))
     assert snapshot(app_context.config.adapters_root) == before
-    assert app_context.inspect(**request, settings=make_settings(count=5)).rank is not None
+    assert app_context.inspections.inspect(**request, settings=make_settings(count=5)).rank is not None
 
 
 def test_upload_over_the_size_limit_is_refused_and_leaves_nothing(app_context, tmp_path: Path) -> None:
@@ -653,26 +653,27 @@ def test_upload_over_the_size_limit_is_refused_and_leaves_nothing(app_context, t
     small = tmp_path / "items.csv"
     small.write_text(ITEMS)
     before = snapshot(app_context.config.upload_root)
-    names = list(app_context.dataset_names)
+    names = list(app_context.datasets.names)
     with pytest.raises(DataError, match=r"file interactions.csv: the file is .* MiB, over the 0.0625 MiB upload "
                                         "limit: upload a subset"):
-        app_context.add_upload([small, big], "too-big")
-    assert snapshot(app_context.config.upload_root) == before and app_context.dataset_names == names
+        app_context.datasets.add_upload([small, big], "too-big")
+    assert snapshot(app_context.config.upload_root) == before and app_context.datasets.names == names
 
 
 def test_upload_names_are_sanitised_into_the_upload_area(app_context, tmp_path: Path) -> None:
     sources = tmp_path / "src"
     write_pair(sources, ITEMS, EVENTS)
     outside = snapshot(app_context.config.upload_root.parent)
-    entry = app_context.add_upload([sources / "items.csv", sources / "interactions.csv"], "../../etc/evil\n<b>")
+    entry = app_context.datasets.add_upload([sources / "items.csv", sources / "interactions.csv"],
+                                            "../../etc/evil\n<b>")
     upload_root = app_context.config.upload_root.resolve()
     assert entry.path.resolve().parent == upload_root
-    assert entry.name == "evil_b" and entry.name in app_context.dataset_names  # the last part, cleaned
+    assert entry.name == "evil_b" and entry.name in app_context.datasets.names  # the last part, cleaned
     assert sorted(path.name for path in entry.path.iterdir()) == ["interactions.csv", "items.csv"]
     created = set(snapshot(app_context.config.upload_root.parent)) - set(outside)
     assert all(path.startswith("uploads/") for path in created), created
     # A second upload under the same name never replaces the first.
-    again = app_context.add_upload([sources / "items.csv", sources / "interactions.csv"], "evil_b")
+    again = app_context.datasets.add_upload([sources / "items.csv", sources / "interactions.csv"], "evil_b")
     assert again.name == "evil_b-2" and (entry.path / "items.csv").is_file()
 
 
@@ -680,13 +681,13 @@ def test_bad_upload_content_names_the_file_as_the_user_knows_it(app_context, tmp
     folder = write_pair(tmp_path / "src", ITEMS, EVENTS + "u1,i6,yesterday\n")
     before = snapshot(app_context.config.upload_root)
     with pytest.raises(DataError) as caught:
-        app_context.add_upload([folder / "items.csv", folder / "interactions.csv"], "bad")
+        app_context.datasets.add_upload([folder / "items.csv", folder / "interactions.csv"], "bad")
     message = str(caught.value)
     assert "interactions.csv, line 7, field 'timestamp'" in message and "not a number" in message
     assert str(app_context.config.upload_root) not in message  # no server paths in what the client sees
     assert snapshot(app_context.config.upload_root) == before
     with pytest.raises(DataError, match="no file was uploaded"):
-        app_context.add_upload([], "nothing")
+        app_context.datasets.add_upload([], "nothing")
 
 
 def test_bad_fine_tune_form_values_are_refused_before_anything_starts(app_context) -> None:
@@ -694,18 +695,18 @@ def test_bad_fine_tune_form_values_are_refused_before_anything_starts(app_contex
         ({"lora_r": -1}, "lora_r must be a whole number from 1 to 4096, got -1"),
         ({"learning_rate": 0}, r"learning_rate must be in \(0, 1\], got 0"),
         ({"lora_dropout": 1.5}, r"lora_dropout must be in \[0, 1\)"),
-        ({"prompt_preset": "bogus"}, "prompt preset 'bogus' is not one of"),
+        ({"preset": "bogus"}, "prompt preset 'bogus' is not one of"),
         ({"output_dir": "/tmp/x"}, "unknown training setting"),
     ]
     runs_before = snapshot(app_context.config.runs_root)
     for overrides, says in cases:
         with pytest.raises(ValueError, match=says):
-            app_context.start_finetune("ok-name", "toy", "tiny-llama", "quick", overrides)
+            app_context.finetune.start("ok-name", "toy", "tiny-llama", "quick", overrides)
     for name in ("../evil", "a/b", "x\ny"):
         with pytest.raises(AdapterError, match="is not allowed"):
-            app_context.start_finetune(name, "toy", "tiny-llama", "quick", {"max_samples": 4})
+            app_context.finetune.start(name, "toy", "tiny-llama", "quick", {"max_samples": 4})
     with pytest.raises(AdapterError, match="adapter 'kept' already exists"):
-        app_context.start_finetune("kept", "toy", "tiny-llama", "quick", {"max_samples": 4})
+        app_context.finetune.start("kept", "toy", "tiny-llama", "quick", {"max_samples": 4})
     assert snapshot(app_context.config.runs_root) == runs_before
-    assert not app_context.jobs.status().active
+    assert not app_context.finetune.jobs.status().active
 

@@ -34,7 +34,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer):
     port = free_port()
     launch(demo, port=port, block=False)
     yield context, f"http://127.0.0.1:{port}/"
-    context.jobs.wait(timeout=60)
+    context.finetune.jobs.wait(timeout=60)
     demo.close()
 
 
@@ -94,10 +94,10 @@ def test_fine_tune_from_the_form_shows_progress_and_lists_the_adapter(browser, s
     except Exception:
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "debug-finetune.png"), full_page=True)
-        print("MESSAGE", page.locator("#finetune-message").inner_text(), context.jobs.status())
+        print("MESSAGE", page.locator("#finetune-message").inner_text(), context.finetune.jobs.status())
         raise
     assert "step 4/4" in page.locator("#finetune-progress").inner_text()
-    status = context.jobs.status()
+    status = context.finetune.jobs.status()
     assert status.state == "done" and status.evals == []  # the form's "eval users 0" reached the run
     # Both losses drawn and named in the legend; ln N beside the letter loss.
     loss = page.locator("#finetune-loss")
@@ -247,7 +247,7 @@ def test_enter_in_a_fine_tune_box_starts_the_run(browser, served) -> None:
     try:
         page.locator("#finetune-message").get_by_text("Started started-by-enter").wait_for(timeout=30_000)
     finally:  # the served app runs one fine-tune at a time: leave none running for the next test
-        if context.jobs.status().active:
-            context.jobs.cancel()
-        assert not context.jobs.wait(timeout=120).active
+        if context.finetune.jobs.status().active:
+            context.finetune.jobs.cancel()
+        assert not context.finetune.jobs.wait(timeout=120).active
     page.close()

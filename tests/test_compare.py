@@ -122,14 +122,37 @@ def test_the_compare_tab_names_each_reference(setup):
 
 def test_an_adapter_trained_on_another_item_text_is_flagged_not_switched(setup):
     inspector, _ = setup
-    effective, note = inspector.settings_for("counts", SETTINGS)
+    resolved = inspector.resolve("counts", SETTINGS)
+    effective, note = resolved.settings, resolved.note
     # Switching only the adapter's text would credit the count in the text to the fine-tune in Compare.
     assert effective.text_field == "title"
     assert "trained with item text 'title_count', scored here with 'title'" in note
-    counted, note = inspector.settings_for("counts", replace_preset(text_field="title_count"))
-    assert counted.text_field == "title_count" and "item text" not in note
-    assert "item text" not in inspector.settings_for("same", SETTINGS)[1]
+    counted = inspector.resolve("counts", replace_preset(text_field="title_count"))
+    assert counted.settings.text_field == "title_count" and "item text" not in counted.note
+    assert "item text" not in inspector.resolve("same", SETTINGS).note
     # Compare and eval list the same notes beside their tables (a mean cannot show them).
-    notes = adapter_notes(inspector, SETTINGS, ["base", "after", "same", "counts"])
+    notes = adapter_notes([inspector.resolve(name, SETTINGS) for name in ["base", "after", "same", "counts"]])
     assert len(notes) == 2
     assert "trained with preset 'seed_after'" in notes[0] and "item text 'title_count'" in notes[1]
+
+
+def test_a_comparison_checks_each_adapter_once(setup, monkeypatch):
+    """The adapter's manifest and weights are checked when the system is resolved, never again below."""
+    import rerank_core.systems as systems
+
+    inspector, users = setup
+    checked: list[str] = []
+    real_check = systems.check_adapter
+
+    def counting_check(loaded, name, root=None):
+        checked.append(name)
+        return real_check(loaded, name, root)
+
+    monkeypatch.setattr(systems, "check_adapter", counting_check)
+    resolved = [inspector.resolve(name, SETTINGS) for name in ["base", "counts"]]
+    assert checked == ["counts"]
+    compare_systems(inspector, users[:3], SETTINGS, resolved, bootstrap_samples=100)
+    inspector.inspect(users[0], SETTINGS, resolved[1])
+    assert checked == ["counts"]  # handed down: neither compare, evaluate, scoring nor loading checked it again
+    with pytest.raises(ValueError, match="resolved for other settings"):
+        inspector.inspect(users[0], replace_preset(text_field="title_count"), resolved[1])

@@ -8,9 +8,13 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-from test_training import cli_env, tiny_model_folder, toy_data_folder  # noqa: F401 - fixtures
+import pytest
+from conftest import cli_env
 
 LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+# torchrun starts two Python processes that each import torch and transformers: tens of seconds.
+pytestmark = pytest.mark.slow
 
 
 def eval_args(model: Path, data: Path, out: Path, users: int) -> list[str]:
@@ -23,7 +27,7 @@ def run(command: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=300)
 
 
-def test_two_processes_write_what_one_process_writes(tiny_model_folder, toy_data_folder, tmp_path):  # noqa: F811
+def test_two_processes_write_what_one_process_writes(tiny_model_folder, toy_data_folder, tmp_path):
     alone, launched = tmp_path / "one", tmp_path / "two"
     single = run([sys.executable, *eval_args(tiny_model_folder, toy_data_folder, alone, 9)])
     assert single.returncode == 0, single.stderr[-3000:]
@@ -44,7 +48,7 @@ def test_two_processes_write_what_one_process_writes(tiny_model_folder, toy_data
     pd.testing.assert_frame_equal(pd.DataFrame(first["rows"]), pd.DataFrame(second["rows"]), rtol=1e-5, atol=1e-6)
 
 
-def test_more_processes_than_users_is_a_clear_error(tiny_model_folder, toy_data_folder, tmp_path):  # noqa: F811
+def test_more_processes_than_users_is_a_clear_error(tiny_model_folder, toy_data_folder, tmp_path):
     out = tmp_path / "out"
     failed = run([*LAUNCH, *eval_args(tiny_model_folder, toy_data_folder, out, 1)])
     assert failed.returncode != 0

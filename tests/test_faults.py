@@ -19,15 +19,16 @@ from pathlib import Path
 import peft.peft_model
 import pytest
 import torch
-from app_helpers import TINY_TRAINING, make_adapter, save_tiny_model, wait_for_job, write_csv_dataset
-from conftest import make_toy_dataset, tiny_loaded
+from app_helpers import TINY_TRAINING, make_adapter, wait_for_job
+from conftest import make_toy_dataset, save_tiny_model, tiny_loaded, write_csv_dataset
 
 from rerank_app.jobs import JobBusy, JobRunner, TrainRequest
 from rerank_core.adapters import check_adapter, list_adapters
 from rerank_core.progress import CancelFlag, read_events
 from rerank_core.scoring import score_token_ids
-from rerank_core.training import trainer as training
-from rerank_core.training.trainer import train_adapter, training_config
+from rerank_core.training import manifest as training_manifest
+from rerank_core.training.config import training_config
+from rerank_core.training.run import train_adapter
 
 NO_SPACE = OSError(errno.ENOSPC, "No space left on device")
 
@@ -156,7 +157,7 @@ def _fail_manifest(monkeypatch: pytest.MonkeyPatch) -> None:
     def full_disk(path, text):
         raise NO_SPACE
 
-    monkeypatch.setattr(training, "atomic_write_text", full_disk)
+    monkeypatch.setattr(training_manifest, "atomic_write_text", full_disk)
 
 
 def _fail_publish(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -302,7 +303,7 @@ def test_prompt_lengths_share_a_few_padded_shapes(smol_tokenizer) -> None:
 
 def test_eval_outputs_appear_together_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """eval's CSV and summary go into one staging folder renamed into place: never one without the other."""
-    from rerank_core.cli.main import _check_output_dir
+    from rerank_core.cli.evaluate import _check_output_dir
     from rerank_core.fsutil import write_folder
 
     def snapshot(folder: Path) -> dict[str, str]:
@@ -344,5 +345,6 @@ def test_an_interrupted_uploads_staging_folder_is_removed_at_the_next_start(tmp_
     (stale / "items.csv").write_text("half a fi")
     alive = uploads / f".staging-{os.getpid()}-x2"  # a copy still in progress in a running app
     alive.mkdir()
-    type(context)(context.config, [context.dataset("toy")], [context.model_entry("tiny-llama")], jobs=context.jobs)
+    type(context)(context.config, [context.datasets.get("toy")], [context.models.entry("tiny-llama")],
+                  jobs=context.finetune.jobs)
     assert not stale.exists() and alive.exists()

@@ -26,12 +26,12 @@ def context(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer):
 
 def test_inspect_is_served_inside_a_long_diagnostic(context) -> None:
     """The inspect request that arrives during chunk 1 is answered before chunk 2 is scored."""
-    gate = context.gate("tiny-llama")
+    gate = context.models.gate("tiny-llama")
     answered = threading.Event()
     seen_at_chunk: list[bool] = []
 
     def inspect_now() -> None:
-        context.inspect("toy", "tiny-llama", BASE, "u05", PICKERS.settings())
+        context.inspections.inspect("toy", "tiny-llama", BASE, "u05", PICKERS.settings())
         answered.set()
 
     def progress(done: int, total: int) -> None:
@@ -41,7 +41,7 @@ def test_inspect_is_served_inside_a_long_diagnostic(context) -> None:
             while gate.waiting == 0 and not answered.is_set():
                 threading.Event().wait(0.005)
 
-    summary = context.position_bias_users("toy", "tiny-llama", BASE, 6, PICKERS.settings(),
+    summary = context.inspections.position_bias_users("toy", "tiny-llama", BASE, 6, PICKERS.settings(),
                                           OrderSpec(mode="permutations", count=40), progress=progress)
     assert len(summary.users) == 6
     # Not answered when user 1 finished (the request had only just arrived), answered by user 2.
@@ -50,11 +50,11 @@ def test_inspect_is_served_inside_a_long_diagnostic(context) -> None:
 
 # Long runs over users the app offers besides position bias, each with a user that no other test inspects.
 LONG_RUNS = {
-    "compare": (lambda context, progress: context.compare_users("toy", "tiny-llama", [], PICKERS.settings(), 30,
-                                                                progress=progress), "u08"),
-    "letter mass": (lambda context, progress: context.letter_mass("toy", "tiny-llama", [], 30, PICKERS.settings(),
-                                                                  progress=progress), "u09"),
-    "letter prior": (lambda context, progress: context.letter_prior("toy", "tiny-llama", BASE, 30,
+    "compare": (lambda context, progress: context.inspections.compare_users(
+        "toy", "tiny-llama", [], PICKERS.settings(), 30, progress=progress), "u08"),
+    "letter mass": (lambda context, progress: context.inspections.letter_mass(
+        "toy", "tiny-llama", [], 30, PICKERS.settings(), progress=progress), "u09"),
+    "letter prior": (lambda context, progress: context.inspections.letter_prior("toy", "tiny-llama", BASE, 30,
                                                                     PICKERS.settings(), "placeholder", "item",
                                                                     progress=progress), "u10"),
 }
@@ -65,12 +65,12 @@ def test_inspect_is_served_inside_a_long_run_over_users_at_diagnostic_granularit
     """Compare over 30 users (and letter mass and prior) steps aside every BACKGROUND_CHUNK users, as position bias
     does: the inspect request that arrives after the first chunk is answered before the second is scored."""
     long_run, user = LONG_RUNS[run]
-    gate = context.gate("tiny-llama")
+    gate = context.models.gate("tiny-llama")
     answered = threading.Event()
     seen: list[tuple[int, bool]] = []
 
     def inspect_now() -> None:
-        context.inspect("toy", "tiny-llama", BASE, user, PICKERS.settings())
+        context.inspections.inspect("toy", "tiny-llama", BASE, user, PICKERS.settings())
         answered.set()
 
     def progress(done: int, total: int) -> None:
@@ -100,7 +100,7 @@ def test_stop_ends_a_long_run_at_the_next_chunk_and_frees_the_model(context) -> 
                                               permutations=30, request=Request(), progress=progress)
     assert context.stops.running(session) == 0
     assert diagnose.stop_runs(context, Request()) == "Nothing is running."
-    context.inspect("toy", "tiny-llama", BASE, "u06", PICKERS.settings())  # the gate is free again
+    context.inspections.inspect("toy", "tiny-llama", BASE, "u06", PICKERS.settings())  # the gate is free again
 
 
 def test_gate_and_registry_units() -> None:
@@ -125,12 +125,12 @@ def test_every_picker_follows_new_adapters_and_uploads_come_back_after_a_restart
     first = refresh_pickers(context, "tiny-llama", None)
     unchanged = refresh_pickers(context, "tiny-llama", first[-1])
     assert len(first) == 7 and all(part == gr.skip() for part in unchanged[:6])  # nothing changed, nothing sent
-    make_adapter(context.loaded("tiny-llama"), context.config.adapters_root, "fresh")
+    make_adapter(context.models.loaded("tiny-llama"), context.config.adapters_root, "fresh")
     _single, diagnose_single, multi, _diagnose_multi, *_rest, key = refresh_pickers(context, "tiny-llama", first[-1])
     assert ("fresh", "fresh") in diagnose_single.choices and ("fresh", "fresh") in multi.choices
     assert "fresh" in key[1]
-    entry = context.add_upload([tmp_path / "toy" / "items.csv", tmp_path / "toy" / "interactions.csv"], "mine")
+    entry = context.datasets.add_upload([tmp_path / "toy" / "items.csv", tmp_path / "toy" / "interactions.csv"], "mine")
     assert entry.name in refresh_pickers(context, "tiny-llama", key)[-1][0]
     # A restart: a new context over the same folders offers the upload again.
-    restarted = AppContext(context.config, [context.dataset("toy")], [context.model_entry("tiny-llama")])
-    assert restarted.restore_uploads() == ["mine"] and "mine" in restarted.dataset_names
+    restarted = AppContext(context.config, [context.datasets.get("toy")], [context.models.entry("tiny-llama")])
+    assert restarted.datasets.restore_uploads() == ["mine"] and "mine" in restarted.datasets.names

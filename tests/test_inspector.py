@@ -20,8 +20,8 @@ from rerank_core.models import LoadedModel
 from rerank_core.prompts import get_preset
 from rerank_core.scoring import ScoreCache
 
-EVALUATE_COLUMNS = ["user_id", "system", "preset", "rank", "truth_probability", "letter_mass", "top1_letter",
-                    "prompt_tokens", *METRIC_NAMES]
+EVALUATE_COLUMNS = ["user_id", "system", "preset", "rank", "target_in_candidates", "truth_probability",
+                    "letter_mass", "top1_letter", "prompt_tokens", *METRIC_NAMES]
 
 
 def test_prepare_is_deterministic_and_negatives_are_never_touched(smol_tokenizer) -> None:

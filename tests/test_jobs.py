@@ -24,8 +24,8 @@ def context(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer):
 
 
 def _request(context, name: str, **options) -> TrainRequest:
-    return TrainRequest(name=name, model_path=context.model_path("tiny-llama"),
-                        data_path=str(context.dataset("toy").path), options={**TINY_TRAINING, **options})
+    return TrainRequest(name=name, model_path=context.models.path("tiny-llama"),
+                        data_path=str(context.datasets.get("toy").path), options={**TINY_TRAINING, **options})
 
 
 def _staging_folders(context) -> list[str]:
@@ -35,7 +35,7 @@ def _staging_folders(context) -> list[str]:
 
 def test_the_run_gets_paths_on_its_command_line_and_checked_settings_in_a_file(tmp_path: Path) -> None:
     request = TrainRequest("my-lora", "/models/m", "/data/d", options={
-        "learning_rate": 0.002, "prompt_preset": "seed_after", "max_samples": 0, "lora_r": 8.0})
+        "learning_rate": 0.002, "preset": "seed_after", "max_samples": 0, "lora_r": 8.0})
     argv = request.argv(tmp_path / "config.json", tmp_path / "events.jsonl", tmp_path / "cancel",
                         tmp_path / "adapters")
     assert argv[1:4] == ["-m", "rerank_core", "train"]
@@ -45,13 +45,13 @@ def test_the_run_gets_paths_on_its_command_line_and_checked_settings_in_a_file(t
         assert part in joined
     assert "--lr" not in joined and "--max-samples" not in joined  # settings go in the file, not the argv
     config = request.config()
-    assert (config.learning_rate, config.prompt_preset, config.max_samples, config.lora_r) == (
+    assert (config.learning_rate, config.preset, config.max_samples, config.lora_r) == (
         0.002, "seed_after", None, 8)
     assert isinstance(config.lora_r, int)
     refused = [
         ({"name": "../evil"}, AdapterError, "not allowed"),
         ({"options": {"output_dir": "/tmp/x"}}, ValueError, "unknown training setting"),
-        ({"options": {"prompt_preset": "--overwrite"}}, ValueError, "prompt preset '--overwrite' is not one of"),
+        ({"options": {"preset": "--overwrite"}}, ValueError, "prompt preset '--overwrite' is not one of"),
         ({"options": {"lora_r": -3}}, ValueError, "lora_r must be a whole number from 1 to 4096"),
         ({"options": {"lora_r": 2.5}}, ValueError, "lora_r must be a whole number"),
         ({"options": {"epochs": True}}, ValueError, "epochs must be a number"),
@@ -114,7 +114,7 @@ def test_restart_reattaches_to_a_live_run_which_blocks_a_second_start(context, t
 
 
 def test_a_real_fine_tune_runs_to_done_and_publishes_its_adapter(context) -> None:
-    runner = context.jobs
+    runner = context.finetune.jobs
     status = runner.start(_request(context, "tiny-done"))
     assert status.state == "running" and status.pid
     status = runner.wait(timeout=180)
@@ -122,7 +122,7 @@ def test_a_real_fine_tune_runs_to_done_and_publishes_its_adapter(context) -> Non
     assert status.letter_losses and status.total_losses and status.total_steps == 4 and status.step == 4
     assert status.uniform_loss == pytest.approx(math.log(10))
     assert status.result["path"] == str(context.config.adapters_root / "tiny-done")
-    assert "tiny-done" in context.adapter_names("tiny-llama")
+    assert "tiny-done" in context.models.adapter_names("tiny-llama")
     with pytest.raises(AdapterError, match="already exists"):
         runner.start(_request(context, "tiny-done"))
     with pytest.raises(AdapterError, match="without an adapter"):
@@ -130,7 +130,7 @@ def test_a_real_fine_tune_runs_to_done_and_publishes_its_adapter(context) -> Non
 
 
 def test_a_killed_run_is_reported_failed_then_a_new_run_cancels_cleanly(context) -> None:
-    runner = context.jobs
+    runner = context.finetune.jobs
     before = [info.name for info in list_adapters(context.config.adapters_root)]
     runner.start(_request(context, "tiny-killed", max_samples=0, epochs=4))
     status = wait_for_job(runner, lambda s: s.step >= 1 or not s.active, timeout=120)

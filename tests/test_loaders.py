@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rerank_core.data import loaders
+from rerank_core.data import loaders, reading
 from rerank_core.data.dataset import DataError, DataErrors
 from rerank_core.data.loaders import load_dataset
 
@@ -181,7 +181,7 @@ def test_amazon_drops_untitled_items_with_a_warning(tmp_path: Path, caplog: pyte
         {"reviewerID": "A", "asin": f"B{n}", "unixReviewTime": 100 + n} for n in range(4)])
     write_jsonl(tmp_path / "meta.jsonl", [{"asin": "B0", "title": "One"}, {"asin": "B1", "title": "Two"},
                                           {"asin": "B2", "title": "Three"}, {"asin": "B3", "title": ""}])
-    with caplog.at_level(logging.WARNING, logger="rerank_core.data.loaders"):
+    with caplog.at_level(logging.WARNING, logger="rerank_core.data.amazon"):
         dataset = loaders.load(tmp_path, None)
     assert dataset.sequences == {"A": ["B0", "B1", "B2"]}
     assert "dropped 1 review" in caplog.text
@@ -191,9 +191,9 @@ def test_long_titles_are_cut_with_a_warning(tmp_path: Path, caplog: pytest.LogCa
     long_title = "x" * 1500
     folder = csv_pair(tmp_path, "user_id,item_id,timestamp\nu,i1,1\nu,i2,2\nu,i3,3\n",
                       items=f"item_id,title\ni1,{long_title}\ni2,B\ni3,C\n")
-    with caplog.at_level(logging.WARNING, logger="rerank_core.data.loaders"):
+    with caplog.at_level(logging.WARNING, logger="rerank_core.data.reading"):
         dataset = loaders.load(folder, None)
-    assert dataset.items["i1"].title == "x" * loaders.MAX_TITLE_CHARS
+    assert dataset.items["i1"].title == "x" * reading.MAX_TITLE_CHARS
     assert "cut 1 title" in caplog.text and "line 2" in caplog.text
 
 
@@ -304,7 +304,7 @@ def test_unknown_items_are_reported_by_the_dataset(tmp_path: Path) -> None:
 
 
 def test_file_over_the_size_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loaders, "MAX_FILE_BYTES", 30)
+    monkeypatch.setattr(reading, "MAX_FILE_BYTES", 30)
     error = error_for(csv_pair(tmp_path, "user_id,item_id,timestamp\nu,i1,1\n"))
     assert Path(error.file).name == "items.csv" and "limit" in str(error) and "MAX_FILE_BYTES" in str(error)
 
@@ -312,7 +312,7 @@ def test_file_over_the_size_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_gzip_over_the_limit_once_decompressed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_jsonl(tmp_path / "r.jsonl.gz", [{"user_id": "U", "parent_asin": "P", "timestamp": 1}] * 200)
     write_jsonl(tmp_path / "meta.jsonl", [{"parent_asin": "P", "title": "T"}])
-    monkeypatch.setattr(loaders, "MAX_FILE_BYTES", 2000)
+    monkeypatch.setattr(reading, "MAX_FILE_BYTES", 2000)
     assert (tmp_path / "r.jsonl.gz").stat().st_size < 2000
     error = error_for(tmp_path)
     assert Path(error.file).name == "r.jsonl.gz" and "limit" in str(error)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_llama
-from test_scoring import letter_ids, probabilities, toy_prompts
+from conftest import build_tiny_llama, letter_ids, probabilities, toy_prompts
 
 from rerank_core.mixed_precision import mixed_precision
 from rerank_core.scoring import score_token_ids

@@ -14,16 +14,14 @@ from rerank_core.prompts import LLAMAREC_TEMPLATE, custom_preset, get_preset
 ROOT = Path(__file__).resolve().parents[1]
 # The entry points, and the one function in each that turns a name into a PromptPreset.
 RESOLVERS = {
-    ("rerank_core/cli/main.py", "command_audit"),  # --preset
+    ("rerank_core/cli/audit.py", "command_audit"),  # --preset
     ("rerank_core/cli/common.py", "build_settings"),  # --preset for every scoring command
     ("rerank_core/cli/diagnose.py", "command_template"),  # --preset
-    ("rerank_core/training/trainer.py", "TrainConfig.preset"),  # prompt_preset, as the training config stores it
+    ("rerank_core/training/config.py", "TrainConfig.prompt_preset"),  # the preset name the training config stores
     ("rerank_core/adapters.py", "AdapterInfo.preset"),  # the manifest's "preset"
     ("rerank_app/pickers.py", "Pickers.settings"),  # the Inspect tab's preset picker
-    ("rerank_app/context.py", "AppContext.template_consistency"),  # the Diagnose tab's template check
+    ("rerank_app/context.py", "InspectionService.template_consistency"),  # the Diagnose tab's template check
 }
-# Core parameters named `preset` that are not prompt presets: the training preset (quick, full).
-TRAINING_PRESET_NAMES = {("rerank_core/training/trainer.py", "training_config")}
 
 
 def _sources() -> list[Path]:
@@ -83,8 +81,9 @@ def test_core_functions_take_a_prompt_preset_never_a_name() -> None:
                 annotation = ast.unparse(argument.annotation) if argument.annotation else ""
                 if "PromptPreset" in annotation and annotation not in ("PromptPreset", "PromptPreset | None"):
                     wrong.append(f"{relative}:{name}({argument.arg}: {annotation})")
-                if (relative.startswith("rerank_core/") and argument.arg == "preset"
-                        and (relative, name) not in TRAINING_PRESET_NAMES and annotation != "PromptPreset"):
+                # A core parameter named `preset` is a prompt preset; the training preset (quick, full) is
+                # called training_preset.
+                if relative.startswith("rerank_core/") and argument.arg == "preset" and annotation != "PromptPreset":
                     wrong.append(f"{relative}:{name}({argument.arg}: {annotation or 'no annotation'})")
     assert wrong == []
 

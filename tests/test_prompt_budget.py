@@ -10,14 +10,8 @@ from conftest import make_toy_dataset
 from rerank_core.cli.main import build_parser
 from rerank_core.cli.train import config_from_args
 from rerank_core.data.dataset import Dataset, Item
-from rerank_core.training.trainer import (
-    TRAINING_PRESETS,
-    TrainConfig,
-    build_training_samples,
-    size_prompt_budget,
-    training_config,
-    with_prompt_budget,
-)
+from rerank_core.training.config import TRAINING_PRESETS, TrainConfig, training_config
+from rerank_core.training.samples import build_training_samples, size_prompt_budget, with_prompt_budget
 
 
 def long_title_dataset() -> Dataset:

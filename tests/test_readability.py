@@ -16,7 +16,7 @@ def test_52_letters_are_all_labelled_and_the_truth_is_marked(smol_tokenizer) -> 
     inspector = Inspector(dataset, tiny_loaded(smol_tokenizer))
     result = inspector.inspect("u01", InspectSettings(preset=get_preset("llamarec"),
                                                       candidates=CandidateConfig(count=52)))
-    figure = views.letter_chart(result, dataset)
+    figure = views.letter_chart(result)
     letters = list(result.prepared.prompt.letters)
     assert list(figure.layout.xaxis.tickvals) == letters and len(letters) == 52
     truth = letters[result.prepared.candidates.target_index]
@@ -47,5 +47,5 @@ def test_template_tables_spell_newlines_and_unflagged_letters(smol_tokenizer) ->
 
 def test_empty_compare_tables_have_their_real_headers() -> None:
     empty = views.empty_compare_tables()
-    assert list(empty["differences"].columns)[:3] == ["system", "metric", "base"]
+    assert list(empty["differences"].columns)[:4] == ["system", "population", "metric", "base"]
     assert "Recall@1" in empty["metrics"].columns and "user_id" in empty["movers"].columns

@@ -6,22 +6,10 @@ import math
 
 import pytest
 import torch
-from conftest import build_tiny_llama, make_toy_dataset
+from conftest import build_tiny_llama, letter_ids, make_toy_dataset, probabilities, toy_prompts
 
 from rerank_core.prompts import build_prompt, encode_rendered, get_preset
 from rerank_core.scoring import LetterScores, ScoreCache, score_token_ids
-
-
-def toy_prompts(tokenizer, count: int = 10) -> list[list[int]]:
-    """Real seed prompts of different lengths (histories of 1 to `count` items)."""
-    dataset = make_toy_dataset()
-    titles = [dataset.text(item) for item in sorted(dataset.items)]
-    prompts = []
-    for index in range(count):
-        history = titles[index:index + 1 + index * 2]
-        built = build_prompt(tokenizer, get_preset("seed"), history, titles[50:54])
-        prompts.append(encode_rendered(tokenizer, get_preset("seed"), built.rendered))
-    return prompts
 
 
 def reference_last_logits(model, ids: list[int]) -> torch.Tensor:
@@ -33,10 +21,6 @@ def reference_last_logits(model, ids: list[int]) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def model_and_prompts(smol_tokenizer):
     return build_tiny_llama(smol_tokenizer), toy_prompts(smol_tokenizer)
-
-
-def letter_ids(tokenizer) -> list[int]:
-    return [tokenizer.convert_tokens_to_ids(letter) for letter in "ABCD"]
 
 
 def test_last_position_logits_equal_a_full_forward_pass(smol_tokenizer, model_and_prompts) -> None:
@@ -81,10 +65,6 @@ def test_logits_are_computed_at_the_last_position_only(smol_tokenizer, model_and
         handle.remove()
     # From scratch one batch; with a shared prefix one more row for the prefix pass (its logits are unused).
     assert shapes == [(3, 1, len(smol_tokenizer)), (1, 1, len(smol_tokenizer)), (3, 1, len(smol_tokenizer))]
-
-
-def probabilities(scores: list[LetterScores]) -> torch.Tensor:
-    return torch.tensor([score.letter_probs for score in scores])
 
 
 def test_batch_size_does_not_change_results_fp32(smol_tokenizer, model_and_prompts) -> None:

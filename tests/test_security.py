@@ -11,8 +11,8 @@ import httpx
 import psutil
 import pytest
 import torch
-from app_helpers import custom_code_model, make_adapter, make_context, save_tiny_model, write_csv_dataset
-from conftest import make_toy_dataset
+from app_helpers import custom_code_model, make_adapter, make_context
+from conftest import make_toy_dataset, save_tiny_model, write_csv_dataset
 from gradio_client import Client, handle_file
 
 import app as app_module
@@ -44,7 +44,7 @@ def honeypot(smol_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def served(tmp_path_factory: pytest.TempPathFactory, smol_tokenizer):
     """The app over a tiny model, launched as `python app.py --auth` would, on the default host."""
     context = make_context(tmp_path_factory.mktemp("secure-app"), smol_tokenizer)
-    make_adapter(context.loaded("tiny-llama"), context.config.adapters_root, "lora-a")
+    make_adapter(context.models.loaded("tiny-llama"), context.config.adapters_root, "lora-a")
     demo = build_app(context)
     port = free_port()
     launch(demo, port=port, auth=(USER, PASSWORD), max_upload_bytes=context.config.max_upload_bytes,
@@ -101,7 +101,7 @@ def test_no_endpoint_accepts_a_server_path(served, honeypot: Path) -> None:
     api = client.view_api(return_format="dict", print_info=False)
     assert not api["unnamed_endpoints"]
     file_parameters = []
-    registries = (context.dataset_names, context.model_names, context.adapter_names("tiny-llama"))
+    registries = (context.datasets.names, context.models.names, context.models.adapter_names("tiny-llama"))
     honeypot_files = sorted(path.name for path in honeypot.iterdir())
     tried = 0
     for endpoint, description in api["named_endpoints"].items():
@@ -132,9 +132,9 @@ def test_no_endpoint_accepts_a_server_path(served, honeypot: Path) -> None:
             assert SECRET not in json.dumps(result, default=str), (endpoint, parameter["parameter_name"])
     assert tried > 40
     assert file_parameters == [("/upload_data", "paths")]
-    assert (context.dataset_names, context.model_names, context.adapter_names("tiny-llama")) == registries
+    assert (context.datasets.names, context.models.names, context.models.adapter_names("tiny-llama")) == registries
     assert sorted(path.name for path in honeypot.iterdir()) == honeypot_files
-    assert not context.jobs.status().active
+    assert not context.finetune.jobs.status().active
     assert client.predict(user_id="u01", count=5, api_name="/inspect_json")["user_id"] == "u01"  # still serving
 
 
@@ -152,7 +152,7 @@ def test_uploads_take_only_uploaded_files_under_the_limit_and_sanitise_names(ser
         [{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}], "stolen", "auto"]}).json()
     result = session.get(f"/gradio_api/call/upload_data/{started['event_id']}").text
     assert "event: error" in result and "was not uploaded by a user" in result
-    assert "stolen" not in context.dataset_names
+    assert "stolen" not in context.datasets.names
     # Files over the limit are refused at the door.
     too_big = session.post("/gradio_api/upload", files={"files": ("items.csv", b"a" * (70 * 1024))})
     assert too_big.status_code == 413 and "maximum allowed size" in too_big.text
@@ -228,7 +228,7 @@ def test_remote_code_is_never_run_unless_the_user_passes_the_flag(model_folder_w
                        runs_root=tmp_path / "runs")
     context = AppContext(config, [DatasetEntry("toy", make_toy_dataset(), data)], [ModelEntry("custom", str(custom))])
     with pytest.raises(ModelError, match="custom code"):
-        context.loaded("custom")
+        context.models.loaded("custom")
     assert not (custom / "RAN").exists() and not (tokenizer / "RAN").exists()
 
 

@@ -21,13 +21,9 @@ from rerank_core.prompts import (
     render_inference,
     with_template_kwargs,
 )
-from rerank_core.training.trainer import (
-    TRAINING_PRESETS,
-    TrainConfig,
-    build_training_samples,
-    label_samples,
-    train_adapter,
-)
+from rerank_core.training.config import TRAINING_PRESETS, TrainConfig
+from rerank_core.training.run import train_adapter
+from rerank_core.training.samples import build_training_samples, label_samples
 from rerank_core.verbalizer import resolve_letters
 
 BY_NAME = {family.name: family for family in FAMILIES}

@@ -13,8 +13,8 @@ import pytest
 from rerank_app.pickers import endpoint
 from rerank_app.tabs import finetune
 from rerank_core.cli.train import add_train_command, config_from_args
+from rerank_core.training.config import TRAINING_PRESETS, TrainConfig, training_config
 from rerank_core.training.settings import SETTINGS, parse_settings, setting
-from rerank_core.training.trainer import TRAINING_PRESETS, TrainConfig, training_config
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -77,3 +77,18 @@ def test_a_bad_flag_stops_at_parsing_with_exit_status_2(capsys: pytest.CaptureFi
         _train_parser().parse_args(["train", "--name", "x", "--lora-dropout", "2"])
     assert stopped.value.code == 2
     assert "lora_dropout must be in [0, 1), got 2.0" in capsys.readouterr().err
+
+
+def test_settings_saved_under_the_old_preset_name_are_read_and_the_new_name_is_written(tmp_path: Path) -> None:
+    """Manifests and config files written before the rename say "prompt_preset"; they still load, as "preset"."""
+    new = training_config("quick", preset="llamarec_after").to_json()
+    assert new["preset"] == "llamarec_after" and "prompt_preset" not in new
+    old = {("prompt_preset" if name == "preset" else name): value for name, value in new.items()}
+    assert TrainConfig.from_json(old).preset == "llamarec_after"
+    manifest = tmp_path / "manifest.json"  # an older adapter's manifest: its "training" block is a --config file
+    manifest.write_text(json.dumps({"preset": "llamarec_after", "training": old}))
+    handed = tmp_path / "config.json"
+    handed.write_text(json.dumps(json.loads(manifest.read_text())["training"]))
+    args = _train_parser().parse_args(["train", "--name", "x", "--config", str(handed)])
+    assert config_from_args(args) == training_config("quick", preset="llamarec_after")
+    assert TrainConfig.from_json({**old, "preset": "seed"}).preset == "seed"  # both given: the new name wins

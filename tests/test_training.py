@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import math
 import os
 import signal
 import subprocess
-import sys
 import time
-from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_llama, inference_only_system, make_toy_dataset, tiny_loaded
+from conftest import (
+    build_tiny_llama,
+    cli_command,
+    cli_env,
+    inference_only_system,
+    make_toy_dataset,
+    tiny_config,
+    tiny_loaded,
+)
 
 from rerank_core.adapters import MANIFEST_FILE, AdapterError, check_adapter, list_adapters, remove_stale
 from rerank_core.alignment import TemplateMismatch
@@ -25,16 +29,10 @@ from rerank_core.inspector import Inspector, InspectSettings
 from rerank_core.labels import IGNORE_INDEX
 from rerank_core.progress import CancelFlag, read_events
 from rerank_core.prompts import get_preset
-from rerank_core.training.trainer import (
-    TRAINING_PRESETS,
-    TrainConfig,
-    build_training_samples,
-    label_samples,
-    train_adapter,
-    training_config,
-)
+from rerank_core.training.config import TRAINING_PRESETS, TrainConfig, training_config
+from rerank_core.training.run import train_adapter
+from rerank_core.training.samples import build_training_samples, label_samples
 
-ROOT = Path(__file__).resolve().parent.parent
 MISMATCH_TEMPLATE = inference_only_system(
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
     "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -47,58 +45,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-def tiny_config(**overrides) -> TrainConfig:
-    """Small prompts and few samples: a tiny-model run takes a second or two."""
-    settings = {"max_samples": 12, "candidates": 5, "batch_size": 4, "epochs": 1.0, "eval_users": 0,
-                "eval_every": 0, "max_prompt_tokens": 160, "warmup": 0.0}
-    settings.update(overrides)
-    return replace(TRAINING_PRESETS["quick"], **settings)  # replace, unlike training_config, can set None
-
-
-def write_csv_dataset(dataset, folder: Path) -> Path:
-    """The dataset as the bundled items.csv / interactions.csv pair, for CLI runs in a subprocess."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "items.csv", "w", newline="", encoding="utf-8") as stream:
-        writer = csv.writer(stream)
-        writer.writerow(["item_id", "title", "caption", "summary"])
-        for item in dataset.items.values():
-            writer.writerow([item.item_id, item.title, item.caption, item.summary])
-    with open(folder / "interactions.csv", "w", newline="", encoding="utf-8") as stream:
-        writer = csv.writer(stream)
-        writer.writerow(["user_id", "item_id", "timestamp"])
-        for user, sequence in dataset.sequences.items():
-            for position, item in enumerate(sequence):
-                writer.writerow([user, item, 1_600_000_000 + position * 3600])
-    return folder
-
-
-def save_tiny_model(tokenizer, folder: Path) -> Path:
-    """A tiny Llama and its tokenizer as a model folder `--model` can load."""
-    build_tiny_llama(tokenizer).save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def tiny_model_folder(smol_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_model(smol_tokenizer, tmp_path_factory.mktemp("tiny-model"))
-
-
-@pytest.fixture(scope="session")
-def toy_data_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_csv_dataset(make_toy_dataset(), tmp_path_factory.mktemp("toy-data"))
-
-
-def cli_command(model: Path, data: Path, root: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "rerank_core.cli.train", "train", "--model", str(model), "--data", str(data),
-            "--dtype", "fp32", "--device", "cpu", "--adapters-dir", str(root), "--no-progress",
-            "--candidates", "5", "--max-prompt-tokens", "160", "--eval-users", "0", *extra]
-
-
-def cli_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 # -- samples ----------------------------------------------------------------------------------
@@ -377,7 +323,7 @@ def test_cli_help_names_every_training_setting(capsys):
                "target_modules": "--target-modules", "learning_rate": "--lr", "epochs": "--epochs",
                "batch_size": "--batch-size", "grad_accumulation": "--grad-accumulation", "warmup": "--warmup",
                "max_samples": "--max-samples", "seed": "--seed", "max_prompt_tokens": "--max-prompt-tokens",
-               "history_items": "--history-items", "prompt_preset": "--preset", "strategy": "--strategy",
+               "history_items": "--history-items", "preset": "--preset", "strategy": "--strategy",
                "candidates": "--candidates", "candidate_source": "--candidate-source", "text_field": "--text-field",
                "sample_mode": "--sample-mode", "eval_every": "--eval-every", "eval_users": "--eval-users",
                "train_on_eos": "--train-on-eos", "template_kwargs": "--template-kwargs"}

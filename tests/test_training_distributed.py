@@ -6,13 +6,17 @@ import json
 import subprocess
 import sys
 
-from test_training import cli_command, cli_env, tiny_model_folder, toy_data_folder  # noqa: F401 - fixtures
+import pytest
+from conftest import cli_command, cli_env
 
 from rerank_core.adapters import MANIFEST_FILE, list_adapters
 from rerank_core.progress import read_events
 
+# torchrun starts two Python processes that each import torch and transformers: tens of seconds.
+pytestmark = pytest.mark.slow
 
-def test_two_gloo_processes_agree_and_rank0_publishes(tiny_model_folder, toy_data_folder, tmp_path):  # noqa: F811
+
+def test_two_gloo_processes_agree_and_rank0_publishes(tiny_model_folder, toy_data_folder, tmp_path):
     root, events_file = tmp_path / "adapters", tmp_path / "events.jsonl"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "rerank_core", *cli_command(

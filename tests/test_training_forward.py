@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_llama, make_toy_dataset
-from test_training import tiny_config
+from conftest import build_tiny_llama, make_toy_dataset, tiny_config
 
 from rerank_core.training.forward import training_forward
-from rerank_core.training.trainer import _answer_loss, _LeftPadCollator, build_training_samples, label_samples
+from rerank_core.training.samples import build_training_samples, label_samples
+from rerank_core.training.trainer import _answer_loss, _LeftPadCollator
 
 
 def lora_model(tokenizer, dtype: torch.dtype):

@@ -12,6 +12,8 @@ from rerank_app.pickers import PickerControls, Pickers, adapter_choices, endpoin
 from rerank_app.refusals import answer_or_keep, remembered, serve
 from rerank_app.tabs import inspect as inspect_tab
 from rerank_app.views import write_report
+from rerank_core.compare import adapter_notes, system_of
+from rerank_core.metrics import candidate_recall
 from rerank_core.report import comparison_report
 
 __all__ = ["COMPARE_OUTPUTS", "build", "compare", "compare_page", "compare_report", "compare_user", "compare_user_page",
@@ -23,7 +25,8 @@ COMPARE_OUTPUTS = 6
 
 def compare_user(context: AppContext, pickers: Pickers, adapters: list[str], user_id: str) -> tuple[Any, Any]:
     """Grouped letter bars and the truth's rank per system, for the Inspect tab's user."""
-    inspections = context.compare_user(pickers.dataset, pickers.model, adapters, user_id, pickers.settings())
+    inspections = context.inspections.compare_user(pickers.dataset, pickers.model, adapters, user_id,
+                                                   pickers.settings())
     return views.compare_user_chart(inspections), views.compare_user_table(inspections)
 
 
@@ -34,14 +37,17 @@ def compare(context: AppContext, pickers: Pickers, adapters: list[str], users: i
     Stop (or closing the page) ends the run at the next chunk of users."""
     progress(0.0, desc="scoring")
     settings = pickers.settings()
+    # Resolved once: the same systems (and their notes) are scored, cached and explained.
+    systems = context.inspections.resolve_systems(pickers.dataset, pickers.model, adapters, settings)
     with context.stops.run(getattr(request, "session_hash", None)) as stop:
-        per_user, summary = context.compare_users(
-            pickers.dataset, pickers.model, adapters, settings, users,
+        per_user, summary = context.inspections.compare_users(
+            pickers.dataset, pickers.model, systems, settings, users,
             progress=lambda done, total: progress(done / total, desc=f"scored {done} of {total}"), stop=stop)
-    view = views.compare_view(per_user, summary)
-    notes = context.adapter_notes(pickers.dataset, pickers.model, adapters, settings)
-    counts = "\n\n".join([view.counts, *(f"ℹ {note}" for note in notes)])
-    choices = [(f"{row['user_id']} · {row['system']} · {row['change']}", f"{row['user_id']}|{row['system']}")
+    view = views.compare_view(per_user, summary, recall=candidate_recall(
+        per_user, settings.candidates.source, settings.candidates.count))
+    counts = "\n\n".join([view.counts, *(f"ℹ {note}" for note in adapter_notes(systems))])
+    # A run label such as "base @ seed_after" opens its system (the base) in Inspect.
+    choices = [(f"{row['user_id']} · {row['system']} · {row['change']}", f"{row['user_id']}|{system_of(row['system'])}")
                for row in view.movers.to_dict(orient="records")]
     return (counts, view.metrics, view.differences, view.scatter, view.movers,
             gr.Dropdown(choices=choices, value=choices[0][1] if choices else None))
@@ -67,7 +73,8 @@ def compare_page(context: AppContext, pickers: Pickers, adapters: list[str], use
 
 def compare_report(context: AppContext, pickers: Pickers, adapters: list[str], users: int) -> Any:
     """The comparison (cached after a run) as one self-contained HTML file, shown for download."""
-    per_user, summary = context.compare_users(pickers.dataset, pickers.model, adapters, pickers.settings(), users)
+    per_user, summary = context.inspections.compare_users(pickers.dataset, pickers.model, adapters, pickers.settings(),
+                                                          users)
     path = write_report(comparison_report(per_user, summary, pickers.settings(), dataset=pickers.dataset,
                                           model=pickers.model), f"compare-{pickers.dataset}-{int(users)}-users")
     return gr.File(path, visible=True)
@@ -81,7 +88,8 @@ def stop_runs(context: AppContext, request: gr.Request = None) -> str:
 
 def refresh_adapters(context: AppContext, model: str) -> tuple[Any, Any]:
     """Built once, the page would miss adapters published since (by the CLI, or before a reload)."""
-    return (gr.Dropdown(choices=adapter_choices(context, model)), gr.Dropdown(choices=context.adapter_names(model)))
+    return (gr.Dropdown(choices=adapter_choices(context, model)),
+            gr.Dropdown(choices=context.models.adapter_names(model)))
 
 
 def open_user(choice: str) -> tuple[Any, Any, Any]:
@@ -94,7 +102,7 @@ def open_user(choice: str) -> tuple[Any, Any, Any]:
 
 def select_row(event: gr.SelectData, table: Any) -> tuple[Any, Any, Any]:
     row = table.iloc[event.index[0]]
-    return open_user(f"{row['user_id']}|{row['system']}")
+    return open_user(f"{row['user_id']}|{system_of(row['system'])}")
 
 
 def build(context: AppContext, controls: PickerControls, tabs: gr.Tabs, inspect_outputs: list[Any],
@@ -105,7 +113,7 @@ def build(context: AppContext, controls: PickerControls, tabs: gr.Tabs, inspect_
                 "interaction counts, **retriever**: the co-occurrence retriever's order) rank the same "
                 "candidates: does the model beat them?")
     with gr.Row():
-        adapters_box = gr.Dropdown(context.adapter_names(context.model_names[0]), value=[], multiselect=True,
+        adapters_box = gr.Dropdown(context.models.adapter_names(context.models.names[0]), value=[], multiselect=True,
                                    max_choices=3, allow_custom_value=True,
                                    label="Adapters to compare with the base (up to 3)", scale=4,
                                    elem_id="compare-adapters")

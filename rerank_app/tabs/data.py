@@ -16,18 +16,19 @@ __all__ = ["build", "statistics", "upload"]
 
 
 def statistics(context: AppContext, dataset: str) -> tuple[Any, ...]:
-    view = views.data_view(context.dataset(dataset).dataset)
+    view = views.data_view(context.datasets.get(dataset).dataset)
     return view.summary, view.history_lengths, view.popularity, view.top_items
 
 
 def upload(context: AppContext, paths: list[str] | None, name: str, chosen_format: str) -> tuple[Any, ...]:
     """Load an upload and offer it in this tab's and the Inspect tab's dataset lists; a bad file is a message."""
     try:
-        entry = context.add_upload(paths or [], name or "upload", None if chosen_format == "auto" else chosen_format)
+        entry = context.datasets.add_upload(paths or [], name or "upload",
+                                            None if chosen_format == "auto" else chosen_format)
     except (DataError, ValueError, OSError) as error:
         gr.Warning(str(error))
         return f"**Could not load the upload:** {error}", gr.skip(), gr.skip()
-    names = context.dataset_names
+    names = context.datasets.names
     text = (f"Loaded **{entry.name}**: {len(entry.dataset.sequences)} users, {len(entry.dataset.items)} items. "
             "Pick it in the Inspect tab's dataset list.")
     return text, gr.Dropdown(choices=names, value=entry.name), gr.Dropdown(choices=names)
@@ -37,7 +38,7 @@ def build(context: AppContext, dataset_picker: gr.Dropdown, demo: gr.Blocks) -> 
     """Lay out and wire the tab; an upload is added to dataset_picker (the Inspect tab's). Returns its picker."""
     with gr.Row():
         with gr.Column(scale=2):
-            shown = gr.Dropdown(context.dataset_names, value=context.dataset_names[0], label="Dataset")
+            shown = gr.Dropdown(context.datasets.names, value=context.datasets.names[0], label="Dataset")
             summary = gr.Markdown(label="Statistics")
         with gr.Column(scale=3):
             files = gr.File(file_count="multiple", type="filepath", label=(

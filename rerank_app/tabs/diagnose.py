@@ -50,7 +50,7 @@ def diagnose_position_bias(context: AppContext, pickers: Pickers, system: str, u
     """One user's candidates in other orders: note, heatmap, letter and rank charts, items table."""
     progress(0.0, desc="scoring")
     with context.stops.run(_session(request)) as stop:
-        result = context.position_bias(pickers.dataset, pickers.model, system, user_id, pickers.settings(),
+        result = context.inspections.position_bias(pickers.dataset, pickers.model, system, user_id, pickers.settings(),
                                        _order_spec(orders, permutations), progress=_reporter(progress), stop=stop)
     return (diagnostic_views.position_bias_markdown(result), diagnostic_views.position_heatmap(result),
             diagnostic_views.letter_bias_chart([result]), diagnostic_views.truth_rank_chart([result]),
@@ -63,7 +63,7 @@ def diagnose_position_bias_users(context: AppContext, pickers: Pickers, system: 
     """Position bias over the first N users: top-1 positions, probability by letter, summary row."""
     progress(0.0, desc="scoring")
     with context.stops.run(_session(request)) as stop:
-        summary = context.position_bias_users(
+        summary = context.inspections.position_bias_users(
             pickers.dataset, pickers.model, system, users, pickers.settings(), _order_spec(orders, permutations),
             progress=lambda done, total: progress(done / total, desc=f"scored {done} of {total} users"), stop=stop)
     return (diagnostic_views.top1_share_chart([summary]), diagnostic_views.letter_bias_chart([summary]),
@@ -75,24 +75,24 @@ def diagnose_letter_prior(context: AppContext, pickers: Pickers, system: str, us
                           progress: gr.Progress = gr.Progress()) -> tuple[Any, Any]:  # noqa: B008
     progress(0.0, desc="preparing prompts")
     with context.stops.run(_session(request)) as stop:
-        prior = context.letter_prior(pickers.dataset, pickers.model, system, users, pickers.settings(), mode,
-                                     placeholder, progress=_reporter(progress), stop=stop)
+        prior = context.inspections.letter_prior(pickers.dataset, pickers.model, system, users, pickers.settings(),
+                                                 mode, placeholder, progress=_reporter(progress), stop=stop)
     return diagnostic_views.letter_prior_chart([prior]), tables.letter_prior_frame([prior])
 
 
 def diagnose_history(context: AppContext, pickers: Pickers, system: str, user_id: str,
                      request: gr.Request = None) -> tuple[Any, Any]:
     with context.stops.run(_session(request)) as stop:
-        result = context.history_influence(pickers.dataset, pickers.model, system, user_id, pickers.settings(),
-                                           stop=stop)
+        result = context.inspections.history_influence(pickers.dataset, pickers.model, system, user_id,
+                                                       pickers.settings(), stop=stop)
     return diagnostic_views.history_influence_chart(result), diagnostic_views.history_influence_table(result)
 
 
 def diagnose_template(context: AppContext, model: str, preset: str, count: int,
                       template_kwargs: str = "") -> tuple[Any, Any, Any]:
-    report = context.template_consistency(model, preset, count, template_kwargs)
-    return (diagnostic_views.template_markdown(report, context.tokenizer(model)), tables.template_tokens_frame(report),
-            tables.template_letters_frame(report))
+    report = context.inspections.template_consistency(model, preset, count, template_kwargs)
+    return (diagnostic_views.template_markdown(report, context.models.tokenizer(model)),
+            tables.template_tokens_frame(report), tables.template_letters_frame(report))
 
 
 def diagnose_letter_mass(context: AppContext, pickers: Pickers, adapters: list[str] | None = None, users: int = 20,
@@ -100,7 +100,7 @@ def diagnose_letter_mass(context: AppContext, pickers: Pickers, adapters: list[s
                          progress: gr.Progress = gr.Progress()) -> tuple[Any, Any]:  # noqa: B008
     progress(0.0, desc="scoring")
     with context.stops.run(_session(request)) as stop:
-        report = context.letter_mass(pickers.dataset, pickers.model, adapters, users, pickers.settings(),
+        report = context.inspections.letter_mass(pickers.dataset, pickers.model, adapters, users, pickers.settings(),
                                      progress=_reporter(progress), stop=stop)
     return diagnostic_views.letter_mass_chart(report), tables.letter_mass_frame(report)
 
@@ -163,12 +163,12 @@ def stop_runs(context: AppContext, request: gr.Request = None) -> str:
 
 def refresh_adapters(context: AppContext, model: str) -> tuple[Any, Any]:
     return (gr.Dropdown(choices=adapter_choices(context, model), value=BASE),
-            gr.Dropdown(choices=context.adapter_names(model), value=[]))
+            gr.Dropdown(choices=context.models.adapter_names(model), value=[]))
 
 
 def build(context: AppContext, controls: PickerControls, demo: gr.Blocks) -> tuple[gr.Dropdown, gr.Dropdown]:
     """Lay out and wire the tab; each section runs on its own button. Returns the system and adapters pickers."""
-    model = context.model_names[0]
+    model = context.models.names[0]
     max_users = context.config.max_compare_users
     gr.Markdown("Uses the dataset, model, prompt settings and user chosen in the **Inspect** tab. "
                 "Each section runs on its own button; a long run shows its progress, and Stop (or closing the "
@@ -234,7 +234,7 @@ def build(context: AppContext, controls: PickerControls, demo: gr.Blocks) -> tup
 
     gr.Markdown("### 5. Letter mass: the letters' share of the full-vocabulary probability")
     with gr.Row():
-        mass_adapters = gr.Dropdown(context.adapter_names(model), value=[], multiselect=True, max_choices=3,
+        mass_adapters = gr.Dropdown(context.models.adapter_names(model), value=[], multiselect=True, max_choices=3,
                                     allow_custom_value=True, label="Adapters beside the base (up to 3)", scale=3)
         mass_users = gr.Slider(1, max_users, value=min(20, max_users), step=1, label="Users", scale=3,
                                elem_classes=views.enter_clicks("diagnose-mass-button"))

@@ -12,13 +12,13 @@ import gradio as gr
 from rerank_app import views
 from rerank_app.context import AppContext
 from rerank_app.pickers import PickerControls, adapter_choices, endpoint
+from rerank_core.training.config import TRAINING_PRESETS
 from rerank_core.training.settings import SETTINGS, setting
-from rerank_core.training.trainer import TRAINING_PRESETS
 
 __all__ = ["FORM_FIELDS", "build", "cancel", "cancel_finetune", "fill_preset", "finetune_status", "show_preview",
            "start", "start_finetune", "status_json", "tick", "training_preview"]
 
-# The form shows every setting train_settings gives a place in it: "main" ones first, the rest under "Advanced".
+# The form shows every setting training.settings gives a place in it: "main" ones first, the rest under "Advanced".
 _MAIN_FIELDS = tuple(item.name for item in SETTINGS if item.form == "main")
 _ADVANCED_FIELDS = tuple(item.name for item in SETTINGS if item.form == "advanced")
 FORM_FIELDS = _MAIN_FIELDS + _ADVANCED_FIELDS
@@ -41,30 +41,30 @@ def _overrides(values: Sequence[Any]) -> dict[str, Any]:
 
 def start(context: AppContext, name: str, preset: str, dataset: str, model: str, *values: Any) -> tuple[Any, ...]:
     """Start from the form (values in FORM_FIELDS order); polling begins."""
-    status = context.start_finetune(name, dataset, model, preset, _overrides(values))
+    status = context.finetune.start(name, dataset, model, preset, _overrides(values))
     return f"Started **{status.name}** (pid {status.pid}).", views.progress_html(status), gr.Timer(active=True)
 
 
 def cancel(context: AppContext) -> str:
-    status = context.jobs.cancel()
+    status = context.finetune.jobs.cancel()
     return f"**{status.name}**: {status.message}"
 
 
 def show_preview(context: AppContext, preset: str, dataset: str, model: str, *values: Any) -> str:
-    return views.training_sample_html(*context.training_preview(dataset, model, preset, _overrides(values)))
+    return views.training_sample_html(*context.finetune.preview(dataset, model, preset, _overrides(values)))
 
 
 def tick(context: AppContext, model: str, last: Any) -> tuple[Any, ...]:
     """Progress, charts, result and log of the current run; a finished run refreshes the Inspect and Compare
     adapter pickers. Nothing is sent while nothing changed."""
-    status = context.jobs.status()
+    status = context.finetune.jobs.status()
     key = (status.job_id, status.state, status.events)
     if key == last:
         return (gr.skip(),) * (_TICK_OUTPUTS + 2) + (last,)
     refreshed = [gr.skip(), gr.skip()]
     if status.state == "done":
         refreshed = [gr.Dropdown(choices=adapter_choices(context, model)),
-                     gr.Dropdown(choices=context.adapter_names(model))]
+                     gr.Dropdown(choices=context.models.adapter_names(model))]
     return (views.progress_html(status), views.loss_chart(status), views.eval_chart(status),
             views.result_markdown(status), status.log_tail and f"```\n{status.log_tail}\n```",
             gr.Timer(active=status.active), *refreshed, key)
@@ -94,7 +94,7 @@ def _with_settings(function: Callable[..., dict]) -> Callable[..., dict]:
 def start_finetune(context: AppContext, name: str, dataset: str = "", model: str = "",
                    training_preset: str = "quick", **settings: Any) -> dict:
     """Start a fine-tune (one at a time); settings left out keep the training preset's values."""
-    status = context.start_finetune(name, dataset or context.dataset_names[0], model or context.model_names[0],
+    status = context.finetune.start(name, dataset or context.datasets.names[0], model or context.models.names[0],
                                     training_preset, settings)
     return status_json(status)
 
@@ -103,8 +103,8 @@ def start_finetune(context: AppContext, name: str, dataset: str = "", model: str
 def training_preview(context: AppContext, dataset: str = "", model: str = "", training_preset: str = "quick",
                      **settings: Any) -> dict:
     """One training sample of these settings: every token with its ID and whether it carries loss."""
-    tokenizer, token_ids, loss_mask, caption = context.training_preview(
-        dataset or context.dataset_names[0], model or context.model_names[0], training_preset, settings)
+    tokenizer, token_ids, loss_mask, caption = context.finetune.preview(
+        dataset or context.datasets.names[0], model or context.models.names[0], training_preset, settings)
     tokens = tokenizer.convert_ids_to_tokens(token_ids)
     return {"caption": caption, "tokens": [{"token": token, "token_id": token_id, "loss": loss}
                                            for token, token_id, loss in zip(tokens, token_ids, loss_mask)]}
@@ -112,12 +112,12 @@ def training_preview(context: AppContext, dataset: str = "", model: str = "", tr
 
 def cancel_finetune(context: AppContext) -> dict:
     """Ask the running fine-tune to stop at its next step boundary."""
-    return status_json(context.jobs.cancel())
+    return status_json(context.finetune.jobs.cancel())
 
 
 def finetune_status(context: AppContext) -> dict:
     """The running or most recent fine-tune: state, step, losses, validation metrics, result."""
-    return status_json(context.jobs.status())
+    return status_json(context.finetune.jobs.status())
 
 
 def _form_component(name: str, value: Any) -> gr.components.Component:

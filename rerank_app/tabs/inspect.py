@@ -38,13 +38,13 @@ _VIEWS_LOCK = threading.Lock()  # handlers run on several threads; the cache's b
 def inspect(context: AppContext, pickers: Pickers, adapter: str, user_id: str,
             order: str = "letter") -> tuple[Any, ...]:
     """Everything the tab shows for one user, in OUTPUT_NAMES order."""
-    inspection = context.inspect(pickers.dataset, pickers.model, adapter, user_id, pickers.settings())
+    inspection = context.inspections.inspect(pickers.dataset, pickers.model, adapter, user_id, pickers.settings())
     key = (id(inspection), pickers.dataset, pickers.model, order)
     with _VIEWS_LOCK:
         cached = _VIEWS.get(key)
     if cached is None or cached[0] is not inspection:
-        view = views.inspect_view(inspection, context.dataset(pickers.dataset).dataset,
-                                  context.tokenizer(pickers.model), model_name=pickers.model, order=order)
+        view = views.inspect_view(inspection, context.datasets.get(pickers.dataset).dataset,
+                                  context.models.tokenizer(pickers.model), model_name=pickers.model, order=order)
         cached = (inspection, tuple(getattr(view, name) for name in OUTPUT_NAMES))
         with _VIEWS_LOCK:
             _VIEWS[key] = cached
@@ -68,24 +68,24 @@ def inspect_json(context: AppContext, user_id: str, pickers: Pickers = Pickers()
                  adapter: str = BASE) -> dict:
     """One user as plain JSON: the fields `python -m rerank_core show --format json` prints."""
     pickers = pickers.or_first(context)
-    inspection = context.inspect(pickers.dataset, pickers.model, adapter, user_id, pickers.settings())
-    return inspection.to_json(context.dataset(pickers.dataset).dataset)
+    inspection = context.inspections.inspect(pickers.dataset, pickers.model, adapter, user_id, pickers.settings())
+    return inspection.to_json(context.datasets.get(pickers.dataset).dataset)
 
 
 def inspect_report(context: AppContext, pickers: Pickers, adapter: str, user_id: str) -> Any:
     """Everything the tab shows for one user as one self-contained HTML file, shown for download."""
-    inspection = context.inspect(pickers.dataset, pickers.model, adapter, user_id, pickers.settings())
-    document = inspection_report(inspection, context.dataset(pickers.dataset).dataset, model=pickers.model,
-                                 special_tokens=context.tokenizer(pickers.model).all_special_tokens)
+    inspection = context.inspections.inspect(pickers.dataset, pickers.model, adapter, user_id, pickers.settings())
+    document = inspection_report(inspection, context.datasets.get(pickers.dataset).dataset, model=pickers.model,
+                                 special_tokens=context.models.tokenizer(pickers.model).all_special_tokens)
     return gr.File(views.write_report(document, f"inspect-{inspection.user_id}-{inspection.system}"), visible=True)
 
 
 def random_user(context: AppContext, dataset: str) -> str:
-    return context.random_user(dataset)
+    return context.datasets.random_user(dataset)
 
 
 def change_dataset(context: AppContext, dataset: str) -> Any:
-    return gr.Dropdown(choices=context.user_choices(dataset), value=context.users(dataset)[0])
+    return gr.Dropdown(choices=context.datasets.user_choices(dataset), value=context.datasets.users(dataset)[0])
 
 
 def change_model(context: AppContext, model: str) -> Any:
@@ -94,13 +94,13 @@ def change_model(context: AppContext, model: str) -> Any:
 
 def build(context: AppContext) -> tuple[PickerControls, list[Any], gr.Button]:
     """Lay out the pickers and the outputs; returns the pickers (other tabs read them) and the outputs."""
-    dataset, model = context.dataset_names[0], context.model_names[0]
+    dataset, model = context.datasets.names[0], context.models.names[0]
     defaults = Pickers()
     with gr.Row():
         # Custom values allowed where choices grow at run time (uploads, new adapters); the server validates.
-        dataset_box = gr.Dropdown(context.dataset_names, value=dataset, label="Dataset", scale=2,
+        dataset_box = gr.Dropdown(context.datasets.names, value=dataset, label="Dataset", scale=2,
                                   allow_custom_value=True)
-        model_box = gr.Dropdown(context.model_names, value=model, label="Model", scale=2)
+        model_box = gr.Dropdown(context.models.names, value=model, label="Model", scale=2)
         adapter_box = gr.Dropdown(adapter_choices(context, model), value=BASE, label="Adapter (from adapters/)",
                                   scale=2, allow_custom_value=True, elem_id="adapter-picker")
         split_box = gr.Radio(["test", "validation"], value=defaults.split, label="Split", scale=1)
@@ -119,7 +119,7 @@ def build(context: AppContext) -> tuple[PickerControls, list[Any], gr.Button]:
         adapter_preset_box = gr.Checkbox(defaults.use_adapter_preset,
                                          label="Score an adapter with the preset it was trained with")
     with gr.Row(equal_height=True):
-        user_box = gr.Dropdown(context.user_choices(dataset), value=context.users(dataset)[0],
+        user_box = gr.Dropdown(context.datasets.user_choices(dataset), value=context.datasets.users(dataset)[0],
                                label="User (type to search by id)", filterable=True, allow_custom_value=True,
                                scale=4, elem_id="user-picker")
         random_button = gr.Button("Random user", scale=1, elem_id="random-user")

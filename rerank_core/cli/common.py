@@ -15,7 +15,8 @@ from rerank_core.models import load_model, load_tokenizer
 from rerank_core.prompts import PRESETS, get_preset
 from rerank_core.verbalizer import STRATEGIES
 
-__all__ = ["add_common_options", "build_inspector", "build_settings", "int_range", "load_data"]
+__all__ = ["add_common_options", "build_inspector", "build_settings", "int_range", "load_data",
+           "tokenizer_from_options"]
 
 log = logging.getLogger("rerank_core")
 
@@ -38,11 +39,17 @@ def int_range(low: int, high: int | None = None) -> Any:
 def add_common_options(parser: argparse.ArgumentParser) -> None:
     """Options every command shares, so a result seen in the app can be reproduced exactly."""
     group = parser.add_argument_group("model, data and prompt")
-    group.add_argument("--model", metavar="PATH",
-                       help="local Hugging Face model folder (safetensors); default: embedded SmolLM2-135M-Instruct")
-    group.add_argument("--tokenizer", metavar="PATH",
-                       help="tokenizer folder (tokenizer files or a SentencePiece tokenizer.model) for commands "
-                            "that need no weights; `show` then prints the prompt and audit without scores")
+    group.add_argument("--model", metavar="REF",
+                       help="a local Hugging Face model folder (safetensors), a hub id org/name[@revision] from the "
+                            "local Hugging Face cache (never downloaded; $HF_HUB_CACHE/$HF_HOME honoured), or a .gguf "
+                            "file (converted once); default: embedded SmolLM2-135M-Instruct")
+    group.add_argument("--tokenizer", metavar="REF",
+                       help="a tokenizer for commands that need no weights: a folder (tokenizer files or a "
+                            "SentencePiece tokenizer.model), a cached hub id, or a .gguf file (vocabulary-only too); "
+                            "`show` then prints the prompt and audit without scores")
+    group.add_argument("--chat-template", metavar="FILE.jinja",
+                       help="a chat template to use instead of the tokenizer's own, for inference and training alike "
+                            "(recorded in adapter manifests and reports, checked by the audit)")
     group.add_argument("--data", metavar="PATH|NAME",
                        help="dataset folder or file, or a built-in dataset: sample (synthetic, the default) or "
                             "ml-100k-real (real MovieLens 100K from the recbole package)")
@@ -68,7 +75,12 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-prompt-tokens", type=int_range(1), default=1536, metavar="N",
                        help="drop oldest history items until the prompt fits (default: %(default)s)")
     group.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32 (default: %(default)s)")
-    group.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: %(default)s)")
+    group.add_argument("--device", default="auto",
+                       help="auto, cpu or cuda[:N] (default: %(default)s; auto spreads a model over the GPUs with "
+                            "accelerate when there are several or it does not fit one)")
+    group.add_argument("--max-memory", metavar="BUDGETS",
+                       help="with --device auto, the most each device may hold, e.g. 0=20GiB,1=20GiB,cpu=64GiB "
+                            "(accelerate's max_memory; layers beyond go to the next device)")
     group.add_argument("--batch-size", type=int_range(1), default=8,
                        help="prompts per forward pass (default: %(default)s)")
     group.add_argument("--trust-remote-code", action="store_true",
@@ -87,6 +99,11 @@ def build_settings(args: argparse.Namespace, split: str = "test") -> InspectSett
                            template_kwargs=args.template_kwargs)
 
 
+def tokenizer_from_options(args: argparse.Namespace) -> Any:
+    """The tokenizer --tokenizer (else --model) names, with --chat-template applied: what audit and diagnose read."""
+    return load_tokenizer(args.tokenizer or args.model, chat_template=getattr(args, "chat_template", None))
+
+
 def load_data(args: argparse.Namespace) -> Dataset:
     dataset = load_dataset(args.data, args.data_format)
     if dataset.short_users:
@@ -99,9 +116,10 @@ def build_inspector(args: argparse.Namespace, *, need_model: bool = True) -> Ins
     """An Inspector from the common options; with --tokenizer and no model, one without weights."""
     dataset = load_data(args)
     if args.tokenizer and not args.model and not need_model:
-        return Inspector(dataset, tokenizer=load_tokenizer(args.tokenizer), adapters_root=args.adapters_dir)
+        return Inspector(dataset, tokenizer=tokenizer_from_options(args), adapters_root=args.adapters_dir)
     # Under torchrun / accelerate launch each process takes its own GPU and scores its share of the prompts.
     device = process_device(args.device)
     shard = process_shard(device)
-    loaded = load_model(args.model, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    loaded = load_model(args.model, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                        chat_template=args.chat_template, max_memory=args.max_memory)
     return Inspector(dataset, loaded, adapters_root=args.adapters_dir, batch_size=args.batch_size, shard=shard)

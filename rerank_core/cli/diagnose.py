@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from rerank_core.cli.common import add_common_options, build_inspector, build_settings
+from rerank_core.cli.common import add_common_options, build_inspector, build_settings, tokenizer_from_options
 from rerank_core.data.loaders import load_dataset
 from rerank_core.diagnostics import (
     OrderSpec,
@@ -22,7 +22,6 @@ from rerank_core.diagnostics import (
 )
 from rerank_core.diagnostics import tables as frames
 from rerank_core.inspector import BASE, Inspector
-from rerank_core.models import load_tokenizer
 from rerank_core.prompts import get_preset, with_template_kwargs
 from rerank_core.template_check import template_consistency
 
@@ -115,7 +114,7 @@ def command_history(args: argparse.Namespace) -> int:
 
 def command_template(args: argparse.Namespace) -> int:
 
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    tokenizer = tokenizer_from_options(args)
     text = None
     if args.user:
 

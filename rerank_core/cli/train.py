@@ -5,27 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from rerank_core.data.loaders import load_dataset
+from rerank_core.distributed import process_device
 from rerank_core.models import load_model
 from rerank_core.progress import CancelFlag, EventLog
+from rerank_core.training.config import TRAINING_PRESETS, TrainConfig, training_config
+from rerank_core.training.manifest import check_adapter_target
+from rerank_core.training.run import train_adapter
 from rerank_core.training.settings import SETTINGS, Setting, parse_settings
-from rerank_core.training.trainer import (
-    TRAINING_PRESETS,
-    TrainConfig,
-    check_adapter_target,
-    train_adapter,
-    training_config,
-)
 
 __all__ = ["EXIT_BAD_SETTINGS", "EXIT_CANCELLED", "EXIT_FAILED", "add_train_command", "main", "run_train"]
 
@@ -37,10 +32,15 @@ EXIT_CANCELLED = 130
 
 
 def _add_shared_options(parser: argparse.ArgumentParser) -> None:
-    """Model, data and device options, named as in cli_common; the prompt and candidate options are settings."""
+    """Model, data and device options, named as in cli/common.py; the prompt and candidate options are settings."""
     group = parser.add_argument_group("model and data")
-    group.add_argument("--model", metavar="PATH",
-                       help="local Hugging Face model folder (default: embedded SmolLM2-135M-Instruct)")
+    group.add_argument("--model", metavar="REF",
+                       help="a local Hugging Face model folder, a hub id org/name[@revision] from the local cache, "
+                            "or a .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    group.add_argument("--chat-template", metavar="FILE.jinja",
+                       help="a chat template to train with instead of the tokenizer's own (recorded in the manifest)")
+    group.add_argument("--max-memory", metavar="BUDGETS",
+                       help="with --device auto, the most each device may hold, e.g. 0=20GiB,1=20GiB,cpu=64GiB")
     group.add_argument("--data", metavar="PATH|NAME", help="dataset folder or file, or a built-in dataset: sample "
                        "(synthetic, the default) or ml-100k-real (real MovieLens 100K from the recbole package)")
     group.add_argument("--data-format", help="force the data format instead of detecting it")
@@ -68,7 +68,7 @@ def _setting_type(item: Setting) -> Any:
 
 
 def _add_settings(parser: argparse.ArgumentParser) -> None:
-    """One flag per training setting, from train_settings.SETTINGS; a flag not given keeps the preset's value."""
+    """One flag per training setting, from training.settings.SETTINGS; a flag not given keeps the preset's value."""
     quick, full = TRAINING_PRESETS["quick"], TRAINING_PRESETS["full"]
     group = parser.add_argument_group("training settings (defaults: the training preset's)")
     for item in SETTINGS:
@@ -188,8 +188,9 @@ def run_train(args: argparse.Namespace) -> int:
                 check_adapter_target(args.name, args.adapters_dir, overwrite=args.overwrite)  # before loading
                 checked = True
                 dataset = load_dataset(args.data, args.data_format)
-                loaded = load_model(args.model, device=_process_device(args.device), dtype=args.dtype or "auto",
-                                    trust_remote_code=args.trust_remote_code)
+                loaded = load_model(args.model, device=process_device(args.device), dtype=args.dtype or "auto",
+                                    trust_remote_code=args.trust_remote_code, chat_template=args.chat_template,
+                                    max_memory=args.max_memory)
                 report = train_adapter(loaded, dataset, config, args.name, root=args.adapters_dir,
                                        overwrite=args.overwrite, on_event=on_event, cancel=cancel,
                                        training_preset=args.training_preset)
@@ -209,15 +210,6 @@ def run_train(args: argparse.Namespace) -> int:
         return EXIT_CANCELLED
     _print_summary(report)
     return 0
-
-
-def _process_device(requested: str | None) -> str:
-    """Under torchrun each process loads onto its own GPU, not all onto cuda:0."""
-    device = requested or "auto"
-    local_rank = os.environ.get("LOCAL_RANK")
-    if local_rank is not None and device in ("auto", "cuda") and torch.cuda.is_available():
-        return f"cuda:{local_rank}"
-    return device
 
 
 def _print_summary(report: Any) -> None:

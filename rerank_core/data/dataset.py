@@ -9,7 +9,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Literal
 
 __all__ = [
     "MAX_ROW_ERRORS",
@@ -26,7 +25,6 @@ __all__ = [
 # The item file's texts, and "title_count": the title plus the item's interaction count in the training part
 # of the split, popularity written into the prompt (the signal a small model cannot learn title by title).
 TEXT_FIELDS = ("title", "caption", "summary", "title_count")
-Split = Literal["train", "validation", "test"]
 
 
 class DataError(ValueError):

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from rerank_core.inspector import Inspector, PreparedUser
+from rerank_core.inspector import Inspector, PreparedUser, ResolvedSystem
 from rerank_core.metrics import METRIC_NAMES, metrics_at, summarize
 from rerank_core.progress import CancelCheck, ProgressCallback, checkpoint
 
@@ -17,7 +17,7 @@ __all__ = ["CancelCheck", "ProgressCallback", "letter_probs", "mean_metrics", "s
 CHUNK = 20
 
 
-def score_in_chunks(inspector: Inspector, system: str, variants: Sequence[PreparedUser], what: str, *,
+def score_in_chunks(inspector: Inspector, system: ResolvedSystem, variants: Sequence[PreparedUser], what: str, *,
                     batch_size: int | None = None, cancel: CancelCheck = None,
                     progress: ProgressCallback | None = None) -> list[Any]:
     """Score variants a chunk at a time: memory stays bounded and a stop request is honoured between chunks."""

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from rerank_core.diagnostics.common import CancelCheck, ProgressCallback, letter_probs, score_in_chunks
-from rerank_core.inspector import BASE, Inspector, InspectSettings
+from rerank_core.inspector import BASE, Inspector, InspectSettings, ResolvedSystem
 from rerank_core.limits import check_limit
 
 __all__ = ["INFLUENCE_FLOOR", "HistoryInfluence", "history_influence"]
@@ -93,11 +93,13 @@ class HistoryInfluence:
         }
 
 
-def history_influence(inspector: Inspector, user_id: str, settings: InspectSettings, system: str = BASE, *,
+def history_influence(inspector: Inspector, user_id: str, settings: InspectSettings,
+                      system: str | ResolvedSystem = BASE, *,
                       batch_size: int | None = None, progress: ProgressCallback | None = None,
                       cancel: CancelCheck = None) -> HistoryInfluence:
     """Remove each shown history item in turn and re-score, in chunks with a stop check between them."""
-    effective, _ = inspector.settings_for(system, settings)
+    resolved = inspector.resolve(system, settings)
+    effective = resolved.settings
     prepared = inspector.prepare(user_id, effective)
     kept = prepared.shown_history
     if not kept:
@@ -108,11 +110,11 @@ def history_influence(inspector: Inspector, user_id: str, settings: InspectSetti
     variants = [prepared]
     variants += [inspector.variant(prepared, effective, history_ids=kept[:row] + kept[row + 1:])
                  for row in range(len(kept))]
-    probs = letter_probs(score_in_chunks(inspector, system, variants, f"history influence of user {user_id}",
+    probs = letter_probs(score_in_chunks(inspector, resolved, variants, f"history influence of user {user_id}",
                                          batch_size=batch_size, cancel=cancel, progress=progress))
     dropped = prepared.prompt.dropped_history
     return HistoryInfluence(
-        system=system, user_id=user_id, preset=prepared.prompt.preset, letters=prepared.prompt.letters,
+        system=resolved.name, user_id=user_id, preset=prepared.prompt.preset, letters=prepared.prompt.letters,
         candidate_ids=prepared.candidates.item_ids, target_index=prepared.candidates.target_index,
         positions=tuple(range(dropped + 1, dropped + len(kept) + 1)), history_ids=kept,
         history_texts=tuple(inspector.dataset.text(item, effective.text_field) for item in kept),

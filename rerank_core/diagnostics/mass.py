@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 
 from rerank_core.diagnostics.common import CancelCheck, ProgressCallback
-from rerank_core.inspector import BASE, Inspector, InspectSettings
+from rerank_core.inspector import BASE, Inspector, InspectSettings, ResolvedSystem
 from rerank_core.limits import check_limit
 
 __all__ = ["LetterMass", "letter_mass"]
@@ -41,7 +41,7 @@ class LetterMass:
 
 
 def letter_mass(inspector: Inspector, users: Sequence[str], settings: InspectSettings,
-                systems: Sequence[str] = (BASE,), *, progress: ProgressCallback | None = None,
+                systems: Sequence[str | ResolvedSystem] = (BASE,), *, progress: ProgressCallback | None = None,
                 cancel: CancelCheck = None, chunk_size: int | None = None) -> LetterMass:
     """Evaluate every user with every system and keep the letter mass (each adapter with its own preset);
     `cancel` is checked between chunks of `chunk_size` users (Inspector.evaluate)."""

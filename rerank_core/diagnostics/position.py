@@ -18,7 +18,7 @@ from rerank_core.diagnostics.common import (
     mean_metrics,
     score_in_chunks,
 )
-from rerank_core.inspector import BASE, Inspector, InspectSettings, PreparedUser
+from rerank_core.inspector import BASE, Inspector, InspectSettings, PreparedUser, ResolvedSystem
 from rerank_core.limits import check_limit
 from rerank_core.metrics import METRIC_NAMES, PairedDifference, metrics_at, paired_bootstrap, rank_of_truth
 from rerank_core.progress import checkpoint
@@ -209,7 +209,8 @@ def _finite(value: float) -> float | None:
 
 
 def _position_bias_prepared(inspector: Inspector, prepared: PreparedUser, settings: InspectSettings,
-                            system: str, spec: OrderSpec, batch_size: int | None, cancel: CancelCheck = None,
+                            system: ResolvedSystem, spec: OrderSpec, batch_size: int | None,
+                            cancel: CancelCheck = None,
                             progress: ProgressCallback | None = None) -> PositionBias:
     count = len(prepared.candidates.item_ids)
     orders = candidate_orders(count, spec)
@@ -219,19 +220,21 @@ def _position_bias_prepared(inspector: Inspector, prepared: PreparedUser, settin
     scores = score_in_chunks(inspector, system, variants, f"position bias of user {prepared.split.user_id}",
                              batch_size=batch_size, cancel=cancel, progress=progress)
     return PositionBias(
-        system=system, user_id=prepared.split.user_id, preset=prepared.prompt.preset,
+        system=system.name, user_id=prepared.split.user_id, preset=prepared.prompt.preset,
         letters=prepared.prompt.letters, item_ids=prepared.candidates.item_ids,
         item_texts=prepared.candidate_texts, target_index=prepared.candidates.target_index, orders=tuple(orders),
         position_probs=letter_probs(scores), letter_mass=np.array([score.letter_mass for score in scores]))
 
 
-def position_bias(inspector: Inspector, user_id: str, settings: InspectSettings, system: str = BASE,
+def position_bias(inspector: Inspector, user_id: str, settings: InspectSettings,
+                  system: str | ResolvedSystem = BASE,
                   spec: OrderSpec = OrderSpec(), *, batch_size: int | None = None,
                   progress: ProgressCallback | None = None, cancel: CancelCheck = None) -> PositionBias:
     """Score one user's candidates under every order of `spec`, in chunks with a stop check between them."""
-    effective, _ = inspector.settings_for(system, settings)
-    prepared = inspector.prepare(user_id, effective)
-    return _position_bias_prepared(inspector, prepared, effective, system, spec, batch_size, cancel, progress)
+    resolved = inspector.resolve(system, settings)
+    prepared = inspector.prepare(user_id, resolved.settings)
+    return _position_bias_prepared(inspector, prepared, resolved.settings, resolved, spec, batch_size, cancel,
+                                   progress)
 
 
 @dataclass(frozen=True, eq=False)
@@ -325,20 +328,21 @@ def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def position_bias_over_users(inspector: Inspector, users: Sequence[str], settings: InspectSettings,
-                             system: str = BASE, spec: OrderSpec = OrderSpec(), *,
+                             system: str | ResolvedSystem = BASE, spec: OrderSpec = OrderSpec(), *,
                              batch_size: int | None = None, progress: ProgressCallback | None = None,
                              cancel: CancelCheck = None) -> PositionBiasSummary:
     """Position bias for each user, summarised over all of them; a stop request is honoured between chunks."""
     if not users:
         raise ValueError("no users to diagnose: pass at least one user id")
     check_limit("diagnostic_users", len(users))
-    effective, _ = inspector.settings_for(system, settings)
+    resolved = inspector.resolve(system, settings)
+    effective = resolved.settings
     orders_per_user = effective.candidates.count if spec.mode == "rotations" else spec.count
     check_limit("diagnostic_prompts", len(users) * orders_per_user)
     results = []
     for done, user_id in enumerate(users):
         checkpoint("position bias over users", done, len(users), progress=progress, cancel=cancel)
         prepared = inspector.prepare(user_id, effective)
-        results.append(_position_bias_prepared(inspector, prepared, effective, system, spec, batch_size, cancel))
+        results.append(_position_bias_prepared(inspector, prepared, effective, resolved, spec, batch_size, cancel))
     checkpoint("position bias over users", len(users), len(users), progress=progress)
-    return PositionBiasSummary(system, tuple(results))
+    return PositionBiasSummary(resolved.name, tuple(results))

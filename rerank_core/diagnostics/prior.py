@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from rerank_core.diagnostics.common import CancelCheck, ProgressCallback, letter_probs, score_in_chunks
-from rerank_core.inspector import BASE, Inspector, InspectSettings
+from rerank_core.inspector import BASE, Inspector, InspectSettings, ResolvedSystem
 from rerank_core.limits import check_limit
 
 __all__ = ["PRIOR_MODES", "LetterPrior", "letter_prior"]
@@ -65,7 +65,8 @@ class LetterPrior:
         }
 
 
-def letter_prior(inspector: Inspector, users: Sequence[str], settings: InspectSettings, system: str = BASE,
+def letter_prior(inspector: Inspector, users: Sequence[str], settings: InspectSettings,
+                 system: str | ResolvedSystem = BASE,
                  mode: str = "placeholder", *, placeholder: str = "item",
                  progress: ProgressCallback | None = None, cancel: CancelCheck = None,
                  batch_size: int | None = None) -> LetterPrior:
@@ -77,14 +78,15 @@ def letter_prior(inspector: Inspector, users: Sequence[str], settings: InspectSe
         raise ValueError("no users to diagnose: pass at least one user id")
     check_limit("diagnostic_users", len(users))
     check_limit("placeholder_chars", len(placeholder))
-    effective, _ = inspector.settings_for(system, settings)
+    resolved = inspector.resolve(system, settings)
+    effective = resolved.settings
     text = "" if mode == "blank" else placeholder
     variants = []
     for user_id in users:
         prepared = inspector.prepare(user_id, effective)
         variants.append(inspector.variant(prepared, effective, candidate_texts=[text] * len(prepared.candidate_texts)))
-    scores = score_in_chunks(inspector, system, variants, "letter prior", batch_size=batch_size, cancel=cancel,
+    scores = score_in_chunks(inspector, resolved, variants, "letter prior", batch_size=batch_size, cancel=cancel,
                              progress=progress)
-    return LetterPrior(system=system, preset=variants[0].prompt.preset, mode=mode, placeholder=text,
+    return LetterPrior(system=resolved.name, preset=variants[0].prompt.preset, mode=mode, placeholder=text,
                        letters=variants[0].prompt.letters, user_ids=tuple(users), probs=letter_probs(scores),
                        letter_mass=np.array([score.letter_mass for score in scores]))

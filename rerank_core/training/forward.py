@@ -23,9 +23,8 @@ def training_forward(model: Any, input_ids: torch.Tensor) -> Iterator[None]:
 
     peft casts each LoRA input to the adapter's fp32 weights and the sum back to bf16: copies of the widest
     activations per projection, forward and backward. Under autocast the small LoRA weights are cast instead,
-    and they stay fp32 for the optimizer. One quick-preset step on the 2-core CPU (4 x 336 tokens, forward,
-    backward and AdamW; median of 6 steps in each of two interleaved runs, 1 Dec 2026): 3.69 / 3.13 s as peft
-    runs it, 3.32 / 3.03 s under autocast. fp16 would need a gradient scaler: left as peft runs it.
+    and they stay fp32 for the optimizer: a quick-preset CPU step is about a tenth faster (README, Benchmarks).
+    fp16 would need a gradient scaler: left as peft runs it.
     """
     # Under torchrun the Trainer hands over the DistributedDataParallel wrapper: its module is the PeftModel.
     inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
@@ -38,8 +37,8 @@ def training_forward(model: Any, input_ids: torch.Tensor) -> Iterator[None]:
             stack.enter_context(torch.autocast(weight.device.type, dtype=weight.dtype))
             stack.enter_context(disable_input_dtype_casting(inner))
         if weight.device.type == "cpu" and _eager_fits(getattr(base, "config", None), input_ids):
-            # PyTorch's CPU flash-attention backward is slow at these lengths: 6 quick-preset steps took a
-            # median 17.1 s with eager attention against 18.9 s with sdpa (4 interleaved rounds, 1 Dec 2026).
+            # PyTorch's CPU flash-attention backward is slow at these lengths: eager attention makes a
+            # quick-preset step about a tenth faster (README, Benchmarks).
             stack.enter_context(_attention(base, "eager"))
         yield
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from rerank_core.candidates import CANDIDATE_SOURCES
 from rerank_core.data.dataset import TEXT_FIELDS
-from rerank_core.limits import LIMITS
+from rerank_core.limits import LIMITS, whole_number
 from rerank_core.prompts import PRESETS
 from rerank_core.verbalizer import STRATEGIES
 
@@ -37,6 +37,7 @@ class Setting:
     high_open: bool = False
     zero_means: str = ""  # what 0 (on the command line, in the form or the API) means: that setting's None
     form: str = "advanced"  # where the app's Fine-tune form shows it: "main", "advanced", or "" (CLI only)
+    label: str = ""  # how errors name it when the name alone is ambiguous ("preset": the prompt preset)
 
     @property
     def rule(self) -> str:
@@ -81,7 +82,8 @@ class Setting:
                 return
             raise ValueError(f"{self.name} needs a value: {self.rule}")
         if self.choices and value not in self.choices:
-            raise ValueError(f"{self.name.replace('_', ' ')} {value!r} is not one of {', '.join(self.choices)}")
+            raise ValueError(f"{self.label or self.name.replace('_', ' ')} {value!r} is not one of "
+                             f"{', '.join(self.choices)}")
         if self.kind is tuple and not value:
             raise ValueError(f"{self.name} is empty: name at least one, e.g. q_proj,v_proj")
         if self.kind in (int, float):
@@ -93,17 +95,14 @@ class Setting:
                 raise ValueError(f"{self.name} must be {self.rule}, got {value}")
 
     def _number(self, value: Any) -> int | float:
+        if self.kind is int:
+            return whole_number(self.name, value)  # the same rule as every other whole-number input
         if isinstance(value, bool):
             raise ValueError(f"{self.name} must be a number, got {value!r}")
         try:
-            number = float(value)
+            return float(value)
         except (TypeError, ValueError):
             raise ValueError(f"{self.name} must be a number, got {value!r}") from None
-        if self.kind is int:
-            if not number.is_integer():
-                raise ValueError(f"{self.name} must be a whole number, got {value!r}")
-            return int(number)
-        return number
 
 
 def _shown(bound: float | None) -> str:
@@ -112,11 +111,11 @@ def _shown(bound: float | None) -> str:
     return str(int(bound)) if float(bound).is_integer() else str(bound)
 
 
-# One line per setting, in the order the form and --help show them. Defaults: TRAINING_PRESETS in training.py;
+# One line per setting, in the order the form and --help show them. Defaults: TRAINING_PRESETS in training/config.py;
 # bounds shared with inspection (candidates, seed, prompt tokens) come from limits.LIMITS.
 SETTINGS: tuple[Setting, ...] = (
-    Setting("prompt_preset", str, "--preset", "prompt preset; *_after put the letter after the item text",
-            choices=tuple(PRESETS), form="main"),
+    Setting("preset", str, "--preset", "prompt preset; *_after put the letter after the item text",
+            choices=tuple(PRESETS), form="main", label="prompt preset"),
     Setting("template_kwargs", str, "--template-kwargs", "chat-template options as a JSON object, e.g. "
             "'{\"enable_thinking\": false}'; used for training and validation, recorded in the manifest and applied "
             "when the adapter is evaluated (checked by prompts.parse_template_kwargs)", form="main"),
