@@ -3,6 +3,11 @@
 Run: PYTHONPATH=. .venv/bin/python bench/bench_load.py [--rounds 3] [--clients 8] [--seconds 60] [--max-samples 64]
      PYTHONPATH=. .venv/bin/python bench/bench_load.py --case diagnostic [--clients 4] [--seconds 60]
 
+--case mixed (the memory check): one round of --seconds (600 for the published figure) in which the clients inspect
+while one more client runs Compare on 20 users and another the diagnostics (letter prior, position bias, letter
+mass, history influence) in turn, each with a new candidate seed every time, and a fine-tune trains; the figure is
+the server's RSS growth (target +10%), printed with the size and bound of every cache the app keeps.
+
 --case diagnostic: the clients inspect alone, and while one more client runs the longest diagnostic the limits
 allow (position bias over 25 users x 200 permuted orders = 5000 scored prompts); each round's figure is the p95
 latency of the inspecting clients, and the target is p95 during the diagnostic <= 2 x p95 alone (interactive
@@ -44,6 +49,9 @@ from method import LoadWatch, Measurement, add_method_args, interleaved, print_r
 from rerank_app.ports import free_port  # noqa: E402
 
 RSS_GROWTH_LIMIT = 0.10
+# The server writes its caches' sizes here every few seconds (it runs in its own process).
+CACHE_FILE = "cache_sizes.json"
+CACHE_WRITE_S = 5.0
 P95_SLOWDOWN_LIMIT = 2.0
 # The longest diagnostic the core allows: 25 users x 200 orders = LIMITS["diagnostic_prompts"].high prompts.
 LONGEST_DIAGNOSTIC = {"users": 25, "orders": "permutations", "permutations": 200}
@@ -63,7 +71,34 @@ def serve(port: int, work: Path) -> None:
     model = ModelEntry(folder.name, str(folder), loaded=load_model(folder))
     context = AppContext(config, [DatasetEntry("sample", load_dataset(None), bundled_sample_path())], [model],
                          jobs=JobRunner(config.runs_root, adapters=config.adapters_root))
-    launch(build_app(context), port=port, max_upload_bytes=config.max_upload_bytes)
+    demo = build_app(context)
+    threading.Thread(target=write_cache_sizes, args=(context, demo, work / CACHE_FILE), daemon=True).start()
+    launch(demo, port=port, max_upload_bytes=config.max_upload_bytes)
+
+
+def write_cache_sizes(context: Any, demo: Any, path: Path) -> None:
+    """Every CACHE_WRITE_S, the entries and bound of each cache of the serving app, for the report."""
+    import json
+
+    from rerank_app.server import cache_sizes
+    from rerank_core.fsutil import atomic_write_text
+
+    while True:
+        time.sleep(CACHE_WRITE_S)
+        atomic_write_text(path, json.dumps(cache_sizes(context, demo)))
+
+
+def print_cache_sizes(work: Path) -> None:
+    """The server's caches as last written: entries / bound each."""
+    import json
+
+    try:
+        sizes = json.loads((work / CACHE_FILE).read_text())
+    except (OSError, ValueError):
+        print("cache sizes: not written yet")
+        return
+    print("cache sizes (entries / bound): " + ", ".join(f"{name} {entries}/{bound}"
+                                                         for name, (entries, bound) in sizes.items()))
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -133,8 +168,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8, help="concurrent gradio_client clients")
     parser.add_argument("--seconds", type=float, default=60.0, help="how long the clients switch users")
     parser.add_argument("--max-samples", type=int, default=64, help="training samples of the fine-tune")
-    parser.add_argument("--case", choices=("finetune", "diagnostic"), default="finetune",
-                        help="what runs beside the clients: a fine-tune, or the longest diagnostic")
+    parser.add_argument("--case", choices=("finetune", "diagnostic", "mixed"), default="finetune",
+                        help="what runs beside the clients: a fine-tune, the longest diagnostic, or Compare, "
+                             "diagnostics and a fine-tune at once (one round, for the memory figure)")
     parser.add_argument("--malloc-arena-max", type=int, metavar="N",
                         help="run the app with MALLOC_ARENA_MAX=N (glibc keeps one heap per thread by default)")
     add_method_args(parser)
@@ -269,6 +305,9 @@ def run(options: argparse.Namespace, url: str, server: subprocess.Popen[bytes], 
     if options.case == "diagnostic":
         run_diagnostic_case(options, url, client, switch_users, errors)
         return
+    if options.case == "mixed":
+        run_mixed_case(options, url, during_finetune, errors, process, rss_before, monitor, finetunes, work)
+        return
     print(f"{options.clients} clients for {options.seconds:.0f} s per round; fine-tunes: quick preset, "
           f"{options.max_samples} samples, 4 validation users")
     with LoadWatch() as watch:
@@ -287,11 +326,84 @@ def run(options: argparse.Namespace, url: str, server: subprocess.Popen[bytes], 
           f"+{RSS_GROWTH_LIMIT:.0%}), peak {monitor.server_peak / 2**20:.0f} MiB")
     print("server RSS every 10 s of the load (MiB): " + " ".join(f"{rss / 2**20:.0f}" for rss in trajectory))
     print(f"fine-tune process peak RSS {monitor.training_peak / 2**20:.0f} MiB")
+    print_cache_sizes(work)
     passed = not errors and growth <= RSS_GROWTH_LIMIT and all(run["state"] == "done" for run in finetunes)
     print("PASS" if passed else "FAIL")
     print_summary(results)
     watch.report()
     print_ratio("slowdown_during_finetune", results["during a fine-tune"], results["clients alone"])
+    if not passed:
+        raise SystemExit(1)
+
+
+def run_mixed_case(options: argparse.Namespace, url: str, during_finetune: Any, errors: list[str], process: Any,
+                   rss_before: int, monitor: RssMonitor, finetunes: list[dict[str, Any]], work: Path) -> None:
+    """Inspect, Compare, Diagnose and a fine-tune at once for one round; the figure is the server's RSS growth."""
+    from gradio_client import Client
+
+    from rerank_core.models import embedded_model_folder
+
+    pickers = {"dataset": "sample", "model": embedded_model_folder().name, "split": "test", "source": "random",
+               "preset": "seed", "strategy": "as_trained", "text_field": "title", "count": 20,
+               "use_adapter_preset": True, "template_kwargs": ""}
+    calls = [("/compare", {"adapters": [], "users": 20}),
+             ("/diagnose_letter_prior", {"system": "base", "users": 5, "mode": "placeholder", "placeholder": "item"}),
+             ("/diagnose_position_bias", {"system": "base", "user_id": "u0001", "orders": "rotations",
+                                          "permutations": 20}),
+             ("/diagnose_letter_mass", {"adapters": [], "users": 5}),
+             ("/diagnose_history", {"system": "base", "user_id": "u0002"})]
+    stop = threading.Event()
+    done = {name: 0 for name, _ in calls}
+
+    def loop(own: Any, chosen: list[tuple[str, dict[str, Any]]]) -> None:
+        seed = 1000
+        while not stop.is_set():
+            for api_name, arguments in chosen:
+                seed += 1  # a new candidate seed each time: nothing is answered from a cache
+                try:
+                    own.predict(**pickers, **arguments, seed=seed, api_name=api_name)
+                    done[api_name] += 1
+                except Exception as error:
+                    errors.append(f"{api_name}: {type(error).__name__}: {str(error)[:200]}")
+                if stop.is_set():
+                    return
+
+    side_clients = [Client(url, verbose=False) for _ in range(2)]
+    # Each kind of request once before "before": its first batch shapes cost oneDNN kernels and buffers once (a
+    # noisy first run rose 200 MiB in its first 10 s, then stayed within 1400-1570 MiB for 7 minutes).
+    for api_name, arguments in calls:
+        side_clients[0].predict(**pickers, **arguments, seed=999, api_name=api_name)
+    warmed = process.memory_info().rss
+    print(f"server RSS after inspecting {rss_before / 2**20:.0f} MiB, after one call of each kind "
+          f"{warmed / 2**20:.0f} MiB: the growth is measured from there")
+    rss_before = warmed
+    side = [threading.Thread(target=loop, args=(own, chosen), daemon=True)
+            for own, chosen in zip(side_clients, (calls[:1], calls[1:]), strict=True)]
+    print(f"{options.clients} inspecting clients for {options.seconds:.0f} s, beside Compare on 20 users, the "
+          f"diagnostics in turn and a quick fine-tune of {options.max_samples} samples")
+    with LoadWatch() as watch:
+        for thread in side:
+            thread.start()
+        measurement = during_finetune()
+        stop.set()
+        for thread in side:
+            thread.join(timeout=600)
+    rss_after = process.memory_info().rss
+    trajectory = list(monitor.trajectory)
+    monitor.stop.set()
+    growth = rss_after / rss_before - 1
+    print(f"inspect: {describe_round(measurement)}")
+    print("beside them: " + ", ".join(f"{name} x{count}" for name, count in done.items()))
+    for error in errors[:5]:
+        print(f"  error: {error}")
+    print(f"server RSS before {rss_before / 2**20:.0f} MiB, after {rss_after / 2**20:.0f} MiB ({growth:+.1%}; "
+          f"limit +{RSS_GROWTH_LIMIT:.0%}), peak {monitor.server_peak / 2**20:.0f} MiB")
+    print("server RSS every 10 s of the load (MiB): " + " ".join(f"{rss / 2**20:.0f}" for rss in trajectory))
+    print_cache_sizes(work)
+    watch.report()
+    passed = not errors and growth <= RSS_GROWTH_LIMIT and all(run["state"] == "done" for run in finetunes)
+    print("PASS" if passed else "FAIL")
+    print(f"rss_growth: {growth:+.3f}")
     if not passed:
         raise SystemExit(1)
 

@@ -23,7 +23,9 @@ from cachetools.keys import hashkey
 from rerank_app.gate import ModelGate, StopRegistry
 from rerank_app.jobs import JobRunner, JobStatus, TrainRequest
 from rerank_core.adapters import AdapterError, list_adapters, new_staging_folder, remove_stale
+from rerank_core.adapters import adapters_root as default_adapters_root
 from rerank_core.baselines import BASELINES, with_baselines
+from rerank_core.chat_templates import ChatTemplateOverride, chat_template_from_text, check_chat_template
 from rerank_core.compare import compare_systems
 from rerank_core.data.dataset import DataError, Dataset
 from rerank_core.data.loaders import load_dataset
@@ -40,27 +42,39 @@ from rerank_core.diagnostics import (
     position_bias,
     position_bias_over_users,
 )
+from rerank_core.fsutil import atomic_write_text, data_home
 from rerank_core.inspector import BASE, Inspector, InspectSettings, ResolvedSystem, UserInspection
 from rerank_core.labels import mask_preview
-from rerank_core.limits import LimitError, whole_number
-from rerank_core.models import LoadedModel, load_model
-from rerank_core.prompts import get_preset, with_template_kwargs
+from rerank_core.limits import LimitError, check_limit, whole_number
+from rerank_core.model_refs import check_model_ref, parse_model_ref
+from rerank_core.models import LoadedModel, load_model, load_tokenizer
+from rerank_core.prompts import answer_slot, get_preset, letters_for, with_template_kwargs
 from rerank_core.template_check import TemplateConsistency, template_consistency
 from rerank_core.training.config import training_config
-from rerank_core.training.samples import build_training_samples, label_samples
+from rerank_core.training.samples import build_training_samples, item_text_cost, label_samples
+from rerank_core.verbalizer import resolve_letters
 
 __all__ = ["AppConfig", "AppContext", "DatasetEntry", "DatasetRegistry", "FineTuneHandover", "InspectionService",
            "ModelEntry", "ModelRegistry", "SessionError"]
 
 log = logging.getLogger(__name__)
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 # A dropdown with every user of a large dataset would be megabytes of JSON; the rest can be typed.
 MAX_USER_CHOICES = 2000
 # Prompts a long run scores between two looks at the gate: an Inspect request waits for at most this many.
 BACKGROUND_CHUNK = 5
 MAX_COMPARE_SYSTEMS = 4
+# Scored users kept for switching back (a UserInspection is a few KB beside its prompt's tokens) and whole
+# comparisons kept for the report button (per-user frames of up to max_compare_users users each).
+MAX_CACHED_INSPECTIONS = 256
+MAX_CACHED_COMPARISONS = 16
+# Picker entries at most: each model typed into the page or template variant may hold a copy of its weights.
+MAX_MODEL_ENTRIES = 64
+# Datasets the picker holds at most: each upload keeps its dataset and Inspectors in memory until a restart.
+MAX_DATASET_ENTRIES = 32
+# Letters the template-effect note shows under each template: enough to see a pattern, short enough to read.
+_EFFECT_LETTERS = 5
 
 
 class SessionError(ValueError):
@@ -71,9 +85,11 @@ class SessionError(ValueError):
 class AppConfig:
     """Where the app reads and writes, and its limits."""
 
-    adapters_root: Path = _REPO_ROOT / "adapters"
-    upload_root: Path = _REPO_ROOT / "uploads"
-    runs_root: Path = _REPO_ROOT / "runs"
+    # Read when the config is made, so the environment then counts ($RERANK_ADAPTERS_DIR, $RERANK_INSPECTOR_HOME);
+    # never inside site-packages (fsutil.data_home).
+    adapters_root: Path = field(default_factory=default_adapters_root)
+    upload_root: Path = field(default_factory=lambda: data_home() / "uploads")
+    runs_root: Path = field(default_factory=lambda: data_home() / "runs")
     max_upload_bytes: int = 100 * 1024**2
     batch_size: int = 8
     max_compare_users: int = 500
@@ -82,6 +98,9 @@ class AppConfig:
     # --chat-template FILE and --max-memory BUDGETS, applied to every model the app loads.
     chat_template: str | None = None
     max_memory: str | None = None
+    # Folders a model path typed into the page may lie in; None: anywhere (an app bound to this machine only).
+    # An app others can reach must not let them probe or load the server's files by path.
+    typed_model_roots: tuple[Path, ...] | None = None
 
 
 @dataclass
@@ -95,12 +114,17 @@ class DatasetEntry:
 
 @dataclass
 class ModelEntry:
-    """A base model the pickers offer; loaded on first use from path, or given already loaded."""
+    """A base model the pickers offer; loaded on first use from path (any model reference), or given already loaded.
+
+    A variant (`base` set) is that model's weights and adapters under a chat template given in the app: it shares
+    the loaded model, its adapter slots and its gate, with a tokenizer of its own."""
 
     name: str
     path: str | None = None
     loaded: LoadedModel | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    base: str | None = None
+    chat_template: ChatTemplateOverride | None = None
 
 
 class ModelRegistry:
@@ -110,20 +134,93 @@ class ModelRegistry:
         self.config = config
         self._entries: dict[str, ModelEntry] = {entry.name: entry for entry in entries}
         self._gates: dict[str, ModelGate] = {entry.name: ModelGate() for entry in entries}
+        self._adding = threading.Lock()
 
     @property
     def names(self) -> list[str]:
         return list(self._entries)
 
+    def _register(self, entry: ModelEntry) -> str:
+        """Offer a new entry (the caller holds _adding), refused past MAX_MODEL_ENTRIES."""
+        if len(self._entries) >= MAX_MODEL_ENTRIES:
+            raise SessionError(f"the model picker holds {MAX_MODEL_ENTRIES} entries already: restart the app to add "
+                               "more")
+        if entry.base is None:
+            self._gates[entry.name] = ModelGate()
+        self._entries[entry.name] = entry
+        return entry.name
+
+    def add_reference(self, reference: str) -> str:
+        """A model typed into the page (a folder, a cached hub id, a .gguf file), checked without loading weights
+        (model_refs.check_model_ref) and offered in the picker from now on; returns the name it is offered under."""
+        text = str(reference or "").strip()
+        if not text:
+            raise SessionError("type a model folder, a hub id (org/name[@revision]) from the local Hugging Face "
+                               "cache, or a .gguf file path")
+        ref = parse_model_ref(text)
+        roots = self.config.typed_model_roots
+        if ref.path is not None and roots is not None and not _inside_any(ref.path, roots):
+            # The same answer whether the path exists or not: the page cannot probe the server's disk.
+            folders = ", ".join(root.name for root in roots) or "none: start the app with --models-dir"
+            raise SessionError("this app takes typed model paths only inside its --models-dir folders "
+                               f"({folders}); pick a listed model or a hub id from the cache")
+        ref = check_model_ref(text)
+        with self._adding:
+            for entry in self._entries.values():
+                if entry.base is None and entry.path == ref.text:
+                    return entry.name
+            name = ref.display_name if ref.display_name not in self._entries else ref.text
+            return self._register(ModelEntry(name, ref.text))
+
+    def with_template(self, model: str, text: str, source: str) -> str:
+        """The model (a variant's base) under a chat template given in the page: checked to render with the model's
+        own tokenizer, saved so a fine-tune subprocess can read it, offered in the picker; returns its name."""
+        base = self.entry(model).base or model
+        override = check_chat_template(chat_template_from_text(text, _safe_name(source, "pasted")))
+        name = f"{base} + template {override.path} {override.sha256[:8]}"
+        with self._adding:
+            if name in self._entries:
+                return name
+        base_loaded = self.loaded(base)  # loaded now: a template that does not render with it is refused here
+        saved = self.config.upload_root / ".templates" / f"{override.sha256}.jinja"
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(saved, override.text)
+        override = ChatTemplateOverride(str(saved), override.text)
+        tokenizer = load_tokenizer(base_loaded.path, chat_template=override)
+        variant = replace(base_loaded, tokenizer=tokenizer, chat_template=override)  # same weights and adapters
+        with self._adding:
+            if name not in self._entries:
+                self._register(ModelEntry(name, base_loaded.path, loaded=variant, base=base, chat_template=override))
+        return name
+
+    def template_effect(self, model: str, preset: str, template_kwargs: str = "", strategy: str = "as_trained"
+                        ) -> list[str]:
+        """What a variant's template changes in the letter audit: the answer slot and the first letters' tokens
+        under it and under the base model's own template, one line each."""
+        entry = self.entry(model)
+        if entry.base is None:
+            return [f"{model} uses its tokenizer's own chat template"]
+        prompt_preset = with_template_kwargs(get_preset(preset), template_kwargs)
+        lines = []
+        for label, name in ((f"template {entry.chat_template.path}", model), ("the model's own template", entry.base)):
+            tokenizer = self.tokenizer(name)
+            slot = answer_slot(tokenizer, prompt_preset)
+            letters = resolve_letters(tokenizer, prompt_preset, letters_for(_EFFECT_LETTERS), strategy)
+            shown = ", ".join(f"{token.letter} → {token.token!r} {token.token_id}"
+                              + (f" ({', '.join(token.flags)})" if token.flags else "") for token in letters)
+            where = ", ".join(slot.flags) or "right after the generation prompt"
+            lines.append(f"{label}: letter slot {where}; {shown}")
+        return lines
+
     def entry(self, name: str) -> ModelEntry:
         try:
             return self._entries[name]
-        except KeyError:
+        except (KeyError, TypeError):  # TypeError: a list or an object from a JSON request
             raise SessionError(f"no model named {name!r}; choose one of {', '.join(self._entries)} "
                                "(start the app with --model PATH to add one)") from None
 
     def loaded(self, name: str) -> LoadedModel:
-        """The model, loaded on first use."""
+        """The model, loaded on first use (a variant is made with it, so it is always loaded)."""
         entry = self.entry(name)
         with entry.lock:
             if entry.loaded is None:
@@ -140,12 +237,26 @@ class ModelRegistry:
             raise SessionError(f"model {name!r} has no folder on disk, so a fine-tune subprocess cannot load it")
         return str(path)
 
+    def train_reference(self, name: str) -> tuple[str, str | None]:
+        """What a fine-tune subprocess loads: the model reference as registered (a folder made absolute, a hub id,
+        a .gguf file, so the manifest records it as the user knows it) and the chat-template file it trains with
+        (a variant's, else the app's --chat-template, else None)."""
+        entry = self.entry(name)
+        base = self.entry(entry.base) if entry.base else entry
+        # The run works in its own folder: every path it gets is absolute.
+        template = (entry.chat_template.path if entry.chat_template else
+                    str(Path(self.config.chat_template).expanduser().resolve()) if self.config.chat_template else None)
+        if not base.path:
+            return self.path(name), template
+        ref = parse_model_ref(base.path)
+        return (str(ref.path.resolve()) if ref.path is not None else ref.text), template
+
     def tokenizer(self, name: str) -> Any:
         return self.loaded(name).tokenizer
 
     def gate(self, name: str) -> ModelGate:
-        self.entry(name)  # an unknown name says which ones exist
-        return self._gates[name]
+        entry = self.entry(name)  # an unknown name says which ones exist
+        return self._gates[entry.base or name]  # a variant runs on its base's weights: one gate for both
 
     def adapter_names(self, model: str) -> list[str]:
         """Published adapters made for this base model (and plain PEFT adapters, which are shape-checked)."""
@@ -170,6 +281,8 @@ class ModelRegistry:
 
     def systems(self, model: str, adapters: Sequence[str] | None) -> list[str]:
         """The base and up to MAX_COMPARE_SYSTEMS - 1 adapters, each named once."""
+        if isinstance(adapters, str) or not all(isinstance(name, str) for name in adapters or []):
+            raise SessionError(f"adapters must be a list of adapter names, got {str(adapters)[:80]}")
         chosen = [name for name in dict.fromkeys(adapters or []) if name and name != BASE]
         if len(chosen) > MAX_COMPARE_SYSTEMS - 1:
             raise SessionError(f"compare the base with at most {MAX_COMPARE_SYSTEMS - 1} adapters at once; "
@@ -193,7 +306,7 @@ class DatasetRegistry:
     def get(self, name: str) -> DatasetEntry:
         try:
             return self._entries[name]
-        except KeyError:
+        except (KeyError, TypeError):  # TypeError: a list or an object from a JSON request
             raise SessionError(f"no dataset named {name!r}; choose one of {', '.join(self._entries)} "
                                "or load one in the Data tab") from None
 
@@ -255,6 +368,9 @@ class DatasetRegistry:
         """Copy uploaded files into the upload area under safe names, load them, and register the dataset."""
         if not files:
             raise DataError("no file was uploaded: add the dataset's files (e.g. items.csv and interactions.csv)")
+        if len(self._entries) >= MAX_DATASET_ENTRIES:
+            raise DataError(f"the app holds {MAX_DATASET_ENTRIES} datasets already: restart it to upload more "
+                            "(uploads are offered again after a restart)")
         root = self.config.upload_root
         root.mkdir(parents=True, exist_ok=True)
         sources = [Path(file) for file in files]
@@ -306,14 +422,27 @@ class InspectionService:
         self._inspectors: dict[tuple[str, str], Inspector] = {}
         self._lock = threading.Lock()
         # Handlers run on several threads at once: the caches' bookkeeping is locked, the scoring is not.
-        self._inspections: LRUCache = LRUCache(256)
-        self._comparisons: LRUCache = LRUCache(16)
+        self._inspections: LRUCache = LRUCache(MAX_CACHED_INSPECTIONS)
+        self._comparisons: LRUCache = LRUCache(MAX_CACHED_COMPARISONS)
         self._cache_lock = threading.Lock()
 
     def clear_cache(self) -> None:
         """Forget every cached inspection, as if each were scored anew (a retrained adapter is)."""
         with self._cache_lock:
             self._inspections.clear()
+
+    def cache_sizes(self) -> dict[str, tuple[int, int]]:
+        """Entries and bound of every cache behind the results, the Inspectors' summed (their own count is at most
+        datasets × models)."""
+        with self._lock:
+            inspectors = list(self._inspectors.values())
+        sizes = {"inspections": (len(self._inspections), MAX_CACHED_INSPECTIONS),
+                 "comparisons": (len(self._comparisons), MAX_CACHED_COMPARISONS)}
+        for inspector in inspectors:
+            for name, (entries, bound) in inspector.cache_sizes().items():
+                summed = sizes.get(name, (0, 0))
+                sizes[name] = (summed[0] + entries, summed[1] + bound)
+        return sizes
 
     def _inspector(self, dataset: str, model: str) -> Inspector:
         key = (dataset, model)
@@ -452,7 +581,8 @@ class InspectionService:
                              template_kwargs: str = "") -> TemplateConsistency:
         """Is the inference prompt a token prefix of the training conversation (tokenizer only, no lock)."""
         return template_consistency(self.models.tokenizer(model),
-                                    with_template_kwargs(get_preset(preset), template_kwargs), count=int(count))
+                                    with_template_kwargs(get_preset(preset), template_kwargs),
+                                    count=check_limit("candidates", count))
 
     def letter_mass(self, dataset: str, model: str, adapters: Sequence[str] | None, count: int,
                     settings: InspectSettings, progress: Callable[[int, int], None] | None = None,
@@ -488,9 +618,18 @@ class FineTuneHandover:
         entry = self.datasets.get(dataset)
         if entry.path is None:
             raise SessionError(f"dataset {dataset!r} exists only in memory; a fine-tune subprocess needs it on disk")
-        request = TrainRequest(name=str(name or "").strip(), model_path=self.models.path(model),
-                               data_path=str(entry.path), training_preset=training_preset, options=overrides)
-        return runner.start(request)
+        # A field the dataset lacks is named now, not by the subprocess after it loaded the data.
+        entry.dataset.item_text(training_config(training_preset, **overrides).text_field)
+        reference, template = self.models.train_reference(model)
+        request = TrainRequest(name=str(name or "").strip(), model_path=reference, data_path=str(entry.path.resolve()),
+                               training_preset=training_preset, options=overrides, chat_template=template)
+        try:
+            return runner.start(request)
+        except AdapterError as error:  # "already exists in /srv/...": the client is not told where the server keeps it
+            root = str(runner.adapters)
+            if root not in str(error):
+                raise
+            raise AdapterError(str(error).replace(root, "the adapters folder")) from None
 
     def preview(self, dataset: str, model: str, training_preset: str,
                 overrides: dict[str, Any]) -> tuple[Any, list[int], list[bool], str]:
@@ -498,7 +637,10 @@ class FineTuneHandover:
         config = training_config(training_preset, **overrides)
         data = self.datasets.get(dataset).dataset
         tokenizer = self.models.tokenizer(model)
-        samples, _ = build_training_samples(data, tokenizer, replace(config, max_samples=1))
+        # What the item text costs, shown before a run; its longest prompt is the budget the run would size.
+        cost = item_text_cost(data, tokenizer, config)
+        budget = cost.tokens if config.max_prompt_tokens is None else config.max_prompt_tokens
+        samples, _ = build_training_samples(data, tokenizer, replace(config, max_samples=1, max_prompt_tokens=budget))
         examples, _ = label_samples(tokenizer, samples, config)
         if not examples:
             raise SessionError("no training sample fits these settings: raise max prompt tokens, use fewer "
@@ -506,7 +648,8 @@ class FineTuneHandover:
         sample = samples[0]
         masked = mask_preview(tokenizer, examples[0])
         caption = (f"User {sample.user_id}, target = training item {sample.position + 1}, answer letter "
-                   f"{sample.answer_letter!r}, preset {config.preset!r}, {len(masked)} tokens.")
+                   f"{sample.answer_letter!r}, preset {config.preset!r}, {len(masked)} tokens. "
+                   f"{cost.describe_cost(config.text_field)}.")
         return tokenizer, [token.token_id for token in masked], [token.loss for token in masked], caption
 
 
@@ -524,6 +667,12 @@ class AppContext:
         self.inspections = InspectionService(config, self.datasets, self.models)
         self.finetune = FineTuneHandover(jobs, self.datasets, self.models)
         self.stops = StopRegistry()
+
+
+def _inside_any(path: Path, roots: Sequence[Path]) -> bool:
+    """Whether the path, with links and '..' resolved, lies in one of the folders."""
+    resolved = path.expanduser().resolve()
+    return any(resolved.is_relative_to(root.expanduser().resolve()) for root in roots)
 
 
 def _safe_name(name: str, fallback: str) -> str:

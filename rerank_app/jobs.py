@@ -52,10 +52,11 @@ class TrainRequest:
     """What the Fine-tune form asks for; paths come from the app's registries, never from the client."""
 
     name: str
-    model_path: str
+    model_path: str  # the model reference the registry checked: a folder, a cached hub id or a .gguf file
     data_path: str
     training_preset: str = "quick"
     options: Mapping[str, Any] = field(default_factory=dict)  # setting → value as the form or the API gives it
+    chat_template: str | None = None  # a template file the registry saved, used instead of the tokenizer's own
 
     def config(self) -> TrainConfig:
         """The training preset with the options; a bad or unknown setting raises ValueError naming it."""
@@ -63,9 +64,10 @@ class TrainRequest:
 
     def argv(self, config_file: Path, events: Path, cancel_file: Path, adapters: Path) -> list[str]:
         """The command line: paths only; every setting goes over in config_file (TrainConfig.to_json)."""
+        template = ["--chat-template", self.chat_template] if self.chat_template else []
         return [sys.executable, "-m", "rerank_core", "train", "--name", validate_adapter_name(self.name),
                 "--training-preset", self.training_preset, "--config", str(config_file), "--model", self.model_path,
-                "--data", self.data_path, "--adapters-dir", str(adapters), "--events", str(events),
+                *template, "--data", self.data_path, "--adapters-dir", str(adapters), "--events", str(events),
                 "--cancel-file", str(cancel_file), "--no-progress"]
 
 
@@ -109,9 +111,9 @@ class JobRunner:
 
     def __init__(self, runs_root: str | os.PathLike[str], *, adapters: str | os.PathLike[str] | None = None,
                  env: Mapping[str, str] | None = None) -> None:
-        self.runs_root = Path(runs_root)
+        self.runs_root = Path(runs_root).resolve()  # the run works in its own folder: its paths must be absolute
         self.runs_root.mkdir(parents=True, exist_ok=True)
-        self.adapters = adapters_root(adapters)
+        self.adapters = adapters_root(adapters).resolve()
         self._env = dict(env or {})
         self._lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
@@ -122,8 +124,8 @@ class JobRunner:
 
     def start(self, request: TrainRequest) -> JobStatus:
         """Launch the training subprocess, or raise JobBusy naming the run that is going."""
+        config = request.config()  # the settings first: a bad one is named even when the name is also refused
         name = check_adapter_target(request.name, self.adapters).name
-        config = request.config()
         with self._lock, self._file_lock():
             current = self._status_locked()
             if current.active:
@@ -138,8 +140,9 @@ class JobRunner:
             env = {"HF_HUB_OFFLINE": "1", **os.environ, **self._env, "PYTHONUNBUFFERED": "1",
                    "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO_ROOT), os.environ.get("PYTHONPATH")]))}
             with (folder / _LOG_FILE).open("wb") as log_file:
-                # A new session: the run outlives an app restart and a Ctrl-C in the app's terminal.
-                self._process = subprocess.Popen(argv, cwd=_REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log_file,
+                # A new session: the run outlives an app restart and a Ctrl-C in the app's terminal. It works in
+                # its own folder: nothing lands beside the code (site-packages when pip-installed).
+                self._process = subprocess.Popen(argv, cwd=folder, stdin=subprocess.DEVNULL, stdout=log_file,
                                                  stderr=subprocess.STDOUT, env=env, start_new_session=True)
             self._current = folder
             self._write_job(folder, {"id": folder.name, "name": name, "argv": argv, "pid": self._process.pid,

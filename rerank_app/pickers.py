@@ -13,11 +13,12 @@ from typing import Any
 import gradio as gr
 
 from rerank_app.context import AppContext
+from rerank_core.data.item_text import item_text_choices
 from rerank_core.inspector import BASE, InspectSettings
 from rerank_core.prompts import get_preset
 
 __all__ = ["NO_ADAPTER_LABEL", "USER_ERRORS", "PickerControls", "Pickers", "adapter_choices", "catalogue_key",
-           "endpoint", "make_settings", "refresh_pickers", "user_message"]
+           "endpoint", "make_settings", "refresh_pickers", "text_field_choices", "user_message"]
 
 log = logging.getLogger("rerank_app")
 
@@ -94,6 +95,7 @@ class PickerControls:
     order: gr.Radio
     report_button: gr.Button
     report_file: gr.File
+    own_model: Any = None  # own_model.OwnModelControls: the reference and template fields beside the model picker
 
     @property
     def pickers(self) -> list[gr.components.Component]:
@@ -101,22 +103,31 @@ class PickerControls:
         return [getattr(self, name) for name in PICKER_NAMES]
 
 
-def catalogue_key(context: AppContext, model: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """What the pickers list: the datasets and the model's adapters. A change means the pickers are stale."""
-    return tuple(context.datasets.names), tuple(context.models.adapter_names(model))
+def catalogue_key(context: AppContext, model: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """What the pickers list: the datasets, the model's adapters and the models (another page may add one). A change
+    means the pickers are stale."""
+    return tuple(context.datasets.names), tuple(context.models.adapter_names(model)), tuple(context.models.names)
 
 
 def refresh_pickers(context: AppContext, model: str, last: Any) -> tuple[Any, ...]:
     """New choices for every dataset and adapter picker when datasets or adapters changed (an upload, a
     fine-tune, the CLI, another page); nothing is sent otherwise. Outputs: single-adapter pickers (2),
-    multi-adapter pickers (2), dataset pickers (2), then the key."""
+    multi-adapter pickers (2), dataset pickers (2), the model picker, then the key."""
     key = catalogue_key(context, model)
     if key == last:
-        return (gr.skip(),) * 6 + (last,)
+        return (gr.skip(),) * 7 + (last,)
     single = gr.Dropdown(choices=adapter_choices(context, model))
     multi = gr.Dropdown(choices=context.models.adapter_names(model))
     datasets = gr.Dropdown(choices=context.datasets.names)
-    return single, single, multi, multi, datasets, datasets, key
+    return single, single, multi, multi, datasets, datasets, gr.Dropdown(choices=context.models.names), key
+
+
+def text_field_choices(context: AppContext, dataset: str) -> Any:
+    """The item-text pickers' offers for a dataset (the named texts, its own fields, a spec with all of them); any
+    other spec may be typed, the core checks it. A dataset name not (yet) registered changes nothing."""
+    if dataset not in context.datasets.names:
+        return gr.skip()
+    return gr.Dropdown(choices=item_text_choices(context.datasets.get(dataset).dataset.item_fields))
 
 
 def adapter_choices(context: AppContext, model: str) -> list[tuple[str, str]]:

@@ -51,8 +51,12 @@ def page_io(state: gr.State, inputs: Sequence[Any], outputs: Sequence[Any],
 def api_endpoint(event: Callable[..., Any], inputs: Sequence[Any], outputs: Sequence[Any], api_name: str,
                  **options: Any) -> None:
     """The plain handler under `api_name`, where a refusal raises (what gradio_client expects); on a hidden button
-    wired before the page's own events, which are private and answer with answer_or_keep."""
-    gr.Button(visible=False).click(event, inputs, outputs, api_name=api_name, **options)
+    wired before the page's own events, which are private and answer with answer_or_keep.
+
+    The values reach the handler as the client sent them (preprocess=False): Gradio's own checks (a choice not
+    listed, a number past a slider's end, a list for a number) answered without naming the field, where the core's
+    checks name it. These components' payloads are the plain values their preprocessing would pass on."""
+    gr.Button(visible=False).click(event, inputs, outputs, api_name=api_name, preprocess=False, **options)
 
 
 def serve(api: Callable[..., Any], page: Callable[..., Any], triggers: Sequence[Callable[..., Any]], state: gr.State,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import importlib.util
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,12 +24,12 @@ from rerank_core.adapters import adapters_root
 from rerank_core.data.builtin import MOVIELENS_100K_REAL, builtin_dataset_path, bundled_sample_path
 from rerank_core.data.dataset import DataError
 from rerank_core.data.loaders import load_dataset
-from rerank_core.model_catalog import list_models
+from rerank_core.model_catalog import list_models, models_dirs
 from rerank_core.model_refs import parse_model_ref
 from rerank_core.models import ModelError, embedded_model_folder, load_model
 
-__all__ = ["REAL_DATASET", "SAMPLE_DATASET", "build_app", "build_context", "builtin_datasets",
-           "end_session", "launch"]
+__all__ = ["REAL_DATASET", "SAMPLE_DATASET", "build_app", "build_context", "builtin_datasets", "cache_sizes",
+           "end_session", "launch", "mark_missing_plot_libraries"]
 
 log = logging.getLogger("rerank_app")
 
@@ -35,6 +37,10 @@ SAMPLE_DATASET = "sample"
 REAL_DATASET = "MovieLens 100K (real)"
 # How often an open page checks for new datasets and adapters (a cheap directory listing).
 PICKER_REFRESH_S = 5.0
+# Gradio keeps every session's copy of the page's configuration and last outputs (~0.2-1 MB each) for its 10,000
+# most recent sessions, and never drops a closed one before that. An open page polls every PICKER_REFRESH_S, which
+# keeps it among the most recent, so only closed pages (and idle API clients) are forgotten.
+MAX_SESSIONS = 256
 
 
 def build_app(context: AppContext) -> gr.Blocks:
@@ -57,7 +63,7 @@ def build_app(context: AppContext) -> gr.Blocks:
         # Every picker follows the datasets and adapters on disk, whoever added them.
         seen = gr.State(None)
         outputs = [controls.adapter, diagnose_system, compare_adapters, diagnose_adapters, controls.dataset,
-                   data_picker, seen]
+                   data_picker, controls.model, seen]
         refresher = endpoint(refresh_pickers, context)
         # A closed or reloaded page: its long runs stop instead of scoring for nobody.
         demo.unload(endpoint(end_session, context))
@@ -66,6 +72,13 @@ def build_app(context: AppContext) -> gr.Blocks:
             trigger(refresher, [controls.model, seen], outputs, api_visibility="private", concurrency_limit=None,
                     show_progress="hidden")
     return demo
+
+
+def cache_sizes(context: AppContext, demo: gr.Blocks) -> dict[str, tuple[int, int]]:
+    """Entries and bound of everything the app keeps between requests: the load benchmark reports them."""
+    holder = getattr(demo, "state_holder", None)  # set at launch
+    sessions = (len(holder.session_data), MAX_SESSIONS) if holder is not None else (0, MAX_SESSIONS)
+    return {**context.inspections.cache_sizes(), "views": inspect_tab.cached_views(), "sessions": sessions}
 
 
 def end_session(context: AppContext, request: gr.Request = None) -> None:
@@ -79,7 +92,9 @@ def build_context(args: argparse.Namespace) -> AppContext:
     config = AppConfig(adapters_root=adapters_root(args.adapters_dir), upload_root=defaults.upload_root,
                        runs_root=defaults.runs_root, max_upload_bytes=int(args.max_upload_mb * 1024**2),
                        device=args.device, dtype=args.dtype, chat_template=getattr(args, "chat_template", None),
-                       max_memory=getattr(args, "max_memory", None))
+                       max_memory=getattr(args, "max_memory", None),
+                       typed_model_roots=typed_model_roots(getattr(args, "host", "127.0.0.1"),
+                                                           getattr(args, "models_dir", None)))
     datasets = []
     if args.data:
         path = Path(args.data)
@@ -106,6 +121,14 @@ def build_context(args: argparse.Namespace) -> AppContext:
     context = AppContext(config, datasets, models, jobs=jobs)
     context.datasets.restore_uploads()
     return context
+
+
+def typed_model_roots(host: str, models_dirs_given: Sequence[str] | None) -> tuple[Path, ...] | None:
+    """Where a model path typed into the page may lie: anywhere on an app bound to this machine only, else only
+    in the --models-dir folders (others reaching the app must not load or probe the server's files)."""
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return None
+    return tuple(models_dirs(models_dirs_given))
 
 
 def catalog_entries(models_dirs: Sequence[str] | None, taken: set[str]) -> list[ModelEntry]:
@@ -137,12 +160,22 @@ def _limit_heap_arenas() -> None:
         ctypes.CDLL(None).mallopt(-8, 2)  # -8 is glibc's M_ARENA_MAX
 
 
+def mark_missing_plot_libraries() -> None:
+    """gradio's Plot asks for bokeh's version whenever a session copies the page's configuration (each page load,
+    each call over the /call/ route): without bokeh installed that is a failed import searching sys.path for every
+    Plot of the page, about three quarters of setting up a session here. A None in sys.modules is Python's own
+    mark for "not importable": the import then fails at once."""
+    if "bokeh" not in sys.modules and importlib.util.find_spec("bokeh") is None:
+        sys.modules["bokeh"] = None  # type: ignore[assignment]
+
+
 def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
            auth: tuple[str, str] | None = None, max_upload_bytes: int = 100 * 1024**2, queue_size: int = 64,
            block: bool = True) -> Any:
     """Serve with queue limits: scoring, comparisons, jobs and uploads each have their own concurrency group."""
     _limit_heap_arenas()
+    mark_missing_plot_libraries()
     demo.queue(default_concurrency_limit=2, max_size=queue_size)
     return demo.launch(server_name=host, server_port=port, share=share, auth=auth, css=views.APP_CSS, js=views.APP_JS,
                        theme=gr.themes.Soft(), max_file_size=max_upload_bytes, prevent_thread_lock=not block,
-                       show_error=True, quiet=not block)
+                       show_error=True, quiet=not block, state_session_capacity=MAX_SESSIONS)

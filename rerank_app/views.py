@@ -6,14 +6,13 @@ import html
 import math
 import re
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
-from pandas.io.formats.style import Styler
 
 from rerank_app.plots import empty_figure, with_layout
 from rerank_core.answer_slot import AnswerSlot
@@ -40,6 +39,7 @@ __all__ = [
     "CompareView",
     "DataView",
     "InspectView",
+    "StyledTable",
     "compare_user_chart",
     "compare_user_table",
     "compare_view",
@@ -49,7 +49,6 @@ __all__ = [
     "enter_clicks",
     "eval_chart",
     "inspect_view",
-    "letter_chart",
     "loss_chart",
     "progress_html",
     "prompt_html",
@@ -118,21 +117,15 @@ def enter_clicks(button_id: str) -> list[str]:
 
 # -- small helpers ------------------------------------------------------------------------------
 
+# Each whitespace character and its visible mark; one str.translate pass (not a loop per character: the token
+# view marks every token of every prompt).
+_WHITESPACE_MARKS = str.maketrans({" ": '<span class="ri-ws">·</span>', "\n": '<span class="ri-ws">↵</span>\n',
+                                   "\t": '<span class="ri-ws">⇥</span>', "\r": '<span class="ri-ws">␍</span>'})
+
+
 def _visible(text: str) -> str:
     """HTML for text with every space, tab and newline shown (escaped: item titles come from uploads)."""
-    out = []
-    for char in text:
-        if char == " ":
-            out.append('<span class="ri-ws">·</span>')
-        elif char == "\n":
-            out.append('<span class="ri-ws">↵</span>\n')
-        elif char == "\t":
-            out.append('<span class="ri-ws">⇥</span>')
-        elif char == "\r":
-            out.append('<span class="ri-ws">␍</span>')
-        else:
-            out.append(html.escape(char))
-    return "".join(out)
+    return html.escape(text).translate(_WHITESPACE_MARKS)
 
 
 def _special_tokens(tokenizer: Any) -> list[str]:
@@ -256,22 +249,32 @@ def token_html(tokenizer: Any, token_ids: Sequence[int], *, text: str | None = N
             f'<div class="ri-tokens">{"".join(cells)}</div>')
 
 
-def letter_chart(inspection: UserInspection, order: str = "letter") -> go.Figure:
-    """Letter probabilities as bars, the ground truth in another colour; order by letter or probability (the
-    report draws the same figure: figures.letter_figure)."""
-    return go.Figure(letter_figure(inspection, order))
+@dataclass(frozen=True)
+class StyledTable:
+    """A table with some rows highlighted: what a pandas Styler would give the page, without rendering one (a
+    Styler's rendering cost milliseconds per table on every Inspect)."""
+
+    data: pd.DataFrame
+    row_styles: tuple[str, ...]  # one CSS declaration list per row, "" for a plain row
+    formats: Mapping[str, str] = field(default_factory=dict)  # a column's format for its shown text; else str()
+
+    def payload(self) -> dict[str, Any]:
+        """Headers, cells, and each cell's shown text and style: the form gradio's Dataframe draws a Styler in."""
+        headers = [str(column) for column in self.data.columns]
+        rows = self.data.to_dict(orient="split")["data"]
+        shown = [self.formats.get(header, "{}").format for header in headers]
+        return {"headers": headers, "data": rows,
+                "metadata": {"display_value": [[show(value) for show, value in zip(shown, row)] for row in rows],
+                             "styling": [[style] * len(headers) for style in self.row_styles]}}
 
 
-def _candidates_table(inspection: UserInspection, dataset: Dataset) -> Styler:
+def _candidates_table(inspection: UserInspection, dataset: Dataset) -> StyledTable:
     frame = inspection.candidates_frame(dataset)
     table = pd.DataFrame({
         "letter": frame["letter"], "item": frame["item_id"], "text": frame["text"],
         "truth": ["★" if flag else "" for flag in frame["truth"]],
         "p": frame["probability"].round(4), "rank": frame["rank"]})
-    truth_rows = set(frame.index[frame["truth"]])
-    return table.style.apply(
-        lambda row: [_TRUTH_ROW if row.name in truth_rows else ""] * len(row), axis=1
-    ).format({"p": "{:.4f}"})
+    return StyledTable(table, tuple(_TRUTH_ROW if truth else "" for truth in frame["truth"]), {"p": "{:.4f}"})
 
 
 def _history_table(inspection: UserInspection, dataset: Dataset) -> tuple[pd.DataFrame, str]:
@@ -300,7 +303,7 @@ def truncation_reason(inspection: UserInspection) -> str:
     return " and ".join(reasons)
 
 
-def _audit_table(inspection: UserInspection) -> tuple[Styler, str]:
+def _audit_table(inspection: UserInspection) -> tuple[StyledTable, str]:
     rows = [token.to_json() for token in inspection.prepared.letter_tokens]
     table = pd.DataFrame({
         "letter": [row["letter"] for row in rows],
@@ -311,9 +314,7 @@ def _audit_table(inspection: UserInspection) -> tuple[Styler, str]:
         "flags": [", ".join(row["flags"]) or "ok" for row in rows],
         "found by": [row["step"] for row in rows]})
     flagged = [index for index, row in enumerate(rows) if row["flags"]]
-    flagged_set = set(flagged)
-    styled = table.style.apply(
-        lambda row: [_FLAGGED_ROW if row.name in flagged_set else ""] * len(row), axis=1)
+    styled = StyledTable(table, tuple(_FLAGGED_ROW if row["flags"] else "" for row in rows))
     strategy = rows[0]["strategy"] if rows else "?"
     if flagged:
         note = (f"⚠ {len(flagged)} of {len(rows)} letters flagged under strategy {strategy!r} "
@@ -371,11 +372,11 @@ class InspectView:
     summary: str
     history: pd.DataFrame
     history_note: str
-    candidates: Styler
-    chart: go.Figure
+    candidates: StyledTable
+    chart: dict[str, Any]  # the plain figure (figures.letter_figure): the report draws the same one
     prompt: str
     tokens: str
-    audit: Styler
+    audit: StyledTable
     audit_note: str
     other_tokens: pd.DataFrame
 
@@ -391,7 +392,7 @@ def inspect_view(inspection: UserInspection, dataset: Dataset, tokenizer: Any, *
         summary=_summary_markdown(inspection, dataset, model_name),
         history=history, history_note=history_note,
         candidates=_candidates_table(inspection, dataset),
-        chart=letter_chart(inspection, order),
+        chart=letter_figure(inspection, order),
         prompt=prompt_html(tokenizer, prepared.prompt.rendered, prepared.answer_slot,
                            letters=f"{prepared.prompt.letters[0]}…{prepared.prompt.letters[-1]}"),
         tokens=token_html(tokenizer, prepared.token_ids, text=prepared.prompt.rendered,

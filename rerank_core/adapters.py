@@ -15,7 +15,7 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
-from rerank_core.fsutil import process_running, replace_folder
+from rerank_core.fsutil import data_home, process_running, replace_folder
 from rerank_core.models import LoadedModel
 from rerank_core.prompts import PromptPreset, get_preset
 
@@ -78,6 +78,11 @@ class AdapterInfo:
         return ((self.manifest or {}).get("candidates") or {}).get("count")
 
     @property
+    def candidate_source(self) -> str | None:
+        """Where its training candidates came from (random, popular, retriever; None: a manifest without it)."""
+        return ((self.manifest or {}).get("candidates") or {}).get("source")
+
+    @property
     def text_field(self) -> str | None:
         """The item text the adapter was trained on (None: a manifest without it)."""
         return ((self.manifest or {}).get("training") or {}).get("text_field")
@@ -108,13 +113,14 @@ def base_model_record(loaded: LoadedModel) -> dict[str, Any]:
 
 
 def adapters_root(root: str | os.PathLike[str] | None = None) -> Path:
-    """adapters/ beside the code unless RERANK_ADAPTERS_DIR or the caller names another folder."""
+    """adapters/ under the data home (beside the code in a checkout, a user folder when pip-installed) unless
+    RERANK_ADAPTERS_DIR or the caller names another folder."""
     if root is not None:
         return Path(root)
     override = os.environ.get("RERANK_ADAPTERS_DIR")
     if override:
         return Path(override)
-    return Path(__file__).resolve().parent.parent / "adapters"
+    return data_home() / "adapters"
 
 
 def validate_adapter_name(name: str) -> str:

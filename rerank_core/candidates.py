@@ -117,16 +117,22 @@ class CandidateSampler:
 
     def for_training(self, user_id: str, history: Sequence[str], target: str,
                      sample_key: str) -> CandidateSet:
-        """A training sample's candidates: the target plus negatives, always shuffled."""
+        """A training sample's candidates, always shuffled: the target plus random or popular negatives, or the
+        retriever's top `count` for this history as evaluation sees them (hard negatives), the target NOT forced
+        in (target_index None when the retriever misses it: build_training_samples drops that sample)."""
         # Even with order "retriever" training shuffles: a fixed target position would teach the letter.
         rng = self._rng(user_id, f"train:{sample_key}")
-        excluded = self._touched(user_id) | {self._index[item] for item in history} | {self._index[target]}
+        history_indices = {self._index[item] for item in history}
         if self.config.source == "retriever":
-            self._check_room(user_id, len(excluded), self.config.count - 1, "touched items")
-            negatives = self._retrieve(history, excluded, self.config.count - 1)
-        else:
-            negatives = self._negatives(user_id, excluded, rng)
-        return self._with_target(target, negatives, rng)
+            # As in evaluation the history is never proposed; the user's other items (later ones, validation and
+            # test targets) are not negatives either. The target may be retrieved unless it is in the history.
+            excluded = (self._touched(user_id) - {self._index[target]}) | history_indices
+            self._check_room(user_id, len(excluded), self.config.count, "touched items")
+            ranked = [self._ids[i] for i in self._retrieve(history, excluded, self.config.count)]
+            ranked = [ranked[i] for i in rng.permutation(len(ranked))]
+            return CandidateSet(tuple(ranked), ranked.index(target) if target in ranked else None)
+        excluded = self._touched(user_id) | history_indices | {self._index[target]}
+        return self._with_target(target, self._negatives(user_id, excluded, rng), rng)
 
     def popularity(self, item_ids: Sequence[str]) -> np.ndarray:
         """Interaction counts in the training part of the split (everything before validation)."""

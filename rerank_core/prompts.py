@@ -164,7 +164,7 @@ def parse_template_kwargs(value: str | Mapping[str, Any] | None) -> str:
             return ""
         try:
             value = json.loads(value)
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:  # RecursionError: arrays nested 1,000 deep
             raise PromptError(
                 f"template_kwargs is not valid JSON ({error}); give a JSON object such as "
                 '{"enable_thinking": false}') from None

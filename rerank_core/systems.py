@@ -96,6 +96,12 @@ def _as_trained(info: AdapterInfo, settings: InspectSettings) -> tuple[InspectSe
         notes.append(f"adapter {system!r} was trained with item text {info.text_field!r}, scored here with "
                      f"{settings.text_field!r}: pick {info.text_field!r} as the item text field to score it as "
                      "trained")
+    # Not switched either: the candidates are the evaluation's, the same for every system of a comparison. An
+    # adapter that learnt on random negatives meets harder ones on retriever candidates, and the reverse.
+    learnt_on = info.candidate_source
+    if learnt_on and learnt_on != settings.candidates.source:
+        notes.append(f"adapter {system!r} learnt on {learnt_on} candidates, scored here on "
+                     f"{settings.candidates.source} candidates")
     # The training budget was sized for the training candidate count: with another count it does not apply.
     budget = info.max_prompt_tokens
     same_count = info.candidate_count in (None, settings.candidates.count)

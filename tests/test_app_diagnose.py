@@ -155,7 +155,7 @@ def test_bad_diagnose_requests_are_refused_and_the_app_keeps_serving(served) -> 
     # The same name check as Inspect's: only adapters the picker offers.
     with pytest.raises(Exception, match=r"no adapter named '\.\./\.\./etc'"):
         client.predict(*settings, "../../etc", "u01", api_name="/diagnose_history")
-    with pytest.raises(Exception, match="not in the list of choices"):
+    with pytest.raises(Exception, match="no model named 'nowhere'; choose one of tiny-llama"):  # named by the app
         client.predict("nowhere", "seed", 5, api_name="/diagnose_template")
     note, _, _ = client.predict("tiny-llama", "seed", 5, api_name="/diagnose_template")
     assert "Template consistency" in note

@@ -199,3 +199,38 @@ def test_a_stopped_run_keeps_the_results_and_the_chosen_controls(context) -> Non
         stopped = diagnose.position_bias_users_page(context, PICKERS, BASE, 8, "permutations", 30, None,
                                                     request=Request(), progress=stop_after_first_chunk)
     assert len(stopped) == 3 + 1 + 4 and all(part == gr.skip() for part in stopped)
+
+
+def test_compare_on_many_users_opens_with_the_candidate_recall(context) -> None:
+    from dataclasses import replace
+
+    counts = compare.compare(context, PICKERS, [], 10, progress=_quiet)[0]
+    assert counts.startswith("**Candidate recall 1.000: the target is among the 6 random candidates for all 10 users")
+    retrieved = compare.compare(context, replace(PICKERS, source="retriever"), [], 10, progress=_quiet)
+    assert "the target is among the 6 retriever candidates for" in retrieved[0]
+    assert "population" in retrieved[1].columns
+
+
+def test_item_text_specs_in_the_pickers_the_inspection_and_the_fine_tune_preview(context) -> None:
+    from dataclasses import replace
+
+    from rerank_app.pickers import text_field_choices
+
+    # The toy items have no fields of their own: the named texts and the count are offered, any spec may be typed.
+    offered = [value for value, _ in text_field_choices(context, "toy").choices]
+    assert offered == ["title", "caption", "summary", "title_count", "title+count"]
+    assert text_field_choices(context, "not-registered") == gr.skip()
+    counted = context.inspections.inspect("toy", "tiny-llama", BASE, "u03", replace(PICKERS, text_field="title+count")
+                                          .settings())
+    assert all(" | " in text for text in counted.prepared.candidate_texts)
+    with pytest.raises(ValueError, match="unknown part 'genres'"):
+        inspect_tab.inspect(context, replace(PICKERS, text_field="title+genres"), BASE, "u03")
+
+    values = dict(zip(finetune.FORM_FIELDS, finetune.fill_preset("quick"), strict=True))
+    preview = finetune.show_preview(context, "quick", "toy", "tiny-llama",
+                                    *{**values, "text_field": "title+count"}.values())
+    assert "item text &#x27;title+count&#x27;: median " in preview and "prompt tokens" in preview
+    with pytest.raises(ValueError, match="unknown part 'genres'"):
+        finetune.show_preview(context, "quick", "toy", "tiny-llama", *{**values, "text_field": "title+genres"}.values())
+    with pytest.raises(ValueError, match="unknown part 'genres'"):  # refused before any subprocess starts
+        context.finetune.start("spec-run", "toy", "tiny-llama", "quick", {"text_field": "title+genres"})

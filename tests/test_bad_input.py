@@ -710,3 +710,17 @@ def test_bad_fine_tune_form_values_are_refused_before_anything_starts(app_contex
     assert snapshot(app_context.config.runs_root) == runs_before
     assert not app_context.finetune.jobs.status().active
 
+
+
+def test_uploads_past_the_dataset_cap_are_refused_and_leave_nothing(app_context, tmp_path: Path, monkeypatch) -> None:
+    from rerank_app import context as app_module
+
+    sources = tmp_path / "src"
+    write_pair(sources, ITEMS, EVENTS)
+    files = [sources / "items.csv", sources / "interactions.csv"]
+    monkeypatch.setattr(app_module, "MAX_DATASET_ENTRIES", len(app_context.datasets.names) + 1)
+    app_context.datasets.add_upload(files, "last-one")  # the cap's last place
+    before = snapshot(app_context.config.upload_root)
+    with pytest.raises(DataError, match="datasets already: restart it to upload more"):
+        app_context.datasets.add_upload(files, "one-too-many")
+    assert snapshot(app_context.config.upload_root) == before

@@ -124,7 +124,7 @@ def test_every_picker_follows_new_adapters_and_uploads_come_back_after_a_restart
     context = make_context(tmp_path, smol_tokenizer)
     first = refresh_pickers(context, "tiny-llama", None)
     unchanged = refresh_pickers(context, "tiny-llama", first[-1])
-    assert len(first) == 7 and all(part == gr.skip() for part in unchanged[:6])  # nothing changed, nothing sent
+    assert len(first) == 8 and all(part == gr.skip() for part in unchanged[:7])  # nothing changed, nothing sent
     make_adapter(context.models.loaded("tiny-llama"), context.config.adapters_root, "fresh")
     _single, diagnose_single, multi, _diagnose_multi, *_rest, key = refresh_pickers(context, "tiny-llama", first[-1])
     assert ("fresh", "fresh") in diagnose_single.choices and ("fresh", "fresh") in multi.choices

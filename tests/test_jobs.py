@@ -44,6 +44,11 @@ def test_the_run_gets_paths_on_its_command_line_and_checked_settings_in_a_file(t
                  f"--events {tmp_path / 'events.jsonl'}", "--no-progress"):
         assert part in joined
     assert "--lr" not in joined and "--max-samples" not in joined  # settings go in the file, not the argv
+    assert "--chat-template" not in argv  # the tokenizer's own template unless the app gives one
+    templated = TrainRequest("my-lora", "acme/tiny-chat", "/data/d", chat_template="/uploads/.templates/ab.jinja")
+    argv = templated.argv(tmp_path / "c.json", tmp_path / "e", tmp_path / "x", tmp_path / "a")
+    assert argv[argv.index("--chat-template") + 1] == "/uploads/.templates/ab.jinja"
+    assert argv[argv.index("--model") + 1] == "acme/tiny-chat"
     config = request.config()
     assert (config.learning_rate, config.preset, config.max_samples, config.lora_r) == (
         0.002, "seed_after", None, 8)

@@ -101,3 +101,20 @@ def test_fifty_models_list_in_under_a_second(tmp_path: Path) -> None:
     catalog = list_models(hf_cache=cache, include_embedded=False)
     elapsed = time.perf_counter() - started
     assert len(catalog.entries) == 50 and elapsed < 1.0
+
+
+def test_app_offers_every_model_with_weights(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rerank_app.server import catalog_entries
+
+    folder = tmp_path / "ggufs"
+    folder.mkdir()
+    write_tiny_gguf(folder / "tiny.gguf")
+    write_tiny_gguf(folder / "vocab.gguf", vocab_only=True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.delenv(MODELS_DIRS_ENV, raising=False)
+    entries = catalog_entries([str(folder)], taken={"acme/chat-1b-taken"})
+    # Loaded on first pick, by reference; a model without weights (or a vocabulary) is not offered.
+    assert [(entry.name, entry.path) for entry in entries] == [("acme/chat-1b", "acme/chat-1b"),
+                                                              ("tiny.gguf", str(folder / "tiny.gguf"))]
+    assert all(entry.loaded is None for entry in entries)
+    assert catalog_entries([str(folder)], taken={"tiny.gguf"})[-1].name == "acme/chat-1b"

@@ -143,6 +143,32 @@ def test_gguf_is_converted_once_and_again_when_the_file_changes(tiny_gguf: Path,
     assert changed.path != first.path and changed.weights_fingerprint != first.weights_fingerprint
 
 
+def test_a_changed_gguf_leaves_no_stale_conversion_once_the_new_one_is_published(
+        tiny_gguf: Path, tmp_path: Path, own_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = Path(shutil.copy(tiny_gguf, tmp_path / "mine.gguf"))
+    (tmp_path / "other").mkdir()
+    other = Path(shutil.copy(tiny_gguf, tmp_path / "other" / "mine.gguf"))
+    old_model = Path(model_refs.gguf_model_folder(source))
+    old_tokenizer = model_refs.gguf_tokenizer_folder(source)
+    assert old_tokenizer == old_model  # the converted model's tokenizer serves
+    kept = Path(model_refs.gguf_model_folder(other))  # same file name, another path: not this file's conversion
+    write_tiny_gguf(source, seed=7)
+    seen_while_converting: list[bool] = []
+    convert = model_refs._save_gguf_model
+
+    def watching(*args: object) -> None:
+        seen_while_converting.append(old_model.is_dir())  # the old copy stays readable until the new one is in
+        convert(*args)
+
+    monkeypatch.setattr(model_refs, "_save_gguf_model", watching)
+    new_model = Path(model_refs.gguf_model_folder(source))
+    assert seen_while_converting == [True]
+    assert new_model.is_dir() and not old_model.exists() and kept.is_dir()
+    assert sorted(path.name for path in (own_cache / "gguf").iterdir() if not path.name.startswith(".")) == \
+        sorted([new_model.name, kept.name])
+    assert not list((own_cache / "gguf").glob(".removing-*"))
+
+
 def test_gguf_dtype_is_the_chosen_one(tiny_gguf: Path) -> None:
     loaded = load_model(tiny_gguf, dtype="bf16", device="cpu")
     assert loaded.model.dtype == torch.bfloat16 and Path(loaded.path).name.endswith("-bf16")
@@ -231,7 +257,7 @@ def test_template_that_does_not_render_is_one_clear_line(model_folder: Path, tmp
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     broken = tmp_path / "broken.jinja"
     broken.write_text("{% for message in messages %}{{ message['content'] }\n")
-    with pytest.raises(ModelError, match=r"--chat-template .*broken.jinja does not render \(line 1\)"):
+    with pytest.raises(ModelError, match=r"chat template .*broken.jinja does not render \(line 1\)"):
         load_tokenizer(model_folder, chat_template=broken)
     code, _, err = run_cli(["audit", "--tokenizer", str(model_folder), "--chat-template", str(broken)], capsys)
     assert code == 2 and "does not render" in err and len(err.strip().splitlines()) == 1
@@ -250,3 +276,76 @@ def test_chat_template_is_named_in_the_report(model_folder: Path, tmp_path: Path
                            capsys)
     assert code == 0, err
     assert f"chat template {template}" in report.read_text(encoding="utf-8")
+
+
+def test_training_records_reference_weights_and_template(hub_cache: Path, model_folder: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A fine-tune of a hub id under a template given apart: the manifest says which weights and which template,
+    and the adapter loads back on the same weights from a plain folder."""
+    template = tmp_path / "mine.jinja"
+    template.write_text(TEMPLATE_LETTER_FIRST)
+    data = write_csv_dataset(make_toy_dataset(), tmp_path / "data")
+    root = tmp_path / "adapters"
+    code, _, err = run_cli(["train", "--model", "acme/tiny-chat", "--chat-template", str(template), "--data",
+                            str(data), "--dtype", "fp32", "--device", "cpu", "--adapters-dir", str(root), "--name",
+                            "on-hub", "--max-samples", "8", "--candidates", "5", "--max-prompt-tokens", "160",
+                            "--eval-users", "0", "--lora-r", "4", "--target-modules", "q_proj,v_proj", "--no-progress"],
+                           capsys)
+    assert code == 0, err
+    base = json.loads((root / "on-hub" / MANIFEST_FILE).read_text())["base_model"]
+    assert base["reference"] == "acme/tiny-chat" and base["weights_fingerprint"] == weights_fingerprint(model_folder)
+    assert base["chat_template"]["path"] == str(template)
+    assert check_adapter(load_model(model_folder, dtype="fp32", device="cpu"), "on-hub", root).name == "on-hub"
+
+
+def test_train_with_a_bad_chat_template_is_a_bad_setting_and_loads_nothing(model_folder: Path, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str],
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import rerank_core.cli.train as train_command
+
+    def no_loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("loaded a model for a run with a bad template")
+
+    monkeypatch.setattr(train_command, "load_model", no_loading)
+    monkeypatch.setattr(train_command, "load_dataset", no_loading)
+    raising = tmp_path / "raising.jinja"
+    raising.write_text("{{ raise_exception('this model has no assistant role') }}")
+    unclosed = tmp_path / "unclosed.jinja"
+    unclosed.write_text("{% for message in messages %}{{ message['content'] }}")
+    for template, says in ((tmp_path / "absent.jinja", "does not exist"), (raising, "no assistant role"),
+                           (unclosed, "does not render")):
+        code, _, err = run_cli(["train", "--model", str(model_folder), "--chat-template", str(template), "--name",
+                                "never", "--adapters-dir", str(tmp_path / "adapters"), "--no-progress"], capsys)
+        assert code == 2 and says in err and str(template) in err and "Traceback" not in err
+    assert not (tmp_path / "adapters" / "never").exists()
+
+
+def test_show_and_eval_json_name_the_model_and_the_template(hub_cache: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    template = tmp_path / "mine.jinja"
+    template.write_text(TEMPLATE_LETTER_FIRST)
+    data = write_csv_dataset(make_toy_dataset(), tmp_path / "data")
+    common = ["--data", str(data), "--model", "acme/tiny-chat", "--dtype", "fp32", "--device", "cpu",
+              "--candidates", "5", "--chat-template", str(template)]
+    code, out, err = run_cli(["show", *common, "--user", "u01", "--format", "json"], capsys)
+    assert code == 0, err
+    shown = json.loads(out)["model"]
+    assert shown["reference"] == "acme/tiny-chat" and shown["chat_template"]["path"] == str(template)
+    sha = shown["chat_template"]["sha256"]
+    assert len(sha) == 16
+    code, out, _ = run_cli(["show", "--data", str(data), "--tokenizer", "acme/tiny-chat", "--user", "u01",
+                            "--format", "json"], capsys)
+    assert code == 0 and json.loads(out)["model"] == {"reference": "acme/tiny-chat", "name": "acme/tiny-chat",
+                                                      "chat_template": None}
+    code, out, _ = run_cli(["show", *common, "--user", "u01"], capsys)
+    assert code == 0 and f"model acme/tiny-chat, chat template {template} (sha256 {sha})" in out
+    out_dir = tmp_path / "eval"
+    code, out, err = run_cli(["eval", *common, "--users", "2", "--output-dir", str(out_dir), "--baselines", "none",
+                              "--format", "json"], capsys)
+    assert code == 0, err
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary == json.loads(out)  # the printed JSON is summary.json
+    assert summary["model"]["reference"] == "acme/tiny-chat" and summary["model"]["chat_template"]["sha256"] == sha
+    code, out, _ = run_cli(["eval", *common, "--users", "2", "--output-dir", str(tmp_path / "eval2"),
+                            "--baselines", "none"], capsys)
+    assert code == 0 and f"chat template {template} (sha256 {sha})" in out

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from rerank_core.adapters import adapters_root
+from rerank_core.fsutil import data_home, in_source_checkout
+
 REPO = Path(__file__).resolve().parent.parent
 # What a checkout holds beside the sources: never part of the package, and large or private.
 _NOT_SOURCES = shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.egg-info", "build", "dist", "runs",
@@ -68,3 +71,46 @@ def test_console_script_runs_app_and_core_commands(installed: Path) -> None:
     assert audit_help.returncode == 0 and "--chat-template" in audit_help.stdout
     refused = _run(installed, "rerank-inspector", "show", "--user", "u0002", "--model", "acme/not-in-any-cache")
     assert refused.returncode == 2 and "acme/not-in-any-cache" in refused.stderr
+
+
+def test_a_checkout_keeps_its_folders_beside_the_code(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from rerank_app.context import AppConfig
+
+    monkeypatch.delenv("RERANK_INSPECTOR_HOME", raising=False)
+    monkeypatch.delenv("RERANK_ADAPTERS_DIR", raising=False)
+    assert in_source_checkout() and data_home() == REPO
+    config = AppConfig()
+    assert (config.adapters_root, config.upload_root, config.runs_root) == (
+        REPO / "adapters", REPO / "uploads", REPO / "runs")
+    monkeypatch.setenv("RERANK_ADAPTERS_DIR", str(tmp_path / "mine"))  # the override still wins
+    assert adapters_root() == AppConfig().adapters_root == tmp_path / "mine"
+
+
+def test_an_installed_package_writes_to_the_user_data_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    site_packages = tmp_path / "site-packages"  # rerank_core/ and rerank_app/ with no pyproject.toml or .git beside
+    (site_packages / "rerank_core").mkdir(parents=True)
+    monkeypatch.delenv("RERANK_INSPECTOR_HOME", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert not in_source_checkout(site_packages)
+    assert data_home(site_packages) == tmp_path / "data" / "rerank-inspector"
+    monkeypatch.delenv("XDG_DATA_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert data_home(site_packages) == tmp_path / "home" / ".local" / "share" / "rerank-inspector"
+    monkeypatch.setenv("RERANK_INSPECTOR_HOME", str(tmp_path / "chosen"))
+    assert data_home(site_packages) == data_home() == tmp_path / "chosen"
+
+
+@pytest.mark.slow
+def test_installed_commands_write_nothing_inside_site_packages(installed: Path, tmp_path: Path) -> None:
+    probe = ("import rerank_core; from rerank_core.adapters import adapters_root; "
+             "from rerank_app.context import AppConfig; config = AppConfig(); "
+             "print(rerank_core.__file__, adapters_root(), config.upload_root, config.runs_root)")
+    result = subprocess.run([str(installed / "bin" / "python"), "-c", probe], capture_output=True, text=True,
+                            timeout=300, cwd=installed.parent,
+                            env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    module, *folders = result.stdout.split()
+    site_packages = Path(module).parent.parent
+    for folder in map(Path, folders):
+        assert folder.parent == tmp_path / ".local" / "share" / "rerank-inspector"
+        assert site_packages not in folder.parents

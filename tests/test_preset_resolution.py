@@ -21,6 +21,7 @@ RESOLVERS = {
     ("rerank_core/adapters.py", "AdapterInfo.preset"),  # the manifest's "preset"
     ("rerank_app/pickers.py", "Pickers.settings"),  # the Inspect tab's preset picker
     ("rerank_app/context.py", "InspectionService.template_consistency"),  # the Diagnose tab's template check
+    ("rerank_app/context.py", "ModelRegistry.template_effect"),  # the template panel's preset picker
 }
 
 

@@ -16,12 +16,12 @@ def test_52_letters_are_all_labelled_and_the_truth_is_marked(smol_tokenizer) -> 
     inspector = Inspector(dataset, tiny_loaded(smol_tokenizer))
     result = inspector.inspect("u01", InspectSettings(preset=get_preset("llamarec"),
                                                       candidates=CandidateConfig(count=52)))
-    figure = views.letter_chart(result)
+    layout = views.inspect_view(result, dataset, smol_tokenizer, model_name="tiny").chart["layout"]
     letters = list(result.prepared.prompt.letters)
-    assert list(figure.layout.xaxis.tickvals) == letters and len(letters) == 52
+    assert layout["xaxis"]["tickvals"] == letters and len(letters) == 52
     truth = letters[result.prepared.candidates.target_index]
-    assert [(note.x, note.text.startswith("truth")) for note in figure.layout.annotations
-            if note.x == truth] == [(truth, True)]
+    assert [(note["x"], note["text"].startswith("truth")) for note in layout["annotations"]
+            if note["x"] == truth] == [(truth, True)]
     # llamarec keeps at most 20 history items: the note says that limit, not the token budget.
     _, note = views._history_table(result, dataset)
     assert "preset 'llamarec' shows at most 20 history items" in note

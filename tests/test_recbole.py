@@ -126,12 +126,17 @@ def test_real_movielens_100k_from_the_recbole_package_without_importing_it() -> 
     script = ("import sys; from rerank_core.data.loaders import load_dataset; d = load_dataset('ml-100k-real'); "
               "print(len(d.users), len(d.items), sum(map(len, d.sequences.values())), d.items['1'].title, "
               "'recbole' in sys.modules); print(d.text('50', 'title_count')); "
-              "print(sum(seq.count('50') for seq in d.sequences.values()))")
+              "print(sum(seq.count('50') for seq in d.sequences.values())); "
+              "print(d.text('50', 'title+release_year+class+count')); print(d.item_fields, d.fingerprint())")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 0, done.stderr
-    summary, counted, total = done.stdout.splitlines()
+    summary, counted, total, spec, fields = done.stdout.splitlines()
     assert summary.split() == ["943", "1682", "100000", "Toy", "Story", "(1995)", "False"]
     # Star Wars has MovieLens 100K's most ratings, 583; the 8 that are a user's validation or test item are not
     # counted in the text, as the popularity baseline does not count them.
     assert (counted, total) == ("Star Wars (1977), 575 interactions", "583")
+    # The .item file's other fields as item text: the year is in the title already, so it is not repeated. The
+    # fields joined the fingerprint (it was 14f6f26a02403c4e while items had only their texts).
+    assert spec == "Star Wars (1977) | Action, Adventure, Romance, Sci-Fi, War | 575"
+    assert fields == "('release_year', 'class') 9b21e27e5cd872f5"

@@ -210,3 +210,63 @@ def test_bf16_scoring_keeps_the_residual_stream_in_fp32_and_removes_its_hooks(sm
     reference = build_tiny_llama(smol_tokenizer, seed=6)  # the same weights in fp32
     exact = score_token_ids(reference, smol_tokenizer, prompts, letter_ids(smol_tokenizer), share_prefix=False)
     assert float((probabilities(scores) - probabilities(exact)).abs().max()) < 0.01
+
+
+def test_token_budget_batches_give_the_same_scores_as_fixed_batches_fp32(smol_tokenizer, model_and_prompts) -> None:
+    model, prompts = model_and_prompts
+    ids = letter_ids(smol_tokenizer)
+    fixed = score_token_ids(model, smol_tokenizer, prompts, ids, batch_size=8, share_prefix=False)
+    counts = embedded_tokens(model)
+    budget = 2 * 32 * -(-max(map(len, prompts)) // 32)  # two of the longest prompts' padded rows a pass
+    budgeted = score_token_ids(model, smol_tokenizer, prompts, ids, batch_size=8, share_prefix=False,
+                               token_budget=budget)
+    assert max(counts) <= budget < sum(counts)  # the budget, not the row count, cut the batches
+    assert len(counts) > -(-len(prompts) // 8)
+    assert float((probabilities(budgeted) - probabilities(fixed)).abs().max()) <= 1e-5
+    for one, other in zip(fixed, budgeted):
+        assert one.ranking() == other.ranking()
+        assert other.letter_mass == pytest.approx(one.letter_mass, abs=1e-6)
+
+
+def test_a_prompt_longer_than_the_token_budget_runs_alone(smol_tokenizer) -> None:
+    model = build_tiny_llama(smol_tokenizer, seed=7)
+    prompts = [list(range(100, 100 + length)) for length in (150, 40, 45)]
+    counts = embedded_tokens(model)
+    score_token_ids(model, smol_tokenizer, prompts, letter_ids(smol_tokenizer), share_prefix=False, token_budget=128)
+    assert counts == [2 * 64, 160]  # the two short ones together, the long one alone over the budget
+
+
+def test_token_budget_is_bounded(smol_tokenizer, model_and_prompts) -> None:
+    from rerank_core.limits import LimitError
+
+    model, prompts = model_and_prompts
+    for budget in (63, 262_145, 1.5):
+        with pytest.raises(LimitError, match="token budget"):
+            score_token_ids(model, smol_tokenizer, prompts, letter_ids(smol_tokenizer), token_budget=budget)
+
+
+def test_padded_batches_reach_attention_without_a_mask(smol_tokenizer, model_and_prompts, monkeypatch) -> None:
+    """Right padding: causal attention alone keeps real tokens off the pads, so SDPA runs its plain causal path
+    (about 1.7x faster on CPU than with a mask for 1,500-token prompts)."""
+    model, prompts = model_and_prompts
+    real = torch.nn.functional.scaled_dot_product_attention
+    masks: list[object] = []
+
+    def spy(*args, **kwargs):
+        masks.append(kwargs.get("attn_mask"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    assert len({len(ids) for ids in prompts[:4]}) == 4  # mixed lengths: padding inside the batch
+    score_token_ids(model, smol_tokenizer, prompts[:4], letter_ids(smol_tokenizer), batch_size=4,
+                    share_prefix=False)
+    assert masks and all(mask is None for mask in masks)
+
+
+def test_a_prefix_that_is_a_small_part_of_the_prompts_is_not_shared(smol_tokenizer) -> None:
+    model = build_tiny_llama(smol_tokenizer, seed=8)
+    header = list(range(200, 240))  # 40 shared tokens: above the 32-token floor, a tenth of each prompt
+    prompts = [header + list(range(300 + shift, 660 + shift)) for shift in (0, 1)]
+    counts = embedded_tokens(model)
+    score_token_ids(model, smol_tokenizer, prompts, letter_ids(smol_tokenizer))
+    assert counts == [2 * 416]  # one from-scratch pass, no prefix pass

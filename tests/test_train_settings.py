@@ -92,3 +92,13 @@ def test_settings_saved_under_the_old_preset_name_are_read_and_the_new_name_is_w
     args = _train_parser().parse_args(["train", "--name", "x", "--config", str(handed)])
     assert config_from_args(args) == training_config("quick", preset="llamarec_after")
     assert TrainConfig.from_json({**old, "preset": "seed"}).preset == "seed"  # both given: the new name wins
+
+
+def test_the_movielens_preset_is_selectable_like_quick_and_full() -> None:
+    movielens = training_config("movielens")
+    assert (movielens.text_field, movielens.history_items, movielens.learning_rate, movielens.max_samples,
+            movielens.eval_every, movielens.preset, movielens.candidates, movielens.candidate_source) == (
+        "title_count", 2, 2e-3, 384, 0, "seed_after", 20, "random")
+    args = _train_parser().parse_args(["train", "--name", "ml", "--training-preset", "movielens", "--lr", "1e-3"])
+    assert config_from_args(args) == training_config("movielens", learning_rate=1e-3)
+    assert finetune.fill_preset("movielens") == [getattr(movielens, name) for name in finetune.FORM_FIELDS]

@@ -204,8 +204,9 @@ def test_events_manifest_and_check_adapter(smol_tokenizer, tmp_path):
     assert all(0 <= event["NDCG@10"] <= 1 and 0 <= event["Recall@10"] <= 1 for event in validations)
 
     manifest = json.loads((tmp_path / "with-events" / MANIFEST_FILE).read_text())
-    assert manifest["base_model"] == {"name": loaded.name, "path": loaded.path,
-                                      "fingerprint": loaded.fingerprint, "dtype": "float32"}
+    assert manifest["base_model"] == {"name": loaded.name, "path": loaded.path, "reference": "",
+                                      "fingerprint": loaded.fingerprint, "weights_fingerprint": "",
+                                      "chat_template": None, "dtype": "float32"}
     assert manifest["preset"] == "seed_after" and manifest["strategy"] == "as_trained"
     assert manifest["dataset"]["fingerprint"] == dataset.fingerprint()
     assert manifest["training"] == config.to_json() and manifest["training_preset"] == "quick"
@@ -343,7 +344,11 @@ def test_cli_in_process_run_publishes_the_adapter(tiny_model_folder, toy_data_fo
                    "--eval-users", "0", "--lora-r", "4", "--target-modules", "q_proj,v_proj",
                    "--no-train-on-eos", "--preset", "llamarec_after"])
     assert status == 0
-    assert '"status": "done"' in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert '"status": "done"' in printed.out
+    # What the item text costs, printed before the run starts.
+    assert "item text 'title': median " in printed.err and "prompt tokens" in printed.err
+    assert printed.err.index("item text 'title'") < printed.err.index("[samples]")
     events = read_events(events_file)
     assert events[-1]["event"] == "done" and events[-1]["report"]["samples"] == 8
     manifest = json.loads((root / "cli-run" / MANIFEST_FILE).read_text())

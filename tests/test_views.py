@@ -8,6 +8,7 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
+import plotly.graph_objects as go
 import pytest
 from app_helpers import make_adapter, make_context
 from conftest import make_toy_dataset
@@ -16,6 +17,7 @@ from rerank_app import views
 from rerank_app.context import SessionError
 from rerank_app.jobs import JobStatus
 from rerank_app.pickers import make_settings
+from rerank_app.plots import plot_json
 from rerank_core.compare import compare_systems
 from rerank_core.data.dataset import DataError, Dataset, Item
 from rerank_core.figures import TRUTH_COLOR
@@ -51,24 +53,37 @@ def test_inspect_view_tables_mark_the_truth_and_chart_colours_it(context, inspec
     assert list(table["truth"]).count("★") == 1 and table["truth"].iloc[truth] == "★"
     assert table["p"].sum() == pytest.approx(1.0, abs=1e-3)
     assert sorted(table["rank"]) == list(range(1, 13))
-    styles = view.candidates._compute().ctx
-    assert styles[(truth, 0)] and not styles.get((truth - 1 if truth else truth + 1, 0))
-    bar = view.chart.data[0]
-    assert list(bar.x) == list(inspection.prepared.prompt.letters)
-    assert [color == views.TRUTH_COLOR for color in bar.marker.color] == [i == truth for i in range(12)]
+    styles = view.candidates.row_styles
+    assert styles[truth] and not styles[truth - 1 if truth else truth + 1]
+    # What the page gets: each cell's shown text and style, the truth row's cells highlighted.
+    payload = view.candidates.payload()
+    assert payload["headers"] == list(table.columns) and len(payload["data"]) == 12
+    assert payload["metadata"]["styling"][truth] == [styles[truth]] * 6
+    assert payload["metadata"]["display_value"][truth][4] == f"{table['p'].iloc[truth]:.4f}"
+    bar = view.chart["data"][0]
+    assert bar["x"] == list(inspection.prepared.prompt.letters)
+    assert [color == views.TRUTH_COLOR for color in bar["marker"]["color"]] == [i == truth for i in range(12)]
     assert f"rank {inspection.rank} of 12" in view.summary
     assert view.history["text"].tolist() == [dataset.text(item) for item in inspection.prepared.split.history]
     assert len(view.other_tokens) == len(inspection.scores.top_other)
 
 
 def test_chart_sorted_by_probability_keeps_the_truth_colour(context, inspection) -> None:
-    figure = views.letter_chart(inspection, "probability")
-    bar = figure.data[0]
-    assert list(bar.y) == sorted(bar.y, reverse=True)
+    dataset, tokenizer = context.datasets.get("toy").dataset, context.models.tokenizer("tiny-llama")
+    bar = views.inspect_view(inspection, dataset, tokenizer, model_name="tiny-llama", order="probability").chart
+    bar = bar["data"][0]
+    assert bar["y"] == sorted(bar["y"], reverse=True)
     truth_letter = inspection.prepared.prompt.letters[inspection.prepared.candidates.target_index]
-    assert bar.marker.color[list(bar.x).index(truth_letter)] == views.TRUTH_COLOR
+    assert bar["marker"]["color"][bar["x"].index(truth_letter)] == views.TRUTH_COLOR
     with pytest.raises(ValueError, match="chart order"):
-        views.letter_chart(inspection, "alphabet")
+        views.inspect_view(inspection, dataset, tokenizer, model_name="tiny-llama", order="alphabet")
+
+
+def test_the_chart_json_is_what_plotly_would_send(context, inspection) -> None:
+    """plots.plot_json skips building a plotly Figure; plotly.js must get the same figure, template spelled out."""
+    figure = views.inspect_view(inspection, context.datasets.get("toy").dataset,
+                                context.models.tokenizer("tiny-llama"), model_name="tiny-llama").chart
+    assert json.loads(plot_json(figure)) == json.loads(go.Figure(figure).to_json())
 
 
 def test_prompt_html_shows_whitespace_and_special_tokens_and_escapes_titles(smol_tokenizer) -> None:
@@ -103,8 +118,8 @@ def test_audit_rows_with_flags_stand_out(context, inspection) -> None:
     view = views.inspect_view(flagged, context.datasets.get("toy").dataset, context.models.tokenizer("tiny-llama"),
                               model_name="tiny-llama")
     assert "1 of 12 letters flagged" in view.audit_note and ": C" in view.audit_note
-    styles = view.audit._compute().ctx
-    assert styles[(2, 0)] and not styles.get((1, 0)) and not styles.get((3, 0))
+    styles = view.audit.row_styles
+    assert styles[2] and not styles[1] and not styles[3]
     assert view.audit.data["flags"].tolist()[2] == "shared_id"
     clean = views.inspect_view(inspection, context.datasets.get("toy").dataset, context.models.tokenizer("tiny-llama"),
                                model_name="tiny-llama")
@@ -282,9 +297,9 @@ def test_the_page_and_the_report_list_the_same_movers_and_draw_the_same_charts(c
                                                                   "lora-twin vs base @ seed_after"]
 
     inspection = context.inspections.inspect("toy", "tiny-llama", "lora-twin", "u04", settings)
-    bars = views.letter_chart(inspection).data[0]
+    bars = views.inspect_view(inspection, context.datasets.get("toy").dataset, context.models.tokenizer("tiny-llama"),
+                              model_name="tiny-llama").chart["data"][0]
     (letters,) = json.loads(re.search(r'id="ri-figures">(.*?)</script>', inspection_report(
         inspection, context.datasets.get("toy").dataset), re.S).group(1))["letters"]["data"]
-    assert (list(bars.x), list(bars.y), list(bars.marker.color)) == (letters["x"], letters["y"],
-                                                                      letters["marker"]["color"])
+    assert (bars["x"], bars["y"], bars["marker"]["color"]) == (letters["x"], letters["y"], letters["marker"]["color"])
     assert letters["marker"]["color"].count(TRUTH_COLOR) == 1

@@ -161,7 +161,8 @@ def build(context: AppContext, controls: PickerControls, tabs: gr.Tabs, inspect_
     stop_button.click(endpoint(stop_runs, context), None, [stop_note], api_name="stop_compare",
                       concurrency_id="stop", concurrency_limit=None)
     report_button.click(endpoint(compare_report, context), [*base_inputs, count_box], [report_file],
-                        api_name="compare_report", concurrency_limit=1, concurrency_id="compare")
+                        api_name="compare_report", concurrency_limit=1, concurrency_id="compare",
+                        preprocess=False)  # as refusals.api_endpoint: the core names a bad field
     refresher = endpoint(refresh_adapters, context)
     refresh.click(refresher, [controls.model], [controls.adapter, adapters_box], api_visibility="private")
     demo.load(refresher, [controls.model], [controls.adapter, adapters_box], api_visibility="private")

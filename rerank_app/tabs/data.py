@@ -47,7 +47,9 @@ def build(context: AppContext, dataset_picker: gr.Dropdown, demo: gr.Blocks) -> 
                 f"(at most {context.config.max_upload_bytes / 1024**2:g} MiB per file)"))
             with gr.Row():
                 upload_name = gr.Textbox(label="Name", placeholder="my-data", scale=2)
-                data_format = gr.Dropdown(["auto", *FORMATS], value="auto", label="Format", scale=1)
+                # Custom values reach the loader, whose refusal names the format (Gradio's would not).
+                data_format = gr.Dropdown(["auto", *FORMATS], value="auto", label="Format", scale=1,
+                                          allow_custom_value=True)
                 upload_button = gr.Button("Load upload", variant="primary", scale=1)
             upload_message = gr.Markdown(label="Upload result", elem_id="upload-message")
     with gr.Row():
@@ -57,7 +59,8 @@ def build(context: AppContext, dataset_picker: gr.Dropdown, demo: gr.Blocks) -> 
 
     stats_outputs = [summary, lengths, popularity, top_items]
     stats = endpoint(statistics, context)
-    shown.change(stats, [shown], stats_outputs, api_name="data_stats")
+    # Unpreprocessed, as refusals.api_endpoint: an unknown dataset is refused by name, not as "not in the list".
+    shown.change(stats, [shown], stats_outputs, api_name="data_stats", preprocess=False)
     demo.load(stats, [shown], stats_outputs, api_visibility="private")
     upload_button.click(endpoint(upload, context), [files, upload_name, data_format],
                         [upload_message, shown, dataset_picker], api_name="upload_data", concurrency_limit=1,

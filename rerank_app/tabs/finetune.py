@@ -11,7 +11,7 @@ import gradio as gr
 
 from rerank_app import views
 from rerank_app.context import AppContext
-from rerank_app.pickers import PickerControls, adapter_choices, endpoint
+from rerank_app.pickers import PickerControls, adapter_choices, endpoint, text_field_choices
 from rerank_core.training.config import TRAINING_PRESETS
 from rerank_core.training.settings import SETTINGS, setting
 
@@ -125,8 +125,10 @@ def _form_component(name: str, value: Any) -> gr.components.Component:
     item = setting(name)
     label = name.replace("_", " ") + (f" (0: {item.zero_means.split(',')[0]})" if item.zero_means else "")
     elem_id = f"finetune-{name.replace('_', '-')}"
-    if item.choices:
-        return gr.Dropdown(list(item.choices), value=value, label=label, elem_id=elem_id)
+    if item.choices or item.offered:
+        # An open-ended setting (the item text) offers its named values and takes any other the core accepts.
+        return gr.Dropdown(list(item.choices or item.offered), value=value, label=label, elem_id=elem_id,
+                           allow_custom_value=bool(item.offered))
     if item.kind is bool:
         return gr.Checkbox(value, label=label, elem_id=elem_id)
     if item.kind is str:
@@ -184,6 +186,10 @@ def build(context: AppContext, controls: PickerControls, compare_adapters: gr.Dr
     # A reloaded page re-attaches: show the current (or last) run and poll while it is active.
     demo.load(ticker, [controls.model, seen], tick_outputs, api_visibility="private", concurrency_limit=None)
     training_preset.input(fill_preset, [training_preset], form_inputs, api_visibility="private")
+    # The item-text list offers the chosen dataset's own fields, from the page's first load on.
+    for trigger in (controls.dataset.change, demo.load):
+        trigger(endpoint(text_field_choices, context), [controls.dataset], [form["text_field"]],
+                api_visibility="private")
 
     gr.api(endpoint(start_finetune, context), api_name="start_finetune", concurrency_limit=1, concurrency_id="jobs")
     gr.api(endpoint(cancel_finetune, context), api_name="cancel_finetune", concurrency_limit=1,

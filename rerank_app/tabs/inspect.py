@@ -7,20 +7,22 @@ from typing import Any
 
 import gradio as gr
 from cachetools import LRUCache
+from gradio.components.plot import PlotData
 
-from rerank_app import views
+from rerank_app import own_model as own_model_controls
+from rerank_app import plots, views
 from rerank_app.context import AppContext
-from rerank_app.pickers import PICKER_NAMES, PickerControls, Pickers, adapter_choices, endpoint
+from rerank_app.pickers import PICKER_NAMES, PickerControls, Pickers, adapter_choices, endpoint, text_field_choices
 from rerank_app.refusals import answer_or_keep, api_endpoint, page_io, remembered
 from rerank_core.candidates import CANDIDATE_SOURCES, MAX_CANDIDATES
-from rerank_core.data.dataset import TEXT_FIELDS
+from rerank_core.data.item_text import item_text_choices
 from rerank_core.inspector import BASE
 from rerank_core.prompts import PRESETS
 from rerank_core.report import inspection_report
 from rerank_core.verbalizer import STRATEGIES
 
-__all__ = ["CONTROL_NAMES", "OUTPUT_NAMES", "build", "change_dataset", "change_model", "inspect", "inspect_json",
-           "inspect_page", "inspect_report", "random_user"]
+__all__ = ["CONTROL_NAMES", "OUTPUT_NAMES", "build", "cached_views", "change_dataset", "change_model", "inspect",
+           "inspect_json", "inspect_page", "inspect_report", "random_user"]
 
 # InspectView fields, in the order of the tab's output components.
 OUTPUT_NAMES = ("summary", "history", "history_note", "candidates", "chart", "prompt", "tokens", "audit",
@@ -31,7 +33,9 @@ NARROW_COLUMN = 440
 # Built views of cached inspections: a user already scored with the same settings (switching back, a repeated
 # request) costs no table, figure or HTML building. Keyed by the inspection object itself (held in the entry,
 # so its id stays unique): a re-scored inspection, e.g. after an adapter was retrained, is a new object.
-_VIEWS: LRUCache = LRUCache(64)
+# A built view is its figure, tables and token HTML: ~100 KB on the sample data, more on long prompts.
+MAX_CACHED_VIEWS = 64
+_VIEWS: LRUCache = LRUCache(MAX_CACHED_VIEWS)
 _VIEWS_LOCK = threading.Lock()  # handlers run on several threads; the cache's bookkeeping is not thread-safe
 
 
@@ -45,10 +49,24 @@ def inspect(context: AppContext, pickers: Pickers, adapter: str, user_id: str,
     if cached is None or cached[0] is not inspection:
         view = views.inspect_view(inspection, context.datasets.get(pickers.dataset).dataset,
                                   context.models.tokenizer(pickers.model), model_name=pickers.model, order=order)
-        cached = (inspection, tuple(getattr(view, name) for name in OUTPUT_NAMES))
+        cached = (inspection, _outputs(view))
         with _VIEWS_LOCK:
             _VIEWS[key] = cached
     return cached[1]
+
+
+def _outputs(view: views.InspectView) -> tuple[Any, ...]:
+    """The view in OUTPUT_NAMES order, the chart and the highlighted tables already in the form their components
+    send: gradio would otherwise build a plotly Figure and render a pandas Styler for them on every request."""
+    sent = {"chart": PlotData(type="plotly", plot=plots.plot_json(view.chart)),
+            "candidates": view.candidates.payload(), "audit": view.audit.payload()}
+    return tuple(sent.get(name, getattr(view, name)) for name in OUTPUT_NAMES)
+
+
+def cached_views() -> tuple[int, int]:
+    """Built views held, and their bound (the app's memory report)."""
+    with _VIEWS_LOCK:
+        return len(_VIEWS), MAX_CACHED_VIEWS
 
 
 # The controls a refused request puts back to their last valid values, in the order of page_outputs().
@@ -104,13 +122,17 @@ def build(context: AppContext) -> tuple[PickerControls, list[Any], gr.Button]:
         adapter_box = gr.Dropdown(adapter_choices(context, model), value=BASE, label="Adapter (from adapters/)",
                                   scale=2, allow_custom_value=True, elem_id="adapter-picker")
         split_box = gr.Radio(["test", "validation"], value=defaults.split, label="Split", scale=1)
+    own_model = own_model_controls.build()
     with gr.Row():
         source_box = gr.Dropdown(list(CANDIDATE_SOURCES), value=defaults.source, label="Candidate source")
         preset_box = gr.Dropdown(list(PRESETS), value=defaults.preset, label="Prompt preset")
         kwargs_box = gr.Textbox(defaults.template_kwargs, label="Chat-template options (JSON)",
                                 placeholder='{"enable_thinking": false}', elem_id="template-kwargs", max_lines=1)
         strategy_box = gr.Dropdown(list(STRATEGIES), value=defaults.strategy, label="Verbalizer strategy")
-        text_box = gr.Dropdown(list(TEXT_FIELDS), value=defaults.text_field, label="Item text field")
+        # A named text, one of the dataset's fields or any spec typed in (title+year+genres+count): the core checks it.
+        text_box = gr.Dropdown(item_text_choices(context.datasets.get(dataset).dataset.item_fields),
+                               value=defaults.text_field, label="Item text (fields joined by +)",
+                               allow_custom_value=True)
         count_box = gr.Slider(2, MAX_CANDIDATES, value=defaults.count, step=1, label="Candidates",
                               elem_id="candidates-count")
     with gr.Accordion("More settings", open=False), gr.Row():
@@ -157,7 +179,7 @@ def build(context: AppContext) -> tuple[PickerControls, list[Any], gr.Button]:
                                         column_widths=["24%", "24%", "20%", "32%"])
     controls = PickerControls(dataset_box, model_box, split_box, source_box, preset_box, strategy_box, text_box,
                               count_box, seed_box, adapter_preset_box, kwargs_box, adapter_box, user_box, order_box,
-                              report_button, report_file)
+                              report_button, report_file, own_model)
     components = {"summary": summary, "history": history, "history_note": history_note, "candidates": candidates,
                   "chart": chart, "prompt": prompt, "tokens": tokens, "audit": audit, "audit_note": audit_note,
                   "other_tokens": other_tokens}
@@ -189,13 +211,22 @@ def wire(context: AppContext, controls: PickerControls, outputs: list[Any], rand
     for box in (controls.seed, controls.template_kwargs):
         box.submit(page, page_inputs, page_outputs, **on_page)
         box.blur(page, page_inputs, page_outputs, **on_page)
+    # The API's events take the values as sent (refusals.api_endpoint says why).
     random_button.click(endpoint(random_user, context), [controls.dataset], [controls.user],
-                        api_name="random_user").then(page, page_inputs, page_outputs, **on_page)
+                        api_name="random_user", preprocess=False).then(page, page_inputs, page_outputs, **on_page)
+    # .change, not .input: a dataset selected by an upload offers its own fields too.
+    controls.dataset.change(endpoint(text_field_choices, context), [controls.dataset], [controls.text_field],
+                            api_visibility="private")
     controls.dataset.input(endpoint(change_dataset, context), [controls.dataset], [controls.user],
                            api_visibility="private").then(page, page_inputs, page_outputs, **on_page)
     controls.model.input(endpoint(change_model, context), [controls.model], [controls.adapter],
                          api_visibility="private").then(page, page_inputs, page_outputs, **on_page)
+    # A model or template added beside the picker is selected, then followed up as a picked one.
+    own_model_controls.wire(context, controls.own_model, controls.model,
+                            [controls.preset, controls.template_kwargs, controls.strategy],
+                            [(endpoint(change_model, context), [controls.model], [controls.adapter],
+                              {"api_visibility": "private"}), (page, page_inputs, page_outputs, on_page)])
     demo.load(page, page_inputs, page_outputs, **on_page)
     controls.report_button.click(endpoint(inspect_report, context), arguments[:-1], [controls.report_file],
-                                 api_name="inspect_report", **SCORE_OPTIONS)
+                                 api_name="inspect_report", preprocess=False, **SCORE_OPTIONS)
     gr.api(endpoint(inspect_json, context), api_name="inspect_json", **SCORE_OPTIONS)

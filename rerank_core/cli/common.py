@@ -7,16 +7,20 @@ import logging
 from typing import Any
 
 from rerank_core.candidates import CANDIDATE_ORDERS, CANDIDATE_SOURCES, MAX_CANDIDATES, CandidateConfig
-from rerank_core.data.dataset import TEXT_FIELDS, Dataset
+from rerank_core.chat_templates import read_chat_template
+from rerank_core.cli.output import model_json
+from rerank_core.data.dataset import Dataset
+from rerank_core.data.item_text import TEXT_FIELDS, item_text_spelling
 from rerank_core.data.loaders import FORMATS, load_dataset
 from rerank_core.distributed import process_device, process_shard
 from rerank_core.inspector import Inspector, InspectSettings
+from rerank_core.model_refs import parse_model_ref
 from rerank_core.models import load_model, load_tokenizer
 from rerank_core.prompts import PRESETS, get_preset
 from rerank_core.verbalizer import STRATEGIES
 
 __all__ = ["add_common_options", "build_inspector", "build_settings", "int_range", "load_data",
-           "tokenizer_from_options"]
+           "model_from_options", "tokenizer_from_options"]
 
 log = logging.getLogger("rerank_core")
 
@@ -34,6 +38,14 @@ def int_range(low: int, high: int | None = None) -> Any:
         return value
 
     return parse
+
+
+def _item_text_spec(text: str) -> str:
+    """An argparse type: a malformed item-text spec stops at parsing; its parts are checked once the data loads."""
+    try:
+        return item_text_spelling(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
@@ -62,9 +74,11 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
                             "(passed to apply_chat_template for inference and training alike)")
     group.add_argument("--strategy", default="as_trained", choices=STRATEGIES,
                        help="letter→token strategy (default: %(default)s)")
-    group.add_argument("--text-field", default="title", choices=TEXT_FIELDS,
-                       help="which item text stands for an item (default: %(default)s; title_count: the title and "
-                            "its interaction count in the training part)")
+    group.add_argument("--text-field", default="title", type=_item_text_spec, metavar="SPEC",
+                       help=f"which item text stands for an item: one of {', '.join(TEXT_FIELDS)} (title_count: the "
+                            "title and its interaction count in the training part), or parts joined by '+': title, "
+                            "caption, summary, count and the dataset's own fields, e.g. title+year+genres+count on "
+                            "ml-100k, title+release_year+class+count on ml-100k-real (default: %(default)s)")
     group.add_argument("--candidates", type=int_range(1, MAX_CANDIDATES), default=20, metavar="N",
                        help="number of candidates, 1-52 (default: %(default)s)")
     group.add_argument("--candidate-source", default="random", choices=CANDIDATE_SOURCES,
@@ -104,8 +118,20 @@ def tokenizer_from_options(args: argparse.Namespace) -> Any:
     return load_tokenizer(args.tokenizer or args.model, chat_template=getattr(args, "chat_template", None))
 
 
+def model_from_options(args: argparse.Namespace, inspector: Inspector) -> dict[str, Any]:
+    """The model and chat template an output was made with (output.model_json): the loaded model's, or with a
+    tokenizer alone, the reference and template the options name."""
+    if inspector.loaded is not None:
+        loaded = inspector.loaded
+        return model_json(loaded.reference, loaded.name, loaded.chat_template)
+    reference = args.tokenizer or args.model or ""
+    template = read_chat_template(args.chat_template) if getattr(args, "chat_template", None) else None
+    return model_json(reference, parse_model_ref(reference).display_name, template)
+
+
 def load_data(args: argparse.Namespace) -> Dataset:
     dataset = load_dataset(args.data, args.data_format)
+    dataset.item_text(args.text_field)  # a field the data lacks is named before any model loads
     if dataset.short_users:
         log.warning("%d user(s) with fewer than 3 interactions are left out of the split: %s",
                     len(dataset.short_users), ", ".join(dataset.short_users[:10]))

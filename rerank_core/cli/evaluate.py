@@ -11,8 +11,8 @@ from typing import Any
 from tqdm import tqdm
 
 from rerank_core.baselines import BASELINES, with_baselines
-from rerank_core.cli.common import add_common_options, build_inspector, build_settings, int_range
-from rerank_core.cli.output import write_or_print
+from rerank_core.cli.common import add_common_options, build_inspector, build_settings, int_range, model_from_options
+from rerank_core.cli.output import describe_model, write_or_print
 from rerank_core.compare import adapter_notes, compare_systems, comparison_table
 from rerank_core.fsutil import write_folder
 from rerank_core.inspector import BASE
@@ -71,11 +71,13 @@ def command_eval(args: argparse.Namespace) -> int:
     records = json.loads(summary.to_json(orient="records"))
     # Beside every mean: how many users' targets the candidates hold at all (each row's population says which).
     recall = candidate_recall(per_user, settings.candidates.source, settings.candidates.count)
-    write_folder(out_dir, {_EVAL_FILES[0]: per_user.to_csv(index=False), _EVAL_FILES[1]: json.dumps(
-        {"users": len(users), "split": args.split, "processes": processes, "candidate_recall": recall.to_json(),
-         "rows": records}, indent=2)})
+    # Which model and chat template made these numbers travels with them: in summary.json and in what is printed.
+    model = model_from_options(args, inspector)
+    document = json.dumps({"users": len(users), "split": args.split, "processes": processes, "model": model,
+                           "candidate_recall": recall.to_json(), "rows": records}, indent=2)
+    write_folder(out_dir, {_EVAL_FILES[0]: per_user.to_csv(index=False), _EVAL_FILES[1]: document})
     csv_path, summary_path = (out_dir / name for name in _EVAL_FILES)
-    print(json.dumps(records, indent=2) if args.format == "json" else f"{recall.describe()}\n\n"
+    print(document if args.format == "json" else f"{describe_model(model)}\n{recall.describe()}\n\n"
           f"{comparison_table(summary)}")
     print(f"\nwrote {csv_path} and {summary_path}", file=sys.stderr)
     if args.report:
@@ -112,7 +114,8 @@ def add_eval_command(commands: Any) -> argparse.ArgumentParser:
                           help="pair every run against this one (base, an adapter or a baseline, e.g. "
                                "popularity); default: the base")
     evaluate.add_argument("--output-dir", default="eval_out", help="where per_user.csv and summary.json go")
-    evaluate.add_argument("--format", choices=("text", "json"), default="text", help="summary format")
+    evaluate.add_argument("--format", choices=("text", "json"), default="text",
+                          help="summary format; json prints summary.json (model, chat template, recall, rows)")
     evaluate.add_argument("--report", metavar="FILE.html",
                           help="also write a self-contained HTML report (settings, metrics with CIs, charts, "
                                "movers) that opens offline")

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rerank_core.chat_templates import ChatTemplateOverride
 from rerank_core.fsutil import atomic_write_text
 
-__all__ = ["print_notes", "table", "write_or_print"]
+__all__ = ["describe_model", "model_json", "print_notes", "table", "write_or_print"]
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -42,3 +43,19 @@ def write_or_print(text: str, output: str | None) -> int:
     atomic_write_text(Path(output), text)
     print(f"wrote {output}", file=sys.stderr)
     return 0
+
+
+def model_json(reference: str, name: str, chat_template: ChatTemplateOverride | None) -> dict[str, Any]:
+    """Which model and which chat template made an output, for its JSON: the reference as given ('' for the embedded
+    model) and the template's source and short hash (None: the tokenizer's own), as adapter manifests record them."""
+    return {"reference": reference, "name": name,
+            "chat_template": chat_template.record() if chat_template is not None else None}
+
+
+def describe_model(record: dict[str, Any]) -> str:
+    """model_json as one line for the text outputs."""
+    template = record.get("chat_template")
+    own = (f"chat template {template['path']} (sha256 {template['sha256']})" if template
+           else "the tokenizer's own chat template")
+    reference = f" ({record['reference']})" if record.get("reference") and record["reference"] != record["name"] else ""
+    return f"model {record['name']}{reference}, {own}"

@@ -6,8 +6,8 @@ import argparse
 import json
 from typing import Any
 
-from rerank_core.cli.common import add_common_options, build_inspector, build_settings
-from rerank_core.cli.output import print_notes, table, write_or_print
+from rerank_core.cli.common import add_common_options, build_inspector, build_settings, model_from_options
+from rerank_core.cli.output import describe_model, print_notes, table, write_or_print
 from rerank_core.display import visible_text
 from rerank_core.inspector import BASE
 from rerank_core.report import inspection_report
@@ -20,13 +20,14 @@ def command_show(args: argparse.Namespace) -> int:
     inspector = build_inspector(args, need_model=False)
     settings = build_settings(args, args.split)
     specials = inspector.tokenizer.all_special_tokens
+    model = model_from_options(args, inspector)
     if inspector.loaded is None:
         if args.format == "html":
             raise ValueError("--format html needs scores: give --model (or no --tokenizer) instead of a "
                              "tokenizer alone")
         prepared = inspector.prepare(args.user, settings)
         payload = {
-            "user_id": args.user, "split": args.split, "history": list(prepared.split.history),
+            "user_id": args.user, "split": args.split, "model": model, "history": list(prepared.split.history),
             "candidates": list(prepared.candidates.item_ids), "target_index": prepared.candidates.target_index,
             "rendered_prompt": prepared.prompt.rendered, "prompt_tokens": len(prepared.token_ids),
             "answer_slot": prepared.answer_slot.to_json(),
@@ -34,6 +35,7 @@ def command_show(args: argparse.Namespace) -> int:
         if args.format == "json":
             print(json.dumps(payload, indent=2, ensure_ascii=False))
         else:
+            print(describe_model(model))
             print(visible_text(prepared.prompt.rendered, specials))
             print(table(payload["audit"], ["letter", "token", "token_id", "step", "as_trained_id", "flags"]))
             print_notes(prepared.answer_slot.notes())
@@ -42,13 +44,14 @@ def command_show(args: argparse.Namespace) -> int:
     if args.format == "html":
         return write_or_print(inspection_report(result, inspector.dataset, model=inspector.loaded.label,
                                                  special_tokens=specials), args.output)
-    payload = result.to_json(inspector.dataset)
+    payload = {**result.to_json(inspector.dataset), "model": model}
     if args.format == "json":
         print(json.dumps(payload, indent=2, ensure_ascii=False, default=str))
         return 0
     if result.preset_note:
         print(f"note: {result.preset_note}")
     print(f"user {result.user_id} ({args.split}), system {result.system}, preset {result.settings.preset.name}")
+    print(describe_model(model))
     print(f"\nhistory ({len(payload['history'])} items, {payload['dropped_history']} dropped to fit):")
     print(table(payload["history"], ["position", "item_id", "text", "in_prompt"]))
     print("\nrendered prompt (special tokens ⟦…⟧, newlines ↵):")

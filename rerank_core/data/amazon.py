@@ -1,4 +1,5 @@
-"""Amazon reviews (2014/2018 and 2023 releases, JSON lines, optionally gzipped) with titles from the meta file."""
+"""Amazon reviews (2014/2018 and 2023 releases, JSON lines, optionally gzipped) with titles from the meta file,
+and its category, brand and price as the items' fields for item-text specs."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import ast
 import html
 import json
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +74,9 @@ def load_amazon(path: Path) -> Dataset:
         if not isinstance(title, str) or not title.strip():
             untitled += 1
             continue
-        table.add(item_id, html.unescape(title), line, caption=_amazon_caption(record))
+        caption = _amazon_caption(record)
+        table.add(item_id, html.unescape(title), line, caption=caption,
+                  attributes={"category": caption, "brand": _amazon_brand(record), "price": _amazon_price(record)})
     # Like LlamaRec's preprocessing, items without a title are dropped with their reviews.
     dropped = events.keep_only(table.items)
     if not events.count:
@@ -108,6 +112,29 @@ def _amazon_caption(record: dict[str, Any]) -> str:
     if not names and isinstance(record.get("main_category"), str):
         names = [record["main_category"]]
     return " > ".join(names)
+
+
+def _amazon_brand(record: dict[str, Any]) -> str:
+    """2014/2018 meta say brand; 2023 meta put it in details["Brand"] or name the store."""
+    details = record.get("details")
+    for value in (record.get("brand"), details.get("Brand") if isinstance(details, dict) else None,
+                  record.get("store")):
+        if isinstance(value, str) and value.strip():
+            return html.unescape(value)
+    return ""
+
+
+def _amazon_price(record: dict[str, Any]) -> str:
+    """'$12.99' from a number (2014, 2023) or text such as '$1,299.00' (2018); ranges, blanks and the page
+    fragments some 2018 records hold instead are left out."""
+    value = record.get("price")
+    if isinstance(value, bool) or value is None:
+        return ""
+    try:
+        price = float(value.replace("$", "").replace(",", "").strip()) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError):
+        return ""
+    return f"${price:.2f}" if math.isfinite(price) and price >= 0 else ""
 
 
 def _amazon_files(path: Path) -> tuple[Path, Path]:

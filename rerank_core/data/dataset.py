@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
+from rerank_core.data.item_text import TEXT_FIELDS, ItemText, parse_item_text
+
 __all__ = [
     "MAX_ROW_ERRORS",
     "TEXT_FIELDS",
@@ -22,9 +24,6 @@ __all__ = [
     "report_row_error",
 ]
 
-# The item file's texts, and "title_count": the title plus the item's interaction count in the training part
-# of the split, popularity written into the prompt (the signal a small model cannot learn title by title).
-TEXT_FIELDS = ("title", "caption", "summary", "title_count")
 
 
 class DataError(ValueError):
@@ -91,12 +90,14 @@ def collecting_row_errors() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Item:
-    """One catalogue item; caption and summary are the seed's alternative text modes."""
+    """One catalogue item; caption and summary are the seed's alternative text modes, `attributes` the data's
+    other fields (genres, year, brand, price, ...) as (name, text) pairs in file order, for item-text specs."""
 
     item_id: str
     title: str
     caption: str = ""
     summary: str = ""
+    attributes: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -144,19 +145,31 @@ class Dataset:
         digest = hashlib.sha256()
         for item_id in sorted(self.items):
             item = self.items[item_id]
-            digest.update(f"{item_id}\t{item.title}\t{item.caption}\t{item.summary}\n".encode())
+            # Written only when an item has fields beyond its texts: a dataset without them keeps its fingerprint.
+            extra = "".join(f"\t{name}={value}" for name, value in item.attributes)
+            digest.update(f"{item_id}\t{item.title}\t{item.caption}\t{item.summary}{extra}\n".encode())
         for user in sorted(self.sequences):
             digest.update(f"{user}\t{' '.join(self.sequences[user])}\n".encode())
         return digest.hexdigest()[:16]
 
+    @functools.cached_property
+    def item_fields(self) -> tuple[str, ...]:
+        """The items' fields beyond their texts, in the order the items first have them: what item-text specs
+        may name besides title, caption, summary and count."""
+        names: dict[str, None] = {}
+        for item in self.items.values():
+            names.update(dict.fromkeys(name for name, _ in item.attributes))
+        return tuple(names)
+
+    def item_text(self, text_field: str) -> ItemText:
+        """An item-text spec checked against this dataset; a ValueError names an unknown part and lists the fields."""
+        return parse_item_text(text_field, self.item_fields)
+
     def text(self, item_id: str, text_field: str = "title") -> str:
-        """The text that stands for an item in prompts; an empty caption or summary falls back to the title."""
-        if text_field not in TEXT_FIELDS:
-            raise ValueError(f"text field {text_field!r} is not one of {', '.join(TEXT_FIELDS)}")
-        item = self.items[item_id]
-        if text_field == "title_count":
-            return f"{item.title}, {self.training_counts.get(item_id, 0)} interactions"
-        return getattr(item, text_field) or item.title
+        """The text that stands for an item in prompts, under a named text or a spec (data.item_text)."""
+        spec = self.item_text(text_field)
+        count = self.training_counts.get(item_id, 0) if spec.uses_count else 0
+        return spec.render(self.items[item_id], count)
 
     @functools.cached_property
     def training_counts(self) -> Counter[str]:

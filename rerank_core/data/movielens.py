@@ -1,7 +1,9 @@
-"""The three MovieLens releases in their native files (100K, 1M, latest-small): genres become the caption."""
+"""The three MovieLens releases in their native files (100K, 1M, latest-small): genres become the caption, and
+genres and release year are kept as the items' fields for item-text specs."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from rerank_core.data.dataset import Dataset
@@ -37,7 +39,11 @@ def load_movielens_100k(path: Path) -> Dataset:
     for line, fields in split_lines(item_path, "|", ("movie id", "movie title"), "latin-1"):
         flags = fields[5:5 + len(genres)]
         names = [genre for genre, flag in zip(genres, flags, strict=False) if flag.strip() == "1"]
-        table.add(fields[0], fields[1], line, caption=_genre_caption(names))
+        # The release date is written "01-Jan-1995"; a few movies have none.
+        date = fields[2].strip() if len(fields) > 2 else ""
+        year = date[-4:] if len(date) >= 4 and date[-4:].isdigit() else ""
+        table.add(fields[0], fields[1], line, caption=_genre_caption(names),
+                  attributes={"year": year, "genres": _genre_list(names)})
     events = Events(data_path)
     for line, fields in split_lines(data_path, "\t", ("user id", "item id", "rating", "timestamp"),
                                      "latin-1"):
@@ -51,7 +57,8 @@ def load_movielens_1m(path: Path) -> Dataset:
     ratings_path, movies_path = require_files(folder, "ratings.dat", "movies.dat")
     table = ItemTable(movies_path)
     for line, fields in split_lines(movies_path, "::", ("MovieID", "Title", "Genres"), "latin-1"):
-        table.add(fields[0], fields[1], line, caption=_genre_caption(fields[2].split("|")))
+        table.add(fields[0], fields[1], line, caption=_genre_caption(fields[2].split("|")),
+                  attributes=_title_fields(fields[1], fields[2].split("|")))
     events = Events(ratings_path)
     for line, fields in split_lines(ratings_path, "::", ("UserID", "MovieID", "Rating", "Timestamp"),
                                      "latin-1"):
@@ -66,8 +73,9 @@ def load_movielens_latest_small(path: Path) -> Dataset:
     table = ItemTable(movies_path)
     for line, row in csv_rows(movies_path, ("movieId", "title"), ("genres",),
                                describe="a header movieId,title,genres and one row per movie"):
-        table.add(row["movieId"], row["title"], line,
-                  caption=_genre_caption(row.get("genres", "").split("|")))
+        genres = row.get("genres", "").split("|")
+        table.add(row["movieId"], row["title"], line, caption=_genre_caption(genres),
+                  attributes=_title_fields(row["title"], genres))
     events = Events(ratings_path)
     for line, row in csv_rows(ratings_path, ("userId", "movieId", "timestamp"), (),
                                describe="a header userId,movieId,rating,timestamp and one row per rating"):
@@ -76,8 +84,23 @@ def load_movielens_latest_small(path: Path) -> Dataset:
     return build_dataset(folder.name, table, events)
 
 
+# ML-1M and latest-small write the year only in the title: "Toy Story (1995)".
+_TITLE_YEAR = re.compile(r"\((\d{4})\)\s*$")
+
+
+def _genre_list(genres: list[str]) -> str:
+    """'Comedy, Drama' from MovieLens genres; placeholders like '(no genres listed)' add nothing."""
+    return ", ".join(genre.strip() for genre in genres
+                     if genre.strip() and genre.strip().lower() not in ("unknown", "(no genres listed)"))
+
+
 def _genre_caption(genres: list[str]) -> str:
-    """'Comedy, Drama film' from MovieLens genres; placeholders like '(no genres listed)' add nothing."""
-    names = [genre.strip() for genre in genres
-             if genre.strip() and genre.strip().lower() not in ("unknown", "(no genres listed)")]
-    return f"{', '.join(names)} film" if names else ""
+    """'Comedy, Drama film': the caption MovieLens items have always had."""
+    names = _genre_list(genres)
+    return f"{names} film" if names else ""
+
+
+def _title_fields(title: str, genres: list[str]) -> dict[str, str]:
+    """The year from the end of a MovieLens title, and the genres: the fields item-text specs can add."""
+    year = _TITLE_YEAR.search(title)
+    return {"year": year.group(1) if year else "", "genres": _genre_list(genres)}

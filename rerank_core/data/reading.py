@@ -8,11 +8,12 @@ import difflib
 import gzip
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
 from rerank_core.data.dataset import DataError, Dataset, Item, report_row_error
+from rerank_core.data.item_text import PART_SEPARATOR, RESERVED_PARTS
 
 __all__ = [
     "MAX_FILE_BYTES",
@@ -95,8 +96,9 @@ def text_lines(path: Path, encoding: str, describe: str) -> Iterator[tuple[int, 
 
 
 def csv_rows(path: Path, required: tuple[str, ...], optional: tuple[str, ...],
-              describe: str) -> Iterator[tuple[int, dict[str, str]]]:
-    """Rows of a comma-separated file with a header, keyed by the expected column names."""
+              describe: str, *, others: bool = False) -> Iterator[tuple[int, dict[str, str]]]:
+    """Rows of a comma-separated file with a header, keyed by the expected column names (with `others`, every
+    other named column too, under its header name)."""
     reader = csv.reader(text for _, text in text_lines(path, "utf-8", describe))
     previous_end = 0
     header: list[str] | None = None
@@ -111,6 +113,12 @@ def csv_rows(path: Path, required: tuple[str, ...], optional: tuple[str, ...],
             if header is None:
                 header = row
                 columns = _match_header(header, required, optional, path, line)
+                if others:
+                    expected = {name.lower() for name in (*required, *optional)}
+                    for index, cell in enumerate(header):
+                        name = cell.strip()
+                        if name and name.lower() not in expected:
+                            columns.setdefault(name, index)
                 needed = 1 + max(columns[name] for name in required)
                 continue
             if len(row) > len(header):
@@ -178,6 +186,12 @@ def clean_text(text: str) -> str:
     return " ".join(text.split())
 
 
+def _selectable(name: str) -> bool:
+    """Whether an item-text spec can name this field: not empty, no '+', not a part every dataset has."""
+    name = name.strip()
+    return bool(name) and PART_SEPARATOR not in name and name not in RESERVED_PARTS
+
+
 class ItemTable:
     """Items from one file; remembers each item's line so a conflicting duplicate can name both."""
 
@@ -187,8 +201,13 @@ class ItemTable:
         self._lines: dict[str, int] = {}
         self._cut_lines: list[int] = []
 
-    def add(self, item_id: str, title: str, line: int, *, caption: str = "", summary: str = "") -> None:
-        """One item row; an empty id or title, or a conflicting repeat, is reported with its line."""
+    def add(self, item_id: str, title: str, line: int, *, caption: str = "", summary: str = "",
+            attributes: Mapping[str, str] | None = None) -> None:
+        """One item row; an empty id or title, or a conflicting repeat, is reported with its line.
+
+        `attributes`: the row's other fields (genres, year, brand, ...) for item-text specs; empty values and
+        names a spec could not select (empty, with '+', or a reserved part such as title or count) are left out.
+        """
         item_id = item_id.strip()
         if not item_id:
             report_row_error(DataError("the item id is empty", file=str(self.path), line=line, field="item_id"))
@@ -209,7 +228,9 @@ class ItemTable:
                     f"on line {line} with title {title!r}: keep one row per item",
                     file=str(self.path), line=line, field="item_id"))
             return  # an exact repeat carries no new information
-        self.items[item_id] = Item(item_id, title, clean_text(caption), clean_text(summary))
+        kept = tuple((name.strip(), clean_text(value)) for name, value in (attributes or {}).items()
+                     if _selectable(name) and clean_text(value))
+        self.items[item_id] = Item(item_id, title, clean_text(caption), clean_text(summary), kept)
         self._lines[item_id] = line
 
     def finish(self) -> dict[str, Item]:

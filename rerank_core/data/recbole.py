@@ -26,12 +26,15 @@ def load_recbole(path: Path) -> Dataset:
     """RecBole atomic files <name>.inter + <name>.item; title (with the year), genres as caption, both as summary.
 
     title: the title-like column, with a four-digit release year appended as "(1995)" as MovieLens writes it;
-    caption: the genre/category column joined by commas; summary: "title (year) [genres]".
+    caption: the genre/category column joined by commas; summary: "title (year) [genres]". Every other token,
+    token_seq or float column (ml-100k: release_year, class) is kept as an item field for item-text specs,
+    token_seq values joined by commas.
     """
     inter_path, item_path = recbole_files(path)
     table = ItemTable(item_path)
     columns: dict[str, str] = {}
-    for line, row in _recbole_rows(item_path, ("item_id",)):
+    kinds: dict[str, str] = {}
+    for line, row in _recbole_rows(item_path, ("item_id",), kinds):
         if not columns:
             columns = _recbole_text_columns(row, item_path)
         title = row[columns["title"]]
@@ -44,7 +47,8 @@ def load_recbole(path: Path) -> Dataset:
             title = f"{clean_text(title)} ({year})"
         genres = ", ".join(row.get(columns.get("genre", ""), "").split())
         table.add(row["item_id"], title, line, caption=genres,
-                  summary=f"{clean_text(title)} [{genres}]" if genres else "")
+                  summary=f"{clean_text(title)} [{genres}]" if genres else "",
+                  attributes=_recbole_fields(row, kinds, columns["title"]))
     events = Events(inter_path)
     for line, row in _recbole_rows(inter_path, _RECBOLE_INTER_FIELDS):
         events.add(row["user_id"], row["item_id"], row["timestamp"], line, fields=_RECBOLE_INTER_FIELDS)
@@ -72,8 +76,17 @@ def recbole_files(path: Path) -> tuple[Path, Path]:
     return inter_path, item_path
 
 
-def _recbole_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
-    """Rows of a tab-separated atomic file keyed by field name (the header's types stripped)."""
+def _recbole_fields(row: dict[str, str], kinds: dict[str, str], title_column: str) -> dict[str, str]:
+    """The row's token, token_seq and float fields besides the id and the title (float_seq, e.g. embeddings,
+    is no text)."""
+    return {name: ", ".join(value.split()) if kinds[name] == "token_seq" else value.strip()
+            for name, value in row.items()
+            if name not in ("item_id", title_column) and kinds[name] in ("token", "token_seq", "float")}
+
+
+def _recbole_rows(path: Path, required: tuple[str, ...],
+                  kinds: dict[str, str] | None = None) -> Iterator[tuple[int, dict[str, str]]]:
+    """Rows of a tab-separated atomic file keyed by field name (the header's types stripped, put in `kinds`)."""
     names: list[str] = []
     for line, text in text_lines(path, "utf-8", "a typed header such as user_id:token and one row per record"):
         text = text.rstrip("\r\n")
@@ -82,6 +95,8 @@ def _recbole_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, 
         values = text.split("\t")
         if not names:
             names = _recbole_header(values, required, path, line)
+            if kinds is not None:
+                kinds.update(cell.strip().split(":", 1) for cell in values)  # checked as name:type above
             continue
         if len(values) != len(names):
             short = len(values) < len(names)

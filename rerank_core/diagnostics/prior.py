@@ -77,6 +77,8 @@ def letter_prior(inspector: Inspector, users: Sequence[str], settings: InspectSe
     if not users:
         raise ValueError("no users to diagnose: pass at least one user id")
     check_limit("diagnostic_users", len(users))
+    if not isinstance(placeholder, str):
+        raise ValueError(f"placeholder must be a word (text), got {type(placeholder).__name__} {placeholder!r:.60}")
     check_limit("placeholder_chars", len(placeholder))
     resolved = inspector.resolve(system, settings)
     effective = resolved.settings

@@ -151,7 +151,8 @@ class _TrainingRun:
         if not examples:
             raise TrainingError(
                 f"no training example is left (dropped: {report.dropped}); users need at least 4 "
-                "interactions, and prompts must fit max_prompt_tokens: raise it or use fewer candidates")
+                "interactions, prompts must fit max_prompt_tokens (raise it or use fewer candidates) and, on "
+                "retriever candidates, the target must be among them (more candidates or random ones)")
         if self.cancel is not None and self.cancel.requested:
             raise RunCancelled
         return examples

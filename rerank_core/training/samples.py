@@ -17,9 +17,11 @@ from rerank_core.prompts import Prompt, PromptError, build_prompt
 from rerank_core.training.config import RunCancelled, TrainConfig, TrainingError
 
 __all__ = [
+    "TARGET_NOT_AMONG_CANDIDATES",
     "PromptBudget",
     "TrainingSample",
     "build_training_samples",
+    "item_text_cost",
     "label_samples",
     "size_prompt_budget",
     "validation_users",
@@ -28,6 +30,8 @@ __all__ = [
 
 # Prompts measured to size the budget: enough to see long titles, cheap next to training.
 _BUDGET_PROBES = 64
+# The reason a sample on retriever candidates is dropped, as reports and the manifest name it.
+TARGET_NOT_AMONG_CANDIDATES = "target_not_among_candidates"
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,12 @@ class PromptBudget:
                 f"{self.candidates} candidates and the {self.history_items} most recent history items "
                 f"(median {self.median_tokens})")
 
+    def describe_cost(self, text_field: str) -> str:
+        """What an item text costs, in one line shown before a run (the CLI's train, the app's preview)."""
+        return (f"item text {text_field!r}: median {self.median_tokens}, max {self.tokens} prompt tokens "
+                f"({self.measured} seeded sample prompts of {self.candidates} candidates and "
+                f"{self.history_items} history items)")
+
 
 def size_prompt_budget(dataset: Dataset, tokenizer: Any, config: TrainConfig) -> PromptBudget:
     """Measure seeded sample prompts (candidates plus config.history_items recent items) and take the longest.
@@ -109,6 +119,16 @@ def size_prompt_budget(dataset: Dataset, tokenizer: Any, config: TrainConfig) ->
         lengths.append(prompt.token_count)
     return PromptBudget(tokens=max(lengths), history_items=config.history_items, candidates=config.candidates,
                         measured=len(lengths), median_tokens=int(np.median(lengths)))
+
+
+def item_text_cost(dataset: Dataset, tokenizer: Any, config: TrainConfig) -> PromptBudget:
+    """What config.text_field costs in prompt tokens, measured before a run so item texts can be compared:
+    the median and longest of the seeded sample prompts size_prompt_budget measures (tokenizing only).
+
+    The spec is checked against the dataset first: an unknown part is one error naming it, before any prompt.
+    """
+    dataset.item_text(config.text_field)
+    return size_prompt_budget(dataset, tokenizer, config)
 
 
 def with_prompt_budget(dataset: Dataset, tokenizer: Any,
@@ -140,6 +160,9 @@ def build_training_samples(
     sampler = CandidateSampler(dataset, config.candidate_config())
     samples: list[TrainingSample] = []
     dropped = {"prompt_too_long": 0}
+    if config.candidate_source == "retriever":
+        # Retriever candidates are the retriever's top N, as evaluated: a target it misses has no letter to learn.
+        dropped[TARGET_NOT_AMONG_CANDIDATES] = 0
     for number, (user, position) in enumerate(points):
         if cancel is not None and number % 16 == 0 and cancel.requested:
             raise RunCancelled
@@ -149,6 +172,9 @@ def build_training_samples(
         start = 0 if config.max_prompt_tokens is None else max(0, position - config.max_prompt_tokens)
         history, target = tuple(sequence[start:position]), sequence[position]
         candidates = sampler.for_training(user, history, target, sample_key=str(position))
+        if candidates.target_index is None:
+            dropped[TARGET_NOT_AMONG_CANDIDATES] += 1
+            continue
         try:
             prompt = build_prompt(
                 tokenizer, config.prompt_preset, [dataset.text(item, config.text_field) for item in history],

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from rerank_core.candidates import CANDIDATE_SOURCES
-from rerank_core.data.dataset import TEXT_FIELDS
+from rerank_core.data.item_text import TEXT_FIELDS, item_text_spelling
 from rerank_core.limits import LIMITS, whole_number
 from rerank_core.prompts import PRESETS
 from rerank_core.verbalizer import STRATEGIES
@@ -38,12 +38,18 @@ class Setting:
     zero_means: str = ""  # what 0 (on the command line, in the form or the API) means: that setting's None
     form: str = "advanced"  # where the app's Fine-tune form shows it: "main", "advanced", or "" (CLI only)
     label: str = ""  # how errors name it when the name alone is ambiguous ("preset": the prompt preset)
+    # An open-ended text setting: the values a form offers, and the check that writes any value in its one
+    # spelling or raises (the item-text spec's form; its parts are checked against the dataset when it loads).
+    offered: tuple[str, ...] = ()
+    normalize: Callable[[str], str] | None = None
 
     @property
     def rule(self) -> str:
         """The allowed values in words, for help texts and errors."""
         if self.choices:
             return f"one of {', '.join(self.choices)}"
+        if self.offered:
+            return f"one of {', '.join(self.offered)}, or the dataset's fields joined by '+'"
         if self.kind is bool or self.kind is tuple:
             return "a comma-separated list of names" if self.kind is tuple else "true or false"
         if self.kind is int and not (self.low_open or self.high_open):
@@ -68,6 +74,7 @@ class Setting:
                 value = str(value).lower() in ("true", "1")
         elif self.kind is str:
             value = value if isinstance(value, str) else json.dumps(value)  # a JSON object given as one
+            value = self.normalize(value) if self.normalize is not None else value
         else:
             value = self._number(value)
         if self.zero_means and value == 0:
@@ -84,6 +91,8 @@ class Setting:
         if self.choices and value not in self.choices:
             raise ValueError(f"{self.label or self.name.replace('_', ' ')} {value!r} is not one of "
                              f"{', '.join(self.choices)}")
+        if self.normalize is not None:
+            self.normalize(value)
         if self.kind is tuple and not value:
             raise ValueError(f"{self.name} is empty: name at least one, e.g. q_proj,v_proj")
         if self.kind in (int, float):
@@ -151,7 +160,10 @@ SETTINGS: tuple[Setting, ...] = (
             choices=tuple(STRATEGIES)),
     Setting("candidate_source", str, "--candidate-source", "where negatives come from",
             choices=tuple(CANDIDATE_SOURCES)),
-    Setting("text_field", str, "--text-field", "item text in prompts", choices=tuple(TEXT_FIELDS)),
+    Setting("text_field", str, "--text-field", "item text in prompts: a named text, or fields joined by '+', e.g. "
+            "title+year+genres+count (count: the item's interactions in the training part; the fields: the "
+            "dataset's own, e.g. ml-100k-real's release_year and class)", offered=TEXT_FIELDS,
+            normalize=item_text_spelling),
     Setting("sample_mode", str, "--sample-mode", "prefixes: every prefix of each training sequence (LlamaRec); "
             "random_split: one seeded split point per user (the research code)", choices=SAMPLE_MODES),
     Setting("train_on_eos", bool, "--train-on-eos", "also train the end-of-turn token(s) after the letter"),
