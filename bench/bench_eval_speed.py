@@ -4,7 +4,8 @@ Issue 24 asks for eval at least 2x the users/s of the code before its changes at
 identical, or the truth's probability within 0.01 where batching changes padding). Both trees run the same
 command, `python -m rerank_core eval --baselines none`, on the same users, each round in a fresh process
 (interleaved rounds, bench/method.py); the model load is timed apart from the scoring by a run on 1 user.
-Make the other tree with `git worktree add /tmp/before <commit>` (its venv: this one).
+Make the other tree with `git worktree add /tmp/before <commit>` or `git archive <commit> | tar -x -C /tmp/before`
+(it runs with this venv).
 Usage: PYTHONPATH=. python bench/bench_eval_speed.py --before /tmp/before [--users 60] [--rounds 3]
 """
 
