@@ -273,11 +273,7 @@ class ModelRegistry:
         """The base, or an adapter the pickers offer for this model (refused by name, with the choices)."""
         if not system or system == BASE:
             return BASE
-        available = self.adapter_names(model)
-        if system not in available:
-            raise AdapterError(f"no adapter named {system!r} for model {model}; available: "
-                               f"{', '.join(available) or 'none (train one in the Fine-tune tab)'}")
-        return system
+        return _offered(system, model, self.adapter_names(model))
 
     def systems(self, model: str, adapters: Sequence[str] | None) -> list[str]:
         """The base and up to MAX_COMPARE_SYSTEMS - 1 adapters, each named once."""
@@ -287,7 +283,16 @@ class ModelRegistry:
         if len(chosen) > MAX_COMPARE_SYSTEMS - 1:
             raise SessionError(f"compare the base with at most {MAX_COMPARE_SYSTEMS - 1} adapters at once; "
                                f"{len(chosen)} were chosen")
-        return [BASE, *(self.check_system(model, name) for name in chosen)]
+        available = self.adapter_names(model) if chosen else []  # the adapters folder read once, not per name
+        return [BASE, *(_offered(name, model, available) for name in chosen)]
+
+
+def _offered(system: str, model: str, available: Sequence[str]) -> str:
+    """The adapter name when the pickers offer it for this model; refused by name, with the choices."""
+    if system not in available:
+        raise AdapterError(f"no adapter named {system!r} for model {model}; available: "
+                           f"{', '.join(available) or 'none (train one in the Fine-tune tab)'}")
+    return system
 
 
 class DatasetRegistry:
