@@ -196,6 +196,12 @@ class Watcher(threading.Thread):
             self.latencies.append(self.once())
 
 
+# Slack on top of 2x the idle p95: on 2 cores the fuzz's own work slows every reply by milliseconds (a CI run
+# measured 0.153 s against an idle 0.076 s), while a stall, a client waiting behind a scoring or a hung call,
+# costs at least a forward pass (0.15 s or more).
+SCHEDULING_SLACK_S = 0.05
+
+
 def _p95(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
@@ -295,7 +301,7 @@ def test_hostile_values_on_every_endpoint_are_refused_clearly(world) -> None:
         print("  " + failure)
     assert survey.failures == []
     assert len(survey.endpoints) == len(api)
-    assert busy_p95 <= 2 * idle_p95, (busy_p95, idle_p95)
+    assert busy_p95 <= 2 * idle_p95 + SCHEDULING_SLACK_S, (busy_p95, idle_p95)
     roots = [context.config.adapters_root, context.config.upload_root, context.config.runs_root,
              Path(write_report("probe", "probe")).parent]
     assert _half_written(roots) == []
