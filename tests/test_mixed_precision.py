@@ -25,18 +25,18 @@ def calls_of(modules: list[torch.nn.Module]) -> list[int]:
 @needs_bf16_onednn
 def test_llama_mlp_runs_fused_and_every_replacement_is_undone(smol_tokenizer) -> None:
     model = build_tiny_llama(smol_tokenizer, seed=7).to(torch.bfloat16)
-    mlp = model.model.layers[0].mlp
-    counts = calls_of([mlp, mlp.gate_proj, mlp.down_proj, model.model.layers[0].self_attn.q_proj])
+    mlp, attention = model.model.layers[0].mlp, model.model.layers[0].self_attn
+    counts = calls_of([mlp, mlp.gate_proj, mlp.down_proj, attention, attention.q_proj])
     ids = torch.tensor([toy_prompts(smol_tokenizer, count=3)[2]])
     with torch.inference_mode(), mixed_precision(model):
         logits = model(input_ids=ids, logits_to_keep=1).logits
-    # The MLP ran once as one fused block (its projections were not entered); attention's projections were.
-    assert counts == [1, 0, 0, 1]
+    # The MLP and attention each ran once as one fused block (their own projections were not entered).
+    assert counts == [1, 0, 0, 1, 0]
     assert logits.dtype == torch.float32  # the fp32 head
     assert not [name for name, module in model.named_modules() if "forward" in vars(module)]
     with torch.inference_mode():
         plain = model(input_ids=ids, logits_to_keep=1).logits
-    assert plain.dtype == torch.bfloat16 and counts == [2, 1, 1, 2]
+    assert plain.dtype == torch.bfloat16 and counts == [2, 1, 1, 2, 1]
 
 
 @needs_bf16_onednn
@@ -72,9 +72,21 @@ def test_lora_projections_keep_their_adapters_under_the_prepacked_path(smol_toke
     assert float((probabilities(base) - probabilities(fast)).abs().max()) > 1e-3  # the adapter was applied
 
 
+def build_tiny_mistral(tokenizer, *, seed: int):
+    """A tiny Mistral: attention code other than Llama's (a sliding-window argument), the same four projections."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                           pad_token_id=tokenizer.pad_token_id)
+    return MistralForCausalLM(config).eval()
+
+
 @needs_bf16_onednn
-def test_attention_runs_in_fp32_unless_a_projection_carries_an_adapter(smol_tokenizer, monkeypatch) -> None:
-    """fp32 queries, keys and values bring bf16 scores closer to fp32 (the 135M model: 0.0142 -> 0.0080)."""
+def test_attention_dtype_follows_the_attention_code_and_its_adapters(smol_tokenizer, monkeypatch) -> None:
+    """Llama's attention: bf16 after fp32 rotary (faster with AMX; the 135M model's Δp 0.0124 -> 0.0100).
+    Other attention code: fp32 queries, keys and values (Δp 0.0142 -> 0.0080). An adapter on a projection: bf16."""
     from peft import LoraConfig, get_peft_model
 
     real = torch.nn.functional.scaled_dot_product_attention
@@ -86,15 +98,19 @@ def test_attention_runs_in_fp32_unless_a_projection_carries_an_adapter(smol_toke
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     prompts = toy_prompts(smol_tokenizer, count=3)
-    model = build_tiny_llama(smol_tokenizer, seed=10).to(torch.bfloat16)
-    score_token_ids(model, smol_tokenizer, prompts, letter_ids(smol_tokenizer))
-    assert dtypes and set(dtypes) == {(torch.float32,) * 3}
-    assert not [name for name, module in model.named_modules() if "forward" in vars(module)]
+    ids = letter_ids(smol_tokenizer)
+    for build, expected in ((build_tiny_llama, torch.bfloat16), (build_tiny_mistral, torch.float32)):
+        dtypes.clear()
+        fast = score_token_ids(build(smol_tokenizer, seed=10).to(torch.bfloat16), smol_tokenizer, prompts, ids)
+        assert dtypes and set(dtypes) == {(expected,) * 3}, build.__name__
+        exact = score_token_ids(build(smol_tokenizer, seed=10), smol_tokenizer, prompts, ids)
+        assert float((probabilities(fast) - probabilities(exact)).abs().max()) < 0.01, build.__name__
     dtypes.clear()
-    wrapped = get_peft_model(build_tiny_llama(smol_tokenizer, seed=10).to(torch.bfloat16),
+    wrapped = get_peft_model(build_tiny_mistral(smol_tokenizer, seed=10).to(torch.bfloat16),
                              LoraConfig(r=4, target_modules=["v_proj"], init_lora_weights=False)).eval()
-    score_token_ids(wrapped, smol_tokenizer, prompts, letter_ids(smol_tokenizer))
+    score_token_ids(wrapped, smol_tokenizer, prompts, ids)
     assert dtypes and set(dtypes) == {(torch.bfloat16,) * 3}
+    assert not [name for name, module in wrapped.named_modules() if "forward" in vars(module)]
 
 
 @needs_bf16_onednn
@@ -109,3 +125,26 @@ def test_rotary_angles_are_fp32_where_attention_is(smol_tokenizer) -> None:
     with torch.inference_mode():
         model(input_ids=ids, logits_to_keep=1)
     assert seen == [torch.float32, torch.bfloat16]  # fp32 inside the block, the model's own dtype after it
+
+
+def test_rotary_and_norm_agree_with_llamas_own_code() -> None:
+    """The fused rotary and norm against transformers' apply_rotary_pos_emb and LlamaRMSNorm, rounded once."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+    from rerank_core.mixed_precision import _rms_norm, _rotated
+
+    generator = torch.Generator().manual_seed(12)
+    heads = torch.randn(2, 7, 5, 8, generator=generator).to(torch.bfloat16)  # [batch, length, heads, dim]
+    # Angles whose two halves differ: the formula must pair each half with its own.
+    cos, sin = torch.randn(2, 2, 7, 8, generator=generator)
+    query, _ = apply_rotary_pos_emb(heads.float().transpose(1, 2), heads.float().transpose(1, 2), cos, sin)
+    expected = query.to(torch.bfloat16).transpose(1, 2)
+    got = _rotated(heads, cos, sin)
+    assert got.dtype == torch.bfloat16
+    assert float((got.float() - expected.float()).abs().max()) <= 2 ** -7 * float(expected.float().abs().max())
+    assert float((got == expected).float().mean()) > 0.98  # the rest differ by one bf16 rounding step
+
+    norm = LlamaRMSNorm(8, eps=1e-5).to(torch.bfloat16)
+    torch.nn.init.normal_(norm.weight, generator=generator)
+    residual = torch.randn(3, 4, 8, generator=generator)  # the fp32 residual stream
+    torch.testing.assert_close(_rms_norm(norm, residual), norm(residual).to(torch.bfloat16), rtol=2 ** -7, atol=0)
