@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import importlib.util
 import logging
 import sys
@@ -17,6 +15,7 @@ import gradio as gr
 from rerank_app import views
 from rerank_app.context import AppConfig, AppContext, DatasetEntry, ModelEntry
 from rerank_app.jobs import JobRunner
+from rerank_app.memory import keep_memory_flat
 from rerank_app.pickers import endpoint, refresh_pickers
 from rerank_app.tabs import compare, data, diagnose, finetune
 from rerank_app.tabs import inspect as inspect_tab
@@ -152,14 +151,6 @@ def builtin_datasets() -> list[DatasetEntry]:
     return entries
 
 
-def _limit_heap_arenas() -> None:
-    """glibc gives each server thread a heap of its own and keeps what it frees: under 8 clients the app's RSS grew
-    ~12% in a minute (bench/bench_load.py); with two shared heaps, under 9% and levelling off."""
-    # Not glibc (macOS, musl): no mallopt, and their allocators need no such limit.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).mallopt(-8, 2)  # -8 is glibc's M_ARENA_MAX
-
-
 def mark_missing_plot_libraries() -> None:
     """gradio's Plot asks for bokeh's version whenever a session copies the page's configuration (each page load,
     each call over the /call/ route): without bokeh installed that is a failed import searching sys.path for every
@@ -173,7 +164,7 @@ def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None,
            auth: tuple[str, str] | None = None, max_upload_bytes: int = 100 * 1024**2, queue_size: int = 64,
            block: bool = True) -> Any:
     """Serve with queue limits: scoring, comparisons, jobs and uploads each have their own concurrency group."""
-    _limit_heap_arenas()
+    keep_memory_flat()
     mark_missing_plot_libraries()
     demo.queue(default_concurrency_limit=2, max_size=queue_size)
     return demo.launch(server_name=host, server_port=port, share=share, auth=auth, css=views.APP_CSS, js=views.APP_JS,

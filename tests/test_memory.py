@@ -1,0 +1,57 @@
+"""The app's memory settings: oneDNN's kernel cache bounded, freed heap given back to the system."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+from rerank_app import memory
+
+needs_glibc = pytest.mark.skipif(memory._glibc() is None, reason="malloc_trim is glibc's")
+
+# Frees 256 MiB of 64 KiB heap blocks while the last block pins the heap's top (so glibc cannot shrink it by
+# itself), then prints the RSS before and after the trimming thread has had a few turns.
+TRIM_SCRIPT = textwrap.dedent("""
+    import ctypes, time, threading, psutil
+    from rerank_app import memory
+    memory.HEAP_TRIM_EVERY_S = 0.1
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    blocks = [libc.malloc(64 * 1024) for _ in range(4096)]
+    for block in blocks:
+        ctypes.memset(block, 1, 64 * 1024)
+    for block in blocks[:-1]:
+        libc.free(block)
+    before = psutil.Process().memory_info().rss
+    stop = threading.Event()
+    memory.keep_memory_flat(stop)
+    time.sleep(1.0)
+    stop.set()
+    print(before, psutil.Process().memory_info().rss)
+""")
+
+
+@needs_glibc
+def test_freed_heap_goes_back_to_the_system() -> None:
+    env = {key: value for key, value in os.environ.items() if key != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    result = subprocess.run([sys.executable, "-c", TRIM_SCRIPT], capture_output=True, text=True, env=env,
+                            timeout=120, check=True)
+    before, after = (int(value) for value in result.stdout.split())
+    assert before - after > 200 * 2**20, (before, after)  # most of the 256 MiB freed
+
+
+def test_onednn_cache_bound_is_set_unless_the_user_chose_one(monkeypatch) -> None:
+    stop = threading.Event()
+    stop.set()
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    memory.keep_memory_flat(stop)
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(memory.ONEDNN_PRIMITIVE_CACHE)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
+    memory.keep_memory_flat(stop)
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "32"
