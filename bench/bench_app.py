@@ -212,6 +212,16 @@ class StageClock:
         return stages
 
 
+def off_main_thread(function: Callable[..., Any], *args: Any) -> Any:
+    """function(*args) on a thread that ends with it: a probe run on this process's main thread would leave an
+    OpenMP team there that slows the app's compute thread for the rest of the run (rerank_core/compute.py)."""
+    results: list[Any] = []
+    thread = threading.Thread(target=lambda: results.append(function(*args)))
+    thread.start()
+    thread.join()
+    return results[0]
+
+
 def instrument(clock: StageClock) -> None:
     """Time every stage of an Inspect request: the core's prompt, tokenizer and forward pass, the app's views and
     figure, gradio's handler call, output processing and request handling."""
@@ -326,10 +336,10 @@ def main() -> None:
     # The machine's yardstick, in the dtype the core runs: the house target rests on it.
     dataset, model = context.datasets.names[0], context.models.names[0]
     loaded = context.models.loaded(model)
-    probe, shape = matmul_probe(loaded.dtype), forward_shape(loaded.model)
+    probe, shape = off_main_thread(matmul_probe, loaded.dtype), forward_shape(loaded.model)
     print(probe.describe())
 
-    # The forward pass alone, for scale: what the round trip adds on top of it.
+    # The forward pass alone, for scale: what the round trip adds on top of it (on the app's compute thread).
     core = []
     for user in users[-5:]:
         start = time.perf_counter()

@@ -62,10 +62,12 @@ def serve(port: int, work: Path) -> None:
     from rerank_app.context import AppConfig, AppContext, DatasetEntry, ModelEntry
     from rerank_app.jobs import JobRunner
     from rerank_app.server import build_app, launch
+    from rerank_core.compute import serve_from_compute_thread
     from rerank_core.data.builtin import bundled_sample_path
     from rerank_core.data.loaders import load_dataset
     from rerank_core.models import embedded_model_folder, load_model
 
+    serve_from_compute_thread()  # as the app's build_context does
     config = AppConfig(adapters_root=work / "adapters", upload_root=work / "uploads", runs_root=work / "runs")
     folder = embedded_model_folder()
     model = ModelEntry(folder.name, str(folder), loaded=load_model(folder))

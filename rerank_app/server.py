@@ -20,6 +20,7 @@ from rerank_app.pickers import endpoint, refresh_pickers
 from rerank_app.tabs import compare, data, diagnose, finetune
 from rerank_app.tabs import inspect as inspect_tab
 from rerank_core.adapters import adapters_root
+from rerank_core.compute import serve_from_compute_thread
 from rerank_core.data.builtin import MOVIELENS_100K_REAL, builtin_dataset_path, bundled_sample_path
 from rerank_core.data.dataset import DataError
 from rerank_core.data.loaders import load_dataset
@@ -87,6 +88,7 @@ def end_session(context: AppContext, request: gr.Request = None) -> None:
 
 def build_context(args: argparse.Namespace) -> AppContext:
     """Load the datasets and the first model named on the command line (others load on first use)."""
+    serve_from_compute_thread()  # the app's tensor work, this model's load included, runs on one thread
     defaults = AppConfig()
     config = AppConfig(adapters_root=adapters_root(args.adapters_dir), upload_root=defaults.upload_root,
                        runs_root=defaults.runs_root, max_upload_bytes=int(args.max_upload_mb * 1024**2),

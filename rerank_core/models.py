@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from rerank_core.chat_templates import ChatTemplateOverride, apply_chat_template_override, read_chat_template
+from rerank_core.compute import on_compute_thread
 from rerank_core.fsutil import user_cache_dir
 from rerank_core.model_refs import (
     EMBEDDED_MODEL_NAME,
@@ -212,6 +213,7 @@ def _offload_folder(folder: Path) -> Path:
     return user_cache_dir() / "offload" / hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:12]
 
 
+@on_compute_thread
 def load_model(
     reference: str | os.PathLike[str] | ModelRef | None = None,
     *,

@@ -12,6 +12,7 @@ from cachetools import LRUCache
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from rerank_core.answer_slot import common_prefix
+from rerank_core.compute import on_compute_thread
 from rerank_core.limits import check_limit
 from rerank_core.mixed_precision import mixed_precision
 from rerank_core.placement import input_device
@@ -165,6 +166,7 @@ def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     return min(len(common_prefix(prompts)), min(len(ids) for ids in prompts) - 1)
 
 
+@on_compute_thread
 def score_token_ids(
     model: Any,
     tokenizer: Any,
