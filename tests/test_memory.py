@@ -55,3 +55,16 @@ def test_onednn_cache_bound_is_set_unless_the_user_chose_one(monkeypatch) -> Non
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
     memory.keep_memory_flat(stop)
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "32"
+
+
+def test_the_app_package_sets_openmp_spinning_before_torch_loads() -> None:
+    """OpenMP reads GOMP_SPINCOUNT once, when torch loads it: rerank_app must set it before importing torch."""
+    env = {key: value for key, value in os.environ.items() if key != "GOMP_SPINCOUNT"}
+    probe = "import sys, os, app; print(os.environ['GOMP_SPINCOUNT'], 'torch' in sys.modules)"
+    first = subprocess.run([sys.executable, "-c", "import sys, os, rerank_app; "
+                            "print(os.environ['GOMP_SPINCOUNT'], 'torch' in sys.modules)"],
+                           capture_output=True, text=True, env=env, timeout=120, check=True)
+    assert first.stdout.split() == ["1000", "False"]
+    served = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300,
+                            check=True)
+    assert served.stdout.split()[0] == "1000"
