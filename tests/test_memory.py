@@ -46,25 +46,43 @@ def test_freed_heap_goes_back_to_the_system() -> None:
     assert before - after > 200 * 2**20, (before, after)  # most of the 256 MiB freed
 
 
-def test_onednn_cache_bound_is_set_unless_the_user_chose_one(monkeypatch) -> None:
-    stop = threading.Event()
-    stop.set()
+def test_native_options_are_set_unless_the_user_chose_them(monkeypatch) -> None:
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
-    memory.keep_memory_flat(stop)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    memory.set_native_runtime_options()
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(memory.ONEDNN_PRIMITIVE_CACHE)
+    assert os.environ["GOMP_SPINCOUNT"] == str(memory.OPENMP_SPIN_COUNT)
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
-    memory.keep_memory_flat(stop)
+    monkeypatch.setenv("GOMP_SPINCOUNT", "5")
+    memory.set_native_runtime_options()
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "32"
+    assert os.environ["GOMP_SPINCOUNT"] == "5"
+
+
+@needs_glibc
+def test_one_trimming_thread_however_often_the_app_launches(monkeypatch) -> None:
+    monkeypatch.setattr(memory, "_TRIMMER", [])
+    stop = threading.Event()
+    try:
+        first = memory.keep_memory_flat(stop)
+        assert first is not None and first.is_alive()
+        assert memory.keep_memory_flat(stop) is first
+    finally:
+        stop.set()
+    first.join(timeout=5)
+    assert not first.is_alive()
 
 
 def test_the_app_package_sets_openmp_spinning_before_torch_loads() -> None:
-    """OpenMP reads GOMP_SPINCOUNT once, when torch loads it: rerank_app must set it before importing torch."""
-    env = {key: value for key, value in os.environ.items() if key != "GOMP_SPINCOUNT"}
+    """OpenMP reads GOMP_SPINCOUNT once, when torch loads it: rerank_app must set it before importing torch, and
+    oneDNN's cache bound before any kernel."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("GOMP_SPINCOUNT", "ONEDNN_PRIMITIVE_CACHE_CAPACITY")}
     probe = "import sys, os, app; print(os.environ['GOMP_SPINCOUNT'], 'torch' in sys.modules)"
-    first = subprocess.run([sys.executable, "-c", "import sys, os, rerank_app; "
-                            "print(os.environ['GOMP_SPINCOUNT'], 'torch' in sys.modules)"],
+    first = subprocess.run([sys.executable, "-c", "import sys, os, rerank_app; print(os.environ['GOMP_SPINCOUNT'], "
+                            "os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'], 'torch' in sys.modules)"],
                            capture_output=True, text=True, env=env, timeout=120, check=True)
-    assert first.stdout.split() == ["1000", "False"]
+    assert first.stdout.split() == ["1000", "256", "False"]
     served = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300,
                             check=True)
     assert served.stdout.split()[0] == "1000"
