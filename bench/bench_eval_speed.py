@@ -4,6 +4,8 @@ Issue 24 asks for eval at least 2x the users/s of the code before its changes at
 identical, or the truth's probability within 0.01 where batching changes padding). Both trees run the same
 command, `python -m rerank_core eval --baselines none`, on the same users, each round in a fresh process
 (interleaved rounds, bench/method.py); the model load is timed apart from the scoring by a run on 1 user.
+Two bf16 trees round differently (a changed summation order alone moves letter probabilities by ~0.01), so the
+results are also compared with both trees in fp32 (`--dtype fp32`), where only what the trees compute differs.
 Make the other tree with `git worktree add /tmp/before <commit>` or `git archive <commit> | tar -x -C /tmp/before`
 (it runs with this venv).
 Usage: PYTHONPATH=. python bench/bench_eval_speed.py --before /tmp/before [--users 60] [--rounds 3]
@@ -29,11 +31,11 @@ from method import LoadWatch, Measurement, add_method_args, interleaved, print_r
 SAME_PROBABILITY = 0.01
 
 
-def run_eval(tree: Path, users: int, data: str) -> tuple[float, dict[str, tuple[str, float]]]:
+def run_eval(tree: Path, users: int, data: str, dtype: str = "auto") -> tuple[float, dict[str, tuple[str, float]]]:
     """Wall seconds of one eval in `tree` and its per-user (rank, truth probability)."""
     with tempfile.TemporaryDirectory() as out:
         command = [sys.executable, "-m", "rerank_core", "eval", "--data", data, "--users", str(users),
-                   "--baselines", "none", "--output-dir", out, "--format", "json"]
+                   "--baselines", "none", "--output-dir", out, "--format", "json", "--dtype", dtype]
         start = time.perf_counter()
         completed = subprocess.run(command, cwd=tree, capture_output=True, text=True,
                                    env={**os.environ, "PYTHONPATH": str(tree)})
@@ -68,13 +70,19 @@ def main() -> None:
         results = interleaved({name: way(name) for name in trees}, args.rounds, watch, unit="users/s",
                               describe=lambda m: f"wall {m.details['wall']:.1f} s, start-up {m.details['start']:.1f} s")
     print_summary(results, unit="users/s")
-    before, now = rows["before"], rows["now"]
-    same_rank = sum(before[user][0] == now[user][0] for user in before)
-    difference = max(abs(before[user][1] - now[user][1]) for user in before)
-    print(f"per-user rank of the truth identical for {same_rank}/{len(before)} users; largest difference of the "
-          f"truth's probability {difference:.4f} (equal results: ranks identical or <= {SAME_PROBABILITY})")
     watch.report()
     print_ratio("users/s now vs before", results["now"], results["before"])
+    print_agreement("timed runs (auto dtype)", rows["before"], rows["now"])
+    fp32 = {name: run_eval(tree, args.users, args.data, "fp32")[1] for name, tree in trees.items()}
+    print_agreement("both trees in fp32 (untimed)", fp32["before"], fp32["now"])
+
+
+def print_agreement(label: str, before: dict[str, tuple[str, float]], now: dict[str, tuple[str, float]]) -> None:
+    """How many users keep the truth's rank, and the largest change of its probability."""
+    same_rank = sum(before[user][0] == now[user][0] for user in before)
+    difference = max(abs(before[user][1] - now[user][1]) for user in before)
+    print(f"{label}: per-user rank of the truth identical for {same_rank}/{len(before)} users; largest difference "
+          f"of the truth's probability {difference:.4f} (equal results: ranks identical or <= {SAME_PROBABILITY})")
 
 
 if __name__ == "__main__":

@@ -127,19 +127,56 @@ def test_rotary_angles_are_fp32_where_attention_is(smol_tokenizer) -> None:
     assert seen == [torch.float32, torch.bfloat16]  # fp32 inside the block, the model's own dtype after it
 
 
+@needs_bf16_onednn
+def test_a_rotary_that_does_not_repeat_its_angles_keeps_fp32_attention(smol_tokenizer, monkeypatch) -> None:
+    """The fast block turns each pair by the first half of cos and sin: a rotary whose halves differ (code other
+    than Llama's) must not take it, but fp32 queries, keys and values, and still score close to fp32."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    class ReversedSecondHalf(LlamaRotaryEmbedding):
+        def forward(self, x, position_ids):
+            cos, sin = super().forward(x, position_ids)
+            half = cos.shape[-1] // 2
+            return (torch.cat((cos[..., :half], cos[..., half:].flip(-1)), dim=-1),
+                    torch.cat((sin[..., :half], sin[..., half:].flip(-1)), dim=-1))
+
+    real = torch.nn.functional.scaled_dot_product_attention
+    dtypes: list[torch.dtype] = []
+
+    def spy(query, key, value, *args, **kwargs):
+        dtypes.append(query.dtype)
+        return real(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    prompts, ids = toy_prompts(smol_tokenizer, count=3), letter_ids(smol_tokenizer)
+    fast_model, exact_model = (build_tiny_llama(smol_tokenizer, seed=13).to(dtype)
+                               for dtype in (torch.bfloat16, torch.float32))
+    for model in (fast_model, exact_model):
+        model.model.rotary_emb.__class__ = ReversedSecondHalf
+    fast = score_token_ids(fast_model, smol_tokenizer, prompts, ids)
+    assert dtypes and set(dtypes) == {torch.float32}
+    exact = score_token_ids(exact_model, smol_tokenizer, prompts, ids)
+    assert float((probabilities(fast) - probabilities(exact)).abs().max()) < 0.01
+
+
 def test_rotary_and_norm_agree_with_llamas_own_code() -> None:
-    """The fused rotary and norm against transformers' apply_rotary_pos_emb and LlamaRMSNorm, rounded once."""
+    """The fused rotary (of heads from weights with the rotary pairs side by side) and norm against transformers'
+    apply_rotary_pos_emb and LlamaRMSNorm, rounded once."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-    from rerank_core.mixed_precision import _rms_norm, _rotated
+    from rerank_core.mixed_precision import _pairs_adjacent, _rms_norm, _rotated
 
     generator = torch.Generator().manual_seed(12)
-    heads = torch.randn(2, 7, 5, 8, generator=generator).to(torch.bfloat16)  # [batch, length, heads, dim]
-    # Angles whose two halves differ: the formula must pair each half with its own.
-    cos, sin = torch.randn(2, 2, 7, 8, generator=generator)
+    weight = torch.randn(5 * 8, 16, generator=generator)  # 5 heads of 8 dimensions
+    hidden = torch.randn(2, 7, 16, generator=generator)  # [batch, length, width]
+    angles = torch.randn(2, 7, 4, generator=generator)
+    cos, sin = torch.cat((angles, angles), dim=-1).cos(), torch.cat((angles, angles), dim=-1).sin()  # as Llama's
+    heads = (hidden @ weight.T).view(2, 7, 5, 8).to(torch.bfloat16)
     query, _ = apply_rotary_pos_emb(heads.float().transpose(1, 2), heads.float().transpose(1, 2), cos, sin)
-    expected = query.to(torch.bfloat16).transpose(1, 2)
-    got = _rotated(heads, cos, sin)
+    # Llama's result, its dimensions put in the pairs' order: 0, 4, 1, 5, ...
+    expected = query.to(torch.bfloat16).transpose(1, 2).unflatten(-1, (2, 4)).transpose(-1, -2).flatten(-2)
+    pairs = (hidden @ _pairs_adjacent(weight, 8).T).view(2, 7, 5, 8).to(torch.bfloat16)
+    got = _rotated(pairs, cos, sin)
     assert got.dtype == torch.bfloat16
     assert float((got.float() - expected.float()).abs().max()) <= 2 ** -7 * float(expected.float().abs().max())
     assert float((got == expected).float().mean()) > 0.98  # the rest differ by one bf16 rounding step
