@@ -185,11 +185,17 @@ def _rotated(pairs: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def _rms_norm(norm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    # Llama's RMSNorm of the fp32 residual stream as one PyTorch op on an fp32 copy of the weight, rounded to bf16
-    # for the projections: 3.5 -> 1.6 ms at 3 x 1,400 tokens, the same values as the five passes it replaces.
+    # Llama's RMSNorm of the fp32 residual stream, rounded to bf16 for the projections, in three passes: the mean
+    # square from one reduction, then the scaling and the product with an fp32 copy of the weight, which writes
+    # bf16. torch.rms_norm runs six on CPU (square, mean, + epsilon, reciprocal root, two products) and the cast a
+    # seventh; three
+    # passes made whole 3 x 1,216-token forward passes 5% faster (8 interleaved rounds in one process).
     weight = _cached_on(norm, "_rerank_fp32_weight", lambda weight: weight.float())
-    return torch.nn.functional.rms_norm(hidden.float(), weight.shape, weight,
-                                        norm.variance_epsilon).to(norm.weight.dtype)
+    hidden = hidden.float()
+    inverse_rms = (torch.linalg.vector_norm(hidden, dim=-1, keepdim=True).square_().div_(hidden.shape[-1])
+                   .add_(norm.variance_epsilon).rsqrt_())
+    rounded = torch.empty(hidden.shape, dtype=norm.weight.dtype, device=hidden.device)
+    return torch.mul(hidden * inverse_rms, weight, out=rounded)
 
 
 def _fp32_attention_input(linear: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
