@@ -136,7 +136,9 @@ def _llama_attention(attention: torch.nn.Module, hidden_states: torch.Tensor,
     values. On a CPU with AMX, PyTorch's causal attention is 2.7x faster in bf16 than in fp32 at 1,500 tokens
     (30 prompts of ~306 tokens: 3.65 -> 2.75 s), and on those prompts the largest letter-probability gap to fp32
     was 0.0093-0.0100 in batches of 8, against 0.0124 with fp32 attention: rounding the weights to bf16 alone
-    gives 0.0059, and past that floor the gap moves with every rounding and batch shape (README, Benchmarks).
+    gives 0.0059, and past that floor the gap moves with every rounding and batch shape. With the complex rotary
+    and the three-pass norm it reads 0.0104 at batch 1 and 0.0130 at batch 8, while the letter logits' RMS error
+    stays 0.026-0.027: the largest gap is a draw of the rounding (README, Benchmarks).
     The query and key weights are stored with each head's rotary pairs side by side (`_pairs_adjacent`), so
     queries and keys come out in that order: their dot products, and so attention, are the same.
     """
@@ -188,8 +190,8 @@ def _rms_norm(norm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     # Llama's RMSNorm of the fp32 residual stream, rounded to bf16 for the projections, in three passes: the mean
     # square from one reduction, then the scaling and the product with an fp32 copy of the weight, which writes
     # bf16. torch.rms_norm runs six on CPU (square, mean, + epsilon, reciprocal root, two products) and the cast a
-    # seventh; three
-    # passes made whole 3 x 1,216-token forward passes 5% faster (8 interleaved rounds in one process).
+    # seventh; three passes made whole 3 x 1,216-token forward passes 5% faster (8 interleaved rounds in one
+    # process).
     weight = _cached_on(norm, "_rerank_fp32_weight", lambda weight: weight.float())
     hidden = hidden.float()
     inverse_rms = (torch.linalg.vector_norm(hidden, dim=-1, keepdim=True).square_().div_(hidden.shape[-1])
@@ -212,7 +214,8 @@ def _attention_output(linear: torch.nn.Linear, hidden: torch.Tensor) -> torch.Te
 _ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def _attention_projections(model: Any, dtype: torch.dtype) -> dict[torch.nn.Module, Any]:
+def _attention_projections(model: Any, dtype: torch.dtype,
+                           rotaries: list[torch.nn.Module]) -> dict[torch.nn.Module, Any]:
     """Attention blocks whose q/k/v/o projections are all plain Linears, and their projections, with what each
     computes: Llama's attention runs as `_llama_attention`, other code gets fp32 queries, keys and values.
 
@@ -220,7 +223,7 @@ def _attention_projections(model: Any, dtype: torch.dtype) -> dict[torch.nn.Modu
     """
     code = _llama_code()
     # The fast block rotates with the angles' first half only: Llama's own rotary repeats them in the second.
-    llama_rotary = all(_code_of(type(rotary)) == code.rotary for rotary in _rotary_embeddings(model))
+    llama_rotary = all(_code_of(type(rotary)) == code.rotary for rotary in rotaries)
     replaced: dict[torch.nn.Module, Any] = {}
     for module in model.modules():
         projections = [getattr(module, name, None) for name in _ATTENTION_PROJECTIONS]
@@ -282,26 +285,26 @@ def mixed_precision(model: Any) -> Iterator[None]:
     with ExitStack() as stack:
         stack.enter_context(_forward_replaced(head, functools.partial(_fp32_projection, head)))
         fused = head.weight.device.type == "cpu" and _prepacked_matmuls_available(dtype)
-        norm_code = _llama_code().norm
+        code = _llama_code()
         for layer in _pre_norm_layers(model):
             stack.enter_context(_fp32_residual(layer))
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                if _code_of(type(norm)) == norm_code and _replaceable(norm):
+                if _code_of(type(norm)) == code.norm and _replaceable(norm):
                     stack.enter_context(_forward_replaced(norm, functools.partial(_rms_norm, norm)))
                 else:
                     stack.callback(norm.register_forward_hook(lambda module, inputs, output: output.to(dtype)).remove)
         if fused:
-            mlp_code, silu_types = _llama_code().mlp, _llama_code().silu_types
-            attention = _attention_projections(model, dtype)
+            rotaries = _rotary_embeddings(model)
+            attention = _attention_projections(model, dtype, rotaries)
             if attention:  # rotary then rotates fp32 queries and keys: give it fp32 angles too
-                for rotary in _rotary_embeddings(model):
+                for rotary in rotaries:
                     stack.callback(rotary.register_forward_pre_hook(_fp32_rotary_input).remove)
             for module in model.modules():
                 if module in attention:
                     stack.enter_context(_forward_replaced(module, attention[module]))
                 elif _plain_linear(module, dtype) and module is not head:
                     stack.enter_context(_forward_replaced(module, functools.partial(_packed_projection, module)))
-                elif (_code_of(type(module)) == mlp_code and isinstance(module.act_fn, silu_types)
+                elif (_code_of(type(module)) == code.mlp and isinstance(module.act_fn, code.silu_types)
                       and _replaceable(module)
                       and all(_plain_linear(getattr(module, name), dtype)
                               for name in ("gate_proj", "up_proj", "down_proj"))):
