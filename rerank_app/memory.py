@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import threading
-from typing import Any
 
 # oneDNN keeps a compiled kernel set per input shape, 1,024 of them by default. A batch of n prompts padded to a
 # length is one shape per matmul, so an app serving many lengths and batch sizes grew by ~200 MiB that nothing gave
@@ -35,19 +32,12 @@ def set_native_runtime_options() -> None:
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVE_CACHE))
 
 
-def _glibc() -> Any | None:
-    """The C library when it is glibc (mallopt and malloc_trim are glibc's); None on macOS, musl or Windows."""
-    with contextlib.suppress(OSError, AttributeError, TypeError):
-        libc = ctypes.CDLL(None)
-        if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt"):
-            return libc
-    return None
-
-
 def keep_memory_flat(stop: threading.Event | None = None) -> threading.Thread | None:
     """Share two heaps and give freed heap back every HEAP_TRIM_EVERY_S seconds, from one thread per process
     (an app launched again in the same process reuses it)."""
-    libc = _glibc()
+    from rerank_core.heap import glibc  # here: rerank_core imports torch, which must not load before the options
+
+    libc = glibc()
     if libc is None:
         return None
     if _TRIMMER and _TRIMMER[0].is_alive():

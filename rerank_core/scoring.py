@@ -13,6 +13,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from rerank_core.answer_slot import common_prefix
 from rerank_core.compute import on_compute_thread
+from rerank_core.heap import reuse_freed_activations
 from rerank_core.limits import check_limit
 from rerank_core.mixed_precision import mixed_precision
 from rerank_core.placement import input_device
@@ -87,13 +88,14 @@ def _head_reads(head: torch.nn.Module, last: torch.Tensor, kept: torch.Tensor) -
 def _forward(model: Any, input_ids: torch.Tensor, last: torch.Tensor, attention_mask: torch.Tensor | None = None,
              position_ids: torch.Tensor | None = None, cache: Any = None, *, keep_cache: bool = False) -> Any:
     """One forward pass returning each row's logits at `last` (in fp32 for a bf16 model: see mixed_precision)."""
+    reuse_freed_activations()
     device = input_device(model)  # a model split over devices has no single device: inputs go to the embedding's
     kept = torch.unique(last)  # sorted; the model keeps these positions, the head reads one per row
     if attention_mask is None:  # all ones: the model's mask helper then asks SDPA for its causal path
         attention_mask = torch.ones_like(input_ids)
     if position_ids is None:
         position_ids = torch.arange(input_ids.shape[1]).expand_as(input_ids)
-    with mixed_precision(model), _head_reads(model.get_output_embeddings(), last, kept):
+    with mixed_precision(model, last), _head_reads(model.get_output_embeddings(), last, kept):
         # `cache` only when there is one: a model with its own code may not know the argument.
         return model(
             input_ids=input_ids.to(device),

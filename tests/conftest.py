@@ -187,6 +187,21 @@ def toy_prompts(tokenizer, count: int = 10) -> list[list[int]]:
     return prompts
 
 
+def shared_prefix_prompts(tokenizer) -> list[list[int]]:
+    """One user's prompt with the candidates rotated and one with a shorter candidate list: a long common
+    prefix (system prompt, instruction, history), suffixes of different lengths."""
+    dataset = make_toy_dataset()
+    titles = [dataset.text(item) for item in sorted(dataset.items)]
+    history, candidates = titles[:12], titles[50:54]
+    prompts, seed = [], get_preset("seed")
+    for shift in range(4):
+        rotated = candidates[shift:] + candidates[:shift]
+        prompts.append(encode_rendered(tokenizer, seed, build_prompt(tokenizer, seed, history, rotated).rendered))
+    shorter = build_prompt(tokenizer, seed, history, [candidates[0][:6], *candidates[1:]])
+    prompts.append(encode_rendered(tokenizer, seed, shorter.rendered))
+    return prompts
+
+
 def letter_ids(tokenizer) -> list[int]:
     """The token IDs of A-D."""
     return [tokenizer.convert_tokens_to_ids(letter) for letter in "ABCD"]

@@ -11,14 +11,16 @@ import threading
 import pytest
 
 from rerank_app import memory
+from rerank_core.heap import glibc
 
-needs_glibc = pytest.mark.skipif(memory._glibc() is None, reason="malloc_trim is glibc's")
+needs_glibc = pytest.mark.skipif(glibc() is None, reason="malloc_trim is glibc's")
 
 # Frees 256 MiB of 64 KiB heap blocks while the last block pins the heap's top (so glibc cannot shrink it by
 # itself), then prints the RSS before and after the trimming thread has had a few turns.
 TRIM_SCRIPT = textwrap.dedent("""
     import ctypes, time, threading, psutil
     from rerank_app import memory
+    import rerank_core.heap  # keep_memory_flat imports it (and torch) on its first call, as the app's launch does
     memory.HEAP_TRIM_EVERY_S = 0.1
     libc = ctypes.CDLL(None)
     libc.malloc.restype = ctypes.c_void_p

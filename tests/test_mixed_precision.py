@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_llama, letter_ids, probabilities, toy_prompts
+from conftest import build_tiny_llama, letter_ids, probabilities, shared_prefix_prompts, toy_prompts
 
 from rerank_core.mixed_precision import mixed_precision
 from rerank_core.scoring import score_token_ids
@@ -185,3 +185,25 @@ def test_rotary_and_norm_agree_with_llamas_own_code() -> None:
     torch.nn.init.normal_(norm.weight, generator=generator)
     residual = torch.randn(3, 4, 8, generator=generator)  # the fp32 residual stream
     torch.testing.assert_close(_rms_norm(norm, residual), norm(residual).to(torch.bfloat16), rtol=2 ** -7, atol=0)
+
+
+@needs_bf16_onednn
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_the_last_layer_computes_only_the_positions_the_head_reads(smol_tokenizer, monkeypatch,
+                                                                    share_prefix: bool) -> None:
+    """Right-padded rows of different lengths, from scratch and against a shared prefix's cache: the last layer's
+    MLP sees one row per prompt, and the scores equal those of the whole last layer."""
+    import rerank_core.scoring as scoring
+
+    model = build_tiny_llama(smol_tokenizer, seed=14, layers=3).to(torch.bfloat16)
+    prompts, ids = shared_prefix_prompts(smol_tokenizer), letter_ids(smol_tokenizer)
+    rows_seen: list[tuple[int, ...]] = []
+    model.model.layers[-1].mlp.register_forward_hook(lambda module, args, output: rows_seen.append(args[0].shape[:2]))
+    trimmed = score_token_ids(model, smol_tokenizer, prompts, ids, batch_size=3, share_prefix=share_prefix)
+    assert rows_seen and all(length == 1 for _, length in rows_seen), rows_seen  # one position a row
+    rows_seen.clear()
+    monkeypatch.setattr(scoring, "mixed_precision", lambda model, read_positions=None: mixed_precision(model))
+    whole = score_token_ids(model, smol_tokenizer, prompts, ids, batch_size=3, share_prefix=share_prefix)
+    assert all(length > 1 for _, length in rows_seen)  # the check above can fail: untrimmed, every position runs
+    assert float((probabilities(trimmed) - probabilities(whole)).abs().max()) <= 1e-3
+    assert [score.ranking() for score in trimmed] == [score.ranking() for score in whole]

@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
-from conftest import build_tiny_llama, letter_ids, make_toy_dataset, probabilities, toy_prompts
+from conftest import build_tiny_llama, letter_ids, probabilities, shared_prefix_prompts, toy_prompts
 
-from rerank_core.prompts import build_prompt, encode_rendered, get_preset
 from rerank_core.scoring import LetterScores, ScoreCache, score_token_ids
 
 
@@ -124,21 +123,6 @@ def test_score_cache_is_least_recently_used() -> None:
     cache.put(("a",), dummy(4))  # replacing refreshes, not duplicates
     cache.put(("d",), dummy(5))
     assert len(cache) == 2 and cache.get(("c",)) is None and cache.get(("a",)).letter_mass == 4
-
-
-def shared_prefix_prompts(tokenizer) -> list[list[int]]:
-    """One user's prompt with the candidates rotated and one with a shorter candidate list: a long common
-    prefix (system prompt, instruction, history), suffixes of different lengths."""
-    dataset = make_toy_dataset()
-    titles = [dataset.text(item) for item in sorted(dataset.items)]
-    history, candidates = titles[:12], titles[50:54]
-    prompts, seed = [], get_preset("seed")
-    for shift in range(4):
-        rotated = candidates[shift:] + candidates[:shift]
-        prompts.append(encode_rendered(tokenizer, seed, build_prompt(tokenizer, seed, history, rotated).rendered))
-    shorter = build_prompt(tokenizer, seed, history, [candidates[0][:6], *candidates[1:]])
-    prompts.append(encode_rendered(tokenizer, seed, shorter.rendered))
-    return prompts
 
 
 def embedded_tokens(model) -> list[int]:
