@@ -30,7 +30,6 @@ from rerank_core.prompts import (
     PromptPreset,
     answer_slot,
     build_prompt,
-    encode_rendered,
     letters_for,
     parse_template_kwargs,
     with_template_kwargs,
@@ -105,10 +104,14 @@ class PreparedUser:
     candidates: CandidateSet
     candidate_texts: tuple[str, ...]
     prompt: Prompt
-    token_ids: tuple[int, ...]
     letter_tokens: tuple[LetterToken, ...]
     # What the scored prompt adds to or cuts from the generation prompt.
     answer_slot: AnswerSlot = field(default_factory=AnswerSlot)
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        """What the model reads: the prompt's rendering, encoded once when it was fitted to the budget."""
+        return self.prompt.token_ids
 
     @property
     def shown_history(self) -> tuple[str, ...]:
@@ -236,9 +239,8 @@ class Inspector:
         candidate_texts = tuple(self.dataset.text(item, settings.text_field) for item in candidates.item_ids)
         prompt = build_prompt(self.tokenizer, settings.prompt_preset, history_texts, candidate_texts,
                               max_prompt_tokens=self._prompt_budget(settings))
-        token_ids = tuple(encode_rendered(self.tokenizer, settings.prompt_preset, prompt.rendered))
         letters = self.letter_tokens(settings, len(candidate_texts))
-        return PreparedUser(split, candidates, candidate_texts, prompt, token_ids, letters,
+        return PreparedUser(split, candidates, candidate_texts, prompt, letters,
                             answer_slot(self.tokenizer, settings.prompt_preset))
 
     def variant(self, prepared: PreparedUser, settings: InspectSettings, *, history_ids: Sequence[str] | None = None,
@@ -253,9 +255,8 @@ class Inspector:
         target = prepared.candidates.target_index
         history_texts = [self.dataset.text(item, settings.text_field) for item in history_ids]
         prompt = build_prompt(self.tokenizer, settings.prompt_preset, history_texts, texts, max_prompt_tokens=None)
-        token_ids = tuple(encode_rendered(self.tokenizer, settings.prompt_preset, prompt.rendered))
         candidates = CandidateSet(item_ids, None if target is None else list(order).index(target))
-        return replace(prepared, candidates=candidates, candidate_texts=texts, prompt=prompt, token_ids=token_ids)
+        return replace(prepared, candidates=candidates, candidate_texts=texts, prompt=prompt)
 
     def _prompt_budget(self, settings: InspectSettings) -> int | None:
         """The setting, capped at the model's context: positions past it read garbage or fail to index."""

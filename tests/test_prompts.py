@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+from unittest import mock
+
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -228,3 +233,30 @@ def test_custom_preset_validation_and_use(smol_tokenizer) -> None:
 def test_unknown_preset_lists_the_known_ones() -> None:
     with pytest.raises(PromptError, match="seed, seed_after, llamarec, llamarec_after"):
         get_preset("alpaca")
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(titles=st.lists(st.text(alphabet="abcdefghij XYZ0123456789'()-:,", min_size=1, max_size=60), min_size=1,
+                       max_size=40),
+       budget_share=st.floats(min_value=0.3, max_value=1.0), estimate=st.none() | st.integers(0, 45))
+def test_a_budget_drops_the_fewest_oldest_items_that_fit(smol_tokenizer, titles: list[str], budget_share: float,
+                                                          estimate: int | None) -> None:
+    """The search starts from an estimate (its own, or any other); its answer is a linear scan's: the fewest
+    oldest items dropped."""
+    preset = get_preset("seed")
+    candidates = ["Heat (1995)", "Toy Story (1995)", "Casino (1995)"]
+    whole = build_prompt(smol_tokenizer, preset, titles, candidates)
+    budget = max(1, int(whole.token_count * budget_share))
+    fitting = [dropped for dropped in range(len(titles) + 1)
+               if build_prompt(smol_tokenizer, preset, titles[dropped:], candidates).token_count <= budget]
+    with contextlib.ExitStack() as stack:
+        if estimate is not None:
+            stack.enter_context(mock.patch("rerank_core.prompts._covering", lambda *args: estimate))
+        if not fitting:
+            with pytest.raises(PromptError):
+                build_prompt(smol_tokenizer, preset, titles, candidates, max_prompt_tokens=budget)
+            return
+        built = build_prompt(smol_tokenizer, preset, titles, candidates, max_prompt_tokens=budget)
+    assert built.dropped_history == fitting[0]
+    assert built.token_count <= budget and built.history_texts == tuple(titles[fitting[0]:])
