@@ -186,6 +186,9 @@ def test_other_formats_name_the_file_and_line(tmp_path: Path, files: dict[str, s
 def test_unknown_data_format_and_missing_path(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"unknown data format 'parquet': use one of bundled, csv"):
         load_dataset(tmp_path, "parquet")
+    # A value from the app's API may be any JSON value (the fuzz test once sent a float): the same refusal.
+    with pytest.raises(DataError, match=r"unknown data format -3.7e\+16: use one of bundled, csv"):
+        load_dataset(tmp_path, -3.7e16)
     with pytest.raises(DataError, match="does not exist: give a dataset folder or a file inside one"):
         load_dataset(tmp_path / "nowhere")
 

@@ -2,7 +2,8 @@
 
 Each example calls one endpoint with one parameter hostile (wrong type, empty, huge, NaN or infinite, a megabyte
 string, an unknown id, a path, malformed JSON) and the others valid, sometimes twice at once. The survey collects
-every failure before asserting, so one run lists them all; `derandomize` makes the examples the same every run.
+every failure before asserting, so one run lists them all; `derandomize` makes the examples the same every run,
+alone or inside the whole suite (`examples_from_the_seed_alone`).
 """
 
 from __future__ import annotations
@@ -87,6 +88,19 @@ def _names_field(message: str, name: str, label: str | None) -> bool:
     words = (name, name.replace("_", " "), *ALIASES.get(name, ()), *([label.lower()] if label else []))
     lowered = message.lower()
     return any(word.lower() in lowered for word in words)
+
+
+@pytest.fixture
+def examples_from_the_seed_alone(monkeypatch: pytest.MonkeyPatch):
+    """Hypothesis also draws literals found in the local modules loaded at the time (1 draw in 20), so the same
+    seed gave other values alone than inside the whole suite, where a failure (a float as the upload's format)
+    then did not reproduce alone. Without those literals the draws depend on the seed only."""
+    from hypothesis.internal.conjecture import providers
+
+    monkeypatch.setattr(providers, "_get_local_constants", providers.Constants)
+    providers.CONSTANTS_CACHE.cache.clear()
+    yield
+    providers.CONSTANTS_CACHE.cache.clear()
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +255,7 @@ def _half_written(roots: list[Path]) -> list[str]:
     return found
 
 
-def test_hostile_values_on_every_endpoint_are_refused_clearly(world) -> None:
+def test_hostile_values_on_every_endpoint_are_refused_clearly(world, examples_from_the_seed_alone) -> None:
     context, url, upload = world
     client = Client(url, verbose=False)
     api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]

@@ -40,7 +40,8 @@ def load(path: Path, data_format: str | None = None) -> Dataset:
     if not path.exists():
         raise DataError(f"{path} does not exist: give a dataset folder or a file inside one, or a built-in "
                         f"dataset's name ({', '.join(BUILTIN_DATASETS)})")
-    chosen = detect_format(path) if data_format is None else data_format.strip().lower()
+    # str(): a value from outside (the app's API) may be any JSON value; its refusal below names the format.
+    chosen = detect_format(path) if data_format is None else str(data_format).strip().lower()
     loader = _LOADERS.get(chosen)
     if loader is None:
         raise DataError(f"unknown data format {data_format!r}: use one of {', '.join(FORMATS)} "
