@@ -30,7 +30,7 @@ from rerank_core.figures import (
 )
 from rerank_core.fsutil import atomic_write_text
 from rerank_core.inspector import UserInspection
-from rerank_core.metrics import ALL_USERS, METRIC_NAMES, CandidateRecall, candidate_recall
+from rerank_core.metrics import ALL_USERS, METRIC_NAMES, CandidateRecall, candidate_recall, excludes_zero
 
 __all__ = [
     "APP_CSS",
@@ -478,8 +478,10 @@ def compare_view(per_user: pd.DataFrame, summary: pd.DataFrame, *, movers: int =
         "system": paired["system"], "population": paired["population"], "metric": paired["metric"],
         "base": paired["reference_mean"].round(4),
         "adapter": paired["mean"].round(4), "Δ": paired["difference"].round(4),
-        "95% CI": [f"[{low:+.4f}, {high:+.4f}]" for low, high in zip(paired["ci_low"], paired["ci_high"])],
-        "significant": ["yes" if low > 0 or high < 0 else "no"
+        # No interval where the population holds no user (its bounds are NaN).
+        "95% CI": ["-" if math.isnan(low) else f"[{low:+.4f}, {high:+.4f}]"
+                   for low, high in zip(paired["ci_low"], paired["ci_high"])],
+        "significant": ["-" if math.isnan(low) else "yes" if excludes_zero(low, high) else "no"
                         for low, high in zip(paired["ci_low"], paired["ci_high"])],
         "improved": paired["improved"], "unchanged": paired["unchanged"], "worsened": paired["worsened"]},
         columns=_DIFFERENCE_COLUMNS)

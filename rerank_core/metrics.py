@@ -19,6 +19,7 @@ __all__ = [
     "CandidateRecall",
     "PairedDifference",
     "candidate_recall",
+    "excludes_zero",
     "metrics_at",
     "paired_bootstrap",
     "rank_of_truth",
@@ -36,6 +37,8 @@ ALL_USERS, AMONG_CANDIDATES = "all users", "target among candidates"
 POPULATIONS = (ALL_USERS, AMONG_CANDIDATES)
 # Resamples per vectorised block: bounds memory to about 32 MB of indices for any user count.
 _BLOCK_CELLS = 4_000_000
+# Per-user differences that cancel (0.63 - 0.5 - 0.13) leave a mean of ~1e-17, not 0: a bound this close is 0.
+_ZERO_BOUND = 1e-12
 
 
 def rank_of_truth(scores: Sequence[float], truth_index: int | None) -> int | None:
@@ -135,6 +138,11 @@ class PairedDifference:
     improved: int
     unchanged: int
     worsened: int
+
+
+def excludes_zero(low: float, high: float) -> bool:
+    """Whether a confidence interval lies wholly above or wholly below zero (NaN bounds, no interval: no)."""
+    return low > _ZERO_BOUND or high < -_ZERO_BOUND
 
 
 def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, samples: int = 2000, seed: int = 0,

@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 import torch
 
-from rerank_core.fsutil import user_cache_dir
+from rerank_core.fsutil import process_running, user_cache_dir
 
 __all__ = [
     "EMBEDDED_MODEL_NAME",
@@ -309,13 +309,19 @@ def _gguf_cache_name(path: Path) -> str:
 
 
 def _remove_stale_conversions(path: Path, base: Path) -> list[str]:
-    """Remove the conversions of this path's older contents (another size or mtime), every dtype and the tokenizer.
+    """Remove the conversions of this path's older contents (another size or mtime), every dtype and the tokenizer,
+    and what a process killed while removing left.
 
     Called once the current conversion is published, so a reader of the path always finds one; each old folder is
     renamed aside first (one atomic step, so no process ever sees it half-deleted), then deleted."""
     prefix = f"{path.stem}-{_path_key(path)}-"
     current = _state_key(path)
     removed = []
+    # A process killed while deleting leaves its renamed folder behind: the name says whose it was.
+    for leftover in base.glob(".removing-*") if base.is_dir() else []:
+        owner = leftover.name.split("-")[1]
+        if owner.isdigit() and not process_running(int(owner)):
+            shutil.rmtree(leftover, ignore_errors=True)
     for folder in sorted(base.glob(f"{prefix}*")) if base.is_dir() else []:
         if folder.name[len(prefix):].partition("-")[0] == current or not folder.is_dir():
             continue

@@ -120,6 +120,18 @@ def test_the_compare_tab_names_each_reference(setup):
     assert "**base @ seed_after** vs **base** (the preset's own effect) on NDCG@10" in counts
 
 
+def test_compare_calls_a_difference_significant_only_when_its_interval_leaves_zero(setup):
+    from rerank_app import views
+
+    inspector, users = setup
+    per_user, summary = compare_systems(inspector, users, SETTINGS, ["base", "after"], bootstrap_samples=200)
+    rows = summary.index[summary["system"] != summary["reference"]][:3]
+    summary.loc[rows, ["ci_low", "ci_high"]] = [[(0.1 + 0.2 - 0.3) / 3, 0.05], [0.001, 0.05], [math.nan, math.nan]]
+    table = views.compare_view(per_user, summary).differences.loc[rows]
+    assert table["significant"].tolist() == ["no", "yes", "-"]
+    assert table["95% CI"].tolist() == ["[+0.0000, +0.0500]", "[+0.0010, +0.0500]", "-"]
+
+
 def test_an_adapter_trained_on_another_item_text_is_flagged_not_switched(setup):
     inspector, _ = setup
     resolved = inspector.resolve("counts", SETTINGS)

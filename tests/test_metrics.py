@@ -12,6 +12,7 @@ import pytest
 from rerank_core.metrics import (
     METRIC_NAMES,
     PairedDifference,
+    excludes_zero,
     metrics_at,
     paired_bootstrap,
     rank_of_truth,
@@ -105,3 +106,12 @@ def test_bootstrap_is_fast() -> None:
     start = time.perf_counter()
     paired_bootstrap(a, b, samples=2000)
     assert time.perf_counter() - start < 1.0
+
+
+def test_an_interval_excludes_zero_past_the_rounding_of_cancelling_differences() -> None:
+    noise = (0.1 + 0.2 - 0.3) / 3  # 1.85e-17: a mean of per-user differences that cancel
+    assert noise > 0
+    assert not excludes_zero(noise, 0.05) and not excludes_zero(-0.05, -noise)
+    assert excludes_zero(0.001, 0.05) and excludes_zero(-0.05, -0.001)
+    assert not excludes_zero(-0.01, 0.02)
+    assert not excludes_zero(math.nan, math.nan)  # a population without users has no interval

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -167,6 +169,23 @@ def test_a_changed_gguf_leaves_no_stale_conversion_once_the_new_one_is_published
     assert sorted(path.name for path in (own_cache / "gguf").iterdir() if not path.name.startswith(".")) == \
         sorted([new_model.name, kept.name])
     assert not list((own_cache / "gguf").glob(".removing-*"))
+
+
+def test_a_removal_cut_short_by_a_kill_is_finished_by_the_next_one(
+        tiny_gguf: Path, tmp_path: Path, own_cache: Path) -> None:
+    source = Path(shutil.copy(tiny_gguf, tmp_path / "mine.gguf"))
+    base = Path(model_refs.gguf_model_folder(source)).parent
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    abandoned = base / f".removing-{dead.pid}-mine-old-fp32"
+    in_progress = base / f".removing-{os.getpid()}-mine-older-fp32"
+    for folder in (abandoned, in_progress):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x")
+    write_tiny_gguf(source, seed=7)
+    model_refs.gguf_model_folder(source)  # a new conversion removes the stale ones
+    assert not abandoned.exists()
+    assert in_progress.is_dir()  # its owner is alive: still removing it
 
 
 def test_gguf_dtype_is_the_chosen_one(tiny_gguf: Path) -> None:
