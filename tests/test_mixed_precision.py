@@ -202,8 +202,53 @@ def test_the_last_layer_computes_only_the_positions_the_head_reads(smol_tokenize
     trimmed = score_token_ids(model, smol_tokenizer, prompts, ids, batch_size=3, share_prefix=share_prefix)
     assert rows_seen and all(length == 1 for _, length in rows_seen), rows_seen  # one position a row
     rows_seen.clear()
-    monkeypatch.setattr(scoring, "mixed_precision", lambda model, read_positions=None: mixed_precision(model))
+    monkeypatch.setattr(scoring, "mixed_precision",
+                        lambda model, read_positions=None, prefix=None: mixed_precision(model, None, prefix))
     whole = score_token_ids(model, smol_tokenizer, prompts, ids, batch_size=3, share_prefix=share_prefix)
     assert all(length > 1 for _, length in rows_seen)  # the check above can fail: untrimmed, every position runs
     assert float((probabilities(trimmed) - probabilities(whole)).abs().max()) <= 1e-3
     assert [score.ranking() for score in trimmed] == [score.ranking() for score in whole]
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_attention_after_a_prefix_equals_attention_over_the_joined_keys(dtype: torch.dtype, tolerance: float) -> None:
+    """Two unmasked parts joined by their log-sum-exps against one pass over the prefix's and the rows' own keys
+    behind the mask a cache needs (each row sees the whole prefix and its own keys up to itself)."""
+    from rerank_core.mixed_precision import _attention_after_prefix
+
+    generator = torch.Generator().manual_seed(3)
+    rows, heads, groups, length, prefix_length, dim = 3, 6, 2, 5, 7, 8
+    query = torch.randn(rows, heads, length, dim, generator=generator)
+    key, value = (torch.randn(rows, heads // groups, length, dim, generator=generator) for _ in range(2))
+    prefix = tuple(torch.randn(1, heads // groups, prefix_length, dim, generator=generator) for _ in range(2))
+    attention = torch.nn.Module()
+    attention.scaling = dim ** -0.5
+    joined = [torch.cat((shared.expand(rows, -1, -1, -1), own), dim=2) for shared, own in zip(prefix, (key, value))]
+    visible = torch.ones(length, prefix_length + length, dtype=torch.bool).tril(prefix_length)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, *joined, attn_mask=visible, scale=attention.scaling, enable_gqa=True).transpose(1, 2)
+    got = _attention_after_prefix(attention, query.to(dtype), key.to(dtype), value.to(dtype),
+                                  tuple(part.to(dtype) for part in prefix))
+    assert got.shape == (rows, length, heads, dim) and got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected, rtol=0, atol=tolerance)
+
+
+@needs_bf16_onednn
+def test_the_fast_path_attends_a_shared_prefix_itself_without_a_cache(smol_tokenizer, monkeypatch) -> None:
+    """Rotations of one prompt: past _MIN_PREFIX_ATTENDED_APART tokens the suffix passes get no cache (the prefix
+    is attended once for all rows) and score as the same passes through a cache do; a shorter prefix goes in one."""
+    import rerank_core.mixed_precision as mp
+
+    model = build_tiny_llama(smol_tokenizer, seed=5, layers=3).to(torch.bfloat16)
+    prompts, ids = shared_prefix_prompts(smol_tokenizer), letter_ids(smol_tokenizer)
+    caches: list[bool] = []
+    model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: caches.append(kwargs.get("cache") is not None), with_kwargs=True)
+    cached = score_token_ids(model, smol_tokenizer, prompts, ids, batch_size=2)
+    assert len(prompts[0]) < mp._MIN_PREFIX_ATTENDED_APART
+    assert caches == [False, True, True, True]  # the prefix's own pass, then three suffix passes through a cache
+    caches.clear()
+    monkeypatch.setattr(mp, "_MIN_PREFIX_ATTENDED_APART", 1)
+    apart = score_token_ids(model, smol_tokenizer, prompts, ids, batch_size=2)
+    assert caches == [False, False, False, False]
+    assert float((probabilities(apart) - probabilities(cached)).abs().max()) <= 2e-3
