@@ -261,7 +261,8 @@ def _converted(target: Path, complete: Callable[[Path], bool], convert: Callable
         fcntl.flock(lock, fcntl.LOCK_EX)
         if complete(target):
             return target
-        staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+        _remove_abandoned(target.parent, ".converting-")
+        staging = Path(tempfile.mkdtemp(prefix=f".converting-{os.getpid()}-", dir=target.parent))
         try:
             convert(staging)
             if target.exists():
@@ -271,6 +272,15 @@ def _converted(target: Path, complete: Callable[[Path], bool], convert: Callable
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _remove_abandoned(base: Path, prefix: str) -> None:
+    """Remove the folders `<prefix><pid>-...` whose process is gone: a kill cut its conversion or removal short
+    (a pid that is running, or reused, keeps its folder)."""
+    for leftover in base.glob(f"{prefix}*") if base.is_dir() else []:
+        owner = leftover.name[len(prefix):].partition("-")[0]
+        if owner.isdigit() and not process_running(int(owner)):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _save_gguf_model(folder: Path, file_name: str, dtype: torch.dtype, staging: Path) -> None:
@@ -317,11 +327,7 @@ def _remove_stale_conversions(path: Path, base: Path) -> list[str]:
     prefix = f"{path.stem}-{_path_key(path)}-"
     current = _state_key(path)
     removed = []
-    # A process killed while deleting leaves its renamed folder behind: the name says whose it was.
-    for leftover in base.glob(".removing-*") if base.is_dir() else []:
-        owner = leftover.name.split("-")[1]
-        if owner.isdigit() and not process_running(int(owner)):
-            shutil.rmtree(leftover, ignore_errors=True)
+    _remove_abandoned(base, ".removing-")
     for folder in sorted(base.glob(f"{prefix}*")) if base.is_dir() else []:
         if folder.name[len(prefix):].partition("-")[0] == current or not folder.is_dir():
             continue

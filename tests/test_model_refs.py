@@ -171,21 +171,22 @@ def test_a_changed_gguf_leaves_no_stale_conversion_once_the_new_one_is_published
     assert not list((own_cache / "gguf").glob(".removing-*"))
 
 
-def test_a_removal_cut_short_by_a_kill_is_finished_by_the_next_one(
+def test_what_a_kill_cut_short_is_removed_by_the_next_conversion(
         tiny_gguf: Path, tmp_path: Path, own_cache: Path) -> None:
+    """A removal or a conversion whose process died leaves a folder named after that pid; a live pid's stays."""
     source = Path(shutil.copy(tiny_gguf, tmp_path / "mine.gguf"))
     base = Path(model_refs.gguf_model_folder(source)).parent
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    abandoned = base / f".removing-{dead.pid}-mine-old-fp32"
-    in_progress = base / f".removing-{os.getpid()}-mine-older-fp32"
-    for folder in (abandoned, in_progress):
+    abandoned = [base / f".removing-{dead.pid}-mine-old-fp32", base / f".converting-{dead.pid}-k2j4"]
+    in_progress = [base / f".removing-{os.getpid()}-mine-older-fp32", base / f".converting-{os.getpid()}-x8q1"]
+    for folder in abandoned + in_progress:
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"x")
     write_tiny_gguf(source, seed=7)
-    model_refs.gguf_model_folder(source)  # a new conversion removes the stale ones
-    assert not abandoned.exists()
-    assert in_progress.is_dir()  # its owner is alive: still removing it
+    model_refs.gguf_model_folder(source)  # a new conversion, which also removes the stale one
+    assert not any(folder.exists() for folder in abandoned)
+    assert all(folder.is_dir() for folder in in_progress)  # their owner is alive: still at work
 
 
 def test_gguf_dtype_is_the_chosen_one(tiny_gguf: Path) -> None:
