@@ -13,8 +13,9 @@ import torch
 __all__ = ["mixed_precision"]
 
 # A shorter shared prefix is attended through the caller's cache: below it the two flash calls and their join cost
-# more than the mask saves. 20 rotations of MovieLens users, interleaved in one process, cache -> apart: prefixes of
-# 137 tokens 1.04 -> 1.08 s, ~250 tokens 1.94 -> 1.98 s, ~480 tokens 2.59 -> 2.22 s, 1,213 tokens 3.96 -> 3.14 s.
+# more than the mask saves. 20 rotations of one user, the ways interleaved in one process, cache -> apart: the bundled
+# sample's 137-token prefix 1.04 -> 1.08 s; MovieLens users' ~250 tokens 1.94 -> 1.98 s, ~480 tokens 2.59 -> 2.22 s,
+# 1,213 tokens 3.96 -> 3.14 s.
 _MIN_PREFIX_ATTENDED_APART = 320
 
 
