@@ -85,12 +85,12 @@ def simulated(model, rounded: set[str]) -> Iterator[None]:
         raise ValueError(f"unknown rounding(s) {sorted(unknown)}: choose from {', '.join(ROUNDINGS)}")
     mapping = ALL_ATTENTION_FUNCTIONS._global_mapping
     original_attention = mapping["sdpa"]
-    saved = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
     with torch.no_grad(), ExitStack() as stack:
-        if "weights" in rounded:
+        if "weights" in rounded:  # a copy kept to restore: only then (the 135M model's is 540 MB)
+            saved = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
             for parameter in model.parameters():
                 parameter.copy_(_bf16(parameter))
-        stack.callback(lambda: [parameter.copy_(saved[name]) for name, parameter in model.named_parameters()])
+            stack.callback(lambda: [parameter.copy_(saved[name]) for name, parameter in model.named_parameters()])
         mapping["sdpa"] = _attention(rounded)
         stack.callback(mapping.__setitem__, "sdpa", original_attention)
         outputs = {"norm": lambda layer: [layer.input_layernorm, layer.post_attention_layernorm],

@@ -412,8 +412,7 @@ def mixed_precision(model: Any, read_positions: torch.Tensor | None = None,
                     stack.enter_context(_forward_replaced(norm, functools.partial(_rms_norm, norm)))
                 else:
                     stack.callback(norm.register_forward_hook(lambda module, inputs, output: output.to(dtype)).remove)
-            fast_attention = getattr(attention.get(getattr(layer, "self_attn", None)), "func", None) is _llama_attention
-            if fast_attention and _code_of(type(layer)) == code.decoder_layer and _replaceable(layer):
+            if _attends_fast(attention, layer) and _code_of(type(layer)) == code.decoder_layer and _replaceable(layer):
                 reads = read_positions if layer is layers[-1] else None
                 stack.enter_context(_forward_replaced(layer, functools.partial(_llama_layer, layer, reads)))
             else:
@@ -421,10 +420,15 @@ def mixed_precision(model: Any, read_positions: torch.Tensor | None = None,
         yield attends_prefix
 
 
+def _attends_fast(attention: dict[torch.nn.Module, Any], layer: torch.nn.Module) -> bool:
+    """The layer's attention block runs as `_llama_attention` (`attention`: what each replaced block computes)."""
+    return getattr(attention.get(getattr(layer, "self_attn", None)), "func", None) is _llama_attention
+
+
 def _fast_attention_everywhere(attention: dict[torch.nn.Module, Any], layers: list[torch.nn.Module],
                                prefix_layers: int) -> bool:
     """Every decoder layer attends with `_llama_attention`, one prefix layer each (and the flash op is there)."""
     return (bool(layers) and len(layers) == prefix_layers
             and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
-            and all(getattr(attention.get(getattr(layer, "self_attn", None)), "func", None) is _llama_attention
-                    and getattr(layer.self_attn, "layer_idx", None) == index for index, layer in enumerate(layers)))
+            and all(_attends_fast(attention, layer) and getattr(layer.self_attn, "layer_idx", None) == index
+                    for index, layer in enumerate(layers)))
