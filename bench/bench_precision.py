@@ -6,7 +6,9 @@ rounding simulated alone (`x.bfloat16().float()` in a hook) on bench_scoring's p
 which should reproduce the real bf16 path's error, printed beside them. Each line gives the largest gap of a
 letter's probability to the fp32 reference, the mean gap, and the RMS error of the letter logits with each
 prompt's common shift removed (softmax ignores it). The RMS adds up roughly in squares across roundings; the
-largest gap is one draw from 600 and moves with any change of summation order.
+largest gap is one draw from 600 and moves with any change of summation order. A last section shows where the
+error comes from (the layers' weights apart from the embeddings', each half of the layers alone) and what removing
+the largest roundings would buy.
 This is a measurement of numbers, not of speed: load on the machine does not change it.
 Usage: PYTHONPATH=. python bench/bench_precision.py [--prompts 30]
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -46,6 +48,11 @@ ROUNDINGS = {
 # (qk, sublayer_out, gate) are matmul outputs that only a matmul writing fp32 would keep.
 UNAVOIDABLE = {"weights", "norm", "v", "rotary", "probabilities", "attention_out", "mlp_product"}
 
+# Roundings a faster path might remove (the largest first: q and k, then the matmul outputs, then the weights), to
+# see how far the logits' RMS error must fall before the largest gap stays under 0.01.
+WHAT_IF = ({"qk", "rotary"}, {"qk", "rotary", "sublayer_out"}, {"qk", "rotary", "sublayer_out", "gate"},
+           {"qk", "rotary", "sublayer_out", "gate", "weights"})
+
 Scores = tuple[list[tuple[float, ...]], list[tuple[float, ...]]]
 
 
@@ -53,10 +60,12 @@ def _bf16(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.bfloat16).to(tensor.dtype)
 
 
-def _attention(rounded: set[str]):
-    """Causal attention in fp32 that rounds its inputs and probabilities where the flash kernel does in bf16."""
+def _attention(rounded: set[str], layers: Collection[int] | None = None):
+    """Causal attention in fp32 that rounds its inputs and probabilities where the flash kernel does in bf16 (in
+    `layers` only, when given)."""
     def attend(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-        if "rotary" in rounded:
+        here = rounded if layers is None or module.layer_idx in layers else set()
+        if "rotary" in here:
             query, key = _bf16(query), _bf16(key)
         groups = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
@@ -69,15 +78,16 @@ def _attention(rounded: set[str]):
                       else scores + attention_mask)
         weights = torch.exp(scores - scores.amax(-1, keepdim=True))
         total = weights.sum(-1, keepdim=True)  # the kernel sums before it rounds
-        if "probabilities" in rounded:
+        if "probabilities" in here:
             weights = _bf16(weights)
         return ((weights @ value) / total).transpose(1, 2).contiguous(), None
     return attend
 
 
 @contextmanager
-def simulated(model, rounded: set[str]) -> Iterator[None]:
-    """The fp32 `model` rounding to bf16 where `rounded` names, its weights and attention restored afterwards."""
+def simulated(model, rounded: set[str], layers: Collection[int] | None = None) -> Iterator[None]:
+    """The fp32 `model` rounding to bf16 where `rounded` names, its weights and attention restored afterwards; with
+    `layers` (decoder layer indices), only in those layers (their weights, not the embeddings)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     unknown = rounded - set(ROUNDINGS)
@@ -86,12 +96,15 @@ def simulated(model, rounded: set[str]) -> Iterator[None]:
     mapping = ALL_ATTENTION_FUNCTIONS._global_mapping
     original_attention = mapping["sdpa"]
     with torch.no_grad(), ExitStack() as stack:
+        chosen = [layer for index, layer in enumerate(model.model.layers) if layers is None or index in layers]
         if "weights" in rounded:  # a copy kept to restore: only then (the 135M model's is 540 MB)
-            saved = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
-            for parameter in model.parameters():
+            parameters = list(model.parameters() if layers is None else
+                              (parameter for layer in chosen for parameter in layer.parameters()))
+            saved = [parameter.detach().clone() for parameter in parameters]
+            for parameter in parameters:
                 parameter.copy_(_bf16(parameter))
-            stack.callback(lambda: [parameter.copy_(saved[name]) for name, parameter in model.named_parameters()])
-        mapping["sdpa"] = _attention(rounded)
+            stack.callback(lambda: [parameter.copy_(copy) for parameter, copy in zip(parameters, saved)])
+        mapping["sdpa"] = _attention(rounded, layers)
         stack.callback(mapping.__setitem__, "sdpa", original_attention)
         outputs = {"norm": lambda layer: [layer.input_layernorm, layer.post_attention_layernorm],
                    "qk": lambda layer: [layer.self_attn.q_proj, layer.self_attn.k_proj],
@@ -100,7 +113,7 @@ def simulated(model, rounded: set[str]) -> Iterator[None]:
                    "gate": lambda layer: [layer.mlp.act_fn]}
         inputs = {"attention_out": lambda layer: [layer.self_attn.o_proj],
                   "mlp_product": lambda layer: [layer.mlp.down_proj]}
-        for layer in model.model.layers:
+        for layer in chosen:
             for name, modules in outputs.items():
                 for module in modules(layer) if name in rounded else []:
                     stack.callback(module.register_forward_hook(lambda _m, _i, output: _bf16(output)).remove)
@@ -108,6 +121,12 @@ def simulated(model, rounded: set[str]) -> Iterator[None]:
                 for module in modules(layer) if name in rounded else []:
                     stack.callback(module.register_forward_pre_hook(lambda _m, args: (_bf16(args[0]),)).remove)
         yield
+
+
+def _simulated_score(model, rounded: set[str], layers: Collection[int] | None, tokenizer, prompts,
+                     letter_ids) -> Scores:
+    with simulated(model, rounded, layers):
+        return score(model, tokenizer, prompts, letter_ids)
 
 
 def score(model, tokenizer, prompts, letter_ids, batch_size: int = 8) -> Scores:
@@ -172,6 +191,16 @@ def main() -> None:
         line("all but the weights", score(fp32.model, tokenizer, prompts, letter_ids))
     with simulated(fp32.model, UNAVOIDABLE):
         line("those bf16 matmul inputs and attention cannot avoid", score(fp32.model, tokenizer, prompts, letter_ids))
+    print("where the error comes from, and what removing roundings would buy:")
+    layers = len(fp32.model.model.layers)
+    line("weights of the decoder layers only (not the embeddings and head)",
+         _simulated_score(fp32.model, {"weights"}, range(layers), tokenizer, prompts, letter_ids))
+    for name, half in (("first", range(layers // 2)), ("second", range(layers // 2, layers))):
+        line(f"all {len(ROUNDINGS)} in the {name} half of the layers only",
+             _simulated_score(fp32.model, set(ROUNDINGS), half, tokenizer, prompts, letter_ids))
+    for kept in WHAT_IF:
+        line(f"all but {', '.join(sorted(kept))}",
+             _simulated_score(fp32.model, set(ROUNDINGS) - kept, None, tokenizer, prompts, letter_ids))
     del fp32
     bf16 = load_model(None, dtype="bf16")
     line("the real bf16 path (rerank_core.mixed_precision)",

@@ -140,11 +140,15 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return list(self._entries)
 
-    def _register(self, entry: ModelEntry) -> str:
-        """Offer a new entry (the caller holds _adding), refused past MAX_MODEL_ENTRIES."""
+    def _check_room(self) -> None:
+        """Refuse a new entry past MAX_MODEL_ENTRIES (the caller holds _adding)."""
         if len(self._entries) >= MAX_MODEL_ENTRIES:
             raise SessionError(f"the model picker holds {MAX_MODEL_ENTRIES} entries already: restart the app to add "
                                "more")
+
+    def _register(self, entry: ModelEntry) -> str:
+        """Offer a new entry (the caller holds _adding), refused past MAX_MODEL_ENTRIES."""
+        self._check_room()
         if entry.base is None:
             self._gates[entry.name] = ModelGate()
         self._entries[entry.name] = entry
@@ -181,6 +185,7 @@ class ModelRegistry:
         with self._adding:
             if name in self._entries:
                 return name
+            self._check_room()  # before the template is saved: a refused one leaves no file behind
         base_loaded = self.loaded(base)  # loaded now: a template that does not render with it is refused here
         saved = self.config.upload_root / ".templates" / f"{override.sha256}.jinja"
         saved.parent.mkdir(parents=True, exist_ok=True)

@@ -30,3 +30,20 @@ def test_the_simulation_matches_the_model_unrounded_and_undoes_every_rounding(sm
     assert bench_precision.score(model, smol_tokenizer, prompts, letters) == own
     with pytest.raises(ValueError, match="unknown rounding"), bench_precision.simulated(model, {"fp8"}):
         pass
+
+
+def test_roundings_confined_to_some_layers_touch_those_layers_only(smol_tokenizer) -> None:
+    model = build_tiny_llama(smol_tokenizer)
+    prompts, letters = toy_prompts(smol_tokenizer, 4), letter_ids(smol_tokenizer)
+    everything = set(bench_precision.ROUNDINGS)
+    with bench_precision.simulated(model, set()):
+        unrounded = bench_precision.score(model, smol_tokenizer, prompts, letters)
+    with bench_precision.simulated(model, everything, layers=[]):  # no layer: nothing rounds, the embeddings neither
+        assert bench_precision.score(model, smol_tokenizer, prompts, letters) == unrounded
+    weights = {name: parameter.clone() for name, parameter in model.named_parameters()}
+    with bench_precision.simulated(model, everything, layers=[0]):
+        changed = [name for name, parameter in model.named_parameters() if not torch.equal(parameter, weights[name])]
+        first_layer = bench_precision.score(model, smol_tokenizer, prompts, letters)
+    assert changed and all(name.startswith("model.layers.0.") for name in changed), changed
+    assert bench_precision.gaps(unrounded, first_layer)[2] > 0
+    assert all(torch.equal(parameter, weights[name]) for name, parameter in model.named_parameters())

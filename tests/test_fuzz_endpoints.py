@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 import time
 from concurrent.futures import CancelledError, ThreadPoolExecutor
@@ -240,12 +241,16 @@ def _p95(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
 
 
+# Dot names the app keeps on purpose: the runs folder's lock file, the folder of templates pasted into the page.
+KEPT_DOT_NAMES = (".lock", ".templates")
+
+
 def _half_written(roots: list[Path]) -> list[str]:
     """Staging folders, temporary files and unreadable JSON anywhere under the app's folders."""
     found = []
     for root in roots:
         for path in root.rglob("*") if root.is_dir() else ():
-            if path.name.startswith(".") or path.suffix in (".tmp", ".part"):
+            if (path.name.startswith(".") and path.name not in KEPT_DOT_NAMES) or path.suffix in (".tmp", ".part"):
                 found.append(str(path))
             elif path.suffix == ".json":
                 try:
@@ -338,5 +343,83 @@ def test_hostile_values_on_every_endpoint_are_refused_clearly(world, examples_fr
     assert busy_p95 <= 2 * idle_p95 + SCHEDULING_SLACK_S, (busy_p95, idle_p95)
     roots = [context.config.adapters_root, context.config.upload_root, context.config.runs_root,
              Path(write_report("probe", "probe")).parent]
+    assert _half_written(roots) == []
+    assert client.predict(user_id="u01", count=5, api_name="/inspect_json")["user_id"] == "u01"  # still serving
+
+
+# One value no page sends, per input of every page event: a payload a page could never hold, a megabyte, a number
+# where text goes, nothing, a list of an object and a path, an integer past 64 bits. Chosen by the input's position,
+# so each kind reaches every event with several inputs.
+PAGE_HOSTILE = ({"path": "/etc/passwd"}, MEGABYTE, "12abc", None, [{}, "../../etc/passwd"], 2**63)
+
+
+def _page_call(url: str, fn_index: int, data: list[Any]) -> dict[str, Any] | None:
+    """One page event called as the page calls it (queue/join by fn_index, its own session), read to its end: None
+    when it answered, else Gradio's error payload (a gr.Error's has a title; any other exception's has none)."""
+    session = f"fuzz-{fn_index}-{time.monotonic_ns()}"
+    joined = httpx.post(f"{url}gradio_api/queue/join", json={"data": data, "fn_index": fn_index,
+                                                             "session_hash": session}, timeout=30)
+    if joined.status_code != 200:
+        return {"error": joined.text}
+    with httpx.stream("GET", f"{url}gradio_api/queue/data", params={"session_hash": session}, timeout=120) as stream:
+        for line in stream.iter_lines():
+            message = json.loads(line[len("data:"):]) if line.startswith("data:") else {}
+            if message.get("msg") == "process_completed":
+                return None if message.get("success") else message.get("output") or {}
+    return {"error": "the stream ended without an answer"}
+
+
+# Gradio's own checks of a value against its component (a page never sends such a value): a ValueError or
+# pydantic's ValidationError (a file's payload), without a title.
+GRADIO_INPUT_CHECKS = ("Could not preprocess input component", "validation error for ")
+
+
+def test_page_events_called_from_outside_with_hostile_values_refuse_clearly(world) -> None:
+    """The page's own events are private (not in gradio_client) but any HTTP client can call them by index, as the
+    page does: with values no page sends, each answers, or refuses through a gr.Error or Gradio's own input check
+    (never another exception), leaks nothing, and leaves nothing half-written."""
+    context, url, _upload = world
+    demo_config = httpx.get(f"{url}config", timeout=30).json()
+    kinds = {component["id"]: component["type"] for component in demo_config["components"]}
+    defaults = {component["id"]: component.get("props", {}).get("value") for component in demo_config["components"]}
+    events, seen = [], set()
+    for index, dependency in enumerate(demo_config["dependencies"]):
+        # One event per handler and inputs: Gradio names a handler's other triggers (a click, Enter) name_1, name_2...
+        handler = (re.sub(r"_\d+$", "", str(dependency.get("api_name"))), tuple(dependency["inputs"]))
+        if dependency.get("api_visibility") != "private" or not dependency.get("backend_fn") or handler in seen:
+            continue
+        seen.add(handler)
+        events.append((dependency.get("id", index), dependency["inputs"]))
+    calls, failures, outcomes = 0, [], {"answered": 0, "gr.Error": 0, "Gradio's input check": 0}
+    for fn_index, inputs in events:
+        for position, component in enumerate(inputs):
+            if kinds[component] == "state":  # held by the server per session: a client cannot send it
+                continue
+            value = PAGE_HOSTILE[(fn_index + position) % len(PAGE_HOSTILE)]
+            data = [value if spot == position else defaults[other] for spot, other in enumerate(inputs)]
+            refusal = _page_call(url, fn_index, data)
+            calls += 1
+            if refusal is None:
+                outcomes["answered"] += 1
+                continue
+            text = f"event {fn_index} input {position} ({kinds[component]}) = {repr(value)[:40]}"
+            message = str(refusal.get("error") or "")
+            if not message.strip():
+                failures.append(f"{text}: refused without a message")
+            elif "title" in refusal:
+                outcomes["gr.Error"] += 1
+            elif any(check in message for check in GRADIO_INPUT_CHECKS):
+                outcomes["Gradio's input check"] += 1
+            else:
+                failures.append(f"{text}: an exception the app did not mean: {message[:300]}")
+            if any(leak in message for leak in LEAKS):
+                failures.append(f"{text}: leaks {message[:300]}")
+    client = Client(url, verbose=False)
+    if client.predict(api_name="/finetune_status")["active"]:  # a hostile value a page accepts (a run's name)
+        _wait_idle(client)
+    print(f"\npage events: {calls} calls on {len(events)} events; {outcomes}; {len(failures)} failures")
+    assert failures == [], failures
+    assert calls > 100
+    roots = [context.config.adapters_root, context.config.upload_root, context.config.runs_root]
     assert _half_written(roots) == []
     assert client.predict(user_id="u01", count=5, api_name="/inspect_json")["user_id"] == "u01"  # still serving

@@ -132,3 +132,17 @@ def test_an_app_others_reach_takes_typed_paths_only_inside_its_models_dirs(conte
     assert len(set(answers)) == 1 and "only inside its --models-dir folders (models)" in answers[0]  # no probing
     assert context.models.names == before
     assert own_model.add_model(context, str(inside))[0].value == "shared-model"
+
+
+def test_a_template_past_the_model_cap_is_refused_and_saves_no_file(smol_tokenizer, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from rerank_app import context as app_module
+
+    context = make_context(tmp_path, smol_tokenizer)
+    monkeypatch.setattr(app_module, "MAX_MODEL_ENTRIES", len(context.models.names) + 1)
+    context.models.with_template("tiny-llama", LETTER_FIRST, "first")  # the cap's last place
+    saved = sorted((context.config.upload_root / ".templates").iterdir())
+    handler = endpoint(own_model.use_template, context)
+    with pytest.raises(gr.Error, match="entries already: restart the app to add more"):
+        handler("tiny-llama", None, LETTER_FIRST + "{# another #}", "seed", "", "as_trained")
+    assert sorted((context.config.upload_root / ".templates").iterdir()) == saved
