@@ -193,7 +193,7 @@ def main() -> None:
         line("those bf16 matmul inputs and attention cannot avoid", score(fp32.model, tokenizer, prompts, letter_ids))
     print("where the error comes from, and what removing roundings would buy:")
     layers = len(fp32.model.model.layers)
-    line("weights of the decoder layers only (not the embeddings and head)",
+    line("weights of the decoder layers only (not embeddings, head)",
          _simulated_score(fp32.model, {"weights"}, range(layers), tokenizer, prompts, letter_ids))
     for name, half in (("first", range(layers // 2)), ("second", range(layers // 2, layers))):
         line(f"all {len(ROUNDINGS)} in the {name} half of the layers only",
