@@ -123,12 +123,6 @@ def simulated(model, rounded: set[str], layers: Collection[int] | None = None) -
         yield
 
 
-def _simulated_score(model, rounded: set[str], layers: Collection[int] | None, tokenizer, prompts,
-                     letter_ids) -> Scores:
-    with simulated(model, rounded, layers):
-        return score(model, tokenizer, prompts, letter_ids)
-
-
 def score(model, tokenizer, prompts, letter_ids, batch_size: int = 8) -> Scores:
     from rerank_core.scoring import score_token_ids
 
@@ -192,15 +186,17 @@ def main() -> None:
     with simulated(fp32.model, UNAVOIDABLE):
         line("those bf16 matmul inputs and attention cannot avoid", score(fp32.model, tokenizer, prompts, letter_ids))
     print("where the error comes from, and what removing roundings would buy:")
-    layers = len(fp32.model.model.layers)
-    line("weights of the decoder layers only (not embeddings, head)",
-         _simulated_score(fp32.model, {"weights"}, range(layers), tokenizer, prompts, letter_ids))
-    for name, half in (("first", range(layers // 2)), ("second", range(layers // 2, layers))):
-        line(f"all {len(ROUNDINGS)} in the {name} half of the layers only",
-             _simulated_score(fp32.model, set(ROUNDINGS), half, tokenizer, prompts, letter_ids))
+    layer_count = len(fp32.model.model.layers)
+    with simulated(fp32.model, {"weights"}, range(layer_count)):
+        line("weights of the decoder layers only (not embeddings, head)",
+             score(fp32.model, tokenizer, prompts, letter_ids))
+    for name, half in (("first", range(layer_count // 2)), ("second", range(layer_count // 2, layer_count))):
+        with simulated(fp32.model, set(ROUNDINGS), half):
+            line(f"all {len(ROUNDINGS)} in the {name} half of the layers only",
+                 score(fp32.model, tokenizer, prompts, letter_ids))
     for kept in WHAT_IF:
-        line(f"all but {', '.join(sorted(kept))}",
-             _simulated_score(fp32.model, set(ROUNDINGS) - kept, None, tokenizer, prompts, letter_ids))
+        with simulated(fp32.model, set(ROUNDINGS) - kept):
+            line(f"all but {', '.join(sorted(kept))}", score(fp32.model, tokenizer, prompts, letter_ids))
     del fp32
     bf16 = load_model(None, dtype="bf16")
     line("the real bf16 path (rerank_core.mixed_precision)",

@@ -383,13 +383,13 @@ def test_page_events_called_from_outside_with_hostile_values_refuse_clearly(worl
     kinds = {component["id"]: component["type"] for component in demo_config["components"]}
     defaults = {component["id"]: component.get("props", {}).get("value") for component in demo_config["components"]}
     events, seen = [], set()
-    for index, dependency in enumerate(demo_config["dependencies"]):
+    for dependency in demo_config["dependencies"]:
         # One event per handler and inputs: Gradio names a handler's other triggers (a click, Enter) name_1, name_2...
         handler = (re.sub(r"_\d+$", "", str(dependency.get("api_name"))), tuple(dependency["inputs"]))
         if dependency.get("api_visibility") != "private" or not dependency.get("backend_fn") or handler in seen:
             continue
         seen.add(handler)
-        events.append((dependency.get("id", index), dependency["inputs"]))
+        events.append((dependency["id"], dependency["inputs"]))  # its id is the fn_index the page sends
     calls, failures, outcomes = 0, [], {"answered": 0, "gr.Error": 0, "Gradio's input check": 0}
     for fn_index, inputs in events:
         for position, component in enumerate(inputs):
