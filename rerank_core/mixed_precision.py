@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["mixed_precision"]
+__all__ = ["each_row_at", "mixed_precision"]
 
 # A shorter shared prefix is attended through the caller's cache: below it the two flash calls and their join cost
 # more than the mask saves. 20 rotations of one user, the ways interleaved in one process, cache -> apart: the bundled
@@ -30,6 +30,12 @@ def _cached_on(module: torch.nn.Module, attribute: str, make: Any,
         cached = (version, make(*(weight.detach() for weight in weights)))
         setattr(module, attribute, cached)
     return cached[1]
+
+
+def each_row_at(batch: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The index that picks one position per row of `batch` (rows first, then positions, one per row): in one place,
+    because the last layer, its attention and the head each read the rows' last positions and must agree."""
+    return torch.arange(batch.shape[0], device=batch.device), positions.to(batch.device)
 
 
 def _fp32_projection(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
@@ -119,11 +125,10 @@ def _llama_layer(layer: torch.nn.Module, read_positions: torch.Tensor | None, hi
     if read_positions is None:
         hidden = residual.add_(attended)
         return hidden.add_(layer.mlp(layer.post_attention_layernorm(hidden)))
-    rows = torch.arange(residual.shape[0], device=residual.device)
-    positions = read_positions.to(residual.device)
-    hidden = residual[rows, positions].unsqueeze(1) + attended
+    read = each_row_at(residual, read_positions)
+    hidden = residual[read].unsqueeze(1) + attended
     hidden.add_(layer.mlp(layer.post_attention_layernorm(hidden)))
-    residual[rows, positions] = hidden.squeeze(1)
+    residual[read] = hidden.squeeze(1)
     return residual
 
 
@@ -223,7 +228,7 @@ def _attention_at(attention: torch.nn.Module, query: torch.Tensor, key: torch.Te
                   positions: torch.Tensor) -> torch.Tensor:
     """Each row's query at its position (after any cached ones) attending to the keys up to it: [batch, 1, heads,
     dim]. Rows are right-padded, so every key up to that position is a real token."""
-    rows = torch.arange(query.shape[0], device=query.device)
+    rows, positions = each_row_at(query, positions)
     cached = key.shape[2] - query.shape[2]
     visible = torch.arange(key.shape[2], device=key.device) <= (cached + positions.to(key.device)).unsqueeze(1)
     output = torch.nn.functional.scaled_dot_product_attention(

@@ -15,7 +15,7 @@ from rerank_core.answer_slot import common_prefix
 from rerank_core.compute import on_compute_thread
 from rerank_core.heap import reuse_freed_activations
 from rerank_core.limits import check_limit
-from rerank_core.mixed_precision import mixed_precision
+from rerank_core.mixed_precision import each_row_at, mixed_precision
 from rerank_core.placement import input_device
 
 __all__ = ["DEFAULT_TOKEN_BUDGET", "LetterScores", "ScoreCache", "common_prefix_length", "score_token_ids"]
@@ -76,8 +76,7 @@ def _head_reads(head: torch.nn.Module, last: torch.Tensor, kept: torch.Tensor) -
 
     def pick(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         hidden = args[0]
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return (hidden[rows, column.to(hidden.device)].unsqueeze(1), *args[1:])
+        return (hidden[each_row_at(hidden, column)].unsqueeze(1), *args[1:])
 
     handle = head.register_forward_pre_hook(pick)
     try:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import build_tiny_llama, letter_ids, probabilities, shared_prefix_prompts, toy_prompts
 
-from rerank_core.mixed_precision import mixed_precision
+from rerank_core.mixed_precision import each_row_at, mixed_precision
 from rerank_core.scoring import score_token_ids
 
 needs_bf16_onednn = pytest.mark.skipif(
@@ -208,6 +208,15 @@ def test_the_last_layer_computes_only_the_positions_the_head_reads(smol_tokenize
     assert all(length > 1 for _, length in rows_seen)  # the check above can fail: untrimmed, every position runs
     assert float((probabilities(trimmed) - probabilities(whole)).abs().max()) <= 1e-3
     assert [score.ranking() for score in trimmed] == [score.ranking() for score in whole]
+
+
+def test_each_row_at_reads_and_writes_one_position_per_row() -> None:
+    """Hand-worked: rows 0, 1, 2 of a [3, 4, 2] batch at positions 3, 0, 2."""
+    batch = torch.arange(24).view(3, 4, 2)
+    index = each_row_at(batch, torch.tensor([3, 0, 2]))
+    assert batch[index].tolist() == [[6, 7], [8, 9], [20, 21]]
+    batch[index] = -1
+    assert (batch == -1).sum() == 6 and batch[0, 3].tolist() == [-1, -1] and batch[1, 1].tolist() == [10, 11]
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
