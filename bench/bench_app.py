@@ -237,7 +237,7 @@ def instrument(clock: StageClock) -> None:
             (views, "inspect_view", "views"), (views.StyledTable, "payload", "views"),
             (views, "letter_figure", "figures"), (plots, "plot_json", "figures"),
             (inspector.Inspector, "prepare", "prompt"), (inspector, "build_prompt", "prompt"),
-            (prompts, "encode_rendered", "tokenize"), (inspector, "encode_rendered", "tokenize"),
+            (prompts, "encode_rendered", "tokenize"),
             (prompts, "_cut_title", "tokenize"), (inspector, "answer_slot", "tokenize"),
             (inspector.Inspector, "letter_tokens", "tokenize"), (inspector, "score_token_ids", "forward")):
         clock.wrap(owner, name, stage)

@@ -6,7 +6,8 @@ batches of 8 as the Inspector scores, logits at the last position only. The ways
 rounds (bench/method.py). Each process also times a plain matmul in its own dtype (rerank_core.throughput),
 so each way's speed is printed as a share of what this machine's matmuls reach: the prompts' from-scratch
 FLOPs (linear layers and causal attention) per second over the probe's.
-Usage: python bench/bench_scoring.py [--prompts N] [--rounds 3]
+With `--dtype fp32` ours runs in fp32 too: what the path itself gains, where its letter probabilities are fp32's.
+Usage: python bench/bench_scoring.py [--prompts N] [--rounds 3] [--dtype auto|fp32]
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def build_prompts(tokenizer, count: int) -> list[list[int]]:
     return prompts
 
 
-def run_one(mode: str, count: int, batch_size: int) -> dict:
+def run_one(mode: str, count: int, batch_size: int, dtype: str) -> dict:
     import torch
 
     from rerank_core.models import load_model
@@ -72,7 +73,7 @@ def run_one(mode: str, count: int, batch_size: int) -> dict:
     from rerank_core.throughput import forward_shape, matmul_probe
     from rerank_core.verbalizer import resolve_letters
 
-    loaded = load_model(None, dtype="fp32" if mode == "seed" else "auto")
+    loaded = load_model(None, dtype="fp32" if mode == "seed" else dtype)
     tokenizer = loaded.tokenizer
     prompts = build_prompts(tokenizer, count)
     letter_ids = [token.token_id for token in resolve_letters(tokenizer, get_preset("seed"), letters_for(CANDIDATES),
@@ -112,17 +113,19 @@ def main() -> None:
                         help="our batch size (default %(default)s, the Inspector's: each forward pass streams all "
                              "the weights once, and a 32-token pass takes about 90 ms on the 2-core CPU; batches of "
                              "8 took 5.3 s where single prompts took 7.7 s in one process on 1 Dec 2026)")
+    parser.add_argument("--dtype", choices=("auto", "fp32"), default="auto",
+                        help="our dtype (default %(default)s: bf16 where the CPU has AVX512-BF16); the seed's is fp32")
     add_method_args(parser)
     parser.add_argument("--mode", choices=("seed", "ours"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mode:
-        print(json.dumps(run_one(args.mode, args.prompts, args.batch_size)))
+        print(json.dumps(run_one(args.mode, args.prompts, args.batch_size, args.dtype)))
         return
 
     def way(mode: str):
         def run() -> Measurement:
             result = run_fresh(__file__, ["--mode", mode, "--prompts", str(args.prompts),
-                                          "--batch-size", str(args.batch_size)])
+                                          "--batch-size", str(args.batch_size), "--dtype", args.dtype])
             return Measurement(result["seconds"], result)
         return run
 
