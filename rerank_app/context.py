@@ -135,14 +135,15 @@ class ModelRegistry:
         self._entries: dict[str, ModelEntry] = {entry.name: entry for entry in entries}
         self._gates: dict[str, ModelGate] = {entry.name: ModelGate() for entry in entries}
         self._adding = threading.Lock()
+        self._reserved = 0  # places held by templates being checked (with_template), under _adding
 
     @property
     def names(self) -> list[str]:
         return list(self._entries)
 
     def _check_room(self) -> None:
-        """Refuse a new entry past MAX_MODEL_ENTRIES (the caller holds _adding)."""
-        if len(self._entries) >= MAX_MODEL_ENTRIES:
+        """Refuse a new entry past MAX_MODEL_ENTRIES, places reserved included (the caller holds _adding)."""
+        if len(self._entries) + self._reserved >= MAX_MODEL_ENTRIES:
             raise SessionError(f"the model picker holds {MAX_MODEL_ENTRIES} entries already: restart the app to add "
                                "more")
 
@@ -185,15 +186,24 @@ class ModelRegistry:
         with self._adding:
             if name in self._entries:
                 return name
-            self._check_room()  # before the template is saved: a refused one leaves no file behind
-        base_loaded = self.loaded(base)  # loaded now: a template that does not render with it is refused here
-        saved = self.config.upload_root / ".templates" / f"{override.sha256}.jinja"
-        saved.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(saved, override.text)
-        override = ChatTemplateOverride(str(saved), override.text)
-        tokenizer = load_tokenizer(base_loaded.path, chat_template=override)
-        variant = replace(base_loaded, tokenizer=tokenizer, chat_template=override)  # same weights and adapters
+            # A place is held before the template is saved: a refused one, even one racing another for the last
+            # place, leaves no file behind.
+            self._check_room()
+            self._reserved += 1
+        try:
+            base_loaded = self.loaded(base)  # loaded now: a template that does not render with it is refused here
+            saved = self.config.upload_root / ".templates" / f"{override.sha256}.jinja"
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(saved, override.text)
+            override = ChatTemplateOverride(str(saved), override.text)
+            tokenizer = load_tokenizer(base_loaded.path, chat_template=override)
+            variant = replace(base_loaded, tokenizer=tokenizer, chat_template=override)  # same weights and adapters
+        except BaseException:
+            with self._adding:
+                self._reserved -= 1
+            raise
         with self._adding:
+            self._reserved -= 1
             if name not in self._entries:
                 self._register(ModelEntry(name, base_loaded.path, loaded=variant, base=base, chat_template=override))
         return name

@@ -3,7 +3,9 @@ when wrong), and a chat template given in the page that Inspect, the audit and a
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -146,3 +148,54 @@ def test_a_template_past_the_model_cap_is_refused_and_saves_no_file(smol_tokeniz
     with pytest.raises(gr.Error, match="entries already: restart the app to add more"):
         handler("tiny-llama", None, LETTER_FIRST + "{# another #}", "seed", "", "as_trained")
     assert sorted((context.config.upload_root / ".templates").iterdir()) == saved
+
+
+def test_two_templates_racing_for_the_last_place_leave_one_entry_and_one_file(smol_tokenizer, tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both calls are let through to loading the model together when they can be: the first to reserve the last
+    place gets it, the other is refused before it saves anything (before, both saved and the second was refused)."""
+    from rerank_app import context as app_module
+
+    context = make_context(tmp_path, smol_tokenizer)
+    context.models.loaded("tiny-llama")
+    monkeypatch.setattr(app_module, "MAX_MODEL_ENTRIES", len(context.models.names) + 1)
+    both_checked = threading.Barrier(2)
+    real_loaded = context.models.loaded
+
+    def loaded_once_both_checked(name: str):
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_checked.wait(timeout=2)  # only a call past the room check gets here
+        return real_loaded(name)
+
+    monkeypatch.setattr(context.models, "loaded", loaded_once_both_checked)
+    answers: dict[str, str] = {}
+
+    def add(text: str) -> None:
+        try:
+            answers[text] = context.models.with_template("tiny-llama", text, "pasted")
+        except app_module.SessionError as error:
+            answers[text] = f"refused: {error}"
+
+    threads = [threading.Thread(target=add, args=(LETTER_FIRST + f"{{# {number} #}}",)) for number in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    refused = [answer for answer in answers.values() if answer.startswith("refused")]
+    assert len(answers) == 2 and len(refused) == 1 and "entries already" in refused[0], answers
+    assert len(list((context.config.upload_root / ".templates").iterdir())) == 1
+    assert len(context.models.names) == app_module.MAX_MODEL_ENTRIES
+
+
+def test_a_template_that_fails_after_its_place_was_held_gives_the_place_back(smol_tokenizer, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from rerank_app import context as app_module
+
+    context = make_context(tmp_path, smol_tokenizer)
+    monkeypatch.setattr(app_module, "MAX_MODEL_ENTRIES", len(context.models.names) + 1)
+    real_loaded = context.models.loaded
+    monkeypatch.setattr(context.models, "loaded", lambda name: (_ for _ in ()).throw(OSError("disk gone")))
+    with pytest.raises(OSError, match="disk gone"):
+        context.models.with_template("tiny-llama", LETTER_FIRST, "pasted")
+    monkeypatch.setattr(context.models, "loaded", real_loaded)
+    assert context.models.with_template("tiny-llama", LETTER_FIRST, "pasted") in context.models.names  # not full
