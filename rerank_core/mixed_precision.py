@@ -230,7 +230,7 @@ def _attention_at(attention: torch.nn.Module, query: torch.Tensor, key: torch.Te
     dim]. Rows are right-padded, so every key up to that position is a real token."""
     rows, positions = each_row_at(query, positions)
     cached = key.shape[2] - query.shape[2]
-    visible = torch.arange(key.shape[2], device=key.device) <= (cached + positions.to(key.device)).unsqueeze(1)
+    visible = torch.arange(key.shape[2], device=key.device) <= (cached + positions).unsqueeze(1)
     output = torch.nn.functional.scaled_dot_product_attention(
         query[rows, :, positions].unsqueeze(2), key, value, attn_mask=visible[:, None, None, :],
         scale=attention.scaling, enable_gqa=True)
